@@ -384,7 +384,9 @@ def _is_dataclass_type(tp: object) -> bool:
 
 
 def _type_name(tp: object) -> str:
-    return getattr(tp, "__name__", None) or repr(tp)
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 class _Codecs:
@@ -3231,25 +3233,30 @@ class PageConnection:
         return None
 
     async def _read(self, reader: asyncio.StreamReader, data: bytes) -> None:
+        parts: list[str] = []
         try:
-            while True:
-                self._ws.receive_data(data or None)
+            if not data:
+                data = await reader.read(65536)
+            while self.close_code is None:
+                # b"" is the end of the stream, which wsproto reads as None.
+                self._ws.receive_data(data if data else None)
                 for event in self._ws.events():
                     if isinstance(event, wsproto.events.TextMessage):
-                        self._on_text(event.data) if event.message_finished else None
+                        parts.append(event.data)
+                        if event.message_finished:
+                            self._on_text("".join(parts))
+                            parts = []
                     elif isinstance(event, wsproto.events.Ping):
                         self._write(self._ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
                         self.close_code, self.close_reason = event.code, event.reason or ""
                         if self._ws.state is ConnectionState.REMOTE_CLOSING:
                             self._write(self._ws.send(event.response()))
-                        return
                 if not data:
-                    self.close_code = self.close_code or 1006
-                    return
+                    break
                 data = await reader.read(65536)
         except (ConnectionError, OSError):
-            self.close_code = 1006
+            pass
         finally:
             if self.close_code is None:
                 self.close_code = 1006

@@ -1,0 +1,1348 @@
+"""Tests of rally.py.
+
+Rules: loopback only (127.0.0.1), port 0, a time bound on every test (pytest
+``timeout`` plus ``asyncio.wait_for`` around every wait), and no sleeps that
+stand in for synchronisation: tests wait on the event they assert, with a
+bound. Peers are real: h11 and wsproto produce the bytes of the pure tests,
+and end-to-end tests talk to a running server through ``running(app)`` over
+real sockets, with ``rally.Client``, raw sockets, or the independent
+``websockets`` library.
+
+Ordered like rally.py: contract, wire, dispatch, then end to end.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import typing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import h11
+import pytest
+import wsproto
+import wsproto.events
+
+import rally
+
+WAIT = 5.0  # seconds: the bound on any single wait in these tests
+
+
+# ==== Shared types and the Article app of SPEC section 2 ====================
+
+
+@dataclass
+class ServerLoadTitle:
+    slug: str
+
+
+@dataclass
+class ToggleFavorite: ...
+
+
+@dataclass
+class AddComment:
+    body: str
+
+
+ToServer = ToggleFavorite | AddComment
+
+
+@dataclass
+class FavoriteToggled:
+    article_id: int
+
+
+@dataclass
+class CommentSaved:
+    body: str
+
+
+ToClient = FavoriteToggled | CommentSaved
+
+
+@dataclass
+class ServerModel:
+    article_id: int
+
+
+class Article:
+    html = "<html><head><title>Article</title></head><body><h1>Article</h1></body></html>"
+
+    def server_load_title(msg: ServerLoadTitle, server_context: rally.ServerContext) -> rally.Result[str, list[str]]:
+        if msg.slug == "missing":
+            return rally.Error(["not found"])
+        return rally.Ok("Article: " + msg.slug)
+
+    def server_init(slug: str, server_context: rally.ServerContext) -> tuple[ServerModel, rally.Effect[ToClient]]:
+        return ServerModel(article_id=len(slug)), rally.effect.none()
+
+    def server_update(
+        model: ServerModel, msg: ToServer, server_context: rally.ServerContext
+    ) -> tuple[ServerModel, rally.Effect[ToClient]]:
+        match msg:
+            case ToggleFavorite():
+                return model, rally.effect.send_to_client(FavoriteToggled(model.article_id))
+            case AddComment(body):
+                return model, rally.effect.broadcast_to_page(CommentSaved(body))
+
+
+def article_app(**options: Any) -> rally.App:
+    app = rally.App(**options)
+    app.page("/articles/{slug}", Article)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def running(app: rally.App) -> AsyncIterator[rally.Server]:
+    """Serve ``app`` on 127.0.0.1, a free port, for the body of the block."""
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.close(), 15)
+
+
+async def exchange(server: rally.Server, data: bytes, *, until_close: bool = True) -> bytes:
+    """Write raw bytes to the server and read what it answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if until_close:
+            return await asyncio.wait_for(reader.read(-1), WAIT)
+        return await asyncio.wait_for(reader.read(65536), WAIT)
+    finally:
+        writer.close()
+
+
+def responses(data: bytes) -> list[tuple[h11.Response, bytes]]:
+    """Parse raw response bytes with a real h11 client."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    out: list[tuple[h11.Response, bytes]] = []
+    response: h11.Response | None = None
+    body = b""
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Response):
+            response, body = event, b""
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            out.append((response, body))
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                break
+            conn.start_next_cycle()
+            conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+            conn.send(h11.EndOfMessage())
+        else:
+            break
+    return out
+
+
+def rpc_request(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        + extra
+        + b"content-length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def envelope(msg_type: str, fields: dict[str, Any], msg_id: int = 1) -> bytes:
+    return json.dumps({"kind": "rpc", "id": msg_id, "msg": {"type": msg_type, "fields": fields}}).encode()
+
+
+# ==== Contract ==============================================================
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+@dataclass
+class Circle:
+    r: float
+
+
+@dataclass
+class Square:
+    side: float
+
+
+@dataclass
+class Node:
+    name: str
+    children: list["Node"]
+
+
+@dataclass
+class Everything:
+    s: str
+    i: int
+    f: float
+    b: bool
+    n: None
+    items: list[int]
+    var: tuple[str, ...]
+    pair: tuple[int, str]
+    mapping: dict[str, float]
+    maybe: int | None
+    old_maybe: Optional[str]  # noqa: UP045 - the spelling under test
+    lit: Literal["a", "b", 3]
+    color: Color
+    point: Point
+    shape: Circle | Square
+    raw: bytes
+    when: datetime.datetime
+    day: datetime.date
+    tree: Node
+    default: int = 7
+
+
+EVERYTHING_JSON: dict[str, Any] = {
+    "s": "hé\u2028",
+    "i": -(2**53 - 1),
+    "f": 1.5,
+    "b": True,
+    "n": None,
+    "items": [1, 2],
+    "var": ["x", "y"],
+    "pair": [1, "one"],
+    "mapping": {"__proto__": 1.0, "constructor": 2},
+    "maybe": None,
+    "old_maybe": "o",
+    "lit": 3,
+    "color": "green",
+    "point": {"x": 1, "y": 2},
+    "shape": {"type": "Square", "fields": {"side": 2.0}},
+    "raw": "AAEC/w==",
+    "when": "2024-05-01T12:30:00+00:00",
+    "day": "2024-05-01",
+    "tree": {"name": "root", "children": [{"name": "leaf", "children": []}]},
+    "default": 7,
+}
+
+
+def codecs(**limits: Any) -> rally._Codecs:
+    return rally._Codecs(rally._Limits(**limits))
+
+
+def test_contract_decodes_every_supported_annotation() -> None:
+    value = codecs().get(Everything).decode(EVERYTHING_JSON)
+    assert value == Everything(
+        s="hé\u2028",
+        i=-(2**53 - 1),
+        f=1.5,
+        b=True,
+        n=None,
+        items=[1, 2],
+        var=("x", "y"),
+        pair=(1, "one"),
+        mapping={"__proto__": 1.0, "constructor": 2.0},
+        maybe=None,
+        old_maybe="o",
+        lit=3,
+        color=Color.GREEN,
+        point=Point(1, 2),
+        shape=Square(2.0),
+        raw=b"\x00\x01\x02\xff",
+        when=datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc),
+        day=datetime.date(2024, 5, 1),
+        tree=Node("root", [Node("leaf", [])]),
+    )
+
+
+def test_contract_encode_then_decode_round_trips() -> None:
+    codec = codecs().get(Everything)
+    value = codec.decode(EVERYTHING_JSON)
+    assert codec.encode(value) == EVERYTHING_JSON
+    assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
+
+
+def test_contract_field_with_default_may_be_missing() -> None:
+    data = dict(EVERYTHING_JSON)
+    del data["default"]
+    assert codecs().get(Everything).decode(data).default == 7
+
+
+def bad_path(tp: Any, value: Any, **limits: Any) -> dict[str, str]:
+    with pytest.raises(rally._Bad) as info:
+        codecs(**limits).get(tp).decode(value)
+    return info.value.at("msg.fields")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("s", None, "expected str, got null"),
+        ("i", True, "expected int, got true"),
+        ("i", 1.5, "expected int, got float"),
+        ("i", 2**53, "integer outside ±(2^53-1)"),
+        ("i", -(2**53), "integer outside ±(2^53-1)"),
+        ("f", "1", "expected float, got str"),
+        ("f", False, "expected float, got false"),
+        ("b", 1, "expected bool, got int"),
+        ("n", 0, "expected null, got int"),
+        ("items", {}, "expected array, got object"),
+        ("pair", [1], "expected array of 2, got 1 items"),
+        ("mapping", [], "expected object, got array"),
+        ("lit", "c", 'expected one of ["a", "b", 3], got "c"'),
+        ("lit", True, 'expected one of ["a", "b", 3], got true'),
+        ("color", "blue", "expected one of ['red', 'green'], got \"blue\""),
+        ("raw", "AAEC/w", "expected standard base64 with padding"),
+        ("raw", "AA!C", "expected standard base64 with padding"),
+        ("when", "yesterday", "expected ISO 8601 datetime, got 'yesterday'"),
+        ("day", "2024-05-01T00:00:00", "expected ISO 8601 date, got '2024-05-01T00:00:00'"),
+        ("point", {"x": 1}, "missing field 'y' of Point"),
+        ("point", {"x": 1, "y": 2, "z": 3}, "unknown field 'z' for Point"),
+    ],
+    ids=lambda v: str(v)[:20],
+)
+def test_contract_rejects_with_path_and_message(field: str, value: Any, message: str) -> None:
+    data = dict(EVERYTHING_JSON, **{field: value})
+    error = bad_path(Everything, data)
+    assert error["message"] == message
+    assert error["path"].startswith(f"msg.fields.{field}")
+
+
+def test_contract_error_path_reaches_nested_item() -> None:
+    data = dict(EVERYTHING_JSON, tree={"name": "r", "children": [{"name": "a", "children": []}, {"name": None}]})
+    assert bad_path(Everything, data) == {
+        "path": "msg.fields.tree.children[1].name",
+        "message": "expected str, got null",
+    }
+
+
+def test_contract_tagged_union_rejects_unknown_type_name() -> None:
+    data = dict(EVERYTHING_JSON, shape={"type": "Triangle", "fields": {}})
+    error = bad_path(Everything, data)
+    assert error["path"] == "msg.fields.shape.type"
+    assert "unknown type 'Triangle'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "ok_value"),
+    [
+        ({"max_string_chars": 3}, "abcd", "abc"),
+        ({"max_array_items": 2}, [1, 2, 3], [1, 2]),
+    ],
+    ids=["string", "array"],
+)
+def test_contract_limits_at_n_and_n_plus_one(limit: dict[str, int], value: Any, ok_value: Any) -> None:
+    tp = str if isinstance(value, str) else list[int]
+    assert codecs(**limit).get(tp).decode(ok_value) == ok_value
+    with pytest.raises(rally._Bad, match="longer than"):
+        codecs(**limit).get(tp).decode(value)
+
+
+def test_contract_encoder_checks_types() -> None:
+    codec = codecs().get(Point)
+    with pytest.raises(rally._Bad) as info:
+        codec.encode(Point(1, "2"))  # type: ignore[arg-type]
+    assert info.value.at("result") == {"path": "result.y", "message": "expected int, got str"}
+    with pytest.raises(rally._Bad, match="finite"):
+        codecs().get(float).encode(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [set[int], int | str, dict[int, str], list, complex, Any, tuple[()]],
+    ids=str,
+)
+def test_contract_unsupported_annotations_are_refused(annotation: Any) -> None:
+    with pytest.raises(rally._Unsupported):
+        codecs().get(annotation)
+
+
+def json_reader(**limits: Any) -> rally._Json:
+    return rally._Json(rally._Limits(**limits))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"a": 1, "a": 2}', "duplicate key 'a'"),
+        (b"[NaN]", "NaN is not allowed"),
+        (b"[Infinity]", "Infinity is not allowed"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b'{"a": "\xc3"}', "not UTF-8"),
+        (b"[" * 100_000, "nested deeper than 32"),
+        (b"[" * 33 + b"]" * 33, "nested deeper than 32"),
+        (b"1" * 5000, "bad JSON"),
+        (b"{", "bad JSON"),
+    ],
+    ids=["duplicate", "nan", "infinity", "utf16-bom", "bad-utf8", "deep-100000", "deep-33", "huge-int", "truncated"],
+)
+def test_json_reader_refuses_with_contract_error(data: bytes, message: str) -> None:
+    with pytest.raises(rally.ContractError) as info:
+        json_reader().loads(data)
+    assert info.value.code == "invalid"
+    assert message in info.value.errors[0]["message"]
+
+
+def test_json_reader_depth_at_limit_and_entries_limit() -> None:
+    assert json_reader().loads(b"[" * 32 + b"]" * 32) is not None
+    assert json_reader(max_object_entries=2).loads(b'{"a":1,"b":2}') == {"a": 1, "b": 2}
+    with pytest.raises(rally.ContractError, match="more than 2 entries"):
+        json_reader(max_object_entries=2).loads(b'{"a":1,"b":2,"c":3}')
+
+
+def test_json_reader_keeps_proto_keys_as_data() -> None:
+    assert json_reader().loads(b'{"__proto__": {"x": 1}}') == {"__proto__": {"x": 1}}
+
+
+# ==== Wire ==================================================================
+
+
+def test_ws_frame_matches_wsproto_server_frames() -> None:
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    for size in (0, 125, 126, 65535, 65536, 70000):
+        payload = "x" * size
+        assert rally._ws_frame(payload.encode()) == server.send(wsproto.events.TextMessage(data=payload))
+    assert rally._ws_frame(b"\x00\x01", 0x2) == server.send(wsproto.events.BytesMessage(data=b"\x00\x01"))
+
+
+def test_ws_accept_matches_rfc_6455_example() -> None:
+    assert rally._ws_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "ok"),
+    [
+        (None, "a.test", (), True),
+        ("http://a.test", "a.test", (), True),
+        ("https://a.test:8443", "a.test:8443", (), True),
+        ("http://evil.test", "a.test", (), False),
+        ("null", "a.test", (), False),
+        ("null", "a.test", ("null",), True),
+        ("http://b.test", "a.test", ("http://b.test",), True),
+        ("ftp://a.test", "a.test", (), False),
+    ],
+)
+def test_origin_rule(origin: str | None, host: str, allowed: tuple[str, ...], ok: bool) -> None:
+    assert rally._origin_allowed(origin, host, frozenset(allowed)) is ok
+
+
+def test_html_boot_escapes_script_end() -> None:
+    html = rally._html_boot("<html><head></head><body></body></html>", {"page": "/</script><x>"})
+    assert "</script><x>" not in html
+    assert html.index("rally-boot") < html.index("</head>")
+
+
+def test_session_cookie_flags() -> None:
+    assert (
+        rally._session_cookie("ab" * 16, False) == b"rally_session=" + b"ab" * 16 + b"; Path=/; HttpOnly; SameSite=Lax"
+    )
+    assert rally._session_cookie("ab" * 16, True).endswith(b"; Secure")
+    assert len(rally._new_session_id()) == 32
+    assert rally._session_from_cookie("a=1; rally_session=" + "0f" * 16) == "0f" * 16
+    assert rally._session_from_cookie("rally_session=../../etc") is None
+
+
+# ==== Registration ==========================================================
+
+
+def registration_error(namespace: Any, path: str = "/p/{slug}") -> str:
+    with pytest.raises(rally.RegistrationError) as info:
+        rally.App().page(path, namespace)
+    return str(info.value)
+
+
+def test_registration_missing_message_annotation() -> None:
+    class P:
+        def server_go(msg) -> rally.Result[str, str]:  # type: ignore[no-untyped-def]
+            return rally.Ok("")
+
+    message = registration_error(P, "/p")
+    assert "server_go" in message and "'msg'" in message and "no annotation" in message
+
+
+def test_registration_unsupported_field_type_names_handler_parameter_and_type() -> None:
+    @dataclass
+    class Tags:
+        tags: set[str]
+
+    class P:
+        def server_tag(msg: Tags) -> rally.Result[str, str]:
+            return rally.Ok("")
+
+    message = registration_error(P, "/p")
+    assert "server_tag" in message and "'msg'" in message and "Tags.tags" in message and "set[str]" in message
+
+
+def test_registration_unsupported_return_type() -> None:
+    class P:
+        def server_go(msg: Point) -> rally.Result[complex, str]:
+            return rally.Ok(1j)
+
+    message = registration_error(P, "/p")
+    assert "server_go" in message and "return type" in message and "complex" in message
+
+
+def test_registration_missing_return_annotation() -> None:
+    class P:
+        def server_go(msg: Point):  # type: ignore[no-untyped-def]
+            return rally.Ok(1)
+
+    assert "missing return annotation" in registration_error(P, "/p")
+
+
+def test_registration_message_type_used_by_two_handlers() -> None:
+    app = rally.App()
+
+    @app.rpc
+    def server_a(msg: Point) -> int:
+        return 1
+
+    with pytest.raises(rally.RegistrationError, match="Point is already handled by server_a"):
+
+        @app.rpc
+        def server_b(msg: Point) -> int:
+            return 2
+
+
+def test_registration_two_types_with_one_name() -> None:
+    app = rally.App()
+
+    @app.rpc
+    def server_a(msg: Point) -> int:
+        return 1
+
+    def server_b(msg: Any) -> int:
+        return 2
+
+    server_b.__annotations__ = {"msg": dataclasses.make_dataclass("Point", [("z", int)]), "return": int}
+    with pytest.raises(rally.RegistrationError, match="two different types are named 'Point'"):
+        app.rpc(server_b)
+
+
+def test_registration_route_param_not_accepted_by_server_init() -> None:
+    class P:
+        def server_init(server_context: rally.ServerContext) -> tuple[ServerModel, rally.Effect[ToClient]]:
+            return ServerModel(1), rally.effect.none()
+
+    message = registration_error(P, "/p/{slug}")
+    assert "server_init" in message and "'slug'" in message
+
+
+def test_registration_route_param_type_must_be_str_int_or_float() -> None:
+    class P:
+        def server_init(slug: bytes) -> tuple[ServerModel, rally.Effect[ToClient]]:
+            return ServerModel(1), rally.effect.none()
+
+    message = registration_error(P, "/p/{slug}")
+    assert "server_init" in message and "'slug'" in message and "bytes" in message
+
+
+def test_registration_update_without_init() -> None:
+    class P:
+        def server_update(model: ServerModel, msg: ToServer) -> tuple[ServerModel, rally.Effect[ToClient]]:
+            return model, rally.effect.none()
+
+    assert "server_update without server_init" in registration_error(P, "/p")
+
+
+def test_registration_update_message_must_be_dataclasses() -> None:
+    class P:
+        def server_init() -> tuple[ServerModel, rally.Effect[ToClient]]:
+            return ServerModel(1), rally.effect.none()
+
+        def server_update(model: ServerModel, msg: int) -> tuple[ServerModel, rally.Effect[ToClient]]:
+            return model, rally.effect.none()
+
+    message = registration_error(P, "/p")
+    assert "server_update" in message and "'msg'" in message and "int" in message
+
+
+def test_registration_init_return_must_be_model_and_effect() -> None:
+    class P:
+        def server_init() -> ServerModel:
+            return ServerModel(1)
+
+    message = registration_error(P, "/p")
+    assert "server_init" in message and "tuple[Model, rally.Effect[ToClient]]" in message
+
+
+def test_registration_page_from_a_module() -> None:
+    import types
+
+    module = types.ModuleType("article_module")
+    module.html = "<p>module page</p>"  # type: ignore[attr-defined]
+    module.server_load_title = Article.server_load_title  # type: ignore[attr-defined]
+    app = rally.App()
+    app.page("/m", module)
+    assert "ServerLoadTitle" in app.contract["rpc"]
+
+
+def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
+    doc = article_app().contract
+    assert doc["rpc"]["ServerLoadTitle"] == {"result": "str", "error": "list[str]"}
+    assert doc["pages"]["/articles/{slug}"] == {
+        "params": {"slug": "str"},
+        "stateful": True,
+        "to_server": "ToggleFavorite | AddComment",
+        "to_client": "FavoriteToggled | CommentSaved",
+    }
+    assert doc["types"]["AddComment"] == {"fields": {"body": "str"}}
+    assert len(doc["hash"]) == 16
+    assert article_app().contract["hash"] == doc["hash"]
+    changed = article_app()
+
+    @changed.rpc
+    def server_point(msg: Point) -> int:
+        return msg.x
+
+    assert changed.contract["hash"] != doc["hash"]
+
+
+# ==== End to end: HTTP ======================================================
+
+
+async def eventually(condition: Any, what: str) -> None:
+    """Wait for a condition the server reaches on its own (a close, say), with a bound."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {WAIT} s: {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_page_get_serves_html_with_boot_data_and_sets_session_cookie() -> None:
+    async with running(article_app()) as server:
+        [(response, body)] = responses(
+            await exchange(server, b"GET /articles/hello HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        )
+    headers = dict(response.headers)
+    assert response.status_code == 200
+    assert headers[b"content-type"] == b"text/html; charset=utf-8"
+    cookie = headers[b"set-cookie"].decode()
+    assert cookie.startswith("rally_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    text = body.decode()
+    boot = json.loads(text.split('<script id="rally-boot" type="application/json">')[1].split("</script>")[0])
+    assert boot["page"] == "/articles/hello" and boot["params"] == {"slug": "hello"}
+    assert boot["contract"] == article_app().contract["hash"]
+    assert '<script src="/_rally/client.js"></script>' in text and "<h1>Article</h1>" in text
+
+
+async def test_page_get_keeps_an_existing_session_cookie_and_head_has_no_body() -> None:
+    request = (
+        b"HEAD /articles/x HTTP/1.1\r\nhost: t\r\ncookie: rally_session="
+        + b"ab" * 16
+        + b"\r\nconnection: close\r\n\r\n"
+    )
+    async with running(article_app()) as server:
+        raw = await exchange(server, request)
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"set-cookie" not in raw.lower()
+    assert raw.endswith(b"\r\n\r\n")
+
+
+async def test_int_route_param_converts_and_non_integer_is_404() -> None:
+    seen: list[Any] = []
+
+    class Item:
+        def view(id: int) -> str:
+            seen.append(id)
+            return f"<p>item {id}</p>"
+
+    app = rally.App()
+    app.page("/items/{id}", Item)
+    async with running(app) as server:
+        ok = responses(await exchange(server, b"GET /items/42 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"))
+        missing = responses(await exchange(server, b"GET /items/x42 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"))
+    assert ok[0][0].status_code == 200 and b"<p>item 42</p>" in ok[0][1]
+    assert seen == [42]
+    assert missing[0][0].status_code == 404 and missing[0][1]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "header"),
+    [
+        (b"GET /nowhere HTTP/1.1\r\nhost: t\r\n\r\n", 404, None),
+        (b"GET /_rally/rpc HTTP/1.1\r\nhost: t\r\n\r\n", 405, (b"allow", b"POST")),
+        (b"POST /articles/x HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n", 405, (b"allow", b"GET, HEAD")),
+        (b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}", 415, None),
+        (
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: 2000000\r\n\r\n",
+            413,
+            None,
+        ),
+        (
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\norigin: http://evil.test\r\ncontent-type: application/json\r\n"
+            b"content-length: 2\r\n\r\n{}",
+            403,
+            None,
+        ),
+    ],
+    ids=["404", "405-rpc", "405-page", "415", "413", "403"],
+)
+async def test_http_refusals_have_status_and_short_body(
+    request_bytes: bytes, status: int, header: tuple[bytes, bytes] | None
+) -> None:
+    async with running(article_app()) as server:
+        [(response, body)] = responses(await exchange(server, request_bytes, until_close=False))
+    assert response.status_code == status
+    assert 0 < len(body) < 200
+    if header is not None:
+        assert header in response.headers
+
+
+async def test_client_js_has_etag_and_answers_304() -> None:
+    async with running(article_app()) as server:
+        [(first, body)] = responses(
+            await exchange(server, b"GET /_rally/client.js HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False)
+        )
+        etag = dict(first.headers)[b"etag"]
+        again = b"GET /_rally/client.js HTTP/1.1\r\nhost: t\r\nif-none-match: " + etag + b"\r\n\r\n"
+        [(second, empty)] = responses(await exchange(server, again, until_close=False))
+    assert first.status_code == 200 and b"rally" in body
+    assert dict(first.headers)[b"content-type"].startswith(b"application/javascript")
+    assert second.status_code == 304 and empty == b""
+
+
+async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
+    app = article_app()
+    async with running(app) as server:
+        [(response, body)] = responses(
+            await exchange(server, b"GET /_rally/contract HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False)
+        )
+    assert response.status_code == 200
+    assert json.loads(body) == app.contract
+
+
+async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
+    pipelined = b"".join(rpc_request(envelope("ServerLoadTitle", {"slug": f"s{i}"}, i)) for i in range(10))
+    async with running(article_app()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(pipelined)
+        raw = b""
+        while raw.count(b'"kind":"ok"') < 10:
+            chunk = await asyncio.wait_for(reader.read(65536), WAIT)
+            assert chunk, "server closed a keep-alive connection"
+            raw += chunk
+        writer.close()
+    replies = [json.loads(body) for _, body in responses(raw)]
+    assert replies == [{"kind": "ok", "id": i, "value": f"Article: s{i}"} for i in range(10)]
+
+
+async def test_chunked_request_body_is_read() -> None:
+    body = envelope("ServerLoadTitle", {"slug": "chunky"})
+    request = (
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (10, body[:10])
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 10, body[10:])
+    )
+    async with running(article_app()) as server:
+        [(response, reply)] = responses(await exchange(server, request, until_close=False))
+    assert response.status_code == 200
+    assert json.loads(reply) == {"kind": "ok", "id": 1, "value": "Article: chunky"}
+
+
+# ==== End to end: RPC ========================================================
+
+
+@dataclass
+class Divide:
+    a: int
+    b: int
+
+
+@dataclass
+class Sleep:
+    seconds: float
+
+
+@dataclass
+class Lie:
+    pass
+
+
+def rpc_app(**options: Any) -> rally.App:
+    app = article_app(**options)
+
+    @app.rpc
+    def server_divide(msg: Divide) -> rally.Result[float, str]:
+        if msg.b == 0 and msg.a == 0:
+            return rally.Error("0/0")
+        return rally.Ok(msg.a / msg.b)
+
+    @app.rpc
+    async def server_sleep(msg: Sleep, server_context: rally.ServerContext) -> str:
+        await asyncio.sleep(msg.seconds)
+        return f"slept in {server_context.session_id[:0]}{'ws' if server_context.connection_id else 'http'}"
+
+    @app.rpc
+    def server_lie(msg: Lie) -> rally.Result[int, str]:
+        return rally.Ok("not an int")  # type: ignore[arg-type]
+
+    return app
+
+
+async def post_rpc(server: rally.Server, body: bytes, extra: bytes = b"") -> tuple[int, dict[str, Any]]:
+    [(response, reply)] = responses(await exchange(server, rpc_request(body, extra), until_close=False))
+    return response.status_code, json.loads(reply)
+
+
+async def test_rpc_over_http_ok_and_err() -> None:
+    async with running(rpc_app()) as server:
+        assert await post_rpc(server, envelope("ServerLoadTitle", {"slug": "hello"}, 7)) == (
+            200,
+            {"kind": "ok", "id": 7, "value": "Article: hello"},
+        )
+        assert await post_rpc(server, envelope("ServerLoadTitle", {"slug": "missing"}, 8)) == (
+            200,
+            {"kind": "err", "id": 8, "error": ["not found"]},
+        )
+        assert await post_rpc(server, envelope("Sleep", {"seconds": 0}, "s")) == (
+            200,
+            {"kind": "ok", "id": "s", "value": "slept in http"},
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "path"),
+    [
+        (b"{nope", 400, "invalid", ""),
+        (b'{"kind": "rpc", "id": 1}', 400, "invalid", ""),
+        (b'{"kind": "send", "msg": {"type": "AddComment", "fields": {"body": "x"}}}', 400, "invalid", "kind"),
+        (envelope("Nope", {}), 400, "unknown_type", "msg.type"),
+        (envelope("Divide", {"a": 1, "b": "2"}), 400, "invalid", "msg.fields.b"),
+        (envelope("Divide", {"a": 1}), 400, "invalid", "msg.fields"),
+        (envelope("Divide", {"a": 1, "b": 0}), 500, "internal", ""),
+        (envelope("Lie", {}), 500, "internal", ""),
+    ],
+    ids=[
+        "bad-json",
+        "no-msg",
+        "send-over-http",
+        "unknown-type",
+        "wrong-field",
+        "missing-field",
+        "raises",
+        "bad-return",
+    ],
+)
+async def test_rpc_over_http_errors(body: bytes, status: int, code: str, path: str, caplog: Any) -> None:
+    async with running(rpc_app()) as server:
+        got_status, reply = await post_rpc(server, body)
+    assert (got_status, reply["kind"], reply["code"]) == (status, "error", code)
+    assert reply["errors"][0]["path"] == path
+    if code == "internal":
+        assert "Traceback" not in json.dumps(reply) and "ZeroDivision" not in json.dumps(reply)
+        assert any(r.name == "rally" and r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def test_handler_exception_is_logged_with_traceback_on_rally_logger(caplog: Any) -> None:
+    async with running(rpc_app()) as server:
+        await post_rpc(server, envelope("Divide", {"a": 1, "b": 0}))
+        status, reply = await post_rpc(server, envelope("Divide", {"a": 1, "b": 2}))
+    records = [r for r in caplog.records if r.name == "rally" and r.levelno == logging.ERROR]
+    assert records and records[0].exc_info is not None and records[0].exc_info[0] is ZeroDivisionError
+    assert "server_divide" in records[0].getMessage()
+    assert (status, reply["value"]) == (200, 0.5)
+
+
+async def test_stale_contract_over_http_is_409() -> None:
+    async with running(rpc_app()) as server:
+        status, reply = await post_rpc(server, envelope("Divide", {"a": 1, "b": 2}), b"rally-contract: 0000\r\n")
+    assert (status, reply["code"]) == (409, "stale_contract")
+
+
+async def test_access_log_one_line_per_request_and_switch_off(caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="rally.access")
+    app = article_app()
+    server = await app.start("127.0.0.1", 0)
+    await exchange(server, b"GET /articles/a HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    await server.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "rally.access"]
+    assert len(lines) == 1 and '"GET /articles/a HTTP/1.1" 200' in lines[0]
+    caplog.clear()
+    async with running(app) as quiet:  # running() passes access_log=False
+        await exchange(quiet, b"GET /articles/a HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    assert not [r for r in caplog.records if r.name == "rally.access"]
+
+
+# ==== End to end: WebSocket with the websockets library ======================
+
+
+async def test_independent_websockets_client_gets_rpc_answers_and_pushes() -> None:
+    import websockets
+
+    async with running(rpc_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/hello"
+        async with websockets.connect(url) as a, websockets.connect(url) as b:
+            await a.send(
+                json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "ServerLoadTitle", "fields": {"slug": "x"}}})
+            )
+            assert json.loads(await asyncio.wait_for(a.recv(), WAIT)) == {"kind": "ok", "id": 1, "value": "Article: x"}
+            await a.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            toggled = {"kind": "push", "msg": {"type": "FavoriteToggled", "fields": {"article_id": 5}}}
+            assert json.loads(await asyncio.wait_for(a.recv(), WAIT)) == toggled
+            await a.send(json.dumps({"kind": "send", "msg": {"type": "AddComment", "fields": {"body": "hi"}}}))
+            saved = {"kind": "push", "msg": {"type": "CommentSaved", "fields": {"body": "hi"}}}
+            assert json.loads(await asyncio.wait_for(a.recv(), WAIT)) == saved
+            assert json.loads(await asyncio.wait_for(b.recv(), WAIT)) == saved
+            await a.send(json.dumps({"kind": "rpc", "id": 2, "msg": {"type": "Sleep", "fields": {"seconds": 0}}}))
+            assert json.loads(await asyncio.wait_for(a.recv(), WAIT))["value"] == "slept in ws"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "path"),
+    [
+        ("not json", "invalid", ""),
+        ('{"kind": "shout", "msg": {}}', "invalid", "kind"),
+        ('{"kind": "send", "msg": {"type": "Nope", "fields": {}}}', "unknown_type", "msg.type"),
+        ('{"kind": "send", "msg": {"type": "AddComment", "fields": {"body": 1}}}', "invalid", "msg.fields.body"),
+        ('{"kind": "rpc", "id": 3, "msg": {"type": "Nope", "fields": {}}}', "unknown_type", "msg.type"),
+    ],
+    ids=["bad-json", "bad-kind", "unknown-send", "bad-field", "unknown-rpc"],
+)
+async def test_websocket_bad_message_gets_error_envelope_and_stays_open(frame: str, code: str, path: str) -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a") as ws:
+            await ws.send(frame)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert (reply["kind"], reply["code"], reply["errors"][0]["path"]) == ("error", code, path)
+            await ws.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["msg"]["type"] == "FavoriteToggled"
+
+
+async def test_websocket_send_on_page_without_update_is_not_stateful() -> None:
+    import websockets
+
+    class Plain:
+        html = "<p>plain</p>"
+
+    app = rally.App()
+    app.page("/plain", Plain)
+    async with running(app) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/plain") as ws:
+            await ws.send(json.dumps({"kind": "send", "msg": {"type": "AddComment", "fields": {"body": "x"}}}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+    assert reply["code"] == "not_stateful"
+
+
+async def test_websocket_binary_frame_closes_1003() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a") as ws:
+            await ws.send(b"\x00\x01")
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), WAIT)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1003
+
+
+async def test_websocket_stale_contract_gets_error_and_close_4000() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a&contract=0123456789abcdef"
+        async with websockets.connect(url) as ws:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), WAIT)
+    assert reply["code"] == "stale_contract"
+    assert info.value.rcvd is not None and info.value.rcvd.code == rally.CLOSE_STALE_CONTRACT
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?page=", "?page=/nowhere", "?page=/articles/a/b"], ids=["none", "empty", "unknown", "no-match"]
+)
+async def test_websocket_without_matching_page_is_404_before_upgrade(query: str) -> None:
+    request = (
+        b"GET /_rally/ws%s HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n" % query.encode()
+    )
+    async with running(article_app()) as server:
+        [(response, _)] = responses(await exchange(server, request, until_close=False))
+    assert response.status_code == 404
+
+
+async def test_websocket_foreign_origin_is_403_and_allowed_origins_admits_it() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, origin="http://evil.test"):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+    async with running(article_app(allowed_origins=["http://evil.test"])) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
+        async with websockets.connect(url, origin="http://evil.test") as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["kind"] == "push"
+
+
+# ==== End to end: stateful pages and broadcast ================================
+
+
+@dataclass
+class Say:
+    scope: Literal["client", "session", "page", "app"]
+    text: str
+
+
+@dataclass
+class Heard:
+    text: str
+
+
+@dataclass
+class Count:
+    n: int
+    text: str
+
+
+@dataclass
+class Tally:
+    n: int
+
+
+class Room:
+    html = "<p>room</p>"
+
+    def server_init(room: str) -> tuple[Tally, rally.Effect[Heard | Count]]:
+        return Tally(0), rally.effect.none()
+
+    async def server_update(
+        model: Tally, msg: Say, server_context: rally.ServerContext
+    ) -> tuple[Tally, rally.Effect[Heard | Count]]:
+        if msg.text.startswith("count"):
+            await asyncio.sleep(0.001 * (hash(msg.text) % 3))  # uneven handler times must not reorder
+            return Tally(model.n + 1), rally.effect.send_to_client(Count(model.n + 1, msg.text))
+        push = Heard(msg.text)
+        scoped = {
+            "client": rally.effect.send_to_client,
+            "session": rally.effect.broadcast_to_session,
+            "page": rally.effect.broadcast_to_page,
+            "app": rally.effect.broadcast_to_app,
+        }[msg.scope](push)
+        return model, rally.effect.batch(rally.effect.none(), scoped)
+
+
+def room_app() -> rally.App:
+    app = rally.App()
+    app.page("/rooms/{room}", Room)
+    return app
+
+
+async def test_broadcast_scopes_two_sessions_two_pages_exact_recipients() -> None:
+    app = room_app()
+    async with running(app) as server:
+        clients = {s: rally.Client(server.url, app) for s in "AB"}
+        conns: dict[str, rally.PageConnection] = {}
+        for s in "AB":
+            for p in "12":
+                conns[s + p] = await clients[s].page(f"/rooms/{p}").__aenter__()
+        assert clients["A"].session_id != clients["B"].session_id
+        expected: dict[str, list[str]] = {name: [] for name in conns}
+        for sender in conns:
+            for scope in ("client", "session", "page", "app"):
+                text = f"{scope} from {sender}"
+                await conns[sender].send(Say(scope, text))
+                for name in conns:
+                    reached = {
+                        "client": name == sender,
+                        "session": name[0] == sender[0],
+                        "page": name[1] == sender[1],
+                        "app": True,
+                    }[scope]
+                    if reached:
+                        expected[name].append(text)
+        await conns["A1"].send(Say("app", "end"))
+        for name, conn in conns.items():
+            got = []
+            while (msg := await conn.receive()) != Heard("end"):
+                got.append(msg.text)
+            # Arrival order across senders may interleave; each message exactly once.
+            assert sorted(got) == sorted(expected[name]), name
+            assert len(got) == len(set(got)), f"{name} received a message twice"
+        for conn in conns.values():
+            await conn.close()
+        await eventually(lambda: not app._registry.topics, "topics empty after every connection closed")
+
+
+async def test_twenty_sends_are_handled_in_order() -> None:
+    app = room_app()
+    async with running(app) as server:
+        async with rally.Client(server.url, app) as client, client.page("/rooms/x") as page:
+            for i in range(20):
+                await page.send(Say("client", f"count {i}"))
+            got = [await page.receive() for _ in range(20)]
+    assert got == [Count(i + 1, f"count {i}") for i in range(20)]
+
+
+async def test_topics_are_left_on_every_kind_of_close() -> None:
+    import websockets
+
+    app = room_app()
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/rooms/1"
+        polite = await websockets.connect(url)
+        rude = await websockets.connect(url)
+        bad = await websockets.connect(url)
+        await eventually(lambda: len(app._registry.topics.get("app", ())) == 3, "three joined")
+        await polite.close()
+        rude.transport.abort()
+        await bad.send(b"binary closes 1003")
+        await eventually(lambda: not app._registry.topics, "topics empty")
+        await bad.close()
+
+
+async def test_server_init_effects_reach_the_new_connection_itself() -> None:
+    @dataclass
+    class Welcome:
+        text: str
+
+    class Lobby:
+        def server_init(server_context: rally.ServerContext) -> tuple[int, rally.Effect[Welcome]]:
+            return 0, rally.effect.broadcast_to_page(Welcome("hello"))
+
+    app = rally.App()
+    app.page("/lobby", Lobby)
+    async with running(app) as server:
+        async with rally.Client(server.url, app) as client, client.page("/lobby") as page:
+            assert await page.receive() == Welcome("hello")
+
+
+async def test_server_update_raising_keeps_the_model_and_answers_internal(caplog: Any) -> None:
+    class Fragile:
+        def server_init() -> tuple[Tally, rally.Effect[Count]]:
+            return Tally(0), rally.effect.none()
+
+        def server_update(model: Tally, msg: Say) -> tuple[Tally, rally.Effect[Count]]:
+            if msg.text == "boom":
+                raise RuntimeError("boom")
+            return Tally(model.n + 1), rally.effect.send_to_client(Count(model.n + 1, msg.text))
+
+    app = rally.App()
+    app.page("/fragile", Fragile)
+    async with running(app) as server:
+        async with rally.Client(server.url, app) as client, client.page("/fragile") as page:
+            await page.send(Say("client", "one"))
+            assert await page.receive() == Count(1, "one")
+            await page.send(Say("client", "boom"))
+            with pytest.raises(rally.RemoteError) as info:
+                await page.receive()
+            assert info.value.code == "internal"
+            await page.send(Say("client", "two"))
+            assert await page.receive() == Count(2, "two")
+    assert any("server_update of page Fragile raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_push_of_a_type_outside_the_page_effect_is_internal(caplog: Any) -> None:
+    class Wrong:
+        def server_init() -> tuple[int, rally.Effect[Count]]:
+            return 0, rally.effect.none()
+
+        def server_update(model: int, msg: Say) -> tuple[int, rally.Effect[Count]]:
+            return model, rally.effect.send_to_client(Heard("not a Count"))  # type: ignore[arg-type]
+
+    app = rally.App()
+    app.page("/wrong", Wrong)
+    async with running(app) as server:
+        async with rally.Client(server.url, app) as client, client.page("/wrong") as page:
+            await page.send(Say("client", "x"))
+            with pytest.raises(rally.RemoteError) as info:
+                await page.receive()
+    assert info.value.code == "internal"
+    assert any("breaks its annotation" in r.getMessage() for r in caplog.records)
+
+
+# ==== End to end: rally.Client ===============================================
+
+
+async def test_client_rpc_returns_typed_ok_and_error() -> None:
+    app = rpc_app()
+    async with running(app) as server, rally.Client(server.url, app) as client:
+        assert await client.rpc(ServerLoadTitle("a")) == rally.Ok("Article: a")
+        assert await client.rpc(ServerLoadTitle("missing")) == rally.Error(["not found"])
+        assert await client.rpc(Divide(1, 4)) == rally.Ok(0.25)
+        with pytest.raises(rally.RemoteError) as info:
+            await client.rpc(Divide(1, 0))
+        assert (info.value.code, info.value.status) == ("internal", 500)
+        async with client.page("/articles/abc") as page:
+            assert await page.rpc(ServerLoadTitle("ws")) == rally.Ok("Article: ws")
+            await page.send(ToggleFavorite())
+            assert await page.receive() == FavoriteToggled(3)
+
+
+async def test_client_without_app_gets_json_values() -> None:
+    async with running(article_app()) as server, rally.Client(server.url) as client:
+        assert await client.rpc(ServerLoadTitle("a")) == rally.Ok("Article: a")
+        async with client.page("/articles/ab") as page:
+            await page.send(ToggleFavorite())
+            assert await page.receive() == {"type": "FavoriteToggled", "fields": {"article_id": 2}}
+
+
+# ==== Embedding ==============================================================
+
+
+async def test_broadcast_from_outside_handlers_and_close_session() -> None:
+    app = room_app()
+    async with running(app) as server:
+        async with rally.Client(server.url, app) as one, rally.Client(server.url, app) as two:
+            a1 = await one.page("/rooms/1").__aenter__()
+            a2 = await one.page("/rooms/2").__aenter__()
+            b1 = await two.page("/rooms/1").__aenter__()
+            assert await app.broadcast_to_app(Heard("all")) == 3
+            assert await app.broadcast_to_page("/rooms/1", Heard("room 1")) == 2
+            assert one.session_id is not None
+            assert await app.broadcast_to_session(one.session_id, Heard("one")) == 2
+            assert [await a1.receive() for _ in range(3)] == [Heard("all"), Heard("room 1"), Heard("one")]
+            assert [await a2.receive() for _ in range(2)] == [Heard("all"), Heard("one")]
+            assert [await b1.receive() for _ in range(2)] == [Heard("all"), Heard("room 1")]
+            with pytest.raises(TypeError, match="not a push type"):
+                await app.broadcast_to_app(Divide(1, 2))
+            assert await app.close_session(one.session_id) == 2
+            for conn in (a1, a2):
+                with pytest.raises(rally.ConnectionClosed) as info:
+                    await conn.receive()
+                assert info.value.code == rally.CLOSE_SESSION_CLOSED
+            await b1.send(Say("client", "still here"))
+            assert await b1.receive() == Heard("still here")
+            await b1.close()
+
+
+def test_run_in_thread_and_threadsafe_broadcast() -> None:
+    app = room_app()
+    received: list[Any] = []
+
+    async def listen(url: str, ready: threading.Event) -> None:
+        async with rally.Client(url, app) as client, client.page("/rooms/t") as page:
+            ready.set()
+            received.append(await page.receive())
+
+    with app.run_in_thread() as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        ready = threading.Event()
+        listener = threading.Thread(target=asyncio.run, args=(listen(server.url, ready),))
+        listener.start()
+        assert ready.wait(WAIT)
+        # The listener is subscribed once its page is open; the server joined
+        # its topics before answering the handshake.
+        assert app.broadcast_to_app_threadsafe(Heard("from a thread")).result(WAIT) == 1
+        listener.join(WAIT)
+    assert received == [Heard("from a thread")]
+
+
+APP_MODULE = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+    from dataclasses import dataclass
+    import rally
+
+    @dataclass
+    class Slow:
+        seconds: float
+
+    app = rally.App(shutdown_timeout=3)
+
+    @app.rpc
+    async def server_slow(msg: Slow) -> str:
+        print("slow rpc started", file=sys.stderr, flush=True)
+        await asyncio.sleep(msg.seconds)
+        return "finished"
+
+    class Home:
+        html = "<p>home</p>"
+
+    app.page("/", Home)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_cli_serves_module_app_and_shuts_down_cleanly_on_signal(tmp_path: Any, sig: int) -> None:
+    import websockets
+
+    (tmp_path / "shutdown_app.py").write_text(APP_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(rally.__file__), "shutdown_app:app", "--port", "0",
+        cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = b""
+        while b"serving on" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), WAIT)
+            assert line, "server exited before serving"
+        url = line.decode().split("serving on ")[1].split()[0]
+        async with (
+            websockets.connect(url.replace("http", "ws") + "/_rally/ws?page=/") as ws,
+            rally.Client(url) as client,
+        ):
+            in_flight = asyncio.ensure_future(client.rpc(rally_slow(0.5)))
+            while b"slow rpc started" not in line:
+                line = await asyncio.wait_for(proc.stderr.readline(), WAIT)
+            proc.send_signal(sig)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), WAIT)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+            assert await asyncio.wait_for(in_flight, WAIT) == rally.Ok("finished")
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+        rest = await proc.stderr.read()
+        assert b"Traceback" not in rest and b"ERROR" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def rally_slow(seconds: float) -> Any:
+    return dataclasses.make_dataclass("Slow", [("seconds", float)])(seconds)
+
+
+# ==== The module itself ======================================================
+
+
+def test_import_needs_only_h11_and_wsproto() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import rally; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(sorted(m for m in new if m not in sys.stdlib_module_names and not m.startswith('_')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
+    )
+    assert out.stdout.strip() == "['h11', 'rally', 'wsproto']"
+
+
+def test_public_names_exist_and_have_docstrings() -> None:
+    for name in rally.__all__:
+        value = getattr(rally, name)
+        if typing.get_origin(value) is not None:
+            continue  # Result: a generic alias, documented where it is defined
+        if callable(value) or isinstance(value, type):
+            assert value.__doc__ and value.__doc__.strip(), name
+    assert rally.effect.broadcast_to_page.__doc__
