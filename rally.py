@@ -40,7 +40,6 @@ License: MIT
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -48,16 +47,13 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import email.utils
 import enum
 import hashlib
-import importlib
 import inspect
 import itertools
 import json
 import logging
 import math
-import mimetypes
 import os
 import re
 import secrets
@@ -932,9 +928,14 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(value: Any) -> bytes:
-    """Compact JSON; ASCII-only so lone surrogates stay valid on the wire."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+    """Compact JSON; ASCII-only so lone surrogates stay valid on the wire.
+    One encoder for the process: ``json.dumps`` with options builds a new one
+    per call."""
+    return _ENCODER.encode(value).encode("ascii")
 
 
 # Envelopes (SPEC section 4).
@@ -1049,13 +1050,20 @@ def _http_response(
 
 
 _date_cache: list[Any] = [0, b""]
+_DAYS: Final = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS: Final = tuple(m.encode() for m in "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split())
 
 
 def _http_date() -> bytes:
     """The Date header (RFC 9110 section 6.6.1), formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+        t = time.gmtime(now)
+        _date_cache[:] = [
+            now,
+            b"%s, %02d %s %d %02d:%02d:%02d GMT"
+            % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec),
+        ]
     return _date_cache[1]  # type: ignore[no-any-return]
 
 
@@ -2022,6 +2030,8 @@ class _HttpConn(asyncio.BufferedProtocol):
             return
         st = os.stat(full)
         etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
+        import mimetypes  # only apps that serve files pay for its tables
+
         ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
@@ -3399,6 +3409,8 @@ class PageConnection:
 
 
 def _load_app(target: str) -> App:
+    import importlib
+
     module_name, _, attr = target.partition(":")
     if not module_name:
         raise SystemExit(f"expected module:app, got {target!r}")
@@ -3412,6 +3424,8 @@ def _load_app(target: str) -> App:
 
 def main(argv: list[str] | None = None) -> None:
     """``python rally.py module:app [--host H] [--port P]``."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
     parser.add_argument("app", help="module:attribute of the App, e.g. demo:app")
     parser.add_argument("--host", default="127.0.0.1")
