@@ -399,6 +399,7 @@ class _Codecs:
         self._cache: dict[Any, _Codec] = {}
         self.types: dict[str, dict[str, Any]] = {}
         self._classes: dict[str, type] = {}
+        self._namespaces: list[dict[str, Any]] = []
 
     def get(self, tp: Any) -> _Codec:
         """The codec of annotation ``tp``; raises ``_Unsupported``."""
@@ -437,6 +438,9 @@ class _Codecs:
 
     def _build(self, tp: Any) -> _Codec:
         lim = self.limits
+        if isinstance(tp, (str, typing.ForwardRef)):
+            # Python 3.10's get_type_hints leaves list["Node"] unresolved.
+            return self.get(self._resolve(tp if isinstance(tp, str) else tp.__forward_arg__))
         if tp is str:
             max_chars = lim.max_string_chars
 
@@ -755,17 +759,13 @@ class _Codecs:
 
         return _Codec(f"dict[str, {value.name}]", dec, enc)
 
-    def _dataclass(self, cls: type) -> _Codec:
-        self.register_class(cls)
-        # A recursive type finds this codec in the cache while its fields are
-        # built; the trampolines reach the finished functions set below.
-        codec = _Codec(cls.__name__, lambda v: codec.decode(v), lambda v: codec.encode(v))
-        self._cache[cls] = codec
+    def _fields(self, cls: type) -> list[tuple[str, _Codec, bool]]:
+        """``(name, codec, has_default)`` of each field a dataclass's __init__ takes."""
         try:
             hints = typing.get_type_hints(cls)
         except Exception as exc:
             raise _Unsupported(f"cannot resolve the annotations of {cls.__name__}: {exc}") from None
-        fields: list[tuple[str, _Codec, bool]] = []
+        fields = []
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
@@ -775,6 +775,31 @@ class _Codecs:
                 raise _Unsupported(f"{cls.__name__}.{f.name}: {exc}") from None
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             fields.append((f.name, fc, has_default))
+        return fields
+
+    def _resolve(self, name: str) -> Any:
+        for ns in reversed(self._namespaces):
+            try:
+                return eval(name, ns)  # an annotation, as typing.get_type_hints evaluates it
+            except NameError:
+                continue
+        raise _Unsupported(f"cannot resolve the forward reference {name!r}")
+
+    def _dataclass(self, cls: type) -> _Codec:
+        self.register_class(cls)
+        # A recursive type finds this codec in the cache while its fields are
+        # built; the trampolines reach the finished functions set below.
+        codec = _Codec(cls.__name__, lambda v: codec.decode(v), lambda v: codec.encode(v))
+        self._cache[cls] = codec
+        module = sys.modules.get(cls.__module__)
+        self._namespaces.append({**(vars(module) if module else {}), cls.__name__: cls})
+        try:
+            fields = self._fields(cls)
+        except BaseException:
+            del self._cache[cls]
+            raise
+        finally:
+            self._namespaces.pop()
         self.types[cls.__name__] = {"fields": {n: c.name for n, c, _ in fields}}
         names = frozenset(n for n, _, _ in fields)
         required = [n for n, _, has_default in fields if not has_default]

@@ -1077,12 +1077,19 @@ async def test_broadcast_scopes_two_sessions_two_pages_exact_recipients() -> Non
                     }[scope]
                     if reached:
                         expected[name].append(text)
-        await conns["A1"].send(Say("app", "end"))
+        # Each connection's sends are handled in order, so once a receiver has
+        # every sender's "end", it has everything those senders broadcast.
+        for sender, conn in conns.items():
+            await conn.send(Say("app", f"end {sender}"))
         for name, conn in conns.items():
-            got = []
-            while (msg := await conn.receive()) != Heard("end"):
-                got.append(msg.text)
-            # Arrival order across senders may interleave; each message exactly once.
+            got: list[str] = []
+            ends: set[str] = set()
+            while len(ends) < len(conns):
+                text = (await conn.receive()).text
+                if text.startswith("end "):
+                    ends.add(text)
+                else:
+                    got.append(text)
             assert sorted(got) == sorted(expected[name]), name
             assert len(got) == len(set(got)), f"{name} received a message twice"
         for conn in conns.values():
