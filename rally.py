@@ -1875,6 +1875,9 @@ class _HttpConn(asyncio.BufferedProtocol):
             # an error"; answering and closing defeats request smuggling.
             self._fail(400, "both Transfer-Encoding and Content-Length")
             return
+        if headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+            # RFC 9110 section 10.1.1: the client waits for this before the body.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.request = req
         self.body = []
         self.body_size = 0

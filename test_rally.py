@@ -762,6 +762,19 @@ async def test_chunked_request_body_is_read() -> None:
     assert json.loads(reply) == {"kind": "ok", "id": 1, "value": "Article: chunky"}
 
 
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    body = envelope("ServerLoadTitle", {"slug": "later"})
+    head = rpc_request(body, b"expect: 100-continue\r\n")[: -len(body)]
+    async with running(article_app()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head)
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        response = await asyncio.wait_for(reader.readuntil(b'"Article: later"}'), WAIT)
+        writer.close()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 # ==== End to end: RPC ========================================================
 
 
