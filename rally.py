@@ -1017,10 +1017,6 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
     return kind, msg_id, msg
 
 
-def _describe_message_error(bad: _Bad) -> ContractError:
-    return ContractError("invalid", [bad.at("msg.fields")])
-
-
 # ==== Wire: h11 and wsproto adapters (sans-IO) ==============================
 
 
@@ -1823,62 +1819,66 @@ class _HttpConn(asyncio.BufferedProtocol):
         if self.state is _HttpState.CLOSED or self.transport is None:
             return
         if self.state is not _HttpState.BUSY:
-            self.transport.write(_http_response(status, message.encode() + b"\n"))
+            req = self.request
+            if status == 413 and req is not None and req.target.startswith(b"/_rally/rpc"):
+                errors = [{"path": "", "message": message}]
+                self.transport.write(
+                    _http_response(status, _error_reply(None, "too_large", errors), b"application/json")
+                )
+            else:
+                self.transport.write(_http_response(status, message.encode() + b"\n"))
             self._log(status)
         self._close()
 
     def _process(self) -> None:
         """Pull events from h11 until it needs data, pauses, or we are busy."""
-        while self.state in (_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY):
-            try:
+        try:
+            while self.state in (_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY):
                 event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                self._fail(status, "request head too large" if status == 431 else f"bad request: {exc}")
-                return
-            if event is h11.NEED_DATA:
-                return
-            if event is h11.PAUSED:
-                self._pause()
-                return
-            event_type = type(event)
-            if event_type is h11.Request:
-                self._on_request(event)  # type: ignore[arg-type]
-            elif event_type is h11.Data:
-                self.body_size += len(event.data)  # type: ignore[union-attr]
-                if self.body_size > self.srv.limits.max_body_bytes:
-                    self._fail(413, f"body larger than {self.srv.limits.max_body_bytes} bytes")
+                if event is h11.NEED_DATA:
                     return
-                self.body.append(event.data)  # type: ignore[union-attr]
-            elif event_type is h11.EndOfMessage:
-                self._on_end()
-            elif event_type is h11.ConnectionClosed:
-                self._close()
-                return
+                if event is h11.PAUSED:
+                    self._pause()
+                    return
+                event_type = type(event)
+                if event_type is h11.Request:
+                    self._on_request(event)  # type: ignore[arg-type]
+                elif event_type is h11.Data:
+                    self.body_size += len(event.data)  # type: ignore[union-attr]
+                    if self.body_size > self.srv.limits.max_body_bytes:
+                        raise ProtocolError(f"body larger than {self.srv.limits.max_body_bytes} bytes", 413)
+                    self.body.append(event.data)  # type: ignore[union-attr]
+                elif event_type is h11.EndOfMessage:
+                    self._on_end()
+                elif event_type is h11.ConnectionClosed:
+                    self._close()
+                    return
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            self._fail(status, "request head too large" if status == 431 else f"bad request: {exc}")
+        except ProtocolError as exc:
+            self._fail(exc.status, str(exc))
 
     def _on_request(self, req: h11.Request) -> None:
+        """Check a request head; raises ProtocolError for one we refuse."""
         lim = self.srv.limits
+        self.request = req
         raw = req.headers.raw_items()
         if _head_size(req, raw) > lim.max_head_bytes:
-            self._fail(431, f"request head larger than {lim.max_head_bytes} bytes")
-            return
+            raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
         if len(raw) > lim.max_headers:
-            self._fail(431, f"more than {lim.max_headers} header lines")
-            return
+            raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
         self.headers = headers = {name.lower(): value for name, value in raw}
         length = headers.get(b"content-length")
         if length is not None and int(length) > lim.max_body_bytes:
-            self._fail(413, f"body larger than {lim.max_body_bytes} bytes")
-            return
+            raise ProtocolError(f"body larger than {lim.max_body_bytes} bytes", 413)
         if length is not None and b"transfer-encoding" in headers:
             # RFC 9112 section 6.3: a request with both "ought to be handled as
             # an error"; answering and closing defeats request smuggling.
-            self._fail(400, "both Transfer-Encoding and Content-Length")
-            return
+            raise ProtocolError("both Transfer-Encoding and Content-Length", 400)
         if headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
             # RFC 9110 section 10.1.1: the client waits for this before the body.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.request = req
         self.body = []
         self.body_size = 0
         self.state = _HttpState.BODY
@@ -2429,24 +2429,25 @@ class _WsConn(asyncio.BufferedProtocol):
         self._events()
 
     def _events(self) -> None:
-        for event in self.ws.events():
-            handler = _WS_EVENTS.get(type(event))
-            if handler is not None:
-                handler(self, event)
-            if self.state is _WsState.CLOSED:
-                return
+        try:
+            for event in self.ws.events():
+                handler = _WS_EVENTS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                if self.state is _WsState.CLOSED:
+                    return
+        except ProtocolError as exc:
+            self.close(exc.close_code, str(exc))
 
     def _on_message(self, event: wsproto.events.Message[Any]) -> None:
         if self.state is not _WsState.OPEN:
             return
         data = event.data
         limit = self.srv.limits.max_message_bytes
-        self.size += len(data)
-        # A str of n characters is n to 4n bytes of UTF-8: count exactly only
-        # when the cheap bound is not enough.
-        if self.size > limit or (isinstance(data, str) and self.size * 4 > limit and self._utf8_size(data) > limit):
-            self.close(1009, f"message larger than {limit} bytes")
-            return
+        # Counted in bytes across fragments: wsproto has no limit of its own.
+        self.size += len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
+        if self.size > limit:
+            raise ProtocolError(f"message larger than {limit} bytes", 413, close_code=1009)
         if not event.message_finished:
             self.parts.append(data)
             return
@@ -2460,12 +2461,7 @@ class _WsConn(asyncio.BufferedProtocol):
         elif isinstance(data, str):
             self._on_text(data)
         else:
-            self.close(1003, "binary frames are not accepted here")
-
-    def _utf8_size(self, last: str) -> int:
-        return sum(len(p.encode("utf-8", "surrogatepass")) for p in self.parts) + len(
-            last.encode("utf-8", "surrogatepass")
-        )
+            raise ProtocolError("binary frames are not accepted here", close_code=1003)
 
     def _on_ping(self, event: wsproto.events.Ping) -> None:
         if self.state is _WsState.OPEN:
