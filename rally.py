@@ -257,13 +257,15 @@ class ConnectionClosed(RallyError):
 
 
 class _Bad(Exception):
-    """Decoding or encoding failed; containers prepend their path segment."""
+    """Decoding or encoding failed; containers prepend their path segment.
+    ``code`` is ``invalid``, or ``too_large`` for a value over a limit."""
 
-    __slots__ = ("message", "segments")
+    __slots__ = ("message", "segments", "code")
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str = "invalid") -> None:
         self.message = message
         self.segments: list[str] = []
+        self.code = code
 
     def at(self, root: str) -> dict[str, str]:
         return {"path": root + "".join(reversed(self.segments)), "message": self.message}
@@ -447,7 +449,7 @@ class _Codecs:
             def dec_str(v: Any) -> str:
                 if type(v) is str:
                     if len(v) > max_chars:
-                        raise _Bad(f"string longer than {max_chars} characters")
+                        raise _Bad(f"string longer than {max_chars} characters", "too_large")
                     return v
                 raise _Bad(f"expected str, got {_kind(v)}")
 
@@ -553,7 +555,7 @@ class _Codecs:
             if type(v) is not str:
                 raise _Bad(f"expected base64 str, got {_kind(v)}")
             if len(v) > max_chars:
-                raise _Bad(f"string longer than {max_chars} characters")
+                raise _Bad(f"string longer than {max_chars} characters", "too_large")
             try:
                 return base64.b64decode(v, validate=True)
             except (binascii.Error, ValueError):
@@ -658,7 +660,7 @@ class _Codecs:
             if type(v) is not list:
                 raise _Bad(f"expected array, got {_kind(v)}")
             if len(v) > max_items:
-                raise _Bad(f"array longer than {max_items} items")
+                raise _Bad(f"array longer than {max_items} items", "too_large")
             i = 0
             try:
                 out = []
@@ -735,7 +737,7 @@ class _Codecs:
             out = {}
             for k, x in v.items():
                 if len(k) > max_chars:
-                    raise _Bad(f"key longer than {max_chars} characters")
+                    raise _Bad(f"key longer than {max_chars} characters", "too_large")
                 try:
                     out[k] = d(x)
                 except _Bad as bad:
@@ -892,6 +894,10 @@ def _short(value: Any) -> str:
 # JSON reading: strict UTF-8, no NaN/Infinity, no duplicate keys, limits.
 
 
+class _TooLarge(ValueError):
+    """A JSON object over the entries limit, raised from inside the parser."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
@@ -910,7 +916,7 @@ class _Json:
                 dup = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
                 raise ValueError(f"duplicate key {dup[:40]!r}")
             if len(obj) > max_entries:
-                raise ValueError(f"object with more than {max_entries} entries")
+                raise _TooLarge(f"object with more than {max_entries} entries")
             return obj
 
         self._decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_constant=_reject_constant)
@@ -929,14 +935,16 @@ class _Json:
             value = self._decoder.decode(text)
         except RecursionError:
             raise ContractError(
-                "invalid", [{"path": "", "message": f"JSON nested deeper than {self.max_depth}"}]
+                "too_large", [{"path": "", "message": f"JSON nested deeper than {self.max_depth}"}]
             ) from None
+        except _TooLarge as exc:
+            raise ContractError("too_large", [{"path": "", "message": str(exc)}]) from None
         except ValueError as exc:
             raise ContractError("invalid", [{"path": "", "message": f"bad JSON: {str(exc)[:120]}"}]) from None
         # A document cannot nest deeper than its number of brackets; only
         # bracket-heavy input pays for the walk.
         if text.count("[") + text.count("{") > self.max_depth and _depth_exceeds(value, self.max_depth):
-            raise ContractError("invalid", [{"path": "", "message": f"JSON nested deeper than {self.max_depth}"}])
+            raise ContractError("too_large", [{"path": "", "message": f"JSON nested deeper than {self.max_depth}"}])
         return value
 
 
@@ -1273,6 +1281,7 @@ class _Page:
     update_is_async: bool
     update_wants_context: bool
     to_server: _Codec | None
+    to_server_names: frozenset[str]
     to_client: _Codec | None
     to_client_types: tuple[type, ...]
 
@@ -1405,6 +1414,7 @@ class _Registry:
         init_ctx = view_ctx = None
         to_client_types: tuple[type, ...] = ()
         to_client = to_server = None
+        to_server_types: list[str] = []
         for fn_name, fn in (("view", view), ("server_init", init)):
             if fn is None:
                 continue
@@ -1447,6 +1457,7 @@ class _Registry:
                 )
             try:
                 to_server = self.codecs.message(members_)
+                to_server_types = [cls.__name__ for cls in members_]
             except _Unsupported as exc:
                 raise RegistrationError(f"{where}: parameter {ps[1]!r}: {exc}") from None
             types_u, codec_u = self._effect_type(hints, where, owner)
@@ -1474,6 +1485,7 @@ class _Registry:
             update_is_async=inspect.iscoroutinefunction(update),
             update_wants_context=update_ctx,
             to_server=to_server,
+            to_server_names=frozenset(to_server_types),
             to_client=to_client,
             to_client_types=to_client_types,
         )
@@ -1549,7 +1561,7 @@ class _Registry:
         try:
             arg = handler.decode(msg["fields"])
         except _Bad as bad:
-            return 400, _error_reply(msg_id, "invalid", [bad.at("msg.fields")])
+            return _ERROR_STATUS[bad.code], _error_reply(msg_id, bad.code, [bad.at("msg.fields")])
         args = (arg, ctx) if handler.wants_context else (arg,)
         if handler.is_async:
             return self._rpc_async(handler, msg_id, args)
@@ -2518,15 +2530,14 @@ class _WsConn(asyncio.BufferedProtocol):
             errors = [{"path": "", "message": f"page {page.route.pattern} has no server_update"}]
             self._reply(_error_reply(None, "not_stateful", errors))
             return
+        if msg["type"] not in page.to_server_names:
+            errors = [{"path": "msg.type", "message": f"page {page.route.pattern} takes no {msg['type'][:40]!r}"}]
+            self._reply(_error_reply(None, "unknown_type", errors))
+            return
         try:
             value = page.to_server.decode(msg)
         except _Bad as bad:
-            code = (
-                "unknown_type"
-                if bad.segments == [".type"] and msg["type"] not in page.to_server.name.split(" | ")
-                else "invalid"
-            )
-            self._reply(_error_reply(None, code, [bad.at("msg")]))
+            self._reply(_error_reply(None, bad.code, [bad.at("msg")]))
             return
         if self.ready and self.worker is None and not page.update_is_async:
             self._update_now(value)

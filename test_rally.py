@@ -354,8 +354,9 @@ def test_contract_tagged_union_rejects_unknown_type_name() -> None:
 def test_contract_limits_at_n_and_n_plus_one(limit: dict[str, int], value: Any, ok_value: Any) -> None:
     tp = str if isinstance(value, str) else list[int]
     assert codecs(**limit).get(tp).decode(ok_value) == ok_value
-    with pytest.raises(rally._Bad, match="longer than"):
+    with pytest.raises(rally._Bad, match="longer than") as info:
         codecs(**limit).get(tp).decode(value)
+    assert info.value.code == "too_large"
 
 
 def test_contract_encoder_checks_types() -> None:
@@ -399,15 +400,16 @@ def json_reader(**limits: Any) -> rally._Json:
 def test_json_reader_refuses_with_contract_error(data: bytes, message: str) -> None:
     with pytest.raises(rally.ContractError) as info:
         json_reader().loads(data)
-    assert info.value.code == "invalid"
+    assert info.value.code == ("too_large" if "deeper" in message else "invalid")
     assert message in info.value.errors[0]["message"]
 
 
 def test_json_reader_depth_at_limit_and_entries_limit() -> None:
     assert json_reader().loads(b"[" * 32 + b"]" * 32) is not None
     assert json_reader(max_object_entries=2).loads(b'{"a":1,"b":2}') == {"a": 1, "b": 2}
-    with pytest.raises(rally.ContractError, match="more than 2 entries"):
+    with pytest.raises(rally.ContractError, match="more than 2 entries") as info:
         json_reader(max_object_entries=2).loads(b'{"a":1,"b":2,"c":3}')
+    assert info.value.code == "too_large"
 
 
 def test_json_reader_keeps_proto_keys_as_data() -> None:
@@ -869,6 +871,15 @@ async def test_rpc_over_http_errors(body: bytes, status: int, code: str, path: s
         assert any(r.name == "rally" and r.levelno == logging.ERROR for r in caplog.records)
 
 
+async def test_rpc_over_http_too_large() -> None:
+    async with running(rpc_app(max_string_chars=10, max_body_bytes=300)) as server:
+        assert (await post_rpc(server, envelope("ServerLoadTitle", {"slug": "x" * 10})))[0] == 200
+        status, reply = await post_rpc(server, envelope("ServerLoadTitle", {"slug": "x" * 11}))
+        assert (status, reply["code"], reply["errors"][0]["path"]) == (413, "too_large", "msg.fields.slug")
+        status, reply = await post_rpc(server, envelope("ServerLoadTitle", {"slug": "x" * 300}))
+        assert (status, reply["code"]) == (413, "too_large")
+
+
 async def test_handler_exception_is_logged_with_traceback_on_rally_logger(caplog: Any) -> None:
     async with running(rpc_app()) as server:
         await post_rpc(server, envelope("Divide", {"a": 1, "b": 0}))
@@ -944,6 +955,22 @@ async def test_websocket_bad_message_gets_error_envelope_and_stays_open(frame: s
             assert (reply["kind"], reply["code"], reply["errors"][0]["path"]) == ("error", code, path)
             await ws.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
             assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["msg"]["type"] == "FavoriteToggled"
+
+
+async def test_websocket_too_large_value_is_an_error_and_too_large_message_closes_1009() -> None:
+    import websockets
+
+    async with running(article_app(max_string_chars=10, max_message_bytes=200)) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a") as ws:
+            await ws.send(json.dumps({"kind": "send", "msg": {"type": "AddComment", "fields": {"body": "x" * 11}}}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert (reply["code"], reply["errors"][0]["path"]) == ("too_large", "msg.fields.body")
+            await ws.send(json.dumps({"kind": "send", "msg": {"type": "AddComment", "fields": {"body": "ok"}}}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["msg"]["fields"] == {"body": "ok"}
+            await ws.send("x" * 201)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), WAIT)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
 
 async def test_websocket_send_on_page_without_update_is_not_stateful() -> None:
