@@ -1045,6 +1045,90 @@ def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
+def _unmask(mask: bytes, payload: bytes) -> bytes:
+    """XOR a client frame's payload with its 4-byte key (RFC 6455 section 5.3)."""
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def _read_text_frames(data: bytes) -> list[tuple[str, int]] | None:
+    """The messages of ``data`` if it is nothing but whole, final, masked text
+    frames of up to 64 KiB with no extension bits: what a browser sends for
+    every typed message. ``None`` for anything else, which wsproto then parses
+    (and judges, for a protocol error). Returns ``(text, payload bytes)``.
+
+    wsproto spends about 6 us on a small frame; this takes under one."""
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        if n - i < 6 or data[i] != 0x81 or data[i + 1] < 0x80:  # FIN + text, RSV 0; MASK set
+            return None
+        length = data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length = int.from_bytes(data[i : i + 2], "big")
+            i += 2
+            if length < 126:  # not minimal: wsproto refuses it
+                return None
+        elif length == 127:
+            return None
+        end = i + 4 + length
+        if end > n:
+            return None
+        try:
+            text = _unmask(data[i : i + 4], data[i + 4 : end]).decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # wsproto closes with 1007
+        out.append((text, length))
+        i = end
+    return out
+
+
+def _header_size(second_byte: int) -> int:
+    """Bytes of a frame header from its second byte: mask bit and length code."""
+    length = second_byte & 0x7F
+    return 2 + (4 if second_byte & 0x80 else 0) + (2 if length == 126 else 8 if length == 127 else 0)
+
+
+class _FrameTracker:
+    """Follows frame boundaries of the bytes given to wsproto, so the fast
+    path above is taken only while wsproto holds no partial frame and no
+    fragmented message."""
+
+    __slots__ = ("head", "remaining", "fragmented")
+
+    def __init__(self) -> None:
+        self.head = b""  # bytes of a frame header not complete yet
+        self.remaining = 0  # payload bytes of the current frame still to come
+        self.fragmented = False  # a data frame without FIN was seen
+
+    @property
+    def clean(self) -> bool:
+        return not self.head and not self.remaining and not self.fragmented
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self.remaining:
+                take = min(self.remaining, n - i)
+                self.remaining -= take
+                i += take
+                continue
+            head = self.head + data[i : i + 14]  # 14: the longest header
+            if len(head) < 2 or len(head) < _header_size(head[1]):
+                self.head = head
+                return
+            i += _header_size(head[1]) - len(self.head)
+            self.head = b""
+            length = head[1] & 0x7F
+            if length >= 126:
+                length = int.from_bytes(head[2 : 4 if length == 126 else 10], "big")
+            self.remaining = length
+            if head[0] & 0x0F < 0x8:  # a data frame: continuation, text or binary
+                self.fragmented = not head[0] & 0x80
+
+
 def _head_size(req: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
     """Bytes of a request head in canonical form: request line, header lines,
     blank line. h11 bounds only incomplete heads, so a whole head that arrives
@@ -2274,6 +2358,7 @@ class _WsConn(asyncio.BufferedProtocol):
         "write_paused",
         "paused",
         "socket",
+        "tracker",
     )
 
     def __init__(
@@ -2304,6 +2389,7 @@ class _WsConn(asyncio.BufferedProtocol):
         self.write_paused = False
         self.paused = False
         self.socket: WebSocket | None = None
+        self.tracker = _FrameTracker()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -2437,6 +2523,22 @@ class _WsConn(asyncio.BufferedProtocol):
         return False
 
     def _feed(self, data: bytes) -> None:
+        if self.tracker.clean:
+            messages = _read_text_frames(data)
+            if messages is not None:
+                try:
+                    for text, size in messages:
+                        if self.state is not _WsState.OPEN:
+                            return
+                        if size > self.srv.limits.max_message_bytes:
+                            raise ProtocolError(
+                                f"message larger than {self.srv.limits.max_message_bytes} bytes", 413, 1009
+                            )
+                        self._deliver(text)
+                except ProtocolError as exc:
+                    self.close(exc.close_code, str(exc))
+                return
+        self.tracker.feed(data)
         self.ws.receive_data(data)
         self._events()
 
@@ -2468,6 +2570,10 @@ class _WsConn(asyncio.BufferedProtocol):
             data = data[:0].join(self.parts)
             self.parts = []
         self.size = 0
+        self._deliver(data)
+
+    def _deliver(self, data: str | bytes) -> None:
+        """A whole message arrived."""
         if self.socket is not None:
             self.socket._deliver(data)
         elif isinstance(data, str):

@@ -19,6 +19,7 @@ import enum
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -425,6 +426,90 @@ def test_ws_frame_matches_wsproto_server_frames() -> None:
         payload = "x" * size
         assert rally._ws_frame(payload.encode()) == server.send(wsproto.events.TextMessage(data=payload))
     assert rally._ws_frame(b"\x00\x01", 0x2) == server.send(wsproto.events.BytesMessage(data=b"\x00\x01"))
+
+
+def client_frames() -> tuple[bytes, list[str | bytes]]:
+    """Frames a real wsproto client sends, and the messages they carry."""
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    out = b""
+    messages: list[str | bytes] = ["hi", "é" * 100, "x" * 300, "y" * 70_000, "abcd", b"\x00\x01", "", "€"]
+    for m in messages:
+        if m == "abcd":  # fragmented, with a ping between the fragments
+            out += client.send(wsproto.events.TextMessage(data="ab", message_finished=False))
+            out += client.send(wsproto.events.Ping(payload=b"p"))
+            out += client.send(wsproto.events.TextMessage(data="cd", message_finished=True))
+        elif isinstance(m, bytes):
+            out += client.send(wsproto.events.BytesMessage(data=m))
+        else:
+            out += client.send(wsproto.events.TextMessage(data=m))
+    return out, messages
+
+
+def test_frame_tracker_follows_boundaries_of_any_split() -> None:
+    data, _ = client_frames()
+    rng = random.Random(7)
+    for _ in range(200):
+        tracker = rally._FrameTracker()
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 12)))
+        for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            tracker.feed(data[a:b])
+        assert tracker.clean
+    tracker = rally._FrameTracker()
+    tracker.feed(data[:-1])
+    assert not tracker.clean
+
+
+def test_fast_text_frames_match_wsproto_and_refuse_the_rest() -> None:
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    texts = ["hi", "é" * 100, "x" * 300, "z" * 65535]
+    data = b"".join(client.send(wsproto.events.TextMessage(data=t)) for t in texts)
+    assert rally._read_text_frames(data) == [(t, len(t.encode())) for t in texts]
+    assert rally._read_text_frames(data[:-1]) is None  # a partial frame
+    assert rally._read_text_frames(client.send(wsproto.events.TextMessage(data="w" * 65536))) is None
+    assert rally._read_text_frames(client.send(wsproto.events.Ping(payload=b""))) is None
+    assert rally._read_text_frames(client.send(wsproto.events.TextMessage(data="a", message_finished=False))) is None
+    unmasked = rally._ws_frame(b"hi")
+    assert rally._read_text_frames(unmasked) is None
+    bad_utf8 = bytes((0x81, 0x82)) + b"\0\0\0\0" + b"\xc3\x28"
+    assert rally._read_text_frames(bad_utf8) is None
+
+
+async def test_websocket_messages_survive_any_split_of_the_byte_stream() -> None:
+    app = rally.App()
+
+    @app.websocket("/echo")
+    async def echo(ws: rally.WebSocket) -> None:
+        while True:
+            await ws.send(await ws.receive())
+
+    data, messages = client_frames()
+    handshake = (
+        b"GET /echo HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+    rng = random.Random(11)
+    async with running(app) as server:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(handshake)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            cuts = sorted(rng.sample(range(1, len(data)), 8))
+            for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                writer.write(data[a:b])
+                await writer.drain()
+            client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+            got: list[str | bytes] = []
+            partial: list[Any] = []
+            while len(got) < len(messages):
+                client.receive_data(await asyncio.wait_for(reader.read(65536), WAIT))
+                for event in client.events():
+                    if isinstance(event, wsproto.events.Message):
+                        partial.append(event.data)
+                        if event.message_finished:
+                            got.append(partial[0][:0].join(partial))
+                            partial = []
+            assert got == messages
+            writer.close()
 
 
 def test_ws_accept_matches_rfc_6455_example() -> None:
