@@ -3162,11 +3162,165 @@ class App:
 
 
 _CLIENT_JS: Final = r"""
-/* rally.py browser client */
+/* rally.py browser client: typed RPC, sends and pushes over one WebSocket. */
 (function () {
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
-  window.rally = { page: boot.page, params: boot.params };
+  var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000;
+  var CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
+  var socket = null, status = "connecting", attempt = 0, nextId = 1, stopped = false;
+  var queue = [];            // envelopes sent while disconnected, delivered on reconnect
+  var pending = new Map();   // rpc id -> {resolve, reject, timer, type, fields}
+  var handlers = new Map();  // push type -> Set of functions
+  var statusHandlers = new Set();
+
+  function setStatus(next) {
+    if (next === status) return;
+    status = next;
+    statusHandlers.forEach(function (fn) { fn(status); });
+  }
+
+  function protocolError(reply) {
+    var err = new Error("rally: " + reply.code + (reply.errors && reply.errors.length
+      ? " (" + reply.errors.map(function (e) { return (e.path ? e.path + ": " : "") + e.message; }).join("; ") + ")"
+      : ""));
+    err.code = reply.code;
+    err.errors = reply.errors || [];
+    return err;
+  }
+
+  function reloadOnce() {
+    // A redeployed server has other types: reload to get them, but never in a loop.
+    var key = "rally-reloaded-at", last = Number(sessionStorage.getItem(key) || 0);
+    if (Date.now() - last > 30000) {
+      sessionStorage.setItem(key, String(Date.now()));
+      location.reload();
+    } else {
+      console.error("rally: the server's contract differs from this page's; not reloading again");
+    }
+  }
+
+  function settle(reply) {
+    var call = pending.get(reply.id);
+    if (!call) return;
+    pending.delete(reply.id);
+    clearTimeout(call.timer);
+    if (reply.kind === "ok") call.resolve({ ok: true, value: reply.value });
+    else if (reply.kind === "err") call.resolve({ ok: false, error: reply.error });
+    else {
+      if (reply.code === "stale_contract") reloadOnce();
+      call.reject(protocolError(reply));
+    }
+  }
+
+  function onMessage(event) {
+    var reply;
+    try { reply = JSON.parse(event.data); } catch (e) { console.error("rally: bad frame", e); return; }
+    if (reply.kind === "push") {
+      var fns = handlers.get(reply.msg.type);
+      if (fns) fns.forEach(function (fn) { fn(reply.msg.fields, reply.msg.type); });
+    } else if (reply.id !== null && reply.id !== undefined) {
+      settle(reply);
+    } else if (reply.kind === "error") {
+      if (reply.code === "stale_contract") reloadOnce();
+      else console.error(protocolError(reply));
+    }
+  }
+
+  function connect() {
+    if (stopped) return;
+    setStatus("connecting");
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
+      "/_rally/ws?page=" + encodeURIComponent(boot.page) + "&contract=" + encodeURIComponent(boot.contract);
+    var ws = new WebSocket(url);
+    socket = ws;
+    ws.onopen = function () {
+      attempt = 0;
+      setStatus("open");
+      var waiting = queue;
+      queue = [];
+      waiting.forEach(function (text) { ws.send(text); });
+    };
+    ws.onmessage = onMessage;
+    ws.onclose = function (event) {
+      if (socket !== ws) return;
+      socket = null;
+      // RPCs in flight on this socket are retried over HTTP: the server may
+      // or may not have run them, as with any request whose answer was lost.
+      pending.forEach(function (call, id) {
+        pending.delete(id);
+        clearTimeout(call.timer);
+        httpRpc(call.type, call.fields).then(call.resolve, call.reject);
+      });
+      if (event.code === CLOSE_STALE) { stopped = true; setStatus("closed"); reloadOnce(); return; }
+      if (event.code === CLOSE_SESSION) { stopped = true; setStatus("closed"); return; }
+      setStatus("closed");
+      var delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * Math.pow(2, attempt++));
+      setTimeout(connect, delay * (0.5 + Math.random()));
+    };
+  }
+
+  function httpRpc(type, fields) {
+    var id = nextId++;
+    var controller = new AbortController();
+    var timer = setTimeout(function () { controller.abort(); }, RPC_TIMEOUT_MS);
+    return fetch("/_rally/rpc", {
+      method: "POST",
+      credentials: "same-origin",
+      signal: controller.signal,
+      headers: { "Content-Type": "application/json", "Rally-Contract": boot.contract, "Rally-Page": boot.page },
+      body: JSON.stringify({ kind: "rpc", id: id, msg: { type: type, fields: fields || {} } })
+    }).then(function (response) {
+      return response.json();
+    }).then(function (reply) {
+      clearTimeout(timer);
+      if (reply.kind === "ok") return { ok: true, value: reply.value };
+      if (reply.kind === "err") return { ok: false, error: reply.error };
+      if (reply.code === "stale_contract") reloadOnce();
+      throw protocolError(reply);
+    }, function (error) {
+      clearTimeout(timer);
+      throw error.name === "AbortError" ? new Error("rally: " + type + " timed out") : error;
+    });
+  }
+
+  function rpc(type, fields) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return httpRpc(type, fields);
+    var id = nextId++;
+    return new Promise(function (resolve, reject) {
+      var timer = setTimeout(function () {
+        pending.delete(id);
+        reject(new Error("rally: " + type + " timed out"));
+      }, RPC_TIMEOUT_MS);
+      pending.set(id, { resolve: resolve, reject: reject, timer: timer, type: type, fields: fields });
+      socket.send(JSON.stringify({ kind: "rpc", id: id, msg: { type: type, fields: fields || {} } }));
+    });
+  }
+
+  function send(type, fields) {
+    var text = JSON.stringify({ kind: "send", msg: { type: type, fields: fields || {} } });
+    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(text); return; }
+    if (queue.length >= MAX_QUEUE) {
+      queue.shift();
+      console.warn("rally: more than " + MAX_QUEUE + " sends while disconnected; dropped the oldest");
+    }
+    queue.push(text);
+  }
+
+  function on(type, fn) {
+    if (!handlers.has(type)) handlers.set(type, new Set());
+    handlers.get(type).add(fn);
+    return function () { handlers.get(type).delete(fn); };
+  }
+
+  function onStatus(fn) {
+    statusHandlers.add(fn);
+    fn(status);
+    return function () { statusHandlers.delete(fn); };
+  }
+
+  window.rally = { page: boot.page, params: boot.params, rpc: rpc, send: send, on: on, onStatus: onStatus };
+  connect();
 })();
 """
 _CLIENT_JS_BYTES: Final = _CLIENT_JS.encode("utf-8")

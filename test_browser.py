@@ -1,0 +1,198 @@
+"""Browser tests of the demo in real headless Chromium (Debian's chromium,
+driven by Python Playwright). Loopback only; every wait is Playwright's
+auto-waiting ``expect`` with a bound. Without chromium or Playwright the
+module is skipped with the reason; CI installs both.
+"""
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import demo
+import rally
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("browser tests need Debian's chromium (apt-get install -y chromium)", allow_module_level=True)
+try:
+    from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+except ImportError:
+    pytest.skip("browser tests need Playwright (pip install playwright)", allow_module_level=True)
+
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BOUND_MS = 10_000
+expect.set_options(timeout=BOUND_MS)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+class Tabs:
+    """Browser contexts (sessions) and their pages; collects JavaScript errors."""
+
+    def __init__(self, browser: Browser, base: str) -> None:
+        self.browser = browser
+        self.base = base
+        self.contexts: list[BrowserContext] = []
+        self.pages: list[Page] = []
+        self.errors: list[str] = []
+        self.allowed_console: tuple[str, ...] = ()
+
+    def session(self) -> BrowserContext:
+        context = self.browser.new_context()
+        self.contexts.append(context)
+        return context
+
+    def open(self, context: BrowserContext, path: str) -> Page:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(f"{path}: {exc}"))
+        page.on("console", lambda msg: self._console(path, msg))
+        page.goto(self.base + path)
+        expect(page.locator("#status")).to_have_text("open")
+        self.pages.append(page)
+        return page
+
+    def _console(self, path: str, msg: Any) -> None:
+        if msg.type == "error" and not any(a in msg.text for a in self.allowed_console):
+            self.errors.append(f"{path}: console: {msg.text}")
+
+
+@contextlib.contextmanager
+def tabs(browser: Browser, base: str, tmp_path: Path) -> Iterator[Tabs]:
+    """Tabs for one test: screenshots of every page if it fails, and no JavaScript errors."""
+    t = Tabs(browser, base)
+    try:
+        yield t
+    except BaseException:
+        for i, page in enumerate(t.pages):
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(tmp_path / f"failure-{i}.png"), full_page=True)
+        print(f"screenshots of the failure in {tmp_path}")
+        raise
+    finally:
+        for context in t.contexts:
+            context.close()
+    assert t.errors == []
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[rally.App, str]]:
+    app = demo.make_app(str(tmp_path / "demo.sqlite3"))
+    with app.run_in_thread(access_log=False) as server:
+        yield app, server.url
+
+
+def comment(page: Page, author: str, body: str) -> None:
+    page.fill("input[name=author]", author)
+    page.fill("textarea[name=body]", body)
+    page.click("#comment-form button")
+
+
+def test_comment_reaches_every_viewer_of_that_article_and_no_other(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    _, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        a1 = t.open(alice, "/articles/1")
+        b1 = t.open(bob, "/articles/1")
+        b1_again = t.open(bob, "/articles/1")
+        b2 = t.open(bob, "/articles/2")
+        expect(a1.locator("#title")).to_have_text("Typed RPC without a schema")
+        comment(a1, "Alice", "Hello from Alice")
+        for page in (a1, b1, b1_again):
+            expect(page.locator("#comments li")).to_have_text(["AliceHello from Alice"])
+        # Later pushes to b2 arrive after anything wrongly sent to it before.
+        comment(b2, "Bob", "Only on two")
+        expect(b2.locator("#comments li")).to_have_text(["BobOnly on two"])
+        expect(a1.locator("#comments li")).to_have_count(1)
+
+
+def test_session_notice_reaches_only_that_sessions_tabs(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    _, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        a1 = t.open(alice, "/articles/1")
+        a2 = t.open(alice, "/articles/3")
+        b1 = t.open(bob, "/articles/1")
+        a1.click("#fav")
+        for page in (a1, a2):
+            expect(page.locator("#notices")).to_contain_text("You favourited “Typed RPC without a schema”.")
+        expect(a1.locator("#fav")).to_have_text("★ Favourite")
+        # The page-wide count is sent after the session notice: once bob sees
+        # it, a notice wrongly sent to him would already be there.
+        expect(b1.locator("#favorites")).to_have_text("1")
+        assert b1.locator("#notices").inner_text() == ""  # now, not eventually: notices fade
+        expect(b1.locator("#fav")).to_have_text("☆ Favourite")
+
+
+def test_app_wide_announcement_and_outside_push_reach_everyone(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    app, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        pages = [t.open(alice, "/articles/1"), t.open(bob, "/articles/2"), t.open(bob, "/")]
+        pages[0].fill("#announce input", "Tea in five minutes")
+        pages[0].click("#announce button")
+        for page in pages:
+            expect(page.locator("#announcements li")).to_have_text(["Tea in five minutes"])
+        assert app.broadcast_to_app_threadsafe(demo.Tick("12:34:56")).result(5) == 3
+        for page in pages:
+            expect(page.locator("#clock")).to_have_text("12:34:56")
+
+
+def test_comment_form_shows_the_servers_validation_errors(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    _, url = served
+    with tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/articles/2")
+        comment(page, "", "x")
+        expect(page.locator("#author-error")).to_have_text("Please give a name.")
+        expect(page.locator("#body-error")).to_have_text("Say a little more (3 characters at least).")
+        comment(page, "Carol", "Now it is long enough")
+        expect(page.locator("#comments li")).to_have_text(["CarolNow it is long enough"])
+        expect(page.locator("#author-error")).to_have_text("")
+
+
+def test_page_reconnects_after_restart_and_delivers_what_was_sent_meanwhile(browser: Browser, tmp_path: Path) -> None:
+    db = str(tmp_path / "demo.sqlite3")
+    app = demo.make_app(db)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(app.run_in_thread(access_log=False))
+        port = server.port
+        with tabs(browser, server.url, tmp_path) as t:
+            # Chromium logs the refused reconnection attempts as console errors.
+            t.allowed_console = ("WebSocket connection to",)
+            page = t.open(t.session(), "/articles/1")
+            expect(page.locator("#connections")).to_have_text("1")
+            stack.close()  # the server stops: the page sees 1001 and starts reconnecting
+            expect(page.locator("#status")).not_to_have_text("open")
+            page.click("#fav")  # queued while disconnected
+            restarted = demo.make_app(db)
+            with restarted.run_in_thread(port=port, access_log=False):
+                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+                expect(page.locator("#connections")).to_have_text("2")  # server_init ran again
+                expect(page.locator("#favorites")).to_have_text("1")
+                expect(page.locator("#fav")).to_have_text("★ Favourite")
