@@ -175,8 +175,7 @@ CLOSE_STALE_CONTRACT: Final = 4000
 CLOSE_SESSION_CLOSED: Final = 4001
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Limits:
+class _Limits(typing.NamedTuple):
     """Every limit and time-out of one App, fixed when the App is made."""
 
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
@@ -362,7 +361,6 @@ Decoder = Callable[[Any], Any]
 Encoder = Callable[[Any], Any]
 
 
-@dataclasses.dataclass(slots=True)
 class _Codec:
     """Strict decoder and checked encoder of one annotation.
 
@@ -370,9 +368,12 @@ class _Codec:
     ``encode`` does the reverse. Both raise only ``_Bad``.
     """
 
-    name: str
-    decode: Decoder
-    encode: Encoder
+    __slots__ = ("name", "decode", "encode")
+
+    def __init__(self, name: str, decode: Decoder, encode: Encoder) -> None:
+        self.name = name
+        self.decode = decode
+        self.encode = encode
 
 
 class _Unsupported(Exception):
@@ -1304,8 +1305,7 @@ class _Peer(typing.Protocol):
 _Reply = tuple[int, bytes]
 
 
-@dataclasses.dataclass(slots=True)
-class _Handler:
+class _Handler(typing.NamedTuple):
     """One RPC handler of the table, its codecs built at registration."""
 
     name: str  # the message type name: the key of the table
@@ -1320,8 +1320,7 @@ class _Handler:
     qualname: str
 
 
-@dataclasses.dataclass(slots=True)
-class _Route:
+class _Route(typing.NamedTuple):
     """A page path pattern such as ``/articles/{id}``."""
 
     pattern: str
@@ -1350,8 +1349,7 @@ def _convert_int(s: str) -> int:
 _PARAM_CONVERTERS: Final[dict[Any, Callable[[str], Any]]] = {str: str, int: _convert_int, float: float}
 
 
-@dataclasses.dataclass(slots=True)
-class _Page:
+class _Page(typing.NamedTuple):
     """A page: its route, HTML, and the stateful handlers if any."""
 
     route: _Route
@@ -1374,8 +1372,7 @@ class _Page:
         return self.update is not None
 
 
-@dataclasses.dataclass(slots=True)
-class _RawRoute:
+class _RawRoute(typing.NamedTuple):
     path: str
     handler: Callable[[WebSocket], Awaitable[None]]
 
@@ -1994,26 +1991,29 @@ class _HttpConn(asyncio.BufferedProtocol):
             else:
                 self._close()
 
-    def _finish_cycle(self) -> None:
+    def _finish_cycle(self, keep_alive: bool) -> None:
         """After our response: start the next request, or close."""
         if self.state is _HttpState.CLOSED:
             return
-        if not self._keep_alive():
+        if not keep_alive:
             self._close()
             return
         # A fresh parser per request: it costs less than a microsecond, and the
         # old one hands over what the client already pipelined.
         pipelined, closed = self.h11.trailing_data
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.srv.limits.max_head_bytes)
-        if pipelined or closed:
-            self.h11.receive_data(pipelined)
-            if closed:
-                self.h11.receive_data(b"")
         self.request = None
         self.body = []
-        self.state = _HttpState.IDLE
-        self._arm(self.srv.limits.keepalive_timeout)
         self._resume()
+        if not pipelined and not closed:
+            self.state = _HttpState.IDLE
+            self._arm(self.srv.limits.keepalive_timeout)
+            return
+        self.state = _HttpState.HEAD
+        self._arm(self.srv.limits.header_timeout)
+        self.h11.receive_data(pipelined)
+        if closed:
+            self.h11.receive_data(b"")
         if not self.paused:
             self._process()
 
@@ -2032,9 +2032,10 @@ class _HttpConn(asyncio.BufferedProtocol):
             hs.append((b"set-cookie", _session_cookie(self.session_id, self.srv.app.secure_cookies)))
             self.new_session = False
         head = req is not None and req.method == b"HEAD"
-        self.transport.write(_http_response(status, body, content_type, hs, keep_alive=self._keep_alive(), head=head))
+        keep_alive = self._keep_alive()
+        self.transport.write(_http_response(status, body, content_type, hs, keep_alive=keep_alive, head=head))
         self._log(status)
-        self._finish_cycle()
+        self._finish_cycle(keep_alive)
 
     def _keep_alive(self) -> bool:
         """Whether this connection may carry another request after the answer."""
