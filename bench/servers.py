@@ -187,8 +187,8 @@ def run_raw(port: int) -> None:
                     if "sec-websocket-key" in headers:
                         key = headers["sec-websocket-key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
                         accept = base64.b64encode(hashlib.sha1(key).digest())
-                        self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
-                                     b"connection: Upgrade\r\nsec-websocket-accept: " + accept + b"\r\n\r\n")  # fmt: skip
+                        head = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                        self.t.write(head + b"sec-websocket-accept: " + accept + b"\r\n\r\n")
                         self.ws = True
                         self.buf = rest
                         conns.add(self.t)
