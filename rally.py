@@ -46,7 +46,6 @@ import binascii
 import collections
 import contextlib
 import dataclasses
-import datetime
 import enum
 import hashlib
 import inspect
@@ -162,6 +161,8 @@ DEFAULT_MAX_PENDING_MESSAGES: Final = 64
 
 #: Flow control: a transport pauses our writers above this many buffered bytes.
 _WRITE_HIGH_WATER: Final = 64 * 1024
+#: How long a refused request's remaining bytes are read before the socket closes.
+_LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
 _READ_BUFFER_BYTES: Final = 256 * 1024
 #: Largest integer JavaScript represents exactly (Number.MAX_SAFE_INTEGER).
@@ -277,35 +278,65 @@ E = TypeVar("E")
 M = TypeVar("M")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Ok(Generic[T]):
+class _Value:
+    """Equality, hash and repr over ``__match_args__``: a frozen dataclass
+    without the half millisecond of import time each dataclass costs."""
+
+    __slots__ = ()
+    __match_args__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Value) and type(other) is type(self) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={value!r}" for name, value in zip(self.__match_args__, self._fields(), strict=True))
+        return f"{type(self).__name__}({args})"
+
+
+class Ok(_Value, Generic[T]):
     """A successful RPC result; encoded with the T of ``Result[T, E]``."""
 
-    value: T
+    __slots__ = ("value",)
+    __match_args__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Error(Generic[E]):
+class Error(_Value, Generic[E]):
     """A failed RPC result the client should handle (a form error, say)."""
 
-    error: E
+    __slots__ = ("error",)
+    __match_args__ = ("error",)
+
+    def __init__(self, error: E) -> None:
+        self.error = error
 
 
 Result = Union[Ok[T], Error[E]]  # noqa: UP007 - a generic alias needs Union
 """``Result[T, E]``: the return annotation of an RPC handler."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Effect(Generic[M]):
+class Effect(_Value, Generic[M]):
     """What a stateful handler asks to be delivered after it returns.
 
     Build one with the functions of ``rally.effect``; ``Effect[ToClient]`` in
     an annotation names the push types of a page.
     """
 
-    scope: str  # "none", "client", "session", "page", "app" or "batch"
-    msg: Any = None
-    children: tuple[Effect[M], ...] = ()
+    __slots__ = ("scope", "msg", "children")
+    __match_args__ = ("scope", "msg", "children")
+
+    def __init__(self, scope: str, msg: Any = None, children: tuple[Effect[M], ...] = ()) -> None:
+        self.scope = scope  # "none", "client", "session", "page", "app" or "batch"
+        self.msg = msg
+        self.children = children
 
 
 class _EffectBuilders:
@@ -523,8 +554,9 @@ class _Codecs:
             return _Codec("None", dec_none, enc_none)
         if tp is bytes:
             return self._bytes()
-        if tp is datetime.datetime or tp is datetime.date:
-            return self._datetime(tp)
+        dt = sys.modules.get("datetime")  # an annotation can name it only once it is imported
+        if dt is not None and (tp is dt.datetime or tp is dt.date):
+            return self._datetime(tp, dt)
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             return self._enum(tp)
         if _is_dataclass_type(tp):
@@ -569,7 +601,7 @@ class _Codecs:
 
         return _Codec("bytes", dec, enc)
 
-    def _datetime(self, tp: type) -> _Codec:
+    def _datetime(self, tp: type, datetime: types.ModuleType) -> _Codec:
         is_datetime = tp is datetime.datetime
         name = "datetime" if is_datetime else "date"
 
@@ -590,9 +622,9 @@ class _Codecs:
 
         def enc(v: Any) -> str:
             if is_datetime and isinstance(v, datetime.datetime):
-                return v.isoformat()
+                return str(v.isoformat())
             if not is_datetime and isinstance(v, datetime.date) and not isinstance(v, datetime.datetime):
-                return v.isoformat()
+                return str(v.isoformat())
             raise _Bad(f"expected {name}, got {type(v).__name__}")
 
         return _Codec(name, dec, enc)
@@ -1768,7 +1800,11 @@ class _HttpState(enum.Enum):
     HEAD = "head"  # a request head is arriving
     BODY = "body"  # a request body is arriving
     BUSY = "busy"  # a handler is answering
+    DRAINING = "draining"  # refused and answered; the rest of the request is read and dropped
     CLOSED = "closed"
+
+
+_READING: Final = frozenset((_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY))
 
 
 class _HttpConn(asyncio.BufferedProtocol):
@@ -1791,6 +1827,7 @@ class _HttpConn(asyncio.BufferedProtocol):
         "new_session",
         "deadline",
         "headers",
+        "processing",
     )
 
     def __init__(self, srv: Server) -> None:
@@ -1802,6 +1839,7 @@ class _HttpConn(asyncio.BufferedProtocol):
         self.deadline = math.inf
         self.request: h11.Request | None = None
         self.headers: dict[bytes, bytes] = {}
+        self.processing = False
         self.body: list[bytes] = []
         self.body_size = 0
         self.client: tuple[str, int] | None = None
@@ -1832,6 +1870,8 @@ class _HttpConn(asyncio.BufferedProtocol):
         return self.srv.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.state is _HttpState.DRAINING:
+            return
         if self.state is _HttpState.IDLE:
             self.state = _HttpState.HEAD
             self._arm(self.srv.limits.header_timeout)
@@ -1839,8 +1879,9 @@ class _HttpConn(asyncio.BufferedProtocol):
         self._process()
 
     def eof_received(self) -> bool:
-        self.h11.receive_data(b"")
-        self._process()
+        if self.state is not _HttpState.DRAINING:
+            self.h11.receive_data(b"")
+            self._process()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1860,6 +1901,7 @@ class _HttpConn(asyncio.BufferedProtocol):
         self.write_paused = False
         if self.state is not _HttpState.BUSY:
             self._resume()
+            self._process()  # requests pipelined before the pause
 
     # -- the request cycle ----------------------------------------------------
 
@@ -1921,12 +1963,28 @@ class _HttpConn(asyncio.BufferedProtocol):
             else:
                 self.transport.write(_http_response(status, message.encode() + b"\n"))
             self._log(status)
+            if self.transport.can_write_eof():
+                # Closing with unread bytes makes the kernel send a reset that
+                # can destroy the answer in flight: half-close, and read the
+                # rest of what the client sends for a moment (as nginx does).
+                self.transport.write_eof()
+                self.state = _HttpState.DRAINING
+                self.write_paused = False
+                self._resume()
+                self._arm(_LINGER_S)
+                return
         self._close()
 
     def _process(self) -> None:
-        """Pull events from h11 until it needs data, pauses, or we are busy."""
+        """Pull events from h11 until it needs data, pauses, or we are busy.
+
+        One loop serves every pipelined request: an answer given inside it
+        starts the next cycle and returns here, so depth does not grow."""
+        if self.processing:
+            return
+        self.processing = True
         try:
-            while self.state in (_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY):
+            while self.state in _READING and not self.write_paused:
                 event = self.h11.next_event()
                 if event is h11.NEED_DATA:
                     return
@@ -1951,6 +2009,8 @@ class _HttpConn(asyncio.BufferedProtocol):
             self._fail(status, "request head too large" if status == 431 else f"bad request: {exc}")
         except ProtocolError as exc:
             self._fail(exc.status, str(exc))
+        finally:
+            self.processing = False
 
     def _on_request(self, req: h11.Request) -> None:
         """Check a request head; raises ProtocolError for one we refuse."""
@@ -2472,11 +2532,14 @@ class _WsConn(asyncio.BufferedProtocol):
     # -- writing --------------------------------------------------------------
 
     def write_frame(self, frame: bytes) -> None:
+        """Write a data frame while the connection is open."""
+        if self.state is _WsState.OPEN:
+            self._write(frame)
+
+    def _write(self, data: bytes) -> None:
         """The one place bytes leave: a slow consumer past the bound is dropped."""
-        if self.state is not _WsState.OPEN:
-            return
         transport = self.transport
-        transport.write(frame)
+        transport.write(data)
         if self.write_paused and transport.get_write_buffer_size() > self.srv.limits.max_outgoing_bytes:
             logger.info(
                 "dropping slow WebSocket %s: more than %d bytes unsent",
@@ -2488,9 +2551,10 @@ class _WsConn(asyncio.BufferedProtocol):
             transport.abort()
 
     def _send(self, event: wsproto.events.Event) -> None:
+        """Send a control frame (ping, pong, close) through wsproto."""
         data = self.ws.send(event)
-        if data:
-            self.transport.write(data)
+        if data and self.state is not _WsState.CLOSED:
+            self._write(data)
 
     def pause_writing(self) -> None:
         self.write_paused = True
