@@ -3233,7 +3233,7 @@ _CLIENT_JS: Final = r"""
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000;
   var CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
-  var socket = null, status = "connecting", attempt = 0, nextId = 1, stopped = false;
+  var socket = null, status = "connecting", attempt = 0, nextId = 1, stopped = false, staleSeen = false;
   var queue = [];            // envelopes sent while disconnected, delivered on reconnect
   var pending = new Map();   // rpc id -> {resolve, reject, timer, type, fields}
   var handlers = new Map();  // push type -> Set of functions
@@ -3256,6 +3256,8 @@ _CLIENT_JS: Final = r"""
 
   function reloadOnce() {
     // A redeployed server has other types: reload to get them, but never in a loop.
+    if (staleSeen) return;  // the error envelope and the close code both say it
+    staleSeen = true;
     var key = "rally-reloaded-at", last = Number(sessionStorage.getItem(key) || 0);
     if (Date.now() - last > 30000) {
       sessionStorage.setItem(key, String(Date.now()));

@@ -5,6 +5,7 @@ module is skipped with the reason; CI installs both.
 """
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -160,6 +161,10 @@ def test_app_wide_announcement_and_outside_push_reach_everyone(
         assert app.broadcast_to_app_threadsafe(demo.Tick("12:34:56")).result(5) == 3
         for page in pages:
             expect(page.locator("#clock")).to_have_text("12:34:56")
+        # A push type a page has no handler for (the home page and FavoriteCount)
+        # is ignored without an error; the article pages show it.
+        assert app.broadcast_to_app_threadsafe(demo.FavoriteCount(7)).result(5) == 3
+        expect(pages[0].locator("#favorites")).to_have_text("7")
 
 
 def test_comment_form_shows_the_servers_validation_errors(
@@ -196,3 +201,36 @@ def test_page_reconnects_after_restart_and_delivers_what_was_sent_meanwhile(brow
                 expect(page.locator("#connections")).to_have_text("2")  # server_init ran again
                 expect(page.locator("#favorites")).to_have_text("1")
                 expect(page.locator("#fav")).to_have_text("★ Favourite")
+
+
+def test_stale_contract_reloads_the_page_once(browser: Browser, tmp_path: Path) -> None:
+    db = str(tmp_path / "demo.sqlite3")
+    app = demo.make_app(db)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(app.run_in_thread(access_log=False))
+        port = server.port
+        with tabs(browser, server.url, tmp_path) as t:
+            t.allowed_console = ("WebSocket connection to",)
+            page = t.open(t.session(), "/articles/1")
+            loads: list[str] = []
+            page.on("load", lambda p: loads.append(p.url))
+            stack.close()
+            expect(page.locator("#status")).not_to_have_text("open")
+            redeployed = demo.make_app(db)
+
+            @redeployed.rpc
+            def server_version(msg: Version) -> str:  # a new message type: another contract
+                return "2"
+
+            assert redeployed.contract["hash"] != app.contract["hash"]
+            with redeployed.run_in_thread(port=port, access_log=False):
+                # The old page is refused with stale_contract and reloads into the new one.
+                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+                assert loads == [page.url]
+                result = page.evaluate("rally.rpc('Version', {})")
+                assert result == {"ok": True, "value": "2"}
+
+
+@dataclasses.dataclass
+class Version:
+    pass
