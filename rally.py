@@ -94,6 +94,9 @@ __all__ = [
     "RegistrationError",
     "RemoteError",
     "ConnectionClosed",
+    "CLOSE_STALE_CONTRACT",
+    "CLOSE_SESSION_CLOSED",
+    "main",
     "DEFAULT_MAX_HEAD_BYTES",
     "DEFAULT_MAX_HEADERS",
     "DEFAULT_MAX_BODY_BYTES",
@@ -115,8 +118,8 @@ __all__ = [
     "DEFAULT_MAX_PENDING_MESSAGES",
 ]
 
-logger: Final = logging.getLogger("rally")
-access_logger: Final = logging.getLogger("rally.access")
+_logger: Final = logging.getLogger("rally")
+_access_logger: Final = logging.getLogger("rally.access")
 
 # ==== Defaults and limits ===================================================
 
@@ -273,9 +276,9 @@ class _Bad(Exception):
 
 # ==== Contract: Python types <-> JSON (pure) ================================
 
-T = TypeVar("T")
-E = TypeVar("E")
-M = TypeVar("M")
+_T = TypeVar("_T")
+_E = TypeVar("_E")
+_M = TypeVar("_M")
 
 
 class _Value:
@@ -299,31 +302,31 @@ class _Value:
         return f"{type(self).__name__}({args})"
 
 
-class Ok(_Value, Generic[T]):
+class Ok(_Value, Generic[_T]):
     """A successful RPC result; encoded with the T of ``Result[T, E]``."""
 
     __slots__ = ("value",)
     __match_args__ = ("value",)
 
-    def __init__(self, value: T) -> None:
+    def __init__(self, value: _T) -> None:
         self.value = value
 
 
-class Error(_Value, Generic[E]):
+class Error(_Value, Generic[_E]):
     """A failed RPC result the client should handle (a form error, say)."""
 
     __slots__ = ("error",)
     __match_args__ = ("error",)
 
-    def __init__(self, error: E) -> None:
+    def __init__(self, error: _E) -> None:
         self.error = error
 
 
-Result = Union[Ok[T], Error[E]]  # noqa: UP007 - a generic alias needs Union
+Result = Union[Ok[_T], Error[_E]]  # noqa: UP007 - a generic alias needs Union
 """``Result[T, E]``: the return annotation of an RPC handler."""
 
 
-class Effect(_Value, Generic[M]):
+class Effect(_Value, Generic[_M]):
     """What a stateful handler asks to be delivered after it returns.
 
     Build one with the functions of ``rally.effect``; ``Effect[ToClient]`` in
@@ -333,7 +336,7 @@ class Effect(_Value, Generic[M]):
     __slots__ = ("scope", "msg", "children")
     __match_args__ = ("scope", "msg", "children")
 
-    def __init__(self, scope: str, msg: Any = None, children: tuple[Effect[M], ...] = ()) -> None:
+    def __init__(self, scope: str, msg: Any = None, children: tuple[Effect[_M], ...] = ()) -> None:
         self.scope = scope  # "none", "client", "session", "page", "app" or "batch"
         self.msg = msg
         self.children = children
@@ -348,27 +351,27 @@ class _EffectBuilders:
         return _NO_EFFECT
 
     @staticmethod
-    def send_to_client(msg: M) -> Effect[M]:
+    def send_to_client(msg: _M) -> Effect[_M]:
         """Deliver ``msg`` to this connection only."""
         return Effect("client", msg)
 
     @staticmethod
-    def broadcast_to_session(msg: M) -> Effect[M]:
+    def broadcast_to_session(msg: _M) -> Effect[_M]:
         """Deliver ``msg`` to every connection of this browser session (every tab)."""
         return Effect("session", msg)
 
     @staticmethod
-    def broadcast_to_page(msg: M) -> Effect[M]:
+    def broadcast_to_page(msg: _M) -> Effect[_M]:
         """Deliver ``msg`` to every connection on the same page path."""
         return Effect("page", msg)
 
     @staticmethod
-    def broadcast_to_app(msg: M) -> Effect[M]:
+    def broadcast_to_app(msg: _M) -> Effect[_M]:
         """Deliver ``msg`` to every connection of the app."""
         return Effect("app", msg)
 
     @staticmethod
-    def batch(*effects: Effect[M]) -> Effect[M]:
+    def batch(*effects: Effect[_M]) -> Effect[_M]:
         """Run ``effects`` in order."""
         return Effect("batch", None, tuple(effects))
 
@@ -388,8 +391,8 @@ def _kind(value: object) -> str:
     )
 
 
-Decoder = Callable[[Any], Any]
-Encoder = Callable[[Any], Any]
+_Decoder = Callable[[Any], Any]
+_Encoder = Callable[[Any], Any]
 
 
 class _Codec:
@@ -401,7 +404,7 @@ class _Codec:
 
     __slots__ = ("name", "decode", "encode")
 
-    def __init__(self, name: str, decode: Decoder, encode: Encoder) -> None:
+    def __init__(self, name: str, decode: _Decoder, encode: _Encoder) -> None:
         self.name = name
         self.decode = decode
         self.encode = encode
@@ -1344,9 +1347,9 @@ class _Handler(typing.NamedTuple):
     fn: Callable[..., Any]
     is_async: bool
     wants_context: bool
-    decode: Decoder  # the message's fields object -> dataclass
-    ok_encode: Encoder
-    err_encode: Encoder | None  # None: the handler returns T, not Result
+    decode: _Decoder  # the message's fields object -> dataclass
+    ok_encode: _Encoder
+    err_encode: _Encoder | None  # None: the handler returns T, not Result
     result_name: str
     error_name: str | None
     qualname: str
@@ -1433,7 +1436,7 @@ class _Registry:
         self.pages: list[_Page] = []
         self.raw_routes: dict[str, _RawRoute] = {}
         self.static: list[tuple[str, str]] = []
-        self.push_encoders: dict[type, Encoder] = {}
+        self.push_encoders: dict[type, _Encoder] = {}
         self.topics: dict[str, set[_Peer]] = {}
         self._contract: tuple[bytes, str] | None = None
 
@@ -1681,7 +1684,7 @@ class _Registry:
         try:
             result = handler.fn(*args)
         except Exception:
-            logger.exception("RPC handler %s raised (message %s)", handler.qualname, handler.name)
+            _logger.exception("RPC handler %s raised (message %s)", handler.qualname, handler.name)
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
         return self._result(handler, msg_id, result)
 
@@ -1689,7 +1692,7 @@ class _Registry:
         try:
             result = await asyncio.wait_for(handler.fn(*args), self.limits.handler_timeout)
         except asyncio.TimeoutError:
-            logger.error(
+            _logger.error(
                 "RPC handler %s timed out after %s s (message %s)",
                 handler.qualname,
                 self.limits.handler_timeout,
@@ -1697,7 +1700,7 @@ class _Registry:
             )
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
         except Exception:
-            logger.exception("RPC handler %s raised (message %s)", handler.qualname, handler.name)
+            _logger.exception("RPC handler %s raised (message %s)", handler.qualname, handler.name)
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
         return self._result(handler, msg_id, result)
 
@@ -1711,7 +1714,7 @@ class _Registry:
                 return 200, _err_reply(msg_id, handler.err_encode(result.error))
             raise _Bad(f"expected Ok or Error, got {type(result).__name__}")
         except _Bad as bad:
-            logger.error(
+            _logger.error(
                 "RPC handler %s returned a value that breaks its annotation Result[%s, %s]: %s",
                 handler.qualname,
                 handler.result_name,
@@ -1734,7 +1737,7 @@ class _Registry:
                 if not members:
                     del self.topics[t]
 
-    def push_frame(self, msg: Any, encode: Encoder | None = None) -> bytes:
+    def push_frame(self, msg: Any, encode: _Encoder | None = None) -> bytes:
         """Encode and frame one push, once, for any number of recipients."""
         enc = encode or self.push_encoders.get(type(msg))
         if enc is None:
@@ -2045,7 +2048,7 @@ class _HttpConn(asyncio.BufferedProtocol):
         try:
             self._route(req)
         except Exception:
-            logger.exception("unexpected error answering %s %s", req.method, req.target[:200])
+            _logger.exception("unexpected error answering %s %s", req.method, req.target[:200])
             if self.state is _HttpState.BUSY:
                 self._respond(500, b"internal server error\n")
             else:
@@ -2109,13 +2112,13 @@ class _HttpConn(asyncio.BufferedProtocol):
         )
 
     def _log(self, status: int) -> None:
-        if self.srv.access_log and access_logger.isEnabledFor(logging.INFO):
+        if self.srv.access_log and _access_logger.isEnabledFor(logging.INFO):
             req = self.request
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
             if req is None:
-                access_logger.info('%s - "-" %d', client, status)
+                _access_logger.info('%s - "-" %d', client, status)
             else:
-                access_logger.info(
+                _access_logger.info(
                     '%s - "%s %s HTTP/%s" %d',
                     client,
                     req.method.decode("latin-1"),
@@ -2141,7 +2144,7 @@ class _HttpConn(asyncio.BufferedProtocol):
         host = self._header(b"host")
         if _origin_allowed(origin, host, self.srv.app.allowed_origins):
             return True
-        logger.warning(
+        _logger.warning(
             "refused cross-origin request from %s: Origin %r, expected http(s)://%s or one of allowed_origins %s",
             self.client[0] if self.client else "-",
             origin,
@@ -2264,7 +2267,7 @@ class _HttpConn(asyncio.BufferedProtocol):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("%s raised", what)
+                _logger.exception("%s raised", what)
                 self.task = None
                 self._respond(500, b"internal server error\n")
                 return
@@ -2520,7 +2523,7 @@ class _WsConn(asyncio.BufferedProtocol):
         if self.state is not _WsState.OPEN:
             return
         if self.awaiting_pong:
-            logger.info(
+            _logger.info(
                 "closing WebSocket %s: no pong within %s s", self.ctx.connection_id, self.srv.limits.pong_timeout
             )
             self.close(1011, "keepalive ping timeout")
@@ -2541,7 +2544,7 @@ class _WsConn(asyncio.BufferedProtocol):
         transport = self.transport
         transport.write(data)
         if self.write_paused and transport.get_write_buffer_size() > self.srv.limits.max_outgoing_bytes:
-            logger.info(
+            _logger.info(
                 "dropping slow WebSocket %s: more than %d bytes unsent",
                 self.ctx.connection_id,
                 self.srv.limits.max_outgoing_bytes,
@@ -2741,7 +2744,7 @@ class _WsConn(asyncio.BufferedProtocol):
         try:
             result = page.init(**kwargs)
         except Exception:
-            logger.exception("server_init of page %s raised (page %s)", page.name, self.ctx.page)
+            _logger.exception("server_init of page %s raised (page %s)", page.name, self.ctx.page)
             self._internal_close()
             return
         self._accept_init(result)
@@ -2751,7 +2754,7 @@ class _WsConn(asyncio.BufferedProtocol):
             result = await asyncio.wait_for(coro, self.srv.limits.handler_timeout)
         except Exception:
             assert self.page is not None
-            logger.exception("server_init of page %s failed (page %s)", self.page.name, self.ctx.page)
+            _logger.exception("server_init of page %s failed (page %s)", self.page.name, self.ctx.page)
             self.worker = None
             self._internal_close()
             return
@@ -2785,7 +2788,7 @@ class _WsConn(asyncio.BufferedProtocol):
             self.srv.registry.run_effect(eff, self, self.topics, page)
             return True
         except _Bad as bad:
-            logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
+            _logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
             return False
 
     def _update_now(self, value: Any) -> None:
@@ -2795,7 +2798,7 @@ class _WsConn(asyncio.BufferedProtocol):
         try:
             result = page.update(*args)
         except Exception:
-            logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
+            _logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
             self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
             return
         if not self._apply(result, "server_update"):
@@ -2819,7 +2822,7 @@ class _WsConn(asyncio.BufferedProtocol):
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
+                    _logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
                     self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
                     continue
                 if not self._apply(result, "server_update"):
@@ -2836,7 +2839,7 @@ class _WsConn(asyncio.BufferedProtocol):
         except ConnectionClosed:
             pass
         except Exception:
-            logger.exception("WebSocket handler for %s raised", self.raw.path)
+            _logger.exception("WebSocket handler for %s raised", self.raw.path)
             self.close(1011, "internal error")
             return
         self.close(1000)
@@ -3118,7 +3121,7 @@ class App:
         await server._listen(host, port, sock)
         self._loop = server.loop
         self._servers.append(server)
-        logger.info("rally.py serving on %s", server.url)
+        _logger.info("rally.py serving on %s", server.url)
         return server
 
     async def serve(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True) -> None:
@@ -3131,7 +3134,7 @@ class App:
 
     def run(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True) -> None:
         """Serve until SIGINT or SIGTERM, then shut down gracefully; blocks."""
-        if not logging.getLogger().handlers and not logger.handlers:
+        if not logging.getLogger().handlers and not _logger.handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
         async def main() -> None:
@@ -3142,7 +3145,7 @@ class App:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
-            logger.info("shutting down")
+            _logger.info("shutting down")
             await server.close()
 
         asyncio.run(main())
@@ -3203,7 +3206,7 @@ class App:
                 peer.close(CLOSE_SESSION_CLOSED, "session closed")
         return len(members)
 
-    def _threadsafe(self, coro: Awaitable[T]) -> _ThreadFuture[T]:
+    def _threadsafe(self, coro: Awaitable[_T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
             coro.close()  # type: ignore[attr-defined]
             raise RuntimeError("the app is not serving: start it before pushing from a thread")
