@@ -2470,7 +2470,7 @@ class _WsConn(asyncio.BufferedProtocol):
         self._arm(srv.limits.ping_interval, self._ping)
         if self.raw is not None:
             self.socket = WebSocket(self)
-            self._spawn(self._run_raw(), "raw WebSocket handler")
+            self._spawn(self._run_raw())
         else:
             srv.registry.join(self, self.topics)
             self._init()
@@ -2679,7 +2679,7 @@ class _WsConn(asyncio.BufferedProtocol):
     def _reply(self, body: bytes) -> None:
         self.write_frame(_ws_frame(body))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = self.srv.loop.create_task(coro)
         if self.tasks is None:
             self.tasks = set()
@@ -2699,7 +2699,7 @@ class _WsConn(asyncio.BufferedProtocol):
             if isinstance(reply, tuple):
                 self._reply(reply[1])
             else:
-                self._spawn(self._rpc_async(reply), "RPC")
+                self._spawn(self._rpc_async(reply))
             return
         page = self.page
         assert page is not None
