@@ -2980,8 +2980,6 @@ class Server:
             conn.connection_lost(None)
         if self._server is not None:
             await self._server.wait_closed()
-        if self in self.app._servers:
-            self.app._servers.remove(self)
         self._closed.set()
 
     def forget(self, conn: _HttpConn | _WsConn) -> None:
@@ -3063,7 +3061,6 @@ class App:
         self.secure_cookies = secure_cookies
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._servers: list[Server] = []
 
     # -- registration ---------------------------------------------------------
 
@@ -3120,7 +3117,6 @@ class App:
         server = Server(self, access_log)
         await server._listen(host, port, sock)
         self._loop = server.loop
-        self._servers.append(server)
         _logger.info("rally.py serving on %s", server.url)
         return server
 
@@ -3206,11 +3202,11 @@ class App:
                 peer.close(CLOSE_SESSION_CLOSED, "session closed")
         return len(members)
 
-    def _threadsafe(self, coro: Awaitable[_T]) -> _ThreadFuture[_T]:
+    def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
-            coro.close()  # type: ignore[attr-defined]
+            coro.close()
             raise RuntimeError("the app is not serving: start it before pushing from a thread")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def broadcast_to_app_threadsafe(self, msg: Any) -> _ThreadFuture[int]:
         """``broadcast_to_app`` from any thread; returns a concurrent Future."""
