@@ -3111,9 +3111,9 @@ class App:
     # -- serving --------------------------------------------------------------
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True, sock: Any = None
+        self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True, sock: Any = None
     ) -> Server:
-        """Start serving in the running loop and return at once."""
+        """Start serving in the running loop and return at once; port 0 picks a free one."""
         server = Server(self, access_log)
         await server._listen(host, port, sock)
         self._loop = server.loop
