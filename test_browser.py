@@ -181,12 +181,14 @@ def test_comment_form_shows_the_servers_validation_errors(
         expect(page.locator("#author-error")).to_have_text("")
 
 
-def test_page_reconnects_after_restart_and_delivers_what_was_sent_meanwhile(browser: Browser, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def page_whose_server_stopped(browser: Browser, tmp_path: Path) -> Iterator[tuple[Page, int, str, rally.App]]:
+    """An article page whose server has just stopped: the page is reconnecting.
+    Yields the page, the port and database to restart on, and the old app."""
     db = str(tmp_path / "demo.sqlite3")
     app = demo.make_app(db)
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(app.run_in_thread(access_log=False))
-        port = server.port
         with tabs(browser, server.url, tmp_path) as t:
             # Chromium logs the refused reconnection attempts as console errors.
             t.allowed_console = ("WebSocket connection to",)
@@ -194,41 +196,35 @@ def test_page_reconnects_after_restart_and_delivers_what_was_sent_meanwhile(brow
             expect(page.locator("#connections")).to_have_text("1")
             stack.close()  # the server stops: the page sees 1001 and starts reconnecting
             expect(page.locator("#status")).not_to_have_text("open")
-            page.click("#fav")  # queued while disconnected
-            restarted = demo.make_app(db)
-            with restarted.run_in_thread(port=port, access_log=False):
-                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
-                expect(page.locator("#connections")).to_have_text("2")  # server_init ran again
-                expect(page.locator("#favorites")).to_have_text("1")
-                expect(page.locator("#fav")).to_have_text("★ Favourite")
+            yield page, server.port, db, app
+
+
+def test_page_reconnects_after_restart_and_delivers_what_was_sent_meanwhile(browser: Browser, tmp_path: Path) -> None:
+    with page_whose_server_stopped(browser, tmp_path) as (page, port, db, _):
+        page.click("#fav")  # queued while disconnected
+        with demo.make_app(db).run_in_thread(port=port, access_log=False):
+            expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+            expect(page.locator("#connections")).to_have_text("2")  # server_init ran again
+            expect(page.locator("#favorites")).to_have_text("1")
+            expect(page.locator("#fav")).to_have_text("★ Favourite")
 
 
 def test_stale_contract_reloads_the_page_once(browser: Browser, tmp_path: Path) -> None:
-    db = str(tmp_path / "demo.sqlite3")
-    app = demo.make_app(db)
-    with contextlib.ExitStack() as stack:
-        server = stack.enter_context(app.run_in_thread(access_log=False))
-        port = server.port
-        with tabs(browser, server.url, tmp_path) as t:
-            t.allowed_console = ("WebSocket connection to",)
-            page = t.open(t.session(), "/articles/1")
-            loads: list[str] = []
-            page.on("load", lambda p: loads.append(p.url))
-            stack.close()
-            expect(page.locator("#status")).not_to_have_text("open")
-            redeployed = demo.make_app(db)
+    with page_whose_server_stopped(browser, tmp_path) as (page, port, db, old):
+        loads: list[str] = []
+        page.on("load", lambda p: loads.append(p.url))
+        redeployed = demo.make_app(db)
 
-            @redeployed.rpc
-            def server_version(msg: Version) -> str:  # a new message type: another contract
-                return "2"
+        @redeployed.rpc
+        def server_version(msg: Version) -> str:  # a new message type: another contract
+            return "2"
 
-            assert redeployed.contract["hash"] != app.contract["hash"]
-            with redeployed.run_in_thread(port=port, access_log=False):
-                # The old page is refused with stale_contract and reloads into the new one.
-                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
-                assert loads == [page.url]
-                result = page.evaluate("rally.rpc('Version', {})")
-                assert result == {"ok": True, "value": "2"}
+        assert redeployed.contract["hash"] != old.contract["hash"]
+        with redeployed.run_in_thread(port=port, access_log=False):
+            # The old page is refused with stale_contract and reloads into the new one.
+            expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+            assert loads == [page.url]
+            assert page.evaluate("rally.rpc('Version', {})") == {"ok": True, "value": "2"}
 
 
 @dataclasses.dataclass
