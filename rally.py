@@ -1348,10 +1348,8 @@ class _Handler(typing.NamedTuple):
     is_async: bool
     wants_context: bool
     decode: _Decoder  # the message's fields object -> dataclass
-    ok_encode: _Encoder
-    err_encode: _Encoder | None  # None: the handler returns T, not Result
-    result_name: str
-    error_name: str | None
+    ok: _Codec  # of T in Result[T, E]
+    err: _Codec | None  # of E; None: the handler returns a plain T
     qualname: str
 
 
@@ -1496,10 +1494,8 @@ class _Registry:
             is_async=inspect.iscoroutinefunction(fn),
             wants_context=ctx is not None,
             decode=msg_codec.decode,
-            ok_encode=ok.encode,
-            err_encode=err.encode if err else None,
-            result_name=ok.name,
-            error_name=err.name if err else None,
+            ok=ok,
+            err=err,
             qualname=where,
         )
         self.rpcs[name] = handler
@@ -1642,7 +1638,10 @@ class _Registry:
         if self._contract is None:
             doc: dict[str, Any] = {
                 "types": dict(sorted(self.codecs.types.items())),
-                "rpc": {n: {"result": h.result_name, "error": h.error_name} for n, h in sorted(self.rpcs.items())},
+                "rpc": {
+                    n: {"result": h.ok.name, "error": h.err.name if h.err else None}
+                    for n, h in sorted(self.rpcs.items())
+                },
                 "pages": {
                     p.route.pattern: {
                         "params": {k: _PARAM_NAMES[c] for k, c in p.route.converters.items()},
@@ -1706,19 +1705,19 @@ class _Registry:
 
     def _result(self, handler: _Handler, msg_id: Any, result: Any) -> _Reply:
         try:
-            if handler.err_encode is None:
-                return 200, _ok_reply(msg_id, handler.ok_encode(result))
+            if handler.err is None:
+                return 200, _ok_reply(msg_id, handler.ok.encode(result))
             if isinstance(result, Ok):
-                return 200, _ok_reply(msg_id, handler.ok_encode(result.value))
+                return 200, _ok_reply(msg_id, handler.ok.encode(result.value))
             if isinstance(result, Error):
-                return 200, _err_reply(msg_id, handler.err_encode(result.error))
+                return 200, _err_reply(msg_id, handler.err.encode(result.error))
             raise _Bad(f"expected Ok or Error, got {type(result).__name__}")
         except _Bad as bad:
             _logger.error(
                 "RPC handler %s returned a value that breaks its annotation Result[%s, %s]: %s",
                 handler.qualname,
-                handler.result_name,
-                handler.error_name,
+                handler.ok.name,
+                handler.err.name if handler.err else None,
                 bad.at("result")["path"] + ": " + bad.message,
             )
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
@@ -3548,11 +3547,8 @@ class Client:
         raise RemoteError("invalid", [{"path": "kind", "message": f"unexpected reply {_short(kind)}"}], status)
 
     def _typed(self, handler: _Handler | None, ok: bool, value: Any) -> Any:
-        if handler is None:
-            return value
-        hints = typing.get_type_hints(handler.fn)
-        ok_type, err_type = _result_types(hints["return"])
-        return self._codecs.get(ok_type if ok else err_type).decode(value)
+        codec = None if handler is None else handler.ok if ok else handler.err
+        return value if codec is None else codec.decode(value)
 
     def page(self, path: str) -> PageConnection:
         """``async with client.page(path) as page``: the page's WebSocket."""
