@@ -3621,6 +3621,7 @@ class PageConnection:
                     raise RemoteError("invalid", [{"path": "", "message": "bad Sec-WebSocket-Accept"}], 101)
                 break
             if isinstance(event, h11.Response):
+                status = event.status_code
                 body = b""
                 while not isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     if event is h11.NEED_DATA:
@@ -3629,20 +3630,11 @@ class PageConnection:
                         body += event.data
                     event = http.next_event()
                 writer.close()
-                status = event.status_code if isinstance(event, h11.Response) else None
-                raise RemoteError(
-                    "refused",
-                    [{"path": "", "message": body.decode("utf-8", "replace").strip()}],
-                    status or self._status(http),
-                )
+                raise RemoteError("refused", [{"path": "", "message": body.decode("utf-8", "replace").strip()}], status)
             raise RemoteError("refused", [{"path": "", "message": f"unexpected {type(event).__name__}"}])
         self._writer = writer
         trailing, _ = http.trailing_data
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, trailing))
-
-    @staticmethod
-    def _status(http: h11.Connection) -> int | None:
-        return None
 
     async def _read(self, reader: asyncio.StreamReader, data: bytes) -> None:
         parts: list[str] = []

@@ -1327,6 +1327,14 @@ async def test_client_rpc_returns_typed_ok_and_error() -> None:
             assert await page.receive() == FavoriteToggled(3)
 
 
+async def test_client_page_refused_raises_remote_error_with_status() -> None:
+    async with running(article_app()) as server, rally.Client(server.url) as client:
+        with pytest.raises(rally.RemoteError) as info:
+            async with client.page("/nowhere"):
+                pass
+    assert (info.value.code, info.value.status) == ("refused", 404)
+
+
 async def test_client_without_app_gets_json_values() -> None:
     async with running(article_app()) as server, rally.Client(server.url) as client:
         assert await client.rpc(ServerLoadTitle("a")) == rally.Ok("Article: a")
