@@ -29,6 +29,8 @@ from test_rally import (
     Everything,
     Heard,
     Node,
+    ServerLoadTitle,
+    Sleep,
     article_app,
     codecs,
     envelope,
@@ -400,13 +402,7 @@ async def test_ping_flood_is_answered_and_a_non_reading_flooder_is_dropped() -> 
                 await asyncio.wait_for(loop.sock_sendall(sock, flood), 2.0)
         sock.close()
         async with rally.Client(server.url) as healthy:
-            assert (await healthy.rpc(rally_title("still"))).value == "Article: still"  # type: ignore[union-attr]
-
-
-def rally_title(slug: str) -> Any:
-    from test_rally import ServerLoadTitle
-
-    return ServerLoadTitle(slug)
+            assert (await healthy.rpc(ServerLoadTitle("still"))).value == "Article: still"  # type: ignore[union-attr]
 
 
 async def test_dead_peer_is_closed_after_ping_interval_and_pong_timeout() -> None:
@@ -440,7 +436,7 @@ async def test_close_handshake_time_out_drops_a_peer_that_never_answers() -> Non
     app = article_app(close_timeout=0.3)
     async with running(app) as server:
         async with rally.Client(server.url) as client:
-            await client.rpc(rally_title("a"))  # gets a session cookie
+            await client.rpc(ServerLoadTitle("a"))  # gets a session cookie
             ws = await RawWs.open(server)  # its own session: the Client's is closed below
         page = [c for c in server.conns if isinstance(c, rally._WsConn)][0]
         started = asyncio.get_running_loop().time()
@@ -536,8 +532,6 @@ async def test_memory_stays_bounded_with_hundreds_of_connections_and_broadcasts(
 
 
 async def test_hanging_handler_times_out_internal_and_the_server_stays_healthy(caplog: Any) -> None:
-    from test_rally import Sleep
-
     async with running(rpc_app(handler_timeout=0.2)) as server, rally.Client(server.url) as client:
         with pytest.raises(rally.RemoteError) as info:
             await client.rpc(Sleep(30))
