@@ -1506,6 +1506,8 @@ class _Registry:
         owner = getattr(namespace, "__name__", type(namespace).__name__)
         if not path.startswith("/") or path.startswith("/_rally/"):
             raise RegistrationError(f"page {owner}: path {path!r} must start with / and not with /_rally/")
+        if any(p.route.pattern == path for p in self.pages):
+            raise RegistrationError(f"page {owner}: route {path!r} is registered twice")
         param_names = _PARAM_RE.findall(path)
         if len(set(param_names)) != len(param_names):
             raise RegistrationError(f"page {owner}: route {path!r} repeats a parameter")

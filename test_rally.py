@@ -673,6 +673,14 @@ def test_registration_init_return_must_be_model_and_effect() -> None:
     assert "server_init" in message and "tuple[Model, rally.Effect[ToClient]]" in message
 
 
+def test_registration_route_twice_and_reserved_paths() -> None:
+    app = article_app()
+    with pytest.raises(rally.RegistrationError, match="registered twice"):
+        app.page("/articles/{slug}", Article)
+    with pytest.raises(rally.RegistrationError, match="must start with /"):
+        app.page("/_rally/x", Article)
+
+
 def test_registration_page_from_a_module() -> None:
     import types
 
