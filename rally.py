@@ -3652,7 +3652,7 @@ class PageConnection:
                         if event.message_finished:
                             self._on_text("".join(parts))
                             parts = []
-                    elif isinstance(event, wsproto.events.Ping):
+                    elif isinstance(event, wsproto.events.Ping) and self._ws.state is ConnectionState.OPEN:
                         self._write(self._ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
                         self.close_code, self.close_reason = event.code, event.reason or ""

@@ -29,6 +29,7 @@ from test_rally import (
     Everything,
     Heard,
     Node,
+    Say,
     ServerLoadTitle,
     Sleep,
     article_app,
@@ -538,6 +539,44 @@ async def test_hanging_handler_times_out_internal_and_the_server_stays_healthy(c
         assert info.value.code == "internal"
         assert (await client.rpc(Sleep(0))).value == "slept in http"  # type: ignore[union-attr]
     assert any("timed out after 0.2 s" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_pending_sends_past_the_bound_pause_reading_and_all_run_in_order() -> None:
+    gate = asyncio.Event()
+
+    class Gated:
+        def server_init() -> tuple[list[str], rally.Effect[Heard]]:
+            return [], rally.effect.none()
+
+        async def server_update(model: list[str], msg: Say) -> tuple[list[str], rally.Effect[Heard]]:
+            await gate.wait()
+            return [*model, msg.text], rally.effect.send_to_client(Heard(msg.text))
+
+    app = rally.App(max_pending_messages=8)
+    app.page("/gated", Gated)
+    async with running(app) as server, rally.Client(server.url, app) as client, client.page("/gated") as page:
+        for i in range(100):
+            await page.send(Say("client", str(i)))
+        [conn] = [c for c in server.conns if isinstance(c, rally._WsConn)]
+        await eventually(lambda: conn.paused, "reading paused")
+        # The bound stops reading; what one read already held is queued too.
+        assert len(conn.pending) < 100
+        gate.set()
+        assert [(await page.receive()).text for _ in range(100)] == [str(i) for i in range(100)]
+        assert conn.model == [str(i) for i in range(100)]
+
+
+async def test_origin_null_is_refused_and_no_extension_is_negotiated() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, origin="null"):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+        async with websockets.connect(url) as ws:  # offers permessage-deflate
+            assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
 
 
 # ==== Connections ============================================================
