@@ -47,7 +47,9 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import errno
 import hashlib
+import hmac
 import inspect
 import itertools
 import json
@@ -57,6 +59,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -92,6 +95,7 @@ __all__ = [
     "ProtocolError",
     "ContractError",
     "RegistrationError",
+    "UsageError",
     "RemoteError",
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
@@ -116,6 +120,8 @@ __all__ = [
     "DEFAULT_MAX_OUTGOING_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_PENDING_MESSAGES",
+    "DEFAULT_MAX_CONCURRENT_RPCS",
+    "DEFAULT_SEND_TIMEOUT_S",
 ]
 
 _logger: Final = logging.getLogger("rally")
@@ -149,18 +155,25 @@ DEFAULT_KEEPALIVE_TIMEOUT_S: Final = 5.0
 DEFAULT_PING_INTERVAL_S: Final = 20.0
 #: Time a peer has to answer a ping before it is dropped (websockets: 20 s).
 DEFAULT_PONG_TIMEOUT_S: Final = 20.0
-#: Time a peer has to answer our close frame (websockets: 10 s).
+#: Time a peer has to answer our close frame, and to take the bytes still
+#: queued for it once we close, before its socket is aborted (websockets: 10 s).
 DEFAULT_CLOSE_TIMEOUT_S: Final = 10.0
+#: Time a peer may accept none of the bytes we send (a response, a file) before
+#: its socket is aborted.
+DEFAULT_SEND_TIMEOUT_S: Final = 30.0
 #: One call of an ``async`` handler.
 DEFAULT_HANDLER_TIMEOUT_S: Final = 30.0
 #: Graceful shutdown: in-flight work gets this long before it is cancelled.
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 #: Bytes queued for one connection before it counts as a slow consumer.
 DEFAULT_MAX_OUTGOING_BYTES: Final = 1024 * 1024
-#: Open connections, HTTP and WebSocket together.
+#: Open connections, HTTP and WebSocket together; the default is lowered to
+#: stay below the process's descriptor limit (RLIMIT_NOFILE).
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 #: ``send`` messages waiting for ``server_update``; reading pauses beyond it.
 DEFAULT_MAX_PENDING_MESSAGES: Final = 64
+#: ``async`` RPC handlers running at once for one WebSocket; reading pauses at it.
+DEFAULT_MAX_CONCURRENT_RPCS: Final = 64
 
 #: Flow control: a transport pauses our writers above this many buffered bytes.
 _WRITE_HIGH_WATER: Final = 64 * 1024
@@ -168,6 +181,17 @@ _WRITE_HIGH_WATER: Final = 64 * 1024
 _LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
 _READ_BUFFER_BYTES: Final = 256 * 1024
+#: Events (messages, requests, control frames) one connection handles before
+#: the others get a turn; the rest of what it sent waits for the next turn.
+_EVENTS_PER_TURN: Final = 64
+#: Static files are read and written in pieces of this size, with backpressure.
+_FILE_CHUNK_BYTES: Final = 64 * 1024
+#: Descriptors kept free for files, logs and listening sockets below RLIMIT_NOFILE.
+_RESERVED_FDS: Final = 32
+#: How long accepting pauses when the process runs out of descriptors.
+_ACCEPT_BACKOFF_S: Final = 0.5
+#: Envelope ids: a safe integer or a string of at most this many characters.
+_MAX_ID_CHARS: Final = 64
 #: Largest integer JavaScript represents exactly (Number.MAX_SAFE_INTEGER).
 _MAX_SAFE_INT: Final = 2**53 - 1
 _SESSION_COOKIE: Final = "rally_session"
@@ -201,6 +225,25 @@ class _Limits(typing.NamedTuple):
     max_outgoing_bytes: int = DEFAULT_MAX_OUTGOING_BYTES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S
+
+
+#: Signs session cookies when neither ``App(secret=...)`` nor RALLY_SECRET is set.
+_PROCESS_SECRET: Final = secrets.token_bytes(32)
+
+
+def _default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or less where the descriptor limit is lower:
+    past it accepting fails before a 503 can be answered."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return DEFAULT_MAX_CONNECTIONS
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft - _RESERVED_FDS))
 
 
 # ==== Errors ================================================================
@@ -211,16 +254,24 @@ class RallyError(Exception):
 
 
 class ProtocolError(RallyError):
-    """The peer broke HTTP, WebSocket or the envelope format.
+    """The peer broke HTTP or WebSocket, or asked for what is refused.
 
-    ``status`` is the HTTP status to answer with; ``close_code`` the WebSocket
-    close code.
+    ``status`` is the HTTP status to answer with, ``headers`` extra response
+    headers (``Allow`` for a 405, say); ``close_code`` the WebSocket close
+    code. The message is sent to the peer: it never quotes the request.
     """
 
-    def __init__(self, message: str, status: int = 400, close_code: int = 1002) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        close_code: int = 1002,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.close_code = close_code
+        self.headers = headers
 
 
 class ContractError(RallyError):
@@ -236,8 +287,14 @@ class ContractError(RallyError):
         self.errors = errors
 
 
-class RegistrationError(RallyError, TypeError):
-    """The program misused the API: raised at registration, never at request time."""
+class UsageError(RallyError, TypeError):
+    """The program misused the API: a wrong argument, or a call at the wrong time."""
+
+
+class RegistrationError(UsageError):
+    """A page, handler or option the program registered is wrong: raised by
+    ``App(...)``, ``app.page`` and the other registration calls, never at
+    request time."""
 
 
 class RemoteError(RallyError):
@@ -1045,7 +1102,13 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
     kind = value.get("kind")
     if kind == "rpc":
         msg_id = value.get("id")
-        if type(msg_id) is not int and type(msg_id) is not str:
+        if type(msg_id) is int:
+            if not -_MAX_SAFE_INT <= msg_id <= _MAX_SAFE_INT:
+                raise bad("id", "integer outside ±(2^53-1)")
+        elif type(msg_id) is str:
+            if len(msg_id) > _MAX_ID_CHARS:
+                raise bad("id", f"string longer than {_MAX_ID_CHARS} characters")
+        else:
             raise bad("id", f"expected int or str, got {_kind(msg_id)}")
         if len(value) != 3 or "msg" not in value:
             raise bad("", 'an rpc envelope has exactly "kind", "id" and "msg"')
@@ -1062,6 +1125,10 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
 
 
 # ==== Wire: h11 and wsproto adapters (sans-IO) ==============================
+#
+# Objects here are fed bytes and hand back events or bytes; none of them
+# touches a socket, a loop or a clock, so a test can feed them one byte at a
+# time. Each raises only ``ProtocolError`` for bad input.
 
 
 def _ws_accept(key: bytes) -> bytes:
@@ -1165,7 +1232,219 @@ class _FrameTracker:
                 self.fragmented = not head[0] & 0x80
 
 
-def _head_size(req: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
+class _PartialMessage:
+    """``_WsReader.next_event``: a fragment of a message arrived (it counts
+    as work, so a stream of empty fragments cannot hold the loop)."""
+
+
+class _WsReader:
+    """One WebSocket's incoming bytes in, whole messages and control frames out.
+
+    ``feed(data)``, then ``next_event()`` until it returns ``None``: a ``str``
+    or ``bytes`` for a whole message, ``_PARTIAL`` for a fragment, or a
+    wsproto ``Ping``, ``Pong`` or ``CloseConnection`` (wsproto reports a
+    protocol violation as a ``CloseConnection`` with its code). Raises
+    ``ProtocolError`` (close code 1009) for a message over
+    ``max_message_bytes``, counted in bytes across fragments. Whole small
+    text frames are read without wsproto while it holds nothing (the fast
+    path); everything else goes through wsproto. ``send(event)`` frames a
+    control event (ping, pong, close).
+    """
+
+    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
+        self.max_bytes = max_message_bytes
+        self.tracker = _FrameTracker()
+        self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
+        self.at = 0
+        self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def feed(self, data: bytes) -> None:
+        if self.ready is None and self.events is None and self.tracker.clean:
+            messages = _read_text_frames(data)
+            if messages:
+                self.ready, self.at = messages, 0
+                return
+        self.tracker.feed(data)
+        self.ws.receive_data(data)
+        if self.events is None:
+            self.events = self.ws.events()
+
+    def next_event(self) -> str | bytes | _PartialMessage | wsproto.events.Event | None:
+        ready = self.ready
+        if ready is not None:
+            text, size = ready[self.at]
+            self.at += 1
+            if self.at == len(ready):
+                self.ready = None
+            if size > self.max_bytes:
+                raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
+            return text
+        if self.events is None:
+            return None
+        try:
+            event = next(self.events)
+        except StopIteration:
+            self.events = None
+            return None
+        if not isinstance(event, wsproto.events.Message):
+            return event
+        data = event.data
+        self.size += len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
+        if self.size > self.max_bytes:
+            raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
+        if not event.message_finished:
+            self.parts.append(data)
+            return _PARTIAL
+        if self.parts:
+            self.parts.append(data)
+            data = data[:0].join(self.parts)
+            self.parts = []
+        self.size = 0
+        return data  # type: ignore[no-any-return]
+
+    def send(self, event: wsproto.events.Event) -> bytes:
+        return self.ws.send(event)
+
+
+_PARTIAL: Final = _PartialMessage()
+
+
+class _Request(typing.NamedTuple):
+    """A request head that passed the head limits."""
+
+    method: bytes
+    target: bytes
+    path: str  # percent-decoded
+    query: str
+    http_version: bytes
+    headers: dict[bytes, bytes]  # lower-case name -> value (the last one)
+    raw_headers: Sequence[tuple[bytes, bytes]]  # every header, lower-case names
+    repeated: frozenset[bytes]  # names that came more than once
+    has_body: bool
+
+
+class _EndOfRequest:
+    """``_HttpReader.next_event``: the request is whole."""
+
+
+class _EndOfStream:
+    """``_HttpReader.next_event``: the peer closed between requests."""
+
+
+_END: Final = _EndOfRequest()
+_EOF: Final = _EndOfStream()
+
+
+class _HttpReader:
+    """One connection's request bytes in, request events out (h11 parses).
+
+    ``feed(data)`` (``b""`` for the end of the stream), then ``next_event()``
+    until it returns ``None``: a ``_Request`` head, ``bytes`` of its body,
+    ``_END`` once the request is whole, ``_EOF`` when the peer closed
+    between requests. After the answer, ``next_cycle()`` starts the next
+    request with the bytes the peer already pipelined. Head and body limits
+    are counted as bytes arrive. Raises only ``ProtocolError``, whose text
+    never quotes the request.
+    """
+
+    __slots__ = ("limits", "h11", "body_size", "request")
+
+    def __init__(self, limits: _Limits) -> None:
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self.body_size = 0
+        self.request: _Request | None = None  # this cycle's head, once parsed (also when refused)
+
+    def feed(self, data: bytes) -> None:
+        self.h11.receive_data(data)
+
+    def next_event(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            raise ProtocolError("request head too large" if status == 431 else "bad request", status) from None
+        event_type = type(event)
+        if event_type is h11.Data:
+            data = event.data  # type: ignore[union-attr]
+            self.body_size += len(data)
+            if self.body_size > self.limits.max_body_bytes:
+                raise ProtocolError(f"body larger than {self.limits.max_body_bytes} bytes", 413)
+            return bytes(data)
+        if event_type is h11.Request:
+            return self._head(event)  # type: ignore[arg-type]
+        if event_type is h11.EndOfMessage:
+            return _END
+        if event_type is h11.ConnectionClosed:
+            return _EOF
+        return None  # NEED_DATA, or PAUSED until next_cycle
+
+    def _head(self, req: h11.Request) -> _Request:
+        lim = self.limits
+        raw = req.headers
+        headers: dict[bytes, bytes] = {}
+        repeated = []
+        for name, value in raw:
+            if name in headers:
+                repeated.append(name)
+            headers[name] = value
+        length = headers.get(b"content-length")
+        chunked = b"transfer-encoding" in headers
+        target = req.target.decode("latin-1")
+        raw_path, _, query = target.partition("?")
+        self.request = request = _Request(
+            method=req.method,
+            target=req.target,
+            path=urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path,
+            query=query,
+            http_version=req.http_version,
+            headers=headers,
+            raw_headers=raw,
+            repeated=frozenset(repeated),
+            has_body=chunked or (length is not None and int(length) > 0),
+        )
+        if len(raw) > lim.max_headers:
+            raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
+        if _head_size(req, raw) > lim.max_head_bytes:
+            raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
+        if length is not None and int(length) > lim.max_body_bytes:
+            raise ProtocolError(f"body larger than {lim.max_body_bytes} bytes", 413)
+        if length is not None and chunked:
+            # RFC 9112 section 6.3: a request with both "ought to be handled as
+            # an error"; answering and closing defeats request smuggling.
+            raise ProtocolError("both Transfer-Encoding and Content-Length", 400)
+        return request
+
+    @property
+    def done(self) -> bool:
+        """The whole request was read: the connection may carry another."""
+        return self.h11.their_state is h11.DONE
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes the peer sent after the request (a WebSocket's first frames)."""
+        return bytes(self.h11.trailing_data[0])
+
+    def next_cycle(self) -> bool:
+        """A fresh parser for the next request (it costs less than a
+        microsecond); True if the peer already sent some of it, or closed."""
+        pipelined, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        self.body_size = 0
+        self.request = None
+        if pipelined:
+            self.h11.receive_data(pipelined)
+        if closed:
+            self.h11.receive_data(b"")
+        return bool(pipelined) or closed
+
+
+def _head_size(req: h11.Request, headers: Sequence[tuple[bytes, bytes]]) -> int:
     """Bytes of a request head in canonical form: request line, header lines,
     blank line. h11 bounds only incomplete heads, so a whole head that arrives
     in one read is measured here."""
@@ -1173,6 +1452,26 @@ def _head_size(req: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
     for name, value in headers:
         size += len(name) + len(value) + 4
     return size + 2
+
+
+def _http_head(
+    status: int,
+    content_type: bytes,
+    length: int,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    keep_alive: bool = False,
+) -> bytes:
+    """A response head with Content-Length. h11 parses requests; responses
+    are this one format, written here (a third of h11's cost per request was
+    serializing them). Header values come from rally.py, never from a request."""
+    out = [
+        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, length)
+    ]
+    out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
+    out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+    return b"".join(out)
 
 
 def _http_response(
@@ -1184,18 +1483,9 @@ def _http_response(
     keep_alive: bool = False,
     head: bool = False,
 ) -> bytes:
-    """A complete response with Content-Length. h11 parses requests; responses
-    are this one format, written here (a third of h11's cost per request was
-    serializing them). Header values come from rally.py, never from a request."""
-    out = [
-        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, len(body))
-    ]
-    out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
-    out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-    if not head:
-        out.append(body)
-    return b"".join(out)
+    """A complete response: head, and the body unless it answers a HEAD."""
+    out = _http_head(status, content_type, len(body), extra, keep_alive=keep_alive)
+    return out if head else out + body
 
 
 _date_cache: list[Any] = [0, b""]
@@ -1235,14 +1525,24 @@ _REASONS: Final = {
     503: b"Service Unavailable",
 }
 
-_SESSION_RE: Final = re.compile(r"(?:^|;)\s*rally_session=([0-9a-f]{32})\s*(?:;|$)")
+# Sessions: the cookie carries a random id and its HMAC, so the server
+# accepts only ids it issued (SPEC section 5).
+
+_SESSION_RE: Final = re.compile(r"(?:^|;)\s*rally_session=([0-9a-f]{32})\.([0-9a-f]{32})\s*(?:;|$)")
 
 
-def _session_from_cookie(cookie: str | None) -> str | None:
+def _sign(secret: bytes, session_id: str) -> str:
+    return hmac.new(secret, session_id.encode("ascii"), hashlib.sha256).hexdigest()[:32]
+
+
+def _session_from_cookie(cookie: str | None, secret: bytes) -> str | None:
+    """The session id of a Cookie header, if it carries one this secret signed."""
     if cookie is None:
         return None
     m = _SESSION_RE.search(cookie)
-    return m.group(1) if m else None
+    if m is None or not hmac.compare_digest(m.group(2), _sign(secret, m.group(1))):
+        return None
+    return m.group(1)
 
 
 def _new_session_id() -> str:
@@ -1250,9 +1550,9 @@ def _new_session_id() -> str:
     return secrets.token_hex(16)
 
 
-def _session_cookie(session_id: str, secure: bool) -> bytes:
+def _session_cookie(session_id: str, secret: bytes, secure: bool) -> bytes:
     flags = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
-    return f"{_SESSION_COOKIE}={session_id}{flags}".encode("ascii")
+    return f"{_SESSION_COOKIE}={session_id}.{_sign(secret, session_id)}{flags}".encode("ascii")
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
@@ -1265,6 +1565,30 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str
         return False
     parsed = urllib.parse.urlsplit(origin)
     return parsed.scheme in ("http", "https") and parsed.netloc.lower() == host.lower() and not parsed.path
+
+
+_LOOPBACK_HOSTS: Final = frozenset(("localhost", "127.0.0.1", "[::1]"))
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
+    return "*" in allowed or (host is not None and _host_name(host) in allowed)
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress  # only a listener's address needs it
+
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def _html_boot(html: str, boot: dict[str, Any]) -> str:
@@ -1332,9 +1656,24 @@ class ServerContext:
 
 
 class _Peer(typing.Protocol):
-    """What dispatch needs of a connection that receives pushes."""
+    """What a page or raw session needs of its connection: the whole
+    interface between dispatch and the transport."""
 
-    def write_frame(self, frame: bytes) -> None: ...
+    def write_frame(self, frame: bytes) -> None:
+        """Queue one frame for the peer (dropped once the connection closes)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with ``code``."""
+
+    def pause(self) -> None:
+        """Stop reading the peer: the session has as much work as it may hold."""
+
+    def resume(self) -> None:
+        """Read the peer again."""
+
+    async def writable(self) -> None:
+        """Return once the peer takes bytes again; raise ``ConnectionClosed``
+        if the connection is gone."""
 
 
 _Reply = tuple[int, bytes]
@@ -1379,7 +1718,18 @@ def _convert_int(s: str) -> int:
     return int(s)
 
 
-_PARAM_CONVERTERS: Final[dict[Any, Callable[[str], Any]]] = {str: str, int: _convert_int, float: float}
+def _convert_float(s: str) -> float:
+    """A decimal number: no ``nan``, ``inf``, ``1_0`` or values that overflow."""
+    if not _FLOAT_RE.fullmatch(s):
+        raise ValueError(s)
+    value = float(s)
+    if not math.isfinite(value):
+        raise ValueError(s)
+    return value
+
+
+_FLOAT_RE: Final = re.compile(r"-?[0-9]{1,32}(?:\.[0-9]{1,32})?(?:[eE][-+]?[0-9]{1,3})?")
+_PARAM_CONVERTERS: Final[dict[Any, Callable[[str], Any]]] = {str: str, int: _convert_int, float: _convert_float}
 
 
 class _Page(typing.NamedTuple):
@@ -1418,6 +1768,42 @@ def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
     return None
 
 
+class _Topics:
+    """Topic name -> the live page sessions in it (SPEC section 5).
+
+    ``members`` holds only non-empty sets, so an app with no connections
+    holds no topics."""
+
+    __slots__ = ("members",)
+
+    def __init__(self) -> None:
+        self.members: dict[str, set[_PageSession]] = {}
+
+    def join(self, session: _PageSession, topics: Iterable[str]) -> None:
+        for t in topics:
+            self.members.setdefault(t, set()).add(session)
+
+    def leave(self, session: _PageSession, topics: Iterable[str]) -> None:
+        for t in topics:
+            members = self.members.get(t)
+            if members is not None:
+                members.discard(session)
+                if not members:
+                    del self.members[t]
+
+    def sessions(self, topic: str) -> tuple[_PageSession, ...]:
+        return tuple(self.members.get(topic, ()))
+
+    def publish(self, topic: str, frame: bytes) -> int:
+        """Write one frame to every member of a topic; returns the count."""
+        members = self.members.get(topic)
+        if not members:
+            return 0
+        for session in tuple(members):
+            session.push(frame)
+        return len(members)
+
+
 class _Registry:
     """The handler table, pages, contract and topics of one App.
 
@@ -1435,7 +1821,7 @@ class _Registry:
         self.raw_routes: dict[str, _RawRoute] = {}
         self.static: list[tuple[str, str]] = []
         self.push_encoders: dict[type, _Encoder] = {}
-        self.topics: dict[str, set[_Peer]] = {}
+        self.topics = _Topics()
         self._contract: tuple[bytes, str] | None = None
 
     # -- registration --------------------------------------------------------
@@ -1724,19 +2110,7 @@ class _Registry:
             )
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
 
-    # -- topics and effects --------------------------------------------------
-
-    def join(self, peer: _Peer, topics: Iterable[str]) -> None:
-        for t in topics:
-            self.topics.setdefault(t, set()).add(peer)
-
-    def leave(self, peer: _Peer, topics: Iterable[str]) -> None:
-        for t in topics:
-            members = self.topics.get(t)
-            if members is not None:
-                members.discard(peer)
-                if not members:
-                    del self.topics[t]
+    # -- pushes -------------------------------------------------------------
 
     def push_frame(self, msg: Any, encode: _Encoder | None = None) -> bytes:
         """Encode and frame one push, once, for any number of recipients."""
@@ -1745,41 +2119,26 @@ class _Registry:
             raise _Bad(f"{type(msg).__name__} is not a push type of any page (no Effect[...] names it)")
         return _ws_frame(_dumps({"kind": "push", "msg": {"type": type(msg).__name__, "fields": enc(msg)}}))
 
-    def publish(self, topic: str, frame: bytes) -> int:
-        """Write one frame to every member of a topic; returns the count."""
-        members = self.topics.get(topic)
-        if not members:
-            return 0
-        for peer in tuple(members):
-            peer.write_frame(frame)
-        return len(members)
-
-    def run_effect(self, eff: Any, peer: _Peer, topics: tuple[str, str, str], page: _Page) -> None:
-        """Deliver an effect returned by a handler of ``page`` to its scope.
-
-        ``topics`` are the connection's session, page and app topics. Raises
-        ``_Bad`` if a message is not one of the page's push types.
-        """
+    def effect_frames(self, eff: Any, page: _Page, out: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Check and encode every push of an effect of ``page``, in order,
+        before any is delivered: ``(scope, frame)`` pairs appended to ``out``.
+        Raises ``_Bad`` for a value that is not an Effect or a push type that
+        is not the page's."""
         if not isinstance(eff, Effect):
             raise _Bad(f"expected rally.Effect, got {type(eff).__name__}")
         scope = eff.scope
-        if scope == "none":
-            return
         if scope == "batch":
             for child in eff.children:
-                self.run_effect(child, peer, topics, page)
-            return
-        if type(eff.msg) not in page.to_client_types:
-            names = [c.__name__ for c in page.to_client_types]
-            raise _Bad(f"push {type(eff.msg).__name__} is not in the page's Effect types {names}")
-        frame = self.push_frame(eff.msg, self.push_encoders[type(eff.msg)])
-        if scope == "client":
-            peer.write_frame(frame)
-        else:
-            self.publish(topics[("session", "page", "app").index(scope)], frame)
+                self.effect_frames(child, page, out)
+        elif scope != "none":
+            if type(eff.msg) not in page.to_client_types:
+                names = [c.__name__ for c in page.to_client_types]
+                raise _Bad(f"push {type(eff.msg).__name__} is not in the page's Effect types {names}")
+            out.append((scope, self.push_frame(eff.msg, self.push_encoders[type(eff.msg)])))
+        return out
 
 
-_PARAM_NAMES: Final = {str: "str", _convert_int: "int", float: "float"}
+_PARAM_NAMES: Final = {str: "str", _convert_int: "int", _convert_float: "float"}
 
 
 def _result_types(ret: Any) -> tuple[Any, Any]:
@@ -1794,7 +2153,655 @@ def _result_types(ret: Any) -> tuple[Any, Any]:
     return ret, None
 
 
+class _PageSession:
+    """One page connection's life, without sockets: its model, its ``send``
+    messages handled in order, its in-flight RPCs (at most
+    ``max_concurrent_rpcs``), and the effects of its handlers.
+
+    The transport feeds it whole text messages (``receive``) and it talks
+    back through its ``_Peer``. ``end()`` is the one place a page
+    connection's life ends, whatever ended it: it leaves the topics and
+    stops the work in flight. Handler errors are logged here and answered
+    with ``internal``; bad input is answered with an ``error`` envelope.
+    """
+
+    __slots__ = ("reg", "page", "ctx", "peer", "spawn", "topics", "model", "ready", "pending", "worker", "rpcs")
+
+    def __init__(
+        self,
+        reg: _Registry,
+        page: _Page,
+        ctx: ServerContext,
+        peer: _Peer,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+    ) -> None:
+        self.reg = reg
+        self.page = page
+        self.ctx = ctx
+        self.peer = peer
+        self.spawn = spawn
+        self.topics: tuple[str, ...] = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
+        self.model: Any = None
+        self.ready = False  # server_init has returned
+        # A list, not a deque: at most max_pending_messages items, and an idle
+        # connection keeps 56 bytes instead of 624.
+        self.pending: list[Any] = []
+        self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
+        self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
+
+    # -- the transport's side --------------------------------------------------
+
+    def start(self) -> None:
+        """Join the topics, then run ``server_init`` (its effects may reach this connection)."""
+        self.reg.topics.join(self, self.topics)
+        self._init()
+
+    def push(self, frame: bytes) -> None:
+        """A frame published to one of this connection's topics."""
+        self.peer.write_frame(frame)
+
+    def receive(self, data: str | bytes) -> None:
+        """One whole message from the page; raises ``ProtocolError`` for a
+        binary one (close code 1003)."""
+        if not isinstance(data, str):
+            raise ProtocolError("binary frames are not accepted here", close_code=1003)
+        reg = self.reg
+        try:
+            kind, msg_id, msg = _parse_envelope(reg.json.loads(data))
+        except ContractError as exc:
+            self._reply(_error_reply(None, exc.code, exc.errors))
+            return
+        if kind == "rpc":
+            reply = reg.rpc(msg_id, msg, self.ctx)
+            if isinstance(reply, tuple):
+                self._reply(reply[1])
+            else:
+                self._start_rpc(reply)
+            return
+        page = self.page
+        if page.to_server is None:
+            errors = [{"path": "", "message": f"page {page.route.pattern} has no server_update"}]
+            self._reply(_error_reply(None, "not_stateful", errors))
+            return
+        if msg["type"] not in page.to_server_names:
+            errors = [{"path": "msg.type", "message": f"page {page.route.pattern} takes no {msg['type'][:40]!r}"}]
+            self._reply(_error_reply(None, "unknown_type", errors))
+            return
+        try:
+            value = page.to_server.decode(msg)
+        except _Bad as bad:
+            self._reply(_error_reply(None, bad.code, [bad.at("msg")]))
+            return
+        if self.ready and self.worker is None and not page.update_is_async:
+            self._update_now(value)
+            return
+        self.pending.append(value)
+        self._flow()
+        if self.ready and self.worker is None:
+            self.worker = self.spawn(self._drain())
+
+    def end(self, code: int, reason: str) -> None:
+        """The connection is over (``code`` and ``reason`` say how): leave the
+        topics, drop queued sends and cancel the work in flight (the server
+        awaits the tasks)."""
+        self.reg.topics.leave(self, self.topics)
+        self.pending.clear()
+        if self.worker is not None:
+            self.worker.cancel()
+        for task in self.rpcs or ():
+            task.cancel()
+
+    async def settle(self) -> None:
+        """Return once no RPC or ``server_update`` is running (at shutdown,
+        with reading stopped, so that replies in flight are delivered)."""
+        while True:
+            tasks = [t for t in (self.worker, *(self.rpcs or ())) if t is not None and not t.done()]
+            if not tasks:
+                return
+            await asyncio.wait(tasks)
+
+    # -- work -------------------------------------------------------------------
+
+    def _flow(self) -> None:
+        """Stop reading while the queued sends or the running RPCs are at their bound."""
+        lim = self.reg.limits
+        if len(self.pending) >= lim.max_pending_messages or len(self.rpcs or ()) >= lim.max_concurrent_rpcs:
+            self.peer.pause()
+        else:
+            self.peer.resume()
+
+    def _reply(self, body: bytes) -> None:
+        self.peer.write_frame(_ws_frame(body))
+
+    def _start_rpc(self, reply: Awaitable[_Reply]) -> None:
+        if self.rpcs is None:
+            self.rpcs = set()
+        task = self.spawn(self._rpc(reply))
+        self.rpcs.add(task)
+        task.add_done_callback(self._rpc_done)
+        self._flow()
+
+    async def _rpc(self, reply: Awaitable[_Reply]) -> None:
+        _, body = await reply
+        self._reply(body)
+
+    def _rpc_done(self, task: asyncio.Task[Any]) -> None:
+        assert self.rpcs is not None
+        self.rpcs.discard(task)
+        self._flow()
+
+    def _init(self) -> None:
+        page = self.page
+        if page.init is None:
+            self.ready = True
+            return
+        kwargs = dict(self.ctx.params)
+        if page.init_wants_context:
+            kwargs[page.init_wants_context] = self.ctx
+        if inspect.iscoroutinefunction(page.init):
+            self.worker = self.spawn(self._init_async(page.init(**kwargs)))
+            return
+        try:
+            result = page.init(**kwargs)
+        except Exception:
+            _logger.exception("server_init of page %s raised (page %s)", page.name, self.ctx.page)
+            self._init_failed()
+            return
+        self._accept_init(result)
+
+    async def _init_async(self, coro: Awaitable[Any]) -> None:
+        try:
+            result = await asyncio.wait_for(coro, self.reg.limits.handler_timeout)
+        except Exception:
+            _logger.exception("server_init of page %s failed (page %s)", self.page.name, self.ctx.page)
+            self.worker = None
+            self._init_failed()
+            return
+        self.worker = None
+        if self._accept_init(result) and self.pending:
+            self.worker = self.spawn(self._drain())
+
+    def _accept_init(self, result: Any) -> bool:
+        if not self._apply(result, "server_init"):
+            self._init_failed()
+            return False
+        self.ready = True
+        return True
+
+    def _init_failed(self) -> None:
+        self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+        self.peer.close(1011, "server_init failed")
+
+    def _apply(self, result: Any, what: str) -> bool:
+        """Take ``(model, effect)`` from a handler. Every push is checked and
+        encoded before anything happens, so an effect is all or nothing: then
+        the model is kept and the frames are delivered in order."""
+        page = self.page
+        try:
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise _Bad(f"expected a (model, effect) tuple, got {type(result).__name__}")
+            model, eff = result
+            frames = self.reg.effect_frames(eff, page, [])
+        except _Bad as bad:
+            _logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
+            return False
+        self.model = model
+        topics = self.reg.topics
+        for scope, frame in frames:
+            if scope == "client":
+                self.peer.write_frame(frame)
+            else:
+                topics.publish(self.topics[("session", "page", "app").index(scope)], frame)
+        return True
+
+    def _update_now(self, value: Any) -> None:
+        page = self.page
+        assert page.update is not None
+        args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
+        try:
+            result = page.update(*args)
+        except Exception:
+            _logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
+            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+            return
+        if not self._apply(result, "server_update"):
+            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+
+    async def _drain(self) -> None:
+        """Run queued ``send`` messages in order, one ``server_update`` at a time."""
+        page = self.page
+        assert page.update is not None
+        try:
+            while self.pending:
+                value = self.pending.pop(0)
+                self._flow()
+                if not page.update_is_async:
+                    self._update_now(value)
+                    continue
+                args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
+                try:
+                    result = await asyncio.wait_for(page.update(*args), self.reg.limits.handler_timeout)
+                except Exception:
+                    _logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
+                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+                    continue
+                if not self._apply(result, "server_update"):
+                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+        finally:
+            self.worker = None
+
+
+# Routing: a request head becomes one of these actions.
+
+
+class _Answer(typing.NamedTuple):
+    """A whole response to write."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"text/plain; charset=utf-8"
+    headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+class _ReadBody(typing.NamedTuple):
+    """Read the request's body (answering ``Expect: 100-continue``), then
+    ``handle(body)`` gives the answer, now or as an awaitable."""
+
+    handle: Callable[[bytes], _Answer | Awaitable[_Answer]]
+
+
+class _SendFile(typing.NamedTuple):
+    """Stream an open file as a 200 response, with backpressure."""
+
+    file: typing.BinaryIO
+    size: int
+    content_type: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+
+
+class _Upgrade(typing.NamedTuple):
+    """An accepted WebSocket handshake: the 101's headers and who serves it."""
+
+    headers: list[tuple[bytes, bytes]]
+    ctx: ServerContext
+    page: _Page | None
+    raw: _RawRoute | None
+    stale: bool  # the page's contract hash differs: refuse with 4000 after the upgrade
+
+
+_Action = _Answer | _ReadBody | _SendFile | _Upgrade | Awaitable[_Answer]
+
+
+def _refusal(exc: ProtocolError, req: _Request | None) -> _Answer:
+    """The one place a refusal becomes an HTTP answer."""
+    if exc.status == 413 and req is not None and req.path == "/_rally/rpc":
+        body = _error_reply(None, "too_large", [{"path": "", "message": str(exc)}])
+        return _Answer(413, body, b"application/json", exc.headers)
+    return _Answer(exc.status, str(exc).encode() + b"\n", headers=exc.headers)
+
+
+def _allow(req: _Request, *methods: bytes) -> None:
+    if req.method not in methods:
+        raise ProtocolError("method not allowed", 405, headers=((b"allow", b", ".join(methods)),))
+
+
+class _Router:
+    """Turns a request head into an action: an answer, a body to read for an
+    RPC, a file to stream, or an accepted WebSocket upgrade. The fixed
+    ``/_rally/*`` routes are a table; then raw WebSocket routes, static
+    prefixes and pages. The host allowlist, the origin rule and the signed
+    session cookie are checked here, before any page or upgrade. Refusals
+    raise ``ProtocolError``; no sockets.
+    """
+
+    def __init__(self, app: App, loopback: bool) -> None:
+        self.app = app
+        self.reg = app._registry
+        self.limits = app._limits
+        self.secret = app._secret
+        hosts = app.allowed_hosts
+        self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
+        self.ids = itertools.count(1)
+
+    def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        hosts = self.hosts
+        if hosts is not None and (b"host" in req.repeated or not _host_allowed(_header(req, b"host"), hosts)):
+            _logger.warning(
+                "refused request from %s: Host %r is not in allowed_hosts %s",
+                client[0] if client else "-",
+                _header(req, b"host"),
+                sorted(hosts),
+            )
+            raise ProtocolError("host not allowed", 400)
+        fixed = _FIXED_ROUTES.get(req.path)
+        if fixed is not None:
+            return fixed(self, req, client)
+        reg = self.reg
+        raw = reg.raw_routes.get(req.path)
+        if raw is not None:
+            _allow(req, b"GET")
+            self._check_origin(req, client)
+            return self._upgrade(req, client, raw.path, None, {}, raw)
+        for prefix, directory in reg.static:
+            if req.path.startswith(prefix):
+                _allow(req, b"GET", b"HEAD")
+                return self._static(req, req.path[len(prefix) :], directory)
+        found = reg.match_page(req.path)
+        if found is None:
+            raise ProtocolError("not found", 404)
+        _allow(req, b"GET", b"HEAD")
+        return self._page(req, client, *found)
+
+    # -- the fixed routes --------------------------------------------------------
+
+    def _rpc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"POST")
+        self._check_origin(req, client)
+        ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ProtocolError("RPC requires Content-Type: application/json", 415)
+        expected = _header(req, b"rally-contract")
+        if expected is not None and expected != self.reg.contract()[1]:
+            errors = [{"path": "", "message": "the server's contract changed; reload"}]
+            return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json")
+        return _ReadBody(lambda body: self._rpc_body(req, client, body))
+
+    def _rpc_body(self, req: _Request, client: tuple[str, int] | None, body: bytes) -> _Answer | Awaitable[_Answer]:
+        reg = self.reg
+        try:
+            kind, msg_id, msg = _parse_envelope(reg.json.loads(body))
+            if kind != "rpc":
+                raise ContractError(
+                    "invalid",
+                    [{"path": "kind", "message": 'POST /_rally/rpc takes "rpc" envelopes; "send" needs a WebSocket'}],
+                )
+        except ContractError as exc:
+            return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
+        page = _header(req, b"rally-page")
+        found = reg.match_page(page) if page else None
+        sid, _ = self._session(req)  # an RPC reads the session; pages set the cookie
+        ctx = ServerContext(
+            sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg.state
+        )
+        reply = reg.rpc(msg_id, msg, ctx)
+        if isinstance(reply, tuple):
+            return _Answer(reply[0], reply[1], b"application/json")
+        return _json_answer(reply)
+
+    def _socket(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET")
+        self._check_origin(req, client)
+        try:
+            qs = urllib.parse.parse_qs(req.query, max_num_fields=8, strict_parsing=bool(req.query))
+        except ValueError:
+            raise ProtocolError("malformed query", 400) from None
+        pages = qs.get("page") or [""]
+        found = self.reg.match_page(pages[0]) if len(pages) == 1 and pages[0] else None
+        if found is None:
+            raise ProtocolError("no page at ?page=", 404)
+        sent_hash = qs["contract"][0] if "contract" in qs else None
+        stale = sent_hash is not None and sent_hash != self.reg.contract()[1]
+        return self._upgrade(req, client, pages[0], found[0], found[1], None, stale)
+
+    def _client_js(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        return _cached(req, _CLIENT_JS_BYTES, b"application/javascript; charset=utf-8", _CLIENT_JS_ETAG)
+
+    def _contract(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        doc, digest = self.reg.contract()
+        return _cached(req, doc, b"application/json", b'"' + digest.encode() + b'"')
+
+    # -- checks -------------------------------------------------------------------
+
+    def _session(self, req: _Request) -> tuple[str, list[tuple[bytes, bytes]]]:
+        """The session id, and the Set-Cookie header to send if it is new."""
+        sid = _session_from_cookie(_header(req, b"cookie"), self.secret)
+        if sid is not None:
+            return sid, []
+        sid = _new_session_id()
+        return sid, [(b"set-cookie", _session_cookie(sid, self.secret, self.app.secure_cookies))]
+
+    def _check_origin(self, req: _Request, client: tuple[str, int] | None) -> None:
+        origin = _header(req, b"origin")
+        host = _header(req, b"host")
+        if b"origin" not in req.repeated and _origin_allowed(origin, host, self.app.allowed_origins):
+            return
+        _logger.warning(
+            "refused cross-origin request from %s: Origin %r, expected http(s)://%s or one of allowed_origins %s",
+            client[0] if client else "-",
+            "(repeated)" if b"origin" in req.repeated else origin,
+            host,
+            sorted(self.app.allowed_origins),
+        )
+        raise ProtocolError("cross-origin request refused", 403)
+
+    def _check_handshake(self, req: _Request) -> str:
+        """Check a WebSocket handshake's headers (RFC 6455 section 4.2.1); returns its key."""
+        connection = [t.strip() for t in (_header(req, b"connection") or "").lower().split(",")]
+        if (_header(req, b"upgrade") or "").lower() != "websocket" or "upgrade" not in connection:
+            raise ProtocolError("WebSocket upgrade required", 426, headers=((b"upgrade", b"websocket"),))
+        if _header(req, b"sec-websocket-version") != "13":
+            raise ProtocolError("WebSocket version 13 required", 426, headers=((b"sec-websocket-version", b"13"),))
+        key = _header(req, b"sec-websocket-key") or ""
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid_key = False
+        if not valid_key:
+            raise ProtocolError("bad Sec-WebSocket-Key", 400)
+        return key
+
+    # -- answers ------------------------------------------------------------------
+
+    def _upgrade(
+        self,
+        req: _Request,
+        client: tuple[str, int] | None,
+        page_path: str,
+        page: _Page | None,
+        params: dict[str, Any],
+        raw: _RawRoute | None,
+        stale: bool = False,
+    ) -> _Upgrade:
+        key = self._check_handshake(req)
+        sid, cookie = self._session(req)
+        ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg.state)
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", _ws_accept(key.encode())),
+            *cookie,
+        ]
+        return _Upgrade(headers, ctx, page, raw, stale)
+
+    def _static(self, req: _Request, rel: str, directory: str) -> _Action:
+        parts = rel.split("/")
+        if any(p in ("..", ".") or "\\" in p or "\0" in p for p in parts) or rel.startswith("/"):
+            raise ProtocolError("not found", 404)
+        root = os.path.realpath(directory)
+        full = os.path.realpath(os.path.join(root, *[p for p in parts if p]))
+        if not full.startswith(root + os.sep):
+            raise ProtocolError("not found", 404)
+        try:
+            f = open(full, "rb")  # noqa: SIM115 - the _SendFile closes it
+        except OSError:
+            raise ProtocolError("not found", 404) from None
+        st = os.fstat(f.fileno())
+        import mimetypes  # only apps that serve files pay for its tables
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise ProtocolError("not found", 404)
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
+        ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+            ctype += "; charset=utf-8"
+        if _header(req, b"if-none-match") == etag.decode():
+            f.close()
+            return _Answer(304, b"", ctype.encode(), [(b"etag", etag)])
+        return _SendFile(f, st.st_size, ctype.encode(), [(b"etag", etag), (b"cache-control", b"no-cache")])
+
+    def _page(self, req: _Request, client: tuple[str, int] | None, page: _Page, params: dict[str, Any]) -> _Action:
+        sid, cookie = self._session(req)
+        boot = {"page": req.path, "params": params, "contract": self.reg.contract()[1], "stateful": page.stateful}
+        if page.view is None:
+            assert page.html is not None
+            return _Answer(200, _html_boot(page.html, boot).encode(), b"text/html; charset=utf-8", cookie)
+        ctx = ServerContext(sid, req.path, params, req.raw_headers, client, None, self.reg.state)
+        kwargs = dict(params)
+        if page.view_wants_context:
+            kwargs[page.view_wants_context] = ctx
+        return self._render(page, kwargs, boot, cookie)
+
+    async def _render(
+        self, page: _Page, kwargs: dict[str, Any], boot: dict[str, Any], cookie: list[tuple[bytes, bytes]]
+    ) -> _Answer:
+        assert page.view is not None
+        html = page.view(**kwargs)
+        if inspect.isawaitable(html):
+            html = await asyncio.wait_for(html, self.limits.handler_timeout)
+        if not isinstance(html, str):
+            raise TypeError(f"view of page {page.name} returned {type(html).__name__}, expected str")
+        return _Answer(200, _html_boot(html, boot).encode(), b"text/html; charset=utf-8", cookie)
+
+
+def _header(req: _Request, name: bytes) -> str | None:
+    value = req.headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _Answer:
+    headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
+    if _header(req, b"if-none-match") == etag.decode():
+        return _Answer(304, b"", content_type, headers)
+    return _Answer(200, body, content_type, headers)
+
+
+async def _json_answer(reply: Awaitable[_Reply]) -> _Answer:
+    status, body = await reply
+    return _Answer(status, body, b"application/json")
+
+
+_FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | None], _Action]]] = {
+    "/_rally/rpc": _Router._rpc,
+    "/_rally/ws": _Router._socket,
+    "/_rally/client.js": _Router._client_js,
+    "/_rally/contract": _Router._contract,
+}
+
+
 # ==== Transport: asyncio server, connections, timers, shutdown ===============
+#
+# The classes here move bytes between sockets and the objects above, keep the
+# timers (one per purpose) and apply flow control. Reading a connection stops
+# for any of four reasons, each a bit of ``_Conn.pausing``.
+
+_BY_WRITES: Final = 1  # the peer is not reading what we write
+_BY_WORK: Final = 2  # a request is being answered, or a page session is full
+_BY_TURN: Final = 4  # this connection had its turn; the others go first
+_BY_SHUTDOWN: Final = 8  # the server is closing: in-flight work finishes, nothing new starts
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """What both kinds of connection share: one transport, reading paused
+    for any of several reasons, writing with backpressure, and the two
+    timers that make sure a socket really goes away: one while the peer
+    takes none of our bytes (``send_timeout``), one once we close
+    (``close_timeout``: ``transport.close()`` waits for the send buffer to
+    drain, and a peer that never reads would keep the socket forever)."""
+
+    __slots__ = ("srv", "transport", "pausing", "write_paused", "waiter", "stall_timer", "abort_timer", "gone")
+
+    def __init__(self, srv: Server, transport: asyncio.Transport | None = None) -> None:
+        self.srv = srv
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]  # set by connection_made
+        self.pausing = 0
+        self.write_paused = False
+        self.waiter: asyncio.Future[None] | None = None  # a writer waiting for resume_writing
+        self.stall_timer: asyncio.TimerHandle | None = None
+        self.abort_timer: asyncio.TimerHandle | None = None
+        self.gone = False  # connection_lost was called
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.srv.read_buffer
+
+    def _pause(self, reason: int) -> None:
+        if not self.pausing and not self.gone:
+            self.transport.pause_reading()
+        self.pausing |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.pausing & reason:
+            self.pausing &= ~reason
+            if not self.pausing and not self.gone:
+                self.transport.resume_reading()
+
+    def _yield_turn(self) -> None:
+        """Let every other connection go first, then go on where we stopped."""
+        if not self.pausing & _BY_TURN:
+            self._pause(_BY_TURN)
+            self.srv.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._resume(_BY_TURN)
+        self._process()
+
+    def _process(self) -> None:
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause(_BY_WRITES)
+        if self.stall_timer is None:
+            self.stall_timer = self.srv.loop.call_later(self.srv.limits.send_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+        self._wake()
+        self._resume(_BY_WRITES)
+        self._yield_turn()  # what was read before the pause
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the transport takes bytes; ``ConnectionClosed`` (1006) once it is gone."""
+        while self.write_paused and not self.gone:
+            self.waiter = self.srv.loop.create_future()
+            await self.waiter
+        if self.gone:
+            raise ConnectionClosed(1006, "connection lost")
+
+    def _stalled(self) -> None:
+        self.stall_timer = None
+        _logger.info("aborting a connection that took no bytes for %s s", self.srv.limits.send_timeout)
+        self._abort()
+
+    def _close_transport(self) -> None:
+        """Close gracefully, and abort if the peer has not taken our last bytes in time."""
+        self.transport.close()
+        if self.abort_timer is None and self.transport.get_write_buffer_size():
+            self.abort_timer = self.srv.loop.call_later(self.srv.limits.close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self.abort_timer = None
+        self.transport.abort()
+
+    def _lost(self) -> None:
+        """The socket is gone: stop the timers, wake a waiting writer, forget us."""
+        self.gone = True
+        for timer in (self.stall_timer, self.abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self.stall_timer = self.abort_timer = None
+        self._wake()
+        self.srv.forget(self)
 
 
 class _HttpState(enum.Enum):
@@ -1802,56 +2809,35 @@ class _HttpState(enum.Enum):
 
     IDLE = "idle"  # waiting for the first byte of a request (keep-alive)
     HEAD = "head"  # a request head is arriving
-    BODY = "body"  # a request body is arriving
-    BUSY = "busy"  # a handler is answering
-    DRAINING = "draining"  # refused and answered; the rest of the request is read and dropped
+    BODY = "body"  # the rest of the request (its body, or only its end) is arriving
+    BUSY = "busy"  # the request is being answered
+    DRAINING = "draining"  # answered and half-closed; what the client still sends is dropped
     CLOSED = "closed"
 
 
 _READING: Final = frozenset((_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY))
 
 
-class _HttpConn(asyncio.BufferedProtocol):
-    """One HTTP/1.1 connection until it closes or becomes a WebSocket."""
+class _HttpConn(_Conn):
+    """One HTTP/1.1 connection until it closes or becomes a WebSocket.
 
-    __slots__ = (
-        "srv",
-        "transport",
-        "h11",
-        "state",
-        "timer",
-        "request",
-        "body",
-        "body_size",
-        "client",
-        "paused",
-        "write_paused",
-        "task",
-        "session_id",
-        "new_session",
-        "deadline",
-        "headers",
-        "processing",
-    )
+    Bytes go to an ``_HttpReader``; each request head goes to the router
+    as soon as it is whole, so a refusal never waits for a body and only a
+    request that will be read gets ``100 Continue``. One deadline timer
+    covers the request cycle (head, body, keep-alive, linger)."""
+
+    __slots__ = ("reader", "state", "timer", "deadline", "request", "action", "body", "client")
 
     def __init__(self, srv: Server) -> None:
-        self.srv = srv
-        self.transport: asyncio.Transport | None = None
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=srv.limits.max_head_bytes)
+        super().__init__(srv)
+        self.reader = _HttpReader(srv.limits)
         self.state = _HttpState.IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = math.inf
-        self.request: h11.Request | None = None
-        self.headers: dict[bytes, bytes] = {}
-        self.processing = False
+        self.request: _Request | None = None
+        self.action: _Action | None = None
         self.body: list[bytes] = []
-        self.body_size = 0
         self.client: tuple[str, int] | None = None
-        self.paused = False
-        self.write_paused = False
-        self.task: asyncio.Task[None] | None = None
-        self.session_id = ""
-        self.new_session = False
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -1861,17 +2847,13 @@ class _HttpConn(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         srv = self.srv
-        if len(srv.conns) >= srv.limits.max_connections or srv.closing:
-            transport.write(_http_response(503, b"server busy\n", extra=[(b"retry-after", b"1")]))
-            transport.close()
-            self.state = _HttpState.CLOSED
-            return
         srv.conns.add(self)
+        if len(srv.conns) > srv.limits.max_connections or srv.closing:
+            transport.write(_http_response(503, b"server busy\n", extra=[(b"retry-after", b"1")]))
+            self._close()
+            return
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self._arm(srv.limits.keepalive_timeout)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.srv.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.state is _HttpState.DRAINING:
@@ -1879,33 +2861,25 @@ class _HttpConn(asyncio.BufferedProtocol):
         if self.state is _HttpState.IDLE:
             self.state = _HttpState.HEAD
             self._arm(self.srv.limits.header_timeout)
-        self.h11.receive_data(bytes(self.srv.read_buffer[:nbytes]))
+        self.reader.feed(bytes(self.srv.read_buffer[:nbytes]))
         self._process()
 
     def eof_received(self) -> bool:
-        if self.state is not _HttpState.DRAINING:
-            self.h11.receive_data(b"")
+        if self.state is _HttpState.DRAINING:
+            self._close()
+        else:
+            self.reader.feed(b"")  # seen once the answer in progress is written
             self._process()
-        return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _HttpState.CLOSED
-        self.srv.forget(self)
         if self.timer is not None:
             self.timer.cancel()
-        if self.task is not None:
-            self.task.cancel()
-
-    def pause_writing(self) -> None:
-        # The peer is not reading our answers: stop reading its requests.
-        self.write_paused = True
-        self._pause()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.state is not _HttpState.BUSY:
-            self._resume()
-            self._process()  # requests pipelined before the pause
+            self.timer = None
+        if isinstance(self.action, _SendFile):
+            self.action.file.close()
+        self._lost()
 
     # -- the request cycle ----------------------------------------------------
 
@@ -1927,178 +2901,144 @@ class _HttpConn(asyncio.BufferedProtocol):
         if self.srv.loop.time() < self.deadline:  # moved later meanwhile
             self.timer = self.srv.loop.call_at(self.deadline, self._on_timer)
             return
-        self._timed_out()
-
-    def _timed_out(self) -> None:
         if self.state in (_HttpState.HEAD, _HttpState.BODY):
-            self._fail(408, "request not received in time")
-        elif self.state is not _HttpState.CLOSED:
+            self._respond(_Answer(408, b"request not received in time\n"))
+        else:
             self._close()
-
-    def _pause(self) -> None:
-        if not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self.paused and self.transport is not None and not self.write_paused:
-            self.paused = False
-            self.transport.resume_reading()
 
     def _close(self) -> None:
         self.state = _HttpState.CLOSED
+        self.deadline = math.inf
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def _fail(self, status: int, message: str) -> None:
-        """Answer an error and close: used where the request cannot go on."""
-        if self.state is _HttpState.CLOSED or self.transport is None:
-            return
-        if self.state is not _HttpState.BUSY:
-            req = self.request
-            if status == 413 and req is not None and req.target.startswith(b"/_rally/rpc"):
-                errors = [{"path": "", "message": message}]
-                self.transport.write(
-                    _http_response(status, _error_reply(None, "too_large", errors), b"application/json")
-                )
-            else:
-                self.transport.write(_http_response(status, message.encode() + b"\n"))
-            self._log(status)
-            if self.transport.can_write_eof():
-                # Closing with unread bytes makes the kernel send a reset that
-                # can destroy the answer in flight: half-close, and read the
-                # rest of what the client sends for a moment (as nginx does).
-                self.transport.write_eof()
-                self.state = _HttpState.DRAINING
-                self.write_paused = False
-                self._resume()
-                self._arm(_LINGER_S)
-                return
-        self._close()
+        self._close_transport()
 
     def _process(self) -> None:
-        """Pull events from h11 until it needs data, pauses, or we are busy.
-
-        One loop serves every pipelined request: an answer given inside it
-        starts the next cycle and returns here, so depth does not grow."""
-        if self.processing:
-            return
-        self.processing = True
-        try:
-            while self.state in _READING and not self.write_paused:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA:
-                    return
-                if event is h11.PAUSED:
-                    self._pause()
-                    return
-                event_type = type(event)
-                if event_type is h11.Request:
-                    self._on_request(event)  # type: ignore[arg-type]
-                elif event_type is h11.Data:
-                    self.body_size += len(event.data)  # type: ignore[union-attr]
-                    if self.body_size > self.srv.limits.max_body_bytes:
-                        raise ProtocolError(f"body larger than {self.srv.limits.max_body_bytes} bytes", 413)
-                    self.body.append(event.data)  # type: ignore[union-attr]
-                elif event_type is h11.EndOfMessage:
-                    self._on_end()
-                elif event_type is h11.ConnectionClosed:
-                    self._close()
-                    return
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            self._fail(status, "request head too large" if status == 431 else f"bad request: {exc}")
-        except ProtocolError as exc:
-            self._fail(exc.status, str(exc))
-        finally:
-            self.processing = False
-
-    def _on_request(self, req: h11.Request) -> None:
-        """Check a request head; raises ProtocolError for one we refuse."""
-        lim = self.srv.limits
-        self.request = req
-        raw = req.headers.raw_items()
-        if _head_size(req, raw) > lim.max_head_bytes:
-            raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
-        if len(raw) > lim.max_headers:
-            raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
-        self.headers = headers = {name.lower(): value for name, value in raw}
-        length = headers.get(b"content-length")
-        if length is not None and int(length) > lim.max_body_bytes:
-            raise ProtocolError(f"body larger than {lim.max_body_bytes} bytes", 413)
-        if length is not None and b"transfer-encoding" in headers:
-            # RFC 9112 section 6.3: a request with both "ought to be handled as
-            # an error"; answering and closing defeats request smuggling.
-            raise ProtocolError("both Transfer-Encoding and Content-Length", 400)
-        if headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
-            # RFC 9110 section 10.1.1: the client waits for this before the body.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.body = []
-        self.body_size = 0
-        self.state = _HttpState.BODY
-        self._arm(lim.body_timeout)
-
-    def _on_end(self) -> None:
-        req = self.request
-        assert req is not None
-        self.state = _HttpState.BUSY
-        self.deadline = math.inf  # a handler's time is bounded by handler_timeout
-        try:
-            self._route(req)
-        except Exception:
-            _logger.exception("unexpected error answering %s %s", req.method, req.target[:200])
-            if self.state is _HttpState.BUSY:
-                self._respond(500, b"internal server error\n")
+        """Handle what the reader holds, at most ``_EVENTS_PER_TURN`` events
+        before the other connections get a turn. One loop serves every
+        pipelined request: an answer given inside it starts the next cycle
+        and returns here, so depth does not grow."""
+        budget = _EVENTS_PER_TURN
+        while self.state in _READING and not self.pausing:
+            if not budget:
+                self._yield_turn()
+                return
+            budget -= 1
+            try:
+                event = self.reader.next_event()
+            except ProtocolError as exc:
+                self.request = self.reader.request
+                self._respond(_refusal(exc, self.request))
+                continue
+            if event is None:
+                return
+            event_type = type(event)
+            if event_type is bytes:
+                self.body.append(event)  # type: ignore[arg-type]
+            elif event_type is _Request:
+                self._on_head(event)  # type: ignore[arg-type]
+            elif event_type is _EndOfRequest:
+                self._on_end()
             else:
                 self._close()
 
-    def _finish_cycle(self, keep_alive: bool) -> None:
-        """After our response: start the next request, or close."""
-        if self.state is _HttpState.CLOSED:
+    def _on_head(self, req: _Request) -> None:
+        self.request = req
+        try:
+            action = self.srv.router.route(req, self.client)
+        except ProtocolError as exc:
+            action = _refusal(exc, req)
+        except Exception:
+            _logger.exception("unexpected error routing %s %s", req.method, req.target[:200])
+            action = _Answer(500, b"internal server error\n")
+        self.action = action
+        if type(action) is _ReadBody:
+            if req.headers.get(b"expect", b"").lower() == b"100-continue":
+                # RFC 9110 section 10.1.1: the client waits for this before the body.
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif req.has_body:
+            self._act(action)  # the body is not wanted: answer now, then close
             return
-        if not keep_alive:
-            self._close()
-            return
-        # A fresh parser per request: it costs less than a microsecond, and the
-        # old one hands over what the client already pipelined.
-        pipelined, closed = self.h11.trailing_data
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.srv.limits.max_head_bytes)
-        self.request = None
         self.body = []
-        self._resume()
-        if not pipelined and not closed:
-            self.state = _HttpState.IDLE
-            self._arm(self.srv.limits.keepalive_timeout)
-            return
-        self.state = _HttpState.HEAD
-        self._arm(self.srv.limits.header_timeout)
-        self.h11.receive_data(pipelined)
-        if closed:
-            self.h11.receive_data(b"")
-        if not self.paused:
-            self._process()
+        self.state = _HttpState.BODY
+        self._arm(self.srv.limits.body_timeout)
 
-    def _respond(
-        self,
-        status: int,
-        body: bytes,
-        content_type: bytes = b"text/plain; charset=utf-8",
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        if self.state is _HttpState.CLOSED or self.transport is None:
+    def _on_end(self) -> None:
+        action = self.action
+        assert action is not None
+        if type(action) is _ReadBody:
+            body = b"".join(self.body)
+            self.body = []
+            try:
+                action = action.handle(body)
+            except Exception:
+                _logger.exception("unexpected error answering %s", self.request)
+                action = _Answer(500, b"internal server error\n")
+        self._act(action)
+
+    def _act(self, action: _Action) -> None:
+        self.state = _HttpState.BUSY
+        self.deadline = math.inf  # a handler's time is bounded by handler_timeout
+        action_type = type(action)
+        if action_type is _Answer:
+            self._respond(action)  # type: ignore[arg-type]
+        elif action_type is _Upgrade:
+            self._upgrade(action)  # type: ignore[arg-type]
+        else:
+            self._pause(_BY_WORK)
+            self.srv.spawn(self._answer_later(action))  # type: ignore[arg-type]
+
+    async def _answer_later(self, action: _SendFile | Awaitable[_Answer]) -> None:
+        if isinstance(action, _SendFile):
+            try:
+                await self._send_file(action)
+            except ConnectionClosed:
+                return
+            finally:
+                action.file.close()
+        else:
+            try:
+                answer = await action
+            except Exception:
+                _logger.exception("answering %s raised", self.request)
+                answer = _Answer(500, b"internal server error\n")
+            self._respond(answer)
+        self._process()
+
+    async def _send_file(self, f: _SendFile) -> None:
+        req = self.request
+        assert req is not None
+        keep_alive = self._keep_alive()
+        self.transport.write(_http_head(200, f.content_type, f.size, f.headers, keep_alive=keep_alive))
+        left = 0 if req.method == b"HEAD" else f.size
+        while left > 0:
+            await self.writable()
+            chunk = f.file.read(min(_FILE_CHUNK_BYTES, left))
+            if not chunk:  # the file shrank: the promised length cannot be kept
+                self._abort()
+                raise ConnectionClosed(1006, "file shrank")
+            self.transport.write(chunk)
+            left -= len(chunk)
+        self._log(200)
+        self._finish_cycle(keep_alive)
+
+    def _respond(self, answer: _Answer) -> None:
+        if self.state is _HttpState.CLOSED or self.state is _HttpState.DRAINING:
             return
         req = self.request
-        hs = headers or []
-        if self.new_session:
-            hs.append((b"set-cookie", _session_cookie(self.session_id, self.srv.app.secure_cookies)))
-            self.new_session = False
-        head = req is not None and req.method == b"HEAD"
         keep_alive = self._keep_alive()
-        self.transport.write(_http_response(status, body, content_type, hs, keep_alive=keep_alive, head=head))
-        self._log(status)
+        self.transport.write(
+            _http_response(
+                answer.status,
+                answer.body,
+                answer.content_type,
+                answer.headers,
+                keep_alive=keep_alive,
+                head=req is not None and req.method == b"HEAD",
+            )
+        )
+        self._log(answer.status)
         self._finish_cycle(keep_alive)
 
     def _keep_alive(self) -> bool:
@@ -2107,10 +3047,56 @@ class _HttpConn(asyncio.BufferedProtocol):
         return (
             req is not None
             and req.http_version == b"1.1"
-            and self.h11.their_state is h11.DONE
-            and b"close" not in self.headers.get(b"connection", b"").lower()
+            and self.reader.done
+            and b"close" not in req.headers.get(b"connection", b"").lower()
             and not self.srv.closing
         )
+
+    def _finish_cycle(self, keep_alive: bool) -> None:
+        """After our answer: the next request, or the end of the connection."""
+        if self.state is _HttpState.CLOSED:
+            return
+        self.request = self.action = None
+        if not keep_alive:
+            if self.reader.done or not self.transport.can_write_eof():
+                self._close()
+                return
+            # Closing with unread bytes makes the kernel send a reset that can
+            # destroy the answer in flight: half-close, and read the rest of
+            # what the client sends for a moment (as nginx does).
+            self.transport.write_eof()
+            self.state = _HttpState.DRAINING
+            self.pausing = 0
+            self.transport.resume_reading()
+            self._arm(_LINGER_S)
+            return
+        self._resume(_BY_WORK)
+        if self.reader.next_cycle():
+            self.state = _HttpState.HEAD
+            self._arm(self.srv.limits.header_timeout)
+        else:
+            self.state = _HttpState.IDLE
+            self._arm(self.srv.limits.keepalive_timeout)
+
+    def _upgrade(self, up: _Upgrade) -> None:
+        """Write the 101 and hand the socket to a ``_WsConn``."""
+        out = [b"HTTP/1.1 101 Switching Protocols\r\n"] + [b"%s: %s\r\n" % h for h in up.headers] + [b"\r\n"]
+        self.transport.write(b"".join(out))
+        self._log(101)
+        self.state = _HttpState.CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        ws = _WsConn(self.srv, self.transport, up)
+        self.srv.conns.add(ws)
+        paused = self.pausing
+        self._lost()
+        self.transport.set_protocol(ws)
+        if paused:
+            self.transport.resume_reading()
+        if self.write_paused:
+            ws.pause_writing()
+        ws.start(self.reader.trailing, up.stale)
 
     def _log(self, status: int) -> None:
         if self.srv.access_log and _access_logger.isEnabledFor(logging.INFO):
@@ -2128,263 +3114,12 @@ class _HttpConn(asyncio.BufferedProtocol):
                     status,
                 )
 
-    def _header(self, name: bytes) -> str | None:
-        value = self.headers.get(name)
-        return None if value is None else value.decode("latin-1")
-
-    def _session(self) -> str:
-        sid = _session_from_cookie(self._header(b"cookie"))
-        if sid is None:
-            sid = _new_session_id()
-            self.new_session = True
-        self.session_id = sid
-        return sid
-
-    def _origin_ok(self) -> bool:
-        origin = self._header(b"origin")
-        host = self._header(b"host")
-        if _origin_allowed(origin, host, self.srv.app.allowed_origins):
-            return True
-        _logger.warning(
-            "refused cross-origin request from %s: Origin %r, expected http(s)://%s or one of allowed_origins %s",
-            self.client[0] if self.client else "-",
-            origin,
-            host,
-            sorted(self.srv.app.allowed_origins),
-        )
-        return False
-
-    def _route(self, req: h11.Request) -> None:
-        target = req.target.decode("latin-1")
-        raw_path, _, query = target.partition("?")
-        path = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
-        method = req.method
-        reg = self.srv.registry
-        if path == "/_rally/rpc":
-            if method != b"POST":
-                self._respond(405, b"method not allowed\n", headers=[(b"allow", b"POST")])
-            elif not self._origin_ok():
-                self._respond(403, b"cross-origin request refused\n")
-            else:
-                ctype = (self._header(b"content-type") or "").split(";")[0].strip().lower()
-                if ctype != "application/json":
-                    self._respond(415, b"RPC requires Content-Type: application/json\n")
-                else:
-                    self._rpc()
-            return
-        if path == "/_rally/ws" or path in reg.raw_routes:
-            self._upgrade(path, query)
-            return
-        if method not in (b"GET", b"HEAD"):
-            allowed = path == "/_rally/client.js" or path == "/_rally/contract" or reg.match_page(path)
-            if allowed:
-                self._respond(405, b"method not allowed\n", headers=[(b"allow", b"GET, HEAD")])
-            else:
-                self._respond(404, b"not found\n")
-            return
-        if path == "/_rally/client.js":
-            self._cached(_CLIENT_JS_BYTES, b"application/javascript; charset=utf-8", _CLIENT_JS_ETAG)
-            return
-        if path == "/_rally/contract":
-            doc, digest = reg.contract()
-            self._cached(doc, b"application/json", b'"' + digest.encode() + b'"')
-            return
-        for prefix, directory in reg.static:
-            if path.startswith(prefix):
-                self._static(path[len(prefix) :], directory)
-                return
-        found = reg.match_page(path)
-        if found is None:
-            self._respond(404, b"not found\n")
-            return
-        page, params = found
-        self._page(page, path, params)
-
-    def _cached(self, body: bytes, content_type: bytes, etag: bytes) -> None:
-        headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
-        if self._header(b"if-none-match") == etag.decode():
-            self._respond(304, b"", content_type, headers)
-        else:
-            self._respond(200, body, content_type, headers)
-
-    def _static(self, rel: str, directory: str) -> None:
-        parts = rel.split("/")
-        if any(p in ("..", ".") or "\\" in p or "\0" in p for p in parts) or rel.startswith("/"):
-            self._respond(404, b"not found\n")
-            return
-        root = os.path.realpath(directory)
-        full = os.path.realpath(os.path.join(root, *[p for p in parts if p]))
-        if not full.startswith(root + os.sep) or not os.path.isfile(full):
-            self._respond(404, b"not found\n")
-            return
-        st = os.stat(full)
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
-        import mimetypes  # only apps that serve files pay for its tables
-
-        ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
-            ctype += "; charset=utf-8"
-        if self._header(b"if-none-match") == etag.decode():
-            self._respond(304, b"", ctype.encode(), [(b"etag", etag)])
-            return
-        with open(full, "rb") as f:
-            body = f.read()
-        self._respond(200, body, ctype.encode(), [(b"etag", etag), (b"cache-control", b"no-cache")])
-
-    def _context(self, page: str | None, params: dict[str, Any]) -> ServerContext:
-        assert self.request is not None
-        return ServerContext(self._session(), page, params, self.request.headers, self.client, None, self.srv.app.state)
-
-    def _page(self, page: _Page, path: str, params: dict[str, Any]) -> None:
-        ctx = self._context(path, params)
-        contract_hash = self.srv.registry.contract()[1]
-        boot = {"page": path, "params": params, "contract": contract_hash, "stateful": page.stateful}
-        if page.view is None:
-            assert page.html is not None
-            self._respond(200, _html_boot(page.html, boot).encode(), b"text/html; charset=utf-8")
-            return
-        kwargs = dict(params)
-        if page.view_wants_context:
-            kwargs[page.view_wants_context] = ctx
-        view = page.view
-
-        async def render() -> bytes:
-            html = view(**kwargs)
-            if inspect.isawaitable(html):
-                html = await asyncio.wait_for(html, self.srv.limits.handler_timeout)
-            if not isinstance(html, str):
-                raise TypeError(f"view of page {page.name} returned {type(html).__name__}, expected str")
-            return _html_boot(html, boot).encode()
-
-        self._run(render(), lambda body: self._respond(200, body, b"text/html; charset=utf-8"), f"view of {page.name}")
-
-    def _run(self, coro: Awaitable[Any], done: Callable[[Any], None], what: str) -> None:
-        """Run a coroutine for the current request; reading waits meanwhile."""
-        self._pause()
-
-        async def step() -> None:
-            try:
-                result = await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _logger.exception("%s raised", what)
-                self.task = None
-                self._respond(500, b"internal server error\n")
-                return
-            self.task = None
-            done(result)
-
-        self.task = self.srv.loop.create_task(step())
-
-    def _rpc(self) -> None:
-        reg = self.srv.registry
-        expected = self._header(b"rally-contract")
-        if expected is not None and expected != reg.contract()[1]:
-            self._json(
-                409,
-                _error_reply(
-                    None, "stale_contract", [{"path": "", "message": "the server's contract changed; reload"}]
-                ),
-            )
-            return
-        try:
-            kind, msg_id, msg = _parse_envelope(reg.json.loads(b"".join(self.body)))
-            if kind != "rpc":
-                raise ContractError(
-                    "invalid",
-                    [{"path": "kind", "message": 'POST /_rally/rpc takes "rpc" envelopes; "send" needs a WebSocket'}],
-                )
-        except ContractError as exc:
-            self._json(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors))
-            return
-        page = self._header(b"rally-page")
-        found = reg.match_page(page) if page else None
-        ctx = self._context(page if found else None, found[1] if found else {})
-        self.new_session = False  # pages set the cookie; an RPC only reads it
-        reply = reg.rpc(msg_id, msg, ctx)
-        if isinstance(reply, tuple):
-            self._json(*reply)
-        else:
-            self._run(reply, lambda r: self._json(*r), "RPC")
-
-    def _json(self, status: int, body: bytes) -> None:
-        self._respond(status, body, b"application/json")
-
-    def _upgrade(self, path: str, query: str) -> None:
-        """Validate a WebSocket handshake and hand the socket to a _WsConn."""
-        req = self.request
-        assert req is not None
-        reg = self.srv.registry
-        if req.method != b"GET":
-            self._respond(405, b"method not allowed\n", headers=[(b"allow", b"GET")])
-            return
-        if not self._origin_ok():
-            self._respond(403, b"cross-origin WebSocket refused\n")
-            return
-        qs = urllib.parse.parse_qs(query, max_num_fields=8)
-        page: _Page | None = None
-        page_path = ""
-        params: dict[str, Any] = {}
-        raw = reg.raw_routes.get(path)
-        if raw is None:
-            page_path = (qs.get("page") or [""])[0]
-            found = reg.match_page(page_path) if page_path else None
-            if found is None:
-                self._respond(404, b"no page at ?page=\n")
-                return
-            page, params = found
-        connection_tokens = [t.strip() for t in (self._header(b"connection") or "").lower().split(",")]
-        if (self._header(b"upgrade") or "").lower() != "websocket" or "upgrade" not in connection_tokens:
-            self._respond(426, b"WebSocket upgrade required\n", headers=[(b"upgrade", b"websocket")])
-            return
-        if self._header(b"sec-websocket-version") != "13":
-            self._respond(426, b"WebSocket version 13 required\n", headers=[(b"sec-websocket-version", b"13")])
-            return
-        key = self._header(b"sec-websocket-key") or ""
-        try:
-            valid_key = len(base64.b64decode(key, validate=True)) == 16
-        except (binascii.Error, ValueError):
-            valid_key = False
-        if not valid_key:
-            self._respond(400, b"bad Sec-WebSocket-Key\n")
-            return
-        sent_hash = qs["contract"][0] if "contract" in qs else None
-        stale = page is not None and sent_hash is not None and sent_hash != reg.contract()[1]
-        ctx = self._context(page_path or path, params)
-        ctx.connection_id = next(self.srv.ids)
-        headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", _ws_accept(key.encode())),
-        ]
-        if self.new_session:
-            headers.append((b"set-cookie", _session_cookie(self.session_id, self.srv.app.secure_cookies)))
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        assert self.transport is not None
-        out = [b"HTTP/1.1 101 Switching Protocols\r\n"] + [b"%s: %s\r\n" % h for h in headers] + [b"\r\n"]
-        self.transport.write(b"".join(out))
-        self._log(101)
-        trailing, _ = self.h11.trailing_data
-        self.state = _HttpState.CLOSED
-        self.srv.forget(self)
-        ws = _WsConn(self.srv, self.transport, ctx, page, raw)
-        self.transport.set_protocol(ws)
-        if self.paused:
-            self.transport.resume_reading()
-        if stale:
-            ws.refuse_stale()
-            return
-        ws.start(trailing)
-
 
 class _WsState(enum.Enum):
     """A WebSocket's lifecycle: moves happen only in ``_WsConn._move``."""
 
     OPEN = "open"
-    CLOSING = "closing"  # we sent a close frame and wait for the peer's
+    CLOSING = "closing"  # a close frame went one way; the other is awaited
     CLOSED = "closed"
 
 
@@ -2395,68 +3130,31 @@ _WS_MOVES: Final = {
 }
 
 
-class _WsConn(asyncio.BufferedProtocol):
-    """One WebSocket: a typed page connection, or a raw ``@app.websocket`` one.
+class _WsConn(_Conn):
+    """One WebSocket: bytes to a ``_WsReader``, whole messages to the
+    session (a ``_PageSession`` or a raw route's ``_RawSession``), frames
+    from the session to the socket. It is the session's ``_Peer``.
 
-    The h11 connection is gone; wsproto parses incoming frames and control
-    frames, and outgoing data frames are built by ``_ws_frame``.
-    """
+    Timers, one per purpose: the ping timer (ping, then wait for the pong),
+    and ``_Conn``'s abort timer once a close has started. Every way the
+    connection ends passes through ``_end``."""
 
-    __slots__ = (
-        "srv",
-        "transport",
-        "ws",
-        "ctx",
-        "page",
-        "raw",
-        "topics",
-        "state",
-        "model",
-        "ready",
-        "pending",
-        "worker",
-        "tasks",
-        "parts",
-        "size",
-        "timer",
-        "awaiting_pong",
-        "write_paused",
-        "paused",
-        "socket",
-        "tracker",
-    )
+    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "ended")
 
-    def __init__(
-        self,
-        srv: Server,
-        transport: asyncio.Transport,
-        ctx: ServerContext,
-        page: _Page | None,
-        raw: _RawRoute | None,
-    ) -> None:
-        self.srv = srv
-        self.transport = transport
-        self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
-        self.ctx = ctx
-        self.page = page
-        self.raw = raw
-        self.topics = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
+    def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
+        super().__init__(srv, transport)
+        self.reader = _WsReader(srv.limits.max_message_bytes)
+        self.ctx = up.ctx
+        self.session: _PageSession | _RawSession
+        if up.page is not None:
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn)
+        else:
+            assert up.raw is not None
+            self.session = _RawSession(up.raw, up.ctx, self, srv)
         self.state = _WsState.OPEN
-        self.model: Any = None
-        self.ready = False  # server_init has returned
-        # A list, not a deque: at most max_pending_messages items, and an idle
-        # connection keeps 56 bytes instead of 624.
-        self.pending: list[Any] = []
-        self.worker: asyncio.Task[None] | None = None
-        self.tasks: set[asyncio.Task[Any]] | None = None  # made by the first RPC task
-        self.parts: list[Any] = []
-        self.size = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.ping_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
-        self.write_paused = False
-        self.paused = False
-        self.socket: WebSocket | None = None
-        self.tracker = _FrameTracker()
+        self.ended = False
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -2465,62 +3163,58 @@ class _WsConn(asyncio.BufferedProtocol):
             raise RuntimeError(f"WebSocket cannot move from {self.state.value} to {to.value}")
         self.state = to
 
-    def start(self, trailing: bytes) -> None:
-        srv = self.srv
-        srv.conns.add(self)
-        self._arm(srv.limits.ping_interval, self._ping)
-        if self.raw is not None:
-            self.socket = WebSocket(self)
-            self._spawn(self._run_raw())
-        else:
-            srv.registry.join(self, self.topics)
-            self._init()
+    def start(self, trailing: bytes, stale: bool) -> None:
+        if stale:
+            errors = [{"path": "", "message": "the server's contract changed; reload"}]
+            self.write_frame(_ws_frame(_error_reply(None, "stale_contract", errors)))
+            self.close(CLOSE_STALE_CONTRACT, "stale_contract")
+            return
+        self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
+        self.session.start()
         if trailing:
-            self._feed(trailing)
-
-    def refuse_stale(self) -> None:
-        self.srv.conns.add(self)
-        errors = [{"path": "", "message": "the server's contract changed; reload"}]
-        self.write_frame(_ws_frame(_error_reply(None, "stale_contract", errors)))
-        self.close(CLOSE_STALE_CONTRACT, "stale_contract")
+            self.reader.feed(trailing)
+            self._process()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake; the peer has close_timeout to answer."""
+        """Start the closing handshake; the peer has ``close_timeout`` to answer."""
         if self.state is not _WsState.OPEN:
             return
         self._move(_WsState.CLOSING)
-        self._leave()
+        self._end(code, reason)
         self._send(wsproto.events.CloseConnection(code=code, reason=reason))
-        self._arm(self.srv.limits.close_timeout, self._abort)
+        if self.abort_timer is None:
+            self.abort_timer = self.srv.loop.call_later(self.srv.limits.close_timeout, self._abort)
 
-    def _abort(self) -> None:
-        self.timer = None
-        self.transport.abort()
+    def shut_down(self) -> None:
+        """Server shutdown: stop reading, let the work in flight finish, close with 1001."""
+        if self.state is _WsState.OPEN:
+            self._pause(_BY_SHUTDOWN)
+            self.srv.spawn(self._shut_down())
 
-    def _leave(self) -> None:
-        if self.page is not None:
-            self.srv.registry.leave(self, self.topics)
+    async def _shut_down(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.session.settle(), self.srv.limits.shutdown_timeout)
+        self.close(1001, "server shutting down")
+
+    def _end(self, code: int, reason: str) -> None:
+        """The one place every end of the connection passes, once: a close
+        from either side, a protocol error, a drop, a time-out, shutdown."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
+        self._resume(_BY_WORK)  # the peer's close frame must still be read
+        self.session.end(code, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _WsState.CLOSED  # from any state: the socket is gone
-        self._leave()
-        self.srv.forget(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.worker is not None:
-            self.worker.cancel()
-        for task in tuple(self.tasks or ()):
-            task.cancel()
-        if self.socket is not None:
-            self.socket._closed(1006 if exc is not None else 1000)
-
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.srv.loop.call_later(seconds, callback)
+        self._end(1006, "connection lost")
+        self._lost()
 
     def _ping(self) -> None:
+        self.ping_timer = None
         if self.state is not _WsState.OPEN:
             return
         if self.awaiting_pong:
@@ -2531,14 +3225,24 @@ class _WsConn(asyncio.BufferedProtocol):
             return
         self.awaiting_pong = True
         self._send(wsproto.events.Ping(payload=b"rally"))
-        self._arm(self.srv.limits.pong_timeout, self._ping)
+        self.ping_timer = self.srv.loop.call_later(self.srv.limits.pong_timeout, self._ping)
 
-    # -- writing --------------------------------------------------------------
+    # -- the session's peer -----------------------------------------------------
 
     def write_frame(self, frame: bytes) -> None:
         """Write a data frame while the connection is open."""
         if self.state is _WsState.OPEN:
             self._write(frame)
+
+    def pause(self) -> None:
+        self._pause(_BY_WORK)
+
+    def resume(self) -> None:
+        if self.pausing & _BY_WORK:
+            self._resume(_BY_WORK)
+            self._yield_turn()  # messages read before the pause wait in the reader
+
+    # -- writing --------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
         """The one place bytes leave: a slow consumer past the bound is dropped."""
@@ -2551,381 +3255,201 @@ class _WsConn(asyncio.BufferedProtocol):
                 self.srv.limits.max_outgoing_bytes,
             )
             self.state = _WsState.CLOSED
-            self._leave()
+            self._end(1006, "slow consumer")
             transport.abort()
 
     def _send(self, event: wsproto.events.Event) -> None:
         """Send a control frame (ping, pong, close) through wsproto."""
-        data = self.ws.send(event)
+        data = self.reader.send(event)
         if data and self.state is not _WsState.CLOSED:
             self._write(data)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self._pause()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._resume()
-
-    def _pause(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self.paused and not self.write_paused and len(self.pending) < self.srv.limits.max_pending_messages:
-            if self.socket is None or not self.socket._full():
-                self.paused = False
-                self.transport.resume_reading()
-
     # -- reading --------------------------------------------------------------
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.srv.read_buffer
-
     def buffer_updated(self, nbytes: int) -> None:
-        self._feed(bytes(self.srv.read_buffer[:nbytes]))
+        self.reader.feed(bytes(self.srv.read_buffer[:nbytes]))
+        self._process()
 
     def eof_received(self) -> bool:
-        self.ws.receive_data(None)
-        self._events()
+        # The peer closed its side without a close frame: a network loss.
+        self._end(1006, "connection lost")
         return False
 
-    def _feed(self, data: bytes) -> None:
-        if self.tracker.clean:
-            messages = _read_text_frames(data)
-            if messages is not None:
-                try:
-                    for text, size in messages:
-                        if self.state is not _WsState.OPEN:
-                            return
-                        if size > self.srv.limits.max_message_bytes:
-                            raise ProtocolError(
-                                f"message larger than {self.srv.limits.max_message_bytes} bytes", 413, 1009
-                            )
-                        self._deliver(text)
-                except ProtocolError as exc:
-                    self.close(exc.close_code, str(exc))
-                return
-        self.tracker.feed(data)
-        self.ws.receive_data(data)
-        self._events()
-
-    def _events(self) -> None:
+    def _process(self) -> None:
+        """Handle what the reader holds, at most ``_EVENTS_PER_TURN`` events
+        before the other connections get a turn."""
+        budget = _EVENTS_PER_TURN
+        reader = self.reader
         try:
-            for event in self.ws.events():
-                handler = _WS_EVENTS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
-                if self.state is _WsState.CLOSED:
+            while self.state is not _WsState.CLOSED and not self.pausing:
+                if not budget:
+                    self._yield_turn()
                     return
+                budget -= 1
+                event = reader.next_event()
+                if event is None:
+                    return
+                event_type = type(event)
+                if event_type is str or event_type is bytes:
+                    if self.state is _WsState.OPEN:
+                        self.session.receive(event)  # type: ignore[arg-type]
+                elif event_type is not _PartialMessage:
+                    _WS_EVENTS[event_type](self, event)
         except ProtocolError as exc:
             self.close(exc.close_code, str(exc))
-
-    def _on_message(self, event: wsproto.events.Message[Any]) -> None:
-        if self.state is not _WsState.OPEN:
-            return
-        data = event.data
-        limit = self.srv.limits.max_message_bytes
-        # Counted in bytes across fragments: wsproto has no limit of its own.
-        self.size += len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
-        if self.size > limit:
-            raise ProtocolError(f"message larger than {limit} bytes", 413, close_code=1009)
-        if not event.message_finished:
-            self.parts.append(data)
-            return
-        if self.parts:
-            self.parts.append(data)
-            data = data[:0].join(self.parts)
-            self.parts = []
-        self.size = 0
-        self._deliver(data)
-
-    def _deliver(self, data: str | bytes) -> None:
-        """A whole message arrived."""
-        if self.socket is not None:
-            self.socket._deliver(data)
-        elif isinstance(data, str):
-            self._on_text(data)
-        else:
-            raise ProtocolError("binary frames are not accepted here", close_code=1003)
 
     def _on_ping(self, event: wsproto.events.Ping) -> None:
         if self.state is _WsState.OPEN:
             self._send(event.response())
 
     def _on_pong(self, event: wsproto.events.Pong) -> None:
-        if self.awaiting_pong:
+        if self.awaiting_pong and self.state is _WsState.OPEN:
             self.awaiting_pong = False
-            self._arm(self.srv.limits.ping_interval, self._ping)
+            if self.ping_timer is not None:
+                self.ping_timer.cancel()
+            self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
 
     def _on_close(self, event: wsproto.events.CloseConnection) -> None:
         if self.state is _WsState.OPEN:
             # The peer started the close (or broke the protocol: wsproto
             # reports that as a CloseConnection with 1002/1007): answer it.
             self._move(_WsState.CLOSING)
-            self._leave()
-            if self.ws.state is ConnectionState.REMOTE_CLOSING or self.ws.state is ConnectionState.OPEN:
-                self._send(event.response() if self.ws.state is ConnectionState.REMOTE_CLOSING else event)
-        self._move(_WsState.CLOSED)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+            self._end(event.code, event.reason or "")
+            ws_state = self.reader.ws.state
+            if ws_state is ConnectionState.REMOTE_CLOSING:
+                self._send(event.response())
+            elif ws_state is ConnectionState.OPEN:
+                self._send(event)
+        if self.state is not _WsState.CLOSED:
+            self._move(_WsState.CLOSED)
         # RFC 6455 section 7.1.1: the server closes the TCP connection first.
-        self.transport.close()
-
-    # -- typed pages ----------------------------------------------------------
-
-    def _reply(self, body: bytes) -> None:
-        self.write_frame(_ws_frame(body))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = self.srv.loop.create_task(coro)
-        if self.tasks is None:
-            self.tasks = set()
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def _on_text(self, text: str) -> None:
-        reg = self.srv.registry
-        try:
-            kind, msg_id, msg = _parse_envelope(reg.json.loads(text))
-        except ContractError as exc:
-            self._reply(_error_reply(None, exc.code, exc.errors))
-            return
-        if kind == "rpc":
-            reply = reg.rpc(msg_id, msg, self.ctx)
-            if isinstance(reply, tuple):
-                self._reply(reply[1])
-            else:
-                self._spawn(self._rpc_async(reply))
-            return
-        page = self.page
-        assert page is not None
-        if page.to_server is None:
-            errors = [{"path": "", "message": f"page {page.route.pattern} has no server_update"}]
-            self._reply(_error_reply(None, "not_stateful", errors))
-            return
-        if msg["type"] not in page.to_server_names:
-            errors = [{"path": "msg.type", "message": f"page {page.route.pattern} takes no {msg['type'][:40]!r}"}]
-            self._reply(_error_reply(None, "unknown_type", errors))
-            return
-        try:
-            value = page.to_server.decode(msg)
-        except _Bad as bad:
-            self._reply(_error_reply(None, bad.code, [bad.at("msg")]))
-            return
-        if self.ready and self.worker is None and not page.update_is_async:
-            self._update_now(value)
-            return
-        self.pending.append(value)
-        if len(self.pending) >= self.srv.limits.max_pending_messages:
-            self._pause()
-        if self.ready and self.worker is None:
-            self.worker = self.srv.loop.create_task(self._drain())
-
-    async def _rpc_async(self, reply: Awaitable[_Reply]) -> None:
-        status, body = await reply
-        self._reply(body)
-
-    def _init(self) -> None:
-        page = self.page
-        assert page is not None
-        if page.init is None:
-            self.ready = True
-            return
-        kwargs = dict(self.ctx.params)
-        if page.init_wants_context:
-            kwargs[page.init_wants_context] = self.ctx
-        if inspect.iscoroutinefunction(page.init):
-            self.worker = self.srv.loop.create_task(self._init_async(page.init(**kwargs)))
-            return
-        try:
-            result = page.init(**kwargs)
-        except Exception:
-            _logger.exception("server_init of page %s raised (page %s)", page.name, self.ctx.page)
-            self._internal_close()
-            return
-        self._accept_init(result)
-
-    async def _init_async(self, coro: Awaitable[Any]) -> None:
-        try:
-            result = await asyncio.wait_for(coro, self.srv.limits.handler_timeout)
-        except Exception:
-            assert self.page is not None
-            _logger.exception("server_init of page %s failed (page %s)", self.page.name, self.ctx.page)
-            self.worker = None
-            self._internal_close()
-            return
-        self.worker = None
-        if self._accept_init(result) and self.pending:
-            self.worker = self.srv.loop.create_task(self._drain())
-
-    def _accept_init(self, result: Any) -> bool:
-        assert self.page is not None
-        if not self._apply(result, "server_init"):
-            self._internal_close()
-            return False
-        self.ready = True
-        return True
-
-    def _internal_close(self) -> None:
-        self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-        self.close(1011, "server_init failed")
-
-    def _apply(self, result: Any, what: str) -> bool:
-        """Take ``(model, effect)`` from a handler: keep the model, run the effect."""
-        page = self.page
-        assert page is not None
-        try:
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise _Bad(f"expected a (model, effect) tuple, got {type(result).__name__}")
-            model, eff = result
-            if not isinstance(eff, Effect):
-                raise _Bad(f"expected rally.Effect, got {type(eff).__name__}")
-            self.model = model
-            self.srv.registry.run_effect(eff, self, self.topics, page)
-            return True
-        except _Bad as bad:
-            _logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
-            return False
-
-    def _update_now(self, value: Any) -> None:
-        page = self.page
-        assert page is not None and page.update is not None
-        args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
-        try:
-            result = page.update(*args)
-        except Exception:
-            _logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
-            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-            return
-        if not self._apply(result, "server_update"):
-            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-
-    async def _drain(self) -> None:
-        """Run queued ``send`` messages in order, one ``server_update`` at a time."""
-        page = self.page
-        assert page is not None and page.update is not None
-        try:
-            while self.pending and self.state is _WsState.OPEN:
-                value = self.pending.pop(0)
-                if len(self.pending) < self.srv.limits.max_pending_messages:
-                    self._resume()
-                if not page.update_is_async:
-                    self._update_now(value)
-                    continue
-                args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
-                try:
-                    result = await asyncio.wait_for(page.update(*args), self.srv.limits.handler_timeout)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    _logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
-                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-                    continue
-                if not self._apply(result, "server_update"):
-                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-        finally:
-            self.worker = None
-
-    # -- raw routes -----------------------------------------------------------
-
-    async def _run_raw(self) -> None:
-        assert self.raw is not None and self.socket is not None
-        try:
-            await self.raw.handler(self.socket)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            _logger.exception("WebSocket handler for %s raised", self.raw.path)
-            self.close(1011, "internal error")
-            return
-        self.close(1000)
+        self._close_transport()
 
 
 _WS_EVENTS: Final[dict[type, Callable[[_WsConn, Any], None]]] = {
-    wsproto.events.TextMessage: _WsConn._on_message,
-    wsproto.events.BytesMessage: _WsConn._on_message,
     wsproto.events.Ping: _WsConn._on_ping,
     wsproto.events.Pong: _WsConn._on_pong,
     wsproto.events.CloseConnection: _WsConn._on_close,
 }
 
 
+class _RawSession:
+    """An ``@app.websocket`` connection: the handler's task and its inbox
+    (at most ``max_pending_messages``; reading pauses at the bound)."""
+
+    __slots__ = ("route", "peer", "srv", "socket", "inbox", "waiter", "closed", "task")
+
+    def __init__(self, route: _RawRoute, ctx: ServerContext, peer: _WsConn, srv: Server) -> None:
+        self.route = route
+        self.peer = peer
+        self.srv = srv
+        self.socket = WebSocket(self, ctx)
+        self.inbox: collections.deque[str | bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed: ConnectionClosed | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = self.srv.spawn(self._run())
+
+    def receive(self, data: str | bytes) -> None:
+        self.inbox.append(data)
+        if len(self.inbox) >= self.srv.limits.max_pending_messages:
+            self.peer.pause()
+        self._wake()
+
+    def end(self, code: int, reason: str) -> None:
+        """``receive()`` and ``send()`` raise ``ConnectionClosed(code)`` from
+        now on; a handler that is still running ``close_timeout`` later is
+        cancelled."""
+        self.closed = ConnectionClosed(code, reason)
+        self._wake()
+        task = self.task
+        if task is not None and not task.done():
+            self.srv.loop.call_later(self.srv.limits.close_timeout, task.cancel)
+
+    async def settle(self) -> None:
+        """Nothing to wait for: the handler learns of the shutdown from the 1001."""
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _run(self) -> None:
+        try:
+            await self.route.handler(self.socket)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            _logger.exception("WebSocket handler for %s raised", self.route.path)
+            self.peer.close(1011, "internal error")
+            return
+        self.peer.close(1000)
+
+
 class WebSocket:
     """The connection an ``@app.websocket`` handler gets.
 
-    ``await receive()`` returns the next message (``str`` or ``bytes``) and
-    raises ``ConnectionClosed`` once the connection is closed; ``send``
-    writes one message; ``close(code)`` starts the closing handshake. The
-    limits, time-outs and origin check of every WebSocket apply.
+    ``await receive()`` returns the next message (``str`` or ``bytes``);
+    ``await send(data)`` writes one, waiting while the peer is not reading;
+    ``await close(code)`` starts the closing handshake. Once the connection
+    is closed both raise ``ConnectionClosed`` with the peer's close code
+    (1006 when it was dropped without one). The limits, time-outs and origin
+    check of every WebSocket apply.
     """
 
-    __slots__ = ("_conn", "_queue", "_waiter", "_close_code")
+    __slots__ = ("_session", "_ctx")
 
-    def __init__(self, conn: _WsConn) -> None:
-        self._conn = conn
-        self._queue: collections.deque[str | bytes] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._close_code: int | None = None
+    def __init__(self, session: _RawSession, ctx: ServerContext) -> None:
+        self._session = session
+        self._ctx = ctx
 
     @property
     def context(self) -> ServerContext:
         """The connection's ServerContext (session, headers, client, state)."""
-        return self._conn.ctx
+        return self._ctx
 
     async def receive(self) -> str | bytes:
         """The next message; raises ``ConnectionClosed`` when there is none to come."""
-        while not self._queue:
-            if self._close_code is not None or self._conn.state is not _WsState.OPEN:
-                raise ConnectionClosed(self._close_code or 1000)
-            self._waiter = self._conn.srv.loop.create_future()
+        s = self._session
+        while not s.inbox:
+            if s.closed is not None:
+                raise s.closed
+            s.waiter = s.srv.loop.create_future()
             try:
-                await self._waiter
+                await s.waiter
             finally:
-                self._waiter = None
-        data = self._queue.popleft()
-        self._conn._resume()
+                s.waiter = None
+        data = s.inbox.popleft()
+        if len(s.inbox) < s.srv.limits.max_pending_messages:
+            s.peer.resume()
         return data
 
     async def send(self, data: str | bytes) -> None:
-        """Send one text (``str``) or binary (``bytes``) message."""
-        if self._conn.state is not _WsState.OPEN:
-            raise ConnectionClosed(self._close_code or 1000)
+        """Send one text (``str``) or binary (``bytes``) message; waits while
+        the peer is not taking what was sent before."""
+        s = self._session
+        if s.closed is None:
+            await s.peer.writable()
+        if s.closed is not None:
+            raise s.closed
         if isinstance(data, str):
-            self._conn.write_frame(_ws_frame(data.encode("utf-8")))
+            s.peer.write_frame(_ws_frame(data.encode("utf-8")))
         else:
-            self._conn.write_frame(_ws_frame(bytes(data), 0x2))
+            s.peer.write_frame(_ws_frame(bytes(data), 0x2))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with ``code``; returns at once, the handshake completes behind."""
-        self._conn.close(code, reason)
-
-    def _deliver(self, data: str | bytes) -> None:
-        self._queue.append(data)
-        if self._full():
-            self._conn._pause()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _full(self) -> bool:
-        return len(self._queue) >= self._conn.srv.limits.max_pending_messages
-
-    def _closed(self, code: int) -> None:
-        self._close_code = code
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._session.peer.close(code, reason)
 
 
 class Server:
     """A running server: ``url``, ``port``, and ``await close()``.
 
     Made by ``App.start``. ``close()`` stages shutdown: stop accepting, close
-    idle HTTP connections, close WebSockets with 1001, give in-flight work
-    ``shutdown_timeout`` seconds, then cancel what is left.
+    idle HTTP connections, let in-flight requests and WebSocket RPCs finish,
+    close WebSockets with 1001, give it all ``shutdown_timeout`` seconds,
+    abort the sockets left, and await every task it started.
     """
 
     def __init__(self, app: App, access_log: bool) -> None:
@@ -2935,12 +3459,16 @@ class Server:
         self.access_log = access_log
         self.loop = asyncio.get_running_loop()
         self.conns: set[_HttpConn | _WsConn] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
-        self.ids = itertools.count(1)
         self.closing = False
         self.host = ""
         self.port = 0
-        self._server: asyncio.AbstractServer | None = None
+        self.router: _Router = None  # type: ignore[assignment]  # set by _listen
+        self._sock: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None  # loops without add_reader
+        self._accept_timer: asyncio.TimerHandle | None = None
+        self._starved = False
         self._closed = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
 
@@ -2950,42 +3478,132 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    async def _listen(self, host: str, port: int, sock: Any = None) -> None:
-        if sock is not None:
-            self._server = await self.loop.create_server(lambda: _HttpConn(self), sock=sock)
-        else:
-            self._server = await self.loop.create_server(lambda: _HttpConn(self), host, port, backlog=1024)
-        name = self._server.sockets[0].getsockname()
+    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Start a task the server awaits before ``close()`` returns."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _listen(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = await self._bind(host, port)
+        sock.setblocking(False)
+        self._sock = sock
+        name = sock.getsockname()
         self.host, self.port = name[0], name[1]
+        self.router = _Router(self.app, _is_loopback(self.host))
+        try:
+            self.loop.add_reader(sock.fileno(), self._accept)
+        except NotImplementedError:  # a loop without add_reader: asyncio accepts
+            self._server = await self.loop.create_server(lambda: _HttpConn(self), sock=sock)
+
+    async def _bind(self, host: str, port: int) -> socket.socket:
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _accept(self) -> None:
+        """Accept what is waiting, a bounded number per turn. Out of file
+        descriptors, accepting pauses for a moment and says so once (asyncio's
+        own accept loop logs once per waiting connection, thousands of times
+        a second)."""
+        sock = self._sock
+        assert sock is not None
+        for _ in range(_EVENTS_PER_TURN):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    _logger.error("accept failed: %s", exc)
+                    return
+                if not self._starved:
+                    self._starved = True
+                    _logger.error(
+                        "out of file descriptors (%s): not accepting for %s s at a time until some close; "
+                        "max_connections is %d, RLIMIT_NOFILE may be too low (ulimit -n)",
+                        exc.strerror,
+                        _ACCEPT_BACKOFF_S,
+                        self.limits.max_connections,
+                    )
+                self.loop.remove_reader(sock.fileno())
+                self._accept_timer = self.loop.call_later(_ACCEPT_BACKOFF_S, self._accept_again)
+                return
+            if self._starved:
+                self._starved = False
+                _logger.warning("accepting connections again")
+            conn.setblocking(False)
+            self.spawn(self._connect(conn))
+
+    def _accept_again(self) -> None:
+        self._accept_timer = None
+        if not self.closing and self._sock is not None:
+            self.loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: _HttpConn(self), conn)
+        except OSError:
+            conn.close()
+
+    def _stop_accepting(self) -> None:
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        elif self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        self._sock = None
 
     async def close(self) -> None:
-        """Shut down gracefully (idempotent); returns when every connection is gone."""
+        """Shut down gracefully (idempotent); returns when every connection
+        is gone and every task the server started has finished."""
         if self.closing:
             await self._closed.wait()
             return
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_accepting()
         for conn in tuple(self.conns):
             if isinstance(conn, _WsConn):
-                conn.close(1001, "server shutting down")
-            elif conn.state in (_HttpState.IDLE, _HttpState.HEAD):
+                conn.shut_down()
+            elif conn.state in (_HttpState.IDLE, _HttpState.HEAD, _HttpState.DRAINING):
                 conn._close()
-        if self.conns:
-            self._drained = self.loop.create_future()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained, self.limits.shutdown_timeout)
+        await self._wait_drained(self.limits.shutdown_timeout)
         for conn in tuple(self.conns):
-            if conn.transport is not None:
-                conn.transport.abort()
-            conn.connection_lost(None)
+            conn.transport.abort()
+        await self._wait_drained(self.limits.close_timeout)
+        for task in tuple(self.tasks):
+            task.cancel()
+        if self.tasks:
+            done, pending = await asyncio.wait(tuple(self.tasks), timeout=self.limits.close_timeout)
+            if pending:
+                _logger.error("%d tasks did not finish after being cancelled at shutdown", len(pending))
         if self._server is not None:
             await self._server.wait_closed()
         self._closed.set()
 
-    def forget(self, conn: _HttpConn | _WsConn) -> None:
+    async def _wait_drained(self, seconds: float) -> None:
+        if self.conns:
+            self._drained = self.loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained, seconds)
+
+    def forget(self, conn: _Conn) -> None:
         """Drop a finished connection; the last one ends a shutdown's wait."""
-        self.conns.discard(conn)
+        self.conns.discard(conn)  # type: ignore[arg-type]
         if not self.conns and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -3003,8 +3621,12 @@ class App:
     Every limit is a keyword argument backed by a ``DEFAULT_*`` constant;
     ``state`` is handed to handlers as ``server_context.state``;
     ``allowed_origins`` extends the same-origin rule of the WebSocket
-    handshake and ``POST /_rally/rpc``; ``secure_cookies`` adds ``Secure``
-    to the session cookie (set it in production, behind HTTPS).
+    handshake and ``POST /_rally/rpc``; ``allowed_hosts`` lists the host
+    names the server answers to (``"*"`` for any; by default only loopback
+    names when it listens on a loopback address, any name otherwise);
+    ``secret`` signs session cookies (else ``RALLY_SECRET``, else a random
+    secret of this process); ``secure_cookies`` adds ``Secure`` to the
+    session cookie (set it in production, behind HTTPS).
     """
 
     def __init__(
@@ -3012,6 +3634,8 @@ class App:
         *,
         state: Any = None,
         allowed_origins: Iterable[str] = (),
+        allowed_hosts: Iterable[str] | None = None,
+        secret: str | bytes | None = None,
         secure_cookies: bool = False,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         max_headers: int = DEFAULT_MAX_HEADERS,
@@ -3030,8 +3654,10 @@ class App:
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT_S,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
         max_outgoing_bytes: int = DEFAULT_MAX_OUTGOING_BYTES,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        max_connections: int | None = None,
         max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     ) -> None:
         self._limits = _Limits(
             max_head_bytes=max_head_bytes,
@@ -3051,14 +3677,25 @@ class App:
             handler_timeout=handler_timeout,
             shutdown_timeout=shutdown_timeout,
             max_outgoing_bytes=max_outgoing_bytes,
-            max_connections=max_connections,
+            send_timeout=send_timeout,
+            max_connections=_default_max_connections() if max_connections is None else max_connections,
             max_pending_messages=max_pending_messages,
+            max_concurrent_rpcs=max_concurrent_rpcs,
         )
-        for name in ("max_head_bytes", "max_body_bytes", "max_message_bytes", "max_json_depth", "max_connections"):
-            if getattr(self._limits, name) < 1:
-                raise RegistrationError(f"App({name}=...) must be at least 1")
+        for name, value in self._limits._asdict().items():
+            if name.endswith("_timeout") or name == "ping_interval":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise RegistrationError(f"App({name}={value!r}): expected a number of seconds above 0")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RegistrationError(f"App({name}={value!r}): expected an integer of at least 1")
+        if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
+            raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
         self.state = state
         self.allowed_origins = frozenset(allowed_origins)
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
+        if secret is None:
+            secret = os.environ.get("RALLY_SECRET") or _PROCESS_SECRET
+        self._secret = secret.encode() if isinstance(secret, str) else secret
         self.secure_cookies = secure_cookies
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -3112,7 +3749,7 @@ class App:
     # -- serving --------------------------------------------------------------
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True, sock: Any = None
+        self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True, sock: socket.socket | None = None
     ) -> Server:
         """Start serving in the running loop and return at once; port 0 picks a free one."""
         server = Server(self, access_log)
@@ -3180,8 +3817,8 @@ class App:
         try:
             frame = self._registry.push_frame(msg)
         except _Bad as bad:
-            raise TypeError(bad.message) from None
-        return self._registry.publish(topic, frame)
+            raise UsageError(bad.message) from None
+        return self._registry.topics.publish(topic, frame)
 
     async def broadcast_to_app(self, msg: Any) -> int:
         """Push ``msg`` to every connection; returns how many were reached."""
@@ -3197,16 +3834,15 @@ class App:
 
     async def close_session(self, session_id: str) -> int:
         """Close every WebSocket of a session (code 4001), as on logout."""
-        members = tuple(self._registry.topics.get(f"session:{session_id}", ()))
-        for peer in members:
-            if isinstance(peer, _WsConn):
-                peer.close(CLOSE_SESSION_CLOSED, "session closed")
+        members = self._registry.topics.sessions(f"session:{session_id}")
+        for session in members:
+            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
         return len(members)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
             coro.close()
-            raise RuntimeError("the app is not serving: start it before pushing from a thread")
+            raise UsageError("the app is not serving: start it before pushing from a thread")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def broadcast_to_app_threadsafe(self, msg: Any) -> _ThreadFuture[int]:
@@ -3402,7 +4038,9 @@ class Client:
     WebSocket. With ``app=`` (the server's App, or one declaring the same
     types) results and pushes are decoded into their dataclasses; without it
     they stay JSON values (pushes as ``{"type", "fields"}`` dicts). The
-    session cookie the server sets is kept and sent back, like a browser.
+    session cookie the server sets is kept and sent back, like a browser:
+    ``session_cookie`` is its value (pass it as ``session=`` to another
+    Client to join the same session) and ``session_id`` the id handlers see.
     An ``error`` envelope raises ``RemoteError``.
     """
 
@@ -3412,16 +4050,16 @@ class Client:
         app: App | None = None,
         *,
         origin: str | None = None,
-        session_id: str | None = None,
+        session: str | None = None,
         timeout: float = 30.0,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected an http:// URL, got {url!r}")
+            raise UsageError(f"expected an http:// URL, got {url!r}")
         self.host = parts.hostname
         self.port = parts.port or 80
         self.origin = origin
-        self.session_id = session_id
+        self.session_cookie = session
         self.timeout = timeout
         self._registry = app._registry if app is not None else None
         self._codecs = self._registry.codecs if self._registry else _Codecs(_Limits())
@@ -3430,6 +4068,11 @@ class Client:
         self._h11: h11.Connection | None = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
+
+    @property
+    def session_id(self) -> str | None:
+        """The session id of ``session_cookie`` (what ``server_context.session_id`` says)."""
+        return self.session_cookie.partition(".")[0] if self.session_cookie else None
 
     async def __aenter__(self) -> Client:
         return self
@@ -3449,23 +4092,23 @@ class Client:
         hs = [("host", f"{self.host}:{self.port}")]
         if self.origin:
             hs.append(("origin", self.origin))
-        if self.session_id:
-            hs.append(("cookie", f"{_SESSION_COOKIE}={self.session_id}"))
+        if self.session_cookie:
+            hs.append(("cookie", f"{_SESSION_COOKIE}={self.session_cookie}"))
         return hs
 
     def _take_cookie(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         for k, v in headers:
             if k == b"set-cookie":
-                sid = _session_from_cookie(v.decode("latin-1").split(";")[0])
-                if sid:
-                    self.session_id = sid
+                name, _, value = v.decode("latin-1").split(";")[0].partition("=")
+                if name.strip() == _SESSION_COOKIE:
+                    self.session_cookie = value.strip()
 
     def encode_message(self, msg: Any) -> dict[str, Any]:
         """``{"type", "fields"}`` of a dataclass instance."""
         try:
             return self._codecs.message((type(msg),)).encode(msg)  # type: ignore[no-any-return]
         except (_Unsupported, _Bad) as exc:
-            raise TypeError(f"cannot encode {type(msg).__name__}: {exc}") from None
+            raise UsageError(f"cannot encode {type(msg).__name__}: {exc}") from None
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()

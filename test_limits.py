@@ -46,7 +46,7 @@ from test_rally import (
 )
 
 UPGRADE = (
-    b"GET /_rally/ws?page=%s HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+    b"GET /_rally/ws?page=%s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
 )
 
@@ -91,7 +91,7 @@ class RawWs:
 
 def head_of_size(size: int, path: bytes = b"/articles/x") -> bytes:
     """A GET whose head is exactly ``size`` bytes in canonical form."""
-    start = b"GET %s HTTP/1.1\r\nhost: t\r\n" % path
+    start = b"GET %s HTTP/1.1\r\nhost: localhost\r\n" % path
     fixed = len(start) + len(b"x-pad: \r\n") + len(b"\r\n")
     return start + b"x-pad: " + b"a" * (size - fixed) + b"\r\n\r\n"
 
@@ -116,7 +116,7 @@ async def test_incomplete_head_over_limit_is_431() -> None:
 
 @pytest.mark.parametrize(("count", "status"), [(10, 200), (11, 431)], ids=["at-limit", "one-over"])
 async def test_header_count(count: int, status: int) -> None:
-    headers = b"host: t\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(count - 1))
+    headers = b"host: localhost\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(count - 1))
     async with running(article_app(max_headers=10)) as server:
         [(response, _)] = responses(
             await exchange(server, b"GET /articles/x HTTP/1.1\r\n" + headers + b"\r\n", until_close=False)
@@ -126,8 +126,8 @@ async def test_header_count(count: int, status: int) -> None:
 
 async def test_transfer_encoding_with_content_length_is_refused_and_closed() -> None:
     smuggle = (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 4\r\n"
-        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /articles/x HTTP/1.1\r\nhost: t\r\n\r\n"
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 4\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /articles/x HTTP/1.1\r\nhost: localhost\r\n\r\n"
     )
     async with running(article_app()) as server:
         raw = await exchange(server, smuggle)
@@ -147,7 +147,7 @@ async def test_body_size_with_content_length(size: int, status: int) -> None:
 async def test_chunked_body_is_counted_as_it_arrives() -> None:
     chunk = b"1000\r\n" + b" " * 4096 + b"\r\n"
     request = (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
         + chunk * 100  # never ends: 400 KiB and no last chunk
     )
     async with running(article_app(max_body_bytes=10_000)) as server:
@@ -156,7 +156,7 @@ async def test_chunked_body_is_counted_as_it_arrives() -> None:
 
 
 async def test_content_length_longer_than_the_body_times_out_with_408() -> None:
-    request = b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{}"
+    request = b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{}"
     async with running(article_app(body_timeout=0.3)) as server:
         raw = await exchange(server, request)
     assert raw.startswith(b"HTTP/1.1 408 ")
@@ -174,7 +174,7 @@ async def test_content_length_shorter_than_the_body_leaves_garbage_that_is_refus
 
 @pytest.mark.parametrize(
     "line",
-    [b"GARBAGE\r\n\r\n", b"GET /\r\n\r\n", b"GET / HTTP/9.9\r\nhost: t\r\n\r\n", b"\x00\x01\x02\r\n\r\n"],
+    [b"GARBAGE\r\n\r\n", b"GET /\r\n\r\n", b"GET / HTTP/9.9\r\nhost: localhost\r\n\r\n", b"\x00\x01\x02\r\n\r\n"],
     ids=["word", "no-version", "bad-version", "binary"],
 )
 async def test_malformed_request_line_is_400(line: bytes) -> None:
@@ -190,14 +190,16 @@ async def test_trickled_head_is_closed_within_the_bound_while_others_are_served(
         started = loop.time()
 
         async def trickle() -> None:
-            for byte in b"GET /articles/x HTTP/1.1\r\nhost: t\r\nx-slow: " + b"a" * 1000:
+            for byte in b"GET /articles/x HTTP/1.1\r\nhost: localhost\r\nx-slow: " + b"a" * 1000:
                 writer.write(bytes((byte,)))
                 await asyncio.sleep(0.01)  # the input under test: one byte every 10 ms
                 if reader.at_eof():
                     return
 
         trickling = asyncio.ensure_future(trickle())
-        [(ok, _)] = responses(await exchange(server, b"GET /articles/y HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False))
+        [(ok, _)] = responses(
+            await exchange(server, b"GET /articles/y HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
+        )
         assert ok.status_code == 200
         raw = await asyncio.wait_for(reader.read(-1), WAIT)
         elapsed = loop.time() - started
@@ -210,7 +212,7 @@ async def test_trickled_head_is_closed_within_the_bound_while_others_are_served(
 async def test_idle_keep_alive_connection_is_closed() -> None:
     async with running(article_app(keepalive_timeout=0.3)) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /articles/x HTTP/1.1\r\nhost: t\r\n\r\n")
+        writer.write(b"GET /articles/x HTTP/1.1\r\nhost: localhost\r\n\r\n")
         started = asyncio.get_running_loop().time()
         raw = await asyncio.wait_for(reader.read(-1), WAIT)  # the response, then EOF
         elapsed = asyncio.get_running_loop().time() - started
@@ -224,7 +226,7 @@ async def test_client_that_never_reads_pauses_reading_and_bounds_memory() -> Non
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", server.port))
         sock.setblocking(False)
-        request = b"GET /_rally/client.js HTTP/1.1\r\nhost: t\r\n\r\n"
+        request = b"GET /_rally/client.js HTTP/1.1\r\nhost: localhost\r\n\r\n"
         loop = asyncio.get_running_loop()
         sent = 0
         with pytest.raises((TimeoutError, asyncio.TimeoutError)):
@@ -232,7 +234,7 @@ async def test_client_that_never_reads_pauses_reading_and_bounds_memory() -> Non
                 await asyncio.wait_for(loop.sock_sendall(sock, request * 100), 1.0)
                 sent += 100
         [conn] = [c for c in server.conns if isinstance(c, rally._HttpConn)]
-        assert conn.paused
+        assert conn.pausing
         assert conn.transport is not None and conn.transport.get_write_buffer_size() < 256 * 1024
         assert sent > 100  # it did answer for a while
         sock.close()
@@ -377,7 +379,7 @@ async def test_websocket_protocol_violations_close_with_their_code(frame: bytes,
         ws.writer.write(frame)
         assert await ws.close_code() == code
         ws.close()
-        await eventually(lambda: not app._registry.topics, "topics empty")
+        await eventually(lambda: not app._registry.topics.members, "topics empty")
 
 
 async def test_ping_flood_is_answered_and_a_non_reading_flooder_is_dropped() -> None:
@@ -428,9 +430,9 @@ async def test_abrupt_disconnect_mid_frame_leaves_nothing_behind() -> None:
         ws = await RawWs.open(server)
         frame = ws.ws.send(wsproto.events.TextMessage(data="x" * 1000))
         ws.writer.write(frame[:300])
-        await eventually(lambda: len(app._registry.topics.get("app", ())) == 1, "joined")
+        await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 1, "joined")
         ws.writer.transport.abort()
-        await eventually(lambda: not app._registry.topics and not server.conns, "topics and connections empty")
+        await eventually(lambda: not app._registry.topics.members and not server.conns, "topics and connections empty")
 
 
 async def test_close_handshake_time_out_drops_a_peer_that_never_answers() -> None:
@@ -461,7 +463,7 @@ async def test_slow_consumer_is_dropped_and_everyone_else_gets_everything_in_ord
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.connect(("127.0.0.1", server.port))
         slow.sendall(UPGRADE % b"/rooms/1")  # and never reads again
-        await eventually(lambda: len(app._registry.topics.get("app", ())) == 4, "all joined")
+        await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 4, "all joined")
         received: list[list[int]] = [[] for _ in readers]
         progress = asyncio.Event()
 
@@ -486,7 +488,7 @@ async def test_slow_consumer_is_dropped_and_everyone_else_gets_everything_in_ord
             while min(len(r) for r in received) < sent:  # readers keep up: wait for them
                 progress.clear()
                 await asyncio.wait_for(progress.wait(), WAIT)
-            if dropped_at is None and len(app._registry.topics["app"]) == 3:
+            if dropped_at is None and len(app._registry.topics.members["app"]) == 3:
                 dropped_at = sent
         for task in reading:
             task.cancel()
@@ -506,7 +508,7 @@ async def test_memory_stays_bounded_with_hundreds_of_connections_and_broadcasts(
     app = room_app()
     async with running(app) as server:
         conns = [await RawWs.open(server, f"/rooms/{i % 10}") for i in range(300)]
-        await eventually(lambda: len(app._registry.topics.get("app", ())) == 300, "joined")
+        await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 300, "joined")
 
         async def drain(ws: RawWs) -> None:
             while True:
@@ -558,12 +560,14 @@ async def test_pending_sends_past_the_bound_pause_reading_and_all_run_in_order()
         for i in range(100):
             await page.send(Say("client", str(i)))
         [conn] = [c for c in server.conns if isinstance(c, rally._WsConn)]
-        await eventually(lambda: conn.paused, "reading paused")
-        # The bound stops reading; what one read already held is queued too.
-        assert len(conn.pending) < 100
+        session = conn.session
+        assert isinstance(session, rally._PageSession)
+        await eventually(lambda: conn.pausing, "reading paused")
+        # The bound stops reading: messages already read wait in the reader.
+        assert len(session.pending) == 8
         gate.set()
         assert [(await page.receive()).text for _ in range(100)] == [str(i) for i in range(100)]
-        assert conn.model == [str(i) for i in range(100)]
+        assert session.model == [str(i) for i in range(100)]
 
 
 async def test_origin_null_is_refused_and_no_extension_is_negotiated() -> None:
@@ -588,7 +592,7 @@ async def test_max_connections_refuses_new_ones_cleanly_and_keeps_the_rest() -> 
     async with running(article_app(max_connections=3)) as server:
         url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
         open_ = [await websockets.connect(url) for _ in range(3)]
-        raw = await exchange(server, b"GET /articles/a HTTP/1.1\r\nhost: t\r\n\r\n")
+        raw = await exchange(server, b"GET /articles/a HTTP/1.1\r\nhost: localhost\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 503 ")
         await open_[0].send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
         assert json.loads(await asyncio.wait_for(open_[0].recv(), WAIT))["kind"] == "push"
@@ -607,13 +611,13 @@ async def test_two_thousand_websockets_connect_broadcast_and_drop_leaving_nothin
         conns: list[RawWs] = []
         for start in range(0, 2000, 200):
             conns += await asyncio.gather(*(RawWs.open(server, f"/rooms/{i % 7}") for i in range(start, start + 200)))
-        await eventually(lambda: len(app._registry.topics.get("app", ())) == 2000, "2000 joined")
+        await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 2000, "2000 joined")
         assert await app.broadcast_to_app(Heard("hello, all")) == 2000
         first = await asyncio.gather(*(c.events() for c in conns))
         assert all(any(isinstance(e, wsproto.events.TextMessage) for e in events) for events in first)
         for c in conns:
             c.writer.transport.abort()
-        await eventually(lambda: not app._registry.topics and not server.conns, "everything closed")
+        await eventually(lambda: not app._registry.topics.members and not server.conns, "everything closed")
         assert len(asyncio.all_tasks()) == tasks_before
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -641,7 +645,7 @@ async def test_static_has_no_path_traversal(tmp_path: Any, path: bytes) -> None:
     app.static("/static/", tmp_path)
     async with running(app) as server:
         [(response, body)] = responses(
-            await exchange(server, b"GET %s HTTP/1.1\r\nhost: t\r\n\r\n" % path, until_close=False)
+            await exchange(server, b"GET %s HTTP/1.1\r\nhost: localhost\r\n\r\n" % path, until_close=False)
         )
     assert response.status_code in (400, 404) and b"import" not in body
 
@@ -652,10 +656,10 @@ async def test_static_serves_files_with_type_and_etag(tmp_path: Any) -> None:
     app.static("/static/", tmp_path)
     async with running(app) as server:
         [(first, body)] = responses(
-            await exchange(server, b"GET /static/hello.txt HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False)
+            await exchange(server, b"GET /static/hello.txt HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
         )
         etag = dict(first.headers)[b"etag"]
-        again = b"GET /static/hello.txt HTTP/1.1\r\nhost: t\r\nif-none-match: " + etag + b"\r\n\r\n"
+        again = b"GET /static/hello.txt HTTP/1.1\r\nhost: localhost\r\nif-none-match: " + etag + b"\r\n\r\n"
         [(second, _)] = responses(await exchange(server, again, until_close=False))
     assert (first.status_code, body, dict(first.headers)[b"content-type"]) == (
         200,
@@ -667,10 +671,12 @@ async def test_static_serves_files_with_type_and_etag(tmp_path: Any) -> None:
 
 async def test_session_cookie_values_cannot_inject_headers_or_fixate_odd_ids() -> None:
     async with running(article_app()) as server:
-        request = b"GET /articles/a HTTP/1.1\r\nhost: t\r\ncookie: rally_session=abc%0d%0aset-cookie:%20x=1\r\n\r\n"
+        request = (
+            b"GET /articles/a HTTP/1.1\r\nhost: localhost\r\ncookie: rally_session=abc%0d%0aset-cookie:%20x=1\r\n\r\n"
+        )
         [(response, _)] = responses(await exchange(server, request, until_close=False))
     cookies = [v for k, v in response.headers if k == b"set-cookie"]
-    assert len(cookies) == 1 and len(cookies[0].split(b";")[0]) == len(b"rally_session=") + 32
+    assert len(cookies) == 1 and len(cookies[0].split(b";")[0]) == len(b"rally_session=") + 32 + 1 + 32
 
 
 def test_session_ids_come_from_secrets() -> None:

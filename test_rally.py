@@ -158,7 +158,7 @@ def responses(data: bytes) -> list[tuple[h11.Response, bytes]]:
 
 def rpc_request(body: bytes, extra: bytes = b"") -> bytes:
     return (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
         + extra
         + b"content-length: %d\r\n\r\n" % len(body)
         + body
@@ -484,7 +484,7 @@ async def test_websocket_messages_survive_any_split_of_the_byte_stream() -> None
 
     data, messages = client_frames()
     handshake = (
-        b"GET /echo HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"GET /echo HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
     )
     rng = random.Random(11)
@@ -539,14 +539,20 @@ def test_html_boot_escapes_script_end() -> None:
     assert html.index("rally-boot") < html.index("</head>")
 
 
-def test_session_cookie_flags() -> None:
-    assert (
-        rally._session_cookie("ab" * 16, False) == b"rally_session=" + b"ab" * 16 + b"; Path=/; HttpOnly; SameSite=Lax"
-    )
-    assert rally._session_cookie("ab" * 16, True).endswith(b"; Secure")
+def test_session_cookie_flags_and_signature() -> None:
+    secret = b"k" * 32
+    cookie = rally._session_cookie("ab" * 16, secret, False)
+    value = cookie.split(b";")[0].split(b"=")[1].decode()
+    assert value.startswith("ab" * 16 + ".") and len(value) == 65
+    assert cookie.endswith(b"; Path=/; HttpOnly; SameSite=Lax")
+    assert rally._session_cookie("ab" * 16, secret, True).endswith(b"; Secure")
     assert len(rally._new_session_id()) == 32
-    assert rally._session_from_cookie("a=1; rally_session=" + "0f" * 16) == "0f" * 16
-    assert rally._session_from_cookie("rally_session=../../etc") is None
+    assert rally._session_from_cookie("a=1; rally_session=" + value, secret) == "ab" * 16
+    assert rally._session_from_cookie("rally_session=" + value, b"other" * 8) is None
+    assert rally._session_from_cookie("rally_session=" + "ab" * 16, secret) is None  # unsigned
+    forged = "ab" * 16 + "." + "0" * 32
+    assert rally._session_from_cookie("rally_session=" + forged, secret) is None
+    assert rally._session_from_cookie("rally_session=../../etc", secret) is None
 
 
 # ==== Registration ==========================================================
@@ -728,7 +734,7 @@ async def eventually(condition: Any, what: str) -> None:
 async def test_page_get_serves_html_with_boot_data_and_sets_session_cookie() -> None:
     async with running(article_app()) as server:
         [(response, body)] = responses(
-            await exchange(server, b"GET /articles/hello HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            await exchange(server, b"GET /articles/hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         )
     headers = dict(response.headers)
     assert response.status_code == 200
@@ -743,12 +749,13 @@ async def test_page_get_serves_html_with_boot_data_and_sets_session_cookie() -> 
 
 
 async def test_page_get_keeps_an_existing_session_cookie_and_head_has_no_body() -> None:
-    request = (
-        b"HEAD /articles/x HTTP/1.1\r\nhost: t\r\ncookie: rally_session="
-        + b"ab" * 16
-        + b"\r\nconnection: close\r\n\r\n"
-    )
     async with running(article_app()) as server:
+        first = await exchange(server, b"GET /articles/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        [(response, _)] = responses(first)
+        cookie = dict(response.headers)[b"set-cookie"].split(b";")[0]
+        request = (
+            b"HEAD /articles/x HTTP/1.1\r\nhost: localhost\r\ncookie: " + cookie + b"\r\nconnection: close\r\n\r\n"
+        )
         raw = await exchange(server, request)
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"set-cookie" not in raw.lower()
@@ -766,8 +773,12 @@ async def test_int_route_param_converts_and_non_integer_is_404() -> None:
     app = rally.App()
     app.page("/items/{id}", Item)
     async with running(app) as server:
-        ok = responses(await exchange(server, b"GET /items/42 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"))
-        missing = responses(await exchange(server, b"GET /items/x42 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"))
+        ok = responses(
+            await exchange(server, b"GET /items/42 HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        )
+        missing = responses(
+            await exchange(server, b"GET /items/x42 HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        )
     assert ok[0][0].status_code == 200 and b"<p>item 42</p>" in ok[0][1]
     assert seen == [42]
     assert missing[0][0].status_code == 404 and missing[0][1]
@@ -776,18 +787,22 @@ async def test_int_route_param_converts_and_non_integer_is_404() -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "status", "header"),
     [
-        (b"GET /nowhere HTTP/1.1\r\nhost: t\r\n\r\n", 404, None),
-        (b"GET /_rally/rpc HTTP/1.1\r\nhost: t\r\n\r\n", 405, (b"allow", b"POST")),
-        (b"POST /articles/x HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n", 405, (b"allow", b"GET, HEAD")),
-        (b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}", 415, None),
+        (b"GET /nowhere HTTP/1.1\r\nhost: localhost\r\n\r\n", 404, None),
+        (b"GET /_rally/rpc HTTP/1.1\r\nhost: localhost\r\n\r\n", 405, (b"allow", b"POST")),
+        (b"POST /articles/x HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n\r\n", 405, (b"allow", b"GET, HEAD")),
         (
-            b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}",
+            415,
+            None,
+        ),
+        (
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
             b"content-length: 2000000\r\n\r\n",
             413,
             None,
         ),
         (
-            b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\norigin: http://evil.test\r\ncontent-type: application/json\r\n"
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\norigin: http://evil.test\r\ncontent-type: application/json\r\n"
             b"content-length: 2\r\n\r\n{}",
             403,
             None,
@@ -809,10 +824,10 @@ async def test_http_refusals_have_status_and_short_body(
 async def test_client_js_has_etag_and_answers_304() -> None:
     async with running(article_app()) as server:
         [(first, body)] = responses(
-            await exchange(server, b"GET /_rally/client.js HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False)
+            await exchange(server, b"GET /_rally/client.js HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
         )
         etag = dict(first.headers)[b"etag"]
-        again = b"GET /_rally/client.js HTTP/1.1\r\nhost: t\r\nif-none-match: " + etag + b"\r\n\r\n"
+        again = b"GET /_rally/client.js HTTP/1.1\r\nhost: localhost\r\nif-none-match: " + etag + b"\r\n\r\n"
         [(second, empty)] = responses(await exchange(server, again, until_close=False))
     assert first.status_code == 200 and b"rally" in body
     assert dict(first.headers)[b"content-type"].startswith(b"application/javascript")
@@ -823,7 +838,7 @@ async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
     app = article_app()
     async with running(app) as server:
         [(response, body)] = responses(
-            await exchange(server, b"GET /_rally/contract HTTP/1.1\r\nhost: t\r\n\r\n", until_close=False)
+            await exchange(server, b"GET /_rally/contract HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
         )
     assert response.status_code == 200
     assert json.loads(body) == app.contract
@@ -847,7 +862,7 @@ async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
 async def test_chunked_request_body_is_read() -> None:
     body = envelope("ServerLoadTitle", {"slug": "chunky"})
     request = (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
         + b"%x\r\n%s\r\n" % (10, body[:10])
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 10, body[10:])
     )
@@ -993,13 +1008,13 @@ async def test_access_log_one_line_per_request_and_switch_off(caplog: Any) -> No
     caplog.set_level(logging.INFO, logger="rally.access")
     app = article_app()
     server = await app.start("127.0.0.1", 0)
-    await exchange(server, b"GET /articles/a HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    await exchange(server, b"GET /articles/a HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
     await server.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "rally.access"]
     assert len(lines) == 1 and '"GET /articles/a HTTP/1.1" 200' in lines[0]
     caplog.clear()
     async with running(app) as quiet:  # running() passes access_log=False
-        await exchange(quiet, b"GET /articles/a HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        await exchange(quiet, b"GET /articles/a HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
     assert not [r for r in caplog.records if r.name == "rally.access"]
 
 
@@ -1110,7 +1125,7 @@ async def test_websocket_stale_contract_gets_error_and_close_4000() -> None:
 )
 async def test_websocket_without_matching_page_is_404_before_upgrade(query: str) -> None:
     request = (
-        b"GET /_rally/ws%s HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"GET /_rally/ws%s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n" % query.encode()
     )
     async with running(article_app()) as server:
@@ -1227,7 +1242,7 @@ async def test_broadcast_scopes_two_sessions_two_pages_exact_recipients() -> Non
             assert len(got) == len(set(got)), f"{name} received a message twice"
         for conn in conns.values():
             await conn.close()
-        await eventually(lambda: not app._registry.topics, "topics empty after every connection closed")
+        await eventually(lambda: not app._registry.topics.members, "topics empty after every connection closed")
 
 
 async def test_twenty_sends_are_handled_in_order() -> None:
@@ -1249,11 +1264,11 @@ async def test_topics_are_left_on_every_kind_of_close() -> None:
         polite = await websockets.connect(url)
         rude = await websockets.connect(url)
         bad = await websockets.connect(url)
-        await eventually(lambda: len(app._registry.topics.get("app", ())) == 3, "three joined")
+        await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 3, "three joined")
         await polite.close()
         rude.transport.abort()
         await bad.send(b"binary closes 1003")
-        await eventually(lambda: not app._registry.topics, "topics empty")
+        await eventually(lambda: not app._registry.topics.members, "topics empty")
         await bad.close()
 
 
