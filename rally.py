@@ -1000,6 +1000,7 @@ class _Json:
 
     def __init__(self, limits: _Limits) -> None:
         self.max_depth = limits.max_json_depth
+        self.max_items = limits.max_array_items
         max_entries = limits.max_object_entries
 
         def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -1036,22 +1037,31 @@ class _Json:
             raise ContractError("invalid", [{"path": "", "message": f"bad JSON: {str(exc)[:120]}"}]) from None
         # A document cannot nest deeper than its number of brackets; only
         # bracket-heavy input pays for the walk.
-        if text.count("[") + text.count("{") > self.max_depth and _depth_exceeds(value, self.max_depth):
-            raise ContractError("too_large", [{"path": "", "message": f"JSON nested deeper than {self.max_depth}"}])
+        if text.count("[") + text.count("{") > self.max_depth:
+            problem = _too_large(value, self.max_depth, self.max_items)
+            if problem:
+                raise ContractError("too_large", [{"path": "", "message": problem}])
         return value
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        children = v.values() if type(v) is dict else v if type(v) is list else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
-    return False
+def _too_large(value: Any, max_depth: int, max_items: int) -> str | None:
+    """What breaks the depth or array limit in a parsed document, if anything.
+    Level by level, and a too long array is refused before its items are
+    looked at, so a megabyte of ``[],[],...`` costs one ``len``."""
+    level = [value]
+    for _ in range(max_depth):
+        below = []
+        for v in level:
+            if type(v) is dict:
+                below += [c for c in v.values() if type(c) is list or type(c) is dict]
+            elif len(v) > max_items:
+                return f"array longer than {max_items} items"
+            else:
+                below += [c for c in v if type(c) is list or type(c) is dict]
+        if not below:
+            return None
+        level = below
+    return f"JSON nested deeper than {max_depth}"
 
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -2712,7 +2722,7 @@ class _Conn(asyncio.BufferedProtocol):
     (``close_timeout``: ``transport.close()`` waits for the send buffer to
     drain, and a peer that never reads would keep the socket forever)."""
 
-    __slots__ = ("srv", "transport", "pausing", "write_paused", "waiter", "stall_timer", "abort_timer", "gone")
+    __slots__ = ("srv", "transport", "pausing", "write_paused", "waiter", "stall_timer", "abort_timer", "ended", "gone")
 
     def __init__(self, srv: Server, transport: asyncio.Transport | None = None) -> None:
         self.srv = srv
@@ -2722,6 +2732,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.waiter: asyncio.Future[None] | None = None  # a writer waiting for resume_writing
         self.stall_timer: asyncio.TimerHandle | None = None
         self.abort_timer: asyncio.TimerHandle | None = None
+        self.ended = False  # closing or closed: nothing more is sent
         self.gone = False  # connection_lost was called
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -2771,8 +2782,10 @@ class _Conn(asyncio.BufferedProtocol):
             self.waiter.set_result(None)
 
     async def writable(self) -> None:
-        """Return once the transport takes bytes; ``ConnectionClosed`` (1006) once it is gone."""
-        while self.write_paused and not self.gone:
+        """Return once the transport takes bytes, or the connection ends
+        (the caller then finds out how); ``ConnectionClosed`` (1006) once
+        the socket is gone."""
+        while self.write_paused and not self.ended and not self.gone:
             self.waiter = self.srv.loop.create_future()
             await self.waiter
         if self.gone:
@@ -3139,7 +3152,7 @@ class _WsConn(_Conn):
     and ``_Conn``'s abort timer once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "ended")
+    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
@@ -3154,7 +3167,6 @@ class _WsConn(_Conn):
         self.state = _WsState.OPEN
         self.ping_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
-        self.ended = False
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -3206,6 +3218,7 @@ class _WsConn(_Conn):
             self.ping_timer.cancel()
             self.ping_timer = None
         self._resume(_BY_WORK)  # the peer's close frame must still be read
+        self._wake()
         self.session.end(code, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -3603,7 +3616,7 @@ class Server:
 
     def forget(self, conn: _Conn) -> None:
         """Drop a finished connection; the last one ends a shutdown's wait."""
-        self.conns.discard(conn)  # type: ignore[arg-type]
+        self.conns.discard(conn)
         if not self.conns and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -4177,10 +4190,13 @@ class Client:
         )
         return self._decode_reply(type(msg).__name__, self._json.loads(body), status)
 
-    def _decode_reply(self, name: str, reply: dict[str, Any], status: int | None = None) -> Ok[Any] | Error[Any]:
+    def _decode_reply(self, name: str, reply: Any, status: int | None = None) -> Ok[Any] | Error[Any]:
+        if type(reply) is not dict:
+            errors = [{"path": "", "message": f"expected a reply object, got {_kind(reply)}"}]
+            raise RemoteError("invalid", errors, status)
         kind = reply.get("kind")
         if kind == "error":
-            raise RemoteError(reply.get("code", "?"), reply.get("errors", []), status)
+            raise self._remote_error(reply, status)
         handler = self._registry.rpcs.get(name) if self._registry else None
         try:
             if kind == "ok":
@@ -4190,6 +4206,15 @@ class Client:
         except _Bad as bad:
             raise RemoteError("invalid", [bad.at("value")], status) from None
         raise RemoteError("invalid", [{"path": "kind", "message": f"unexpected reply {_short(kind)}"}], status)
+
+    @staticmethod
+    def _remote_error(reply: dict[str, Any], status: int | None = None) -> RemoteError:
+        """The RemoteError of an ``error`` envelope, whatever its fields hold."""
+        code = reply.get("code")
+        errors = reply.get("errors")
+        if type(errors) is not list or not all(type(e) is dict for e in errors):
+            errors = []
+        return RemoteError(code if type(code) is str else "?", errors, status)
 
     def _typed(self, handler: _Handler | None, ok: bool, value: Any) -> Any:
         codec = None if handler is None else handler.ok if ok else handler.err
@@ -4234,9 +4259,23 @@ class PageConnection:
         await self.close()
 
     async def connect(self) -> None:
-        """Open the WebSocket; raises ``RemoteError`` if the server refuses."""
+        """Open the WebSocket; raises ``RemoteError`` if the server refuses.
+
+        Whatever ends the handshake early (a refusal, a time-out, a bad
+        answer, cancellation) closes the socket before it propagates."""
         c = self.client
         reader, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.timeout)
+        try:
+            trailing = await self._handshake(reader, writer)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, trailing))
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """Send the upgrade request and read the 101; returns the bytes after it."""
+        c = self.client
         key = base64.b64encode(secrets.token_bytes(16))
         target = "/_rally/ws?page=" + urllib.parse.quote(self.path, safe="/")
         hs = (
@@ -4262,9 +4301,8 @@ class PageConnection:
                 c._take_cookie(event.headers)
                 accept = dict(event.headers).get(b"sec-websocket-accept")
                 if accept != _ws_accept(key):
-                    writer.close()
                     raise RemoteError("invalid", [{"path": "", "message": "bad Sec-WebSocket-Accept"}], 101)
-                break
+                return bytes(http.trailing_data[0])
             if isinstance(event, h11.Response):
                 status = event.status_code
                 body = b""
@@ -4274,12 +4312,8 @@ class PageConnection:
                     elif isinstance(event, h11.Data):
                         body += event.data
                     event = http.next_event()
-                writer.close()
                 raise RemoteError("refused", [{"path": "", "message": body.decode("utf-8", "replace").strip()}], status)
             raise RemoteError("refused", [{"path": "", "message": f"unexpected {type(event).__name__}"}])
-        self._writer = writer
-        trailing, _ = http.trailing_data
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, trailing))
 
     async def _read(self, reader: asyncio.StreamReader, data: bytes) -> None:
         parts: list[str] = []
@@ -4322,16 +4356,34 @@ class PageConnection:
             self._writer.write(data)
 
     def _on_text(self, text: str) -> None:
-        reply = json.loads(text)
+        """One message from the server. Anything but an envelope is reported
+        by ``receive()`` as ``RemoteError("invalid")``: the reader goes on."""
+        try:
+            reply = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            self._invalid("", f"bad JSON: {str(exc)[:120]}")
+            return
+        if type(reply) is not dict:
+            self._invalid("", f"expected an envelope object, got {_kind(reply)}")
+            return
         kind = reply.get("kind")
         if kind == "push":
-            self._inbox.put_nowait(reply["msg"])
-        elif reply.get("id") in self._waiting:
-            fut = self._waiting.pop(reply["id"])
+            msg = reply.get("msg")
+            if type(msg) is not dict or type(msg.get("type")) is not str or "fields" not in msg:
+                self._invalid("msg", 'expected {"type": str, "fields": ...}')
+                return
+            self._inbox.put_nowait(msg)
+            return
+        msg_id = reply.get("id")
+        if type(msg_id) in (int, str) and msg_id in self._waiting:
+            fut = self._waiting.pop(msg_id)
             if not fut.done():
                 fut.set_result(reply)
         elif kind == "error":
-            self._inbox.put_nowait(RemoteError(reply.get("code", "?"), reply.get("errors", [])))
+            self._inbox.put_nowait(Client._remote_error(reply))
+
+    def _invalid(self, path: str, message: str) -> None:
+        self._inbox.put_nowait(RemoteError("invalid", [{"path": path, "message": message}]))
 
     async def send_raw(self, text: str | bytes) -> None:
         """Send one text (``str``) or binary (``bytes``) message as it is."""
@@ -4349,12 +4401,17 @@ class PageConnection:
         await self.send_raw(json.dumps({"kind": "send", "msg": self.client.encode_message(msg)}))
 
     async def rpc(self, msg: Any) -> Ok[Any] | Error[Any]:
-        """Call an RPC over this WebSocket."""
+        """Call an RPC over this WebSocket; ``TimeoutError`` after the Client's ``timeout``."""
         msg_id = next(self._ids)
+        text = json.dumps({"kind": "rpc", "id": msg_id, "msg": self.client.encode_message(msg)})
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[msg_id] = fut
-        await self.send_raw(json.dumps({"kind": "rpc", "id": msg_id, "msg": self.client.encode_message(msg)}))
-        reply = await asyncio.wait_for(fut, self.client.timeout)
+        try:
+            await self.send_raw(text)
+            reply = await asyncio.wait_for(fut, self.client.timeout)
+        finally:
+            # Answered, timed out, cancelled or closed: a late reply finds no one.
+            self._waiting.pop(msg_id, None)
         return self.client._decode_reply(type(msg).__name__, reply)
 
     async def receive(self, timeout: float | None = None) -> Any:
@@ -4387,19 +4444,27 @@ class PageConnection:
                 return
 
     async def close(self, code: int = 1000) -> None:
-        """Close the WebSocket and wait for the server's answer (bounded)."""
-        if self._writer is None:
+        """Close the WebSocket and wait for the server's answer (bounded by
+        the Client's ``timeout``). If the calling task is cancelled meanwhile,
+        the socket is still closed and the cancellation propagates."""
+        writer = self._writer
+        if writer is None:
             return
-        if self._ws.state is ConnectionState.OPEN:
-            self._write(self._ws.send(wsproto.events.CloseConnection(code=code)))
-        if self._reader_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader_task), self.client.timeout)
-            self._reader_task.cancel()
-        self._writer.close()
+        try:
+            if self._ws.state is ConnectionState.OPEN:
+                self._write(self._ws.send(wsproto.events.CloseConnection(code=code)))
+            if self._reader_task is not None:
+                # A time-out, or the reader's own failure, ends the wait; a
+                # cancellation of this task is not caught.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._reader_task), self.client.timeout)
+        finally:
+            if self._reader_task is not None:
+                self._reader_task.cancel()
+            self._writer = None
+            writer.close()
         with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-        self._writer = None
+            await writer.wait_closed()
 
 
 # ==== Command line ===========================================================

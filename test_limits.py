@@ -147,8 +147,8 @@ async def test_body_size_with_content_length(size: int, status: int) -> None:
 async def test_chunked_body_is_counted_as_it_arrives() -> None:
     chunk = b"1000\r\n" + b" " * 4096 + b"\r\n"
     request = (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-        + chunk * 100  # never ends: 400 KiB and no last chunk
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + chunk * 100  # never ends: 400 KiB and no last chunk
     )
     async with running(article_app(max_body_bytes=10_000)) as server:
         raw = await exchange(server, request)
@@ -156,7 +156,10 @@ async def test_chunked_body_is_counted_as_it_arrives() -> None:
 
 
 async def test_content_length_longer_than_the_body_times_out_with_408() -> None:
-    request = b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{}"
+    request = (
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        b"content-length: 100\r\n\r\n{}"
+    )
     async with running(article_app(body_timeout=0.3)) as server:
         raw = await exchange(server, request)
     assert raw.startswith(b"HTTP/1.1 408 ")

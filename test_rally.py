@@ -802,7 +802,8 @@ async def test_int_route_param_converts_and_non_integer_is_404() -> None:
             None,
         ),
         (
-            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\norigin: http://evil.test\r\ncontent-type: application/json\r\n"
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\norigin: http://evil.test\r\n"
+            b"content-type: application/json\r\n"
             b"content-length: 2\r\n\r\n{}",
             403,
             None,
@@ -862,7 +863,8 @@ async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
 async def test_chunked_request_body_is_read() -> None:
     body = envelope("ServerLoadTitle", {"slug": "chunky"})
     request = (
-        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
         + b"%x\r\n%s\r\n" % (10, body[:10])
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 10, body[10:])
     )
