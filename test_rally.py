@@ -34,6 +34,8 @@ import h11
 import pytest
 import wsproto
 import wsproto.events
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rally
 
@@ -472,6 +474,166 @@ def test_fast_text_frames_match_wsproto_and_refuse_the_rest() -> None:
     assert rally._read_text_frames(unmasked) is None
     bad_utf8 = bytes((0x81, 0x82)) + b"\0\0\0\0" + b"\xc3\x28"
     assert rally._read_text_frames(bad_utf8) is None
+
+
+def ws_events(chunks: list[bytes], max_message_bytes: int = 1 << 20) -> list[Any]:
+    """What a ``_WsReader`` makes of ``chunks``: messages, pings, pongs, closes
+    (as ``(kind, payload)``), and the close code of a ProtocolError."""
+    reader = rally._WsReader(max_message_bytes)
+    out: list[Any] = []
+    try:
+        for chunk in chunks:
+            reader.feed(chunk)
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, (str, bytes)):
+                    out.append(event)
+                elif isinstance(event, wsproto.events.Ping):
+                    out.append(("ping", event.payload))
+                elif isinstance(event, wsproto.events.CloseConnection):
+                    out.append(("close", event.code))
+                else:
+                    assert event is rally._PARTIAL, event
+    except rally.ProtocolError as exc:
+        out.append(("error", exc.close_code))
+    return out
+
+
+def splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    cuts = sorted(set(c for c in cuts if 0 < c < len(data)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def test_ws_reader_gives_the_same_events_for_a_whole_buffer_and_one_byte_at_a_time() -> None:
+    data, messages = client_frames()
+    whole = ws_events([data])
+    assert whole == [*messages[:4], ("ping", b"p"), *messages[4:]]
+    assert ws_events([data[i : i + 1] for i in range(len(data))]) == whole
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=80_000), max_size=20))
+def test_ws_reader_gives_the_same_events_for_any_split(cuts: list[int]) -> None:
+    data, _ = client_frames()
+    assert ws_events(splits(data, cuts)) == ws_events([data])
+
+
+def test_ws_reader_reports_protocol_errors_and_the_size_bound_at_any_split() -> None:
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    ok = client.send(wsproto.events.TextMessage(data="fine"))
+    too_big = client.send(wsproto.events.TextMessage(data="x" * 101))
+    parts = client.send(wsproto.events.TextMessage(data="x" * 60, message_finished=False)) + client.send(
+        wsproto.events.TextMessage(data="x" * 41)
+    )
+    unmasked = rally._ws_frame(b"hi")  # a client frame must be masked: 1002
+    bad_utf8 = bytes((0x81, 0x82)) + b"\0\0\0\0" + b"\xc3\x28"  # 1007
+    for data, expected in [
+        (ok + too_big, ["fine", ("error", 1009)]),
+        (ok + parts, ["fine", ("error", 1009)]),
+        (ok + unmasked, ["fine", ("close", 1002)]),
+        (ok + bad_utf8, ["fine", ("close", 1007)]),
+    ]:
+        assert ws_events([data], max_message_bytes=100) == expected
+        assert ws_events([data[i : i + 1] for i in range(len(data))], max_message_bytes=100) == expected
+
+
+def http_events(chunks: list[bytes], **limits: Any) -> list[Any]:
+    """What an ``_HttpReader`` makes of ``chunks``, answering each request at
+    once (``next_cycle``): heads as ``(method, path, query, has_body)``, each
+    body joined, ``"end"``, ``"eof"``, and the status of a ProtocolError."""
+    reader = rally._HttpReader(rally._Limits(**limits))
+    out: list[Any] = []
+    body = b""
+    try:
+        for chunk in chunks:
+            reader.feed(chunk)
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, rally._Request):
+                    out.append((event.method, event.path, event.query, event.has_body))
+                elif isinstance(event, bytes):
+                    body += event
+                elif event is rally._END:
+                    out += [body, "end"]
+                    body = b""
+                    reader.next_cycle()
+                else:
+                    out.append("eof")
+                    return out
+    except rally.ProtocolError as exc:
+        out.append(("error", exc.status))
+    return out
+
+
+def h11_requests() -> bytes:
+    """Pipelined requests as a real h11 client writes them."""
+    out = b""
+    for method, target, body, chunked in [
+        ("GET", "/articles/a%20b?x=1", b"", False),
+        ("POST", "/_rally/rpc", b'{"kind":"rpc"}', False),
+        ("POST", "/_rally/rpc", b"x" * 5000, True),
+        ("HEAD", "/", b"", False),
+    ]:
+        client = h11.Connection(h11.CLIENT)
+        headers = [("host", "localhost")]
+        headers += [("transfer-encoding", "chunked")] if chunked else [("content-length", str(len(body)))]
+        out += client.send(h11.Request(method=method, target=target, headers=headers))
+        if chunked:
+            out += client.send(h11.Data(data=body[:1000])) + client.send(h11.Data(data=body[1000:]))
+        elif body:
+            out += client.send(h11.Data(data=body))
+        out += client.send(h11.EndOfMessage())
+    return out
+
+
+def test_http_reader_gives_the_same_events_for_a_whole_buffer_and_one_byte_at_a_time() -> None:
+    data = h11_requests()
+    whole = http_events([data, b""])
+    assert whole == [
+        (b"GET", "/articles/a b", "x=1", False),
+        b"",
+        "end",
+        (b"POST", "/_rally/rpc", "", True),
+        b'{"kind":"rpc"}',
+        "end",
+        (b"POST", "/_rally/rpc", "", True),
+        b"x" * 5000,
+        "end",
+        (b"HEAD", "/", "", False),
+        b"",
+        "end",
+        "eof",
+    ]
+    assert http_events([data[i : i + 1] for i in range(len(data))] + [b""]) == whole
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=6000), max_size=20))
+def test_http_reader_gives_the_same_events_for_any_split(cuts: list[int]) -> None:
+    data = h11_requests()
+    assert http_events([*splits(data, cuts), b""]) == http_events([data, b""])
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nhost: localhost\r\n" + b"x-h: v\r\n" * 3 + b"\r\n", 431),
+        (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 101\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n65\r\n" + b"x" * 101, 413),
+        (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", 400),
+        (b"GET /SECRET HTTP/1.1 junk\r\n\r\n", 400),
+    ],
+    ids=["headers", "content-length", "chunked-body", "both-lengths", "bad-request-line"],
+)
+def test_http_reader_refuses_with_the_same_status_at_any_split(data: bytes, status: int) -> None:
+    limits = {"max_headers": 3, "max_body_bytes": 100}
+    expected = http_events([data], **limits)
+    assert expected[-1] == ("error", status)
+    assert http_events([data[i : i + 1] for i in range(len(data))], **limits)[-1] == ("error", status)
+    with pytest.raises(rally.ProtocolError) as info:
+        reader = rally._HttpReader(rally._Limits(**limits))
+        reader.feed(data)
+        while reader.next_event() is not None:
+            pass
+    assert b"SECRET" not in str(info.value).encode()
 
 
 async def test_websocket_messages_survive_any_split_of_the_byte_stream() -> None:
@@ -1331,6 +1493,32 @@ async def test_push_of_a_type_outside_the_page_effect_is_internal(caplog: Any) -
             with pytest.raises(rally.RemoteError) as info:
                 await page.receive()
     assert info.value.code == "internal"
+    assert any("breaks its annotation" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_effect_is_all_or_nothing(caplog: Any) -> None:
+    class Tallied:
+        def server_init() -> tuple[int, rally.Effect[Count]]:
+            return 0, rally.effect.none()
+
+        def server_update(model: int, msg: Say) -> tuple[int, rally.Effect[Count]]:
+            if msg.text == "bad":  # a broadcast first, then a push the page does not declare
+                bad = rally.effect.send_to_client(Heard("not a Count"))  # type: ignore[arg-type]
+                return model + 100, rally.effect.batch(rally.effect.broadcast_to_page(Count(-1, "bad")), bad)
+            return model + 1, rally.effect.broadcast_to_page(Count(model + 1, msg.text))
+
+    app = rally.App()
+    app.page("/tallied", Tallied)
+    async with running(app) as server, rally.Client(server.url, app) as client:
+        async with client.page("/tallied") as sender, client.page("/tallied") as other:
+            await sender.send(Say("client", "bad"))
+            with pytest.raises(rally.RemoteError) as info:
+                await sender.receive()
+            assert info.value.code == "internal"
+            await sender.send(Say("client", "good"))
+            # Neither side saw the broadcast of the refused effect, and the model did not advance.
+            assert await other.receive() == Count(1, "good")
+            assert await sender.receive() == Count(1, "good")
     assert any("breaks its annotation" in r.getMessage() for r in caplog.records)
 
 
