@@ -15,12 +15,12 @@ import sys
 import time
 
 BODY = json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "Echo", "fields": {"text": "hello"}}}).encode()
-HTTP = b"POST /_rally/rpc HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+HTTP = b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
     len(BODY),
     BODY,
 )
 UPGRADE = (
-    b"GET /_rally/ws?page=/ HTTP/1.1\r\nhost: bench\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+    b"GET /_rally/ws?page=/ HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
 )
 WINDOW = 32

@@ -49,7 +49,7 @@ async def main() -> None:
 asyncio.run(main())
 """
 UPGRADE = (
-    b"GET /_rally/ws?page=/ HTTP/1.1\r\nhost: soak\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+    b"GET /_rally/ws?page=/ HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
 )
 received = 0
