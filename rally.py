@@ -8,13 +8,18 @@ or the whole app. The Python type hints of the handlers are the wire contract.
 
 Theory of operation. Registration (``App.page``, ``App.rpc``) reads the type
 hints once and builds a handler table of codecs: strict JSON decoders and
-checked encoders for every message, result and push. The wire layer turns
-bytes into h11/wsproto events and frames into bytes without touching asyncio.
-Dispatch maps a decoded envelope to a handler and an effect to a set of
-recipients, and never sees a socket. The transport is one
-``asyncio.BufferedProtocol`` per connection (no task per connection): it reads
-into one buffer shared by the whole server, writes through one place that
-enforces the outgoing bound, owns every timer, and stages shutdown. A
+checked encoders for every message, result and push. The wire layer is
+sans-IO: ``_HttpReader`` and ``_WsReader`` are fed bytes and hand back
+requests, whole messages and control frames, under the size limits. Dispatch
+never sees a socket: ``_Router`` turns a request head into an answer, a body
+to read, a file to stream or a WebSocket upgrade; ``_PageSession`` owns one
+page connection's model, its sends in order, its in-flight RPCs and its
+effects, and talks to its connection through a four-call ``_Peer``. The
+transport is one ``asyncio.BufferedProtocol`` per connection (no task per
+connection): it reads into one buffer shared by the whole server, gives other
+connections a turn after a bounded amount of work, writes through one place
+that enforces the outgoing bound, keeps one timer per purpose, aborts a
+socket whose graceful close does not finish, and stages shutdown. A
 broadcast is encoded and framed once; the same bytes go to every recipient.
 
 Example::
