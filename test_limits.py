@@ -1,18 +1,28 @@
-"""Limits, faults and load: every limit of SPEC section 7 at N and N+1, and the
-failure rules of sections 3 to 5, against a running server on 127.0.0.1.
+"""Limits, faults and load: every limit of SPEC section 7 at N and N+1, the
+failure rules of sections 3 to 5, sessions and hosts, shutdown, and the failure
+paths of the Python client, against a running server on 127.0.0.1.
 
-Same rules as test_rally.py. Limits and time-outs are configured small so the
-file runs in seconds; a sleep appears only where time itself is the input (a
-client trickling bytes), never to wait for the server.
+Same rules as test_rally.py. Limits and time-outs are configured small so each
+test runs in seconds; a sleep appears only where time itself is the input (a
+client trickling bytes or reading slowly, a poll interval, how long the server
+is starved of descriptors), never to wait for the server. Raw requests name
+``host: localhost``: a loopback listener admits only loopback Host names.
 """
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import os
+import re
 import resource
 import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -29,6 +39,7 @@ from test_rally import (
     Everything,
     Heard,
     Node,
+    Room,
     Say,
     ServerLoadTitle,
     Sleep,
@@ -38,6 +49,7 @@ from test_rally import (
     eventually,
     exchange,
     json_reader,
+    post_rpc,
     responses,
     room_app,
     rpc_app,
@@ -45,35 +57,136 @@ from test_rally import (
     running,
 )
 
-UPGRADE = (
-    b"GET /_rally/ws?page=%s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-    b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-)
+# ==== Helpers ================================================================
+
+
+def get_request(path: str, extra: bytes = b"") -> bytes:
+    """A GET of ``path`` with ``extra`` header lines, asking the server to close after answering."""
+    return b"GET %s HTTP/1.1\r\nhost: localhost\r\n%sconnection: close\r\n\r\n" % (path.encode(), extra)
+
+
+def upgrade_request(page: str = "/articles/a", extra: bytes = b"", *, route: str | None = None) -> bytes:
+    """The WebSocket handshake of ``page`` (or of the raw ``route``) with ``extra`` header lines."""
+    target = route if route is not None else "/_rally/ws?page=" + page
+    return (
+        b"GET %s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n%s\r\n" % (target.encode(), extra)
+    )
+
+
+def head_of_size(size: int, path: bytes = b"/articles/x") -> bytes:
+    """A GET whose head is exactly ``size`` bytes in canonical form."""
+    start = b"GET %s HTTP/1.1\r\nhost: localhost\r\n" % path
+    fixed = len(start) + len(b"x-pad: \r\n") + len(b"\r\n")
+    return start + b"x-pad: " + b"a" * (size - fixed) + b"\r\n\r\n"
+
+
+def with_host(request: bytes, host: bytes) -> bytes:
+    """``request`` with ``host`` in place of its ``host: localhost``."""
+    return request.replace(b"\r\nhost: localhost\r\n", b"\r\nhost: %s\r\n" % host, 1)
+
+
+def status_of(raw: bytes) -> int:
+    """The status code of the first response line in ``raw``."""
+    assert raw.startswith(b"HTTP/1.1 "), raw[:200]
+    return int(raw.split(b" ", 2)[1])
+
+
+async def get(server: rally.Server, path: str, extra: bytes = b"") -> tuple[h11.Response, bytes]:
+    """GET ``path`` and read until the server closes: the response and its body."""
+    [(response, body)] = responses(await exchange(server, get_request(path, extra)))
+    return response, body
+
+
+async def connected_socket(
+    server: rally.Server, *, rcvbuf: int | None = None, sndbuf: int | None = None
+) -> socket.socket:
+    """A non-blocking socket connected to ``server``, with the buffer sizes given."""
+    sock = socket.socket()
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port)), WAIT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def silent_http(server: rally.Server, request: bytes) -> tuple[asyncio.StreamWriter, bytes]:
+    """Send ``request``, read the response head, then never read again."""
+    reader, writer = await asyncio.open_connection(sock=await connected_socket(server, rcvbuf=4096))
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    writer.transport.pause_reading()
+    return writer, head
 
 
 class RawWs:
     """A WebSocket client over a raw socket, framing with a real wsproto client."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes = b"") -> None:
+        self.reader, self.writer, self.head = reader, writer, head
         self.ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
 
     @classmethod
-    async def open(cls, server: rally.Server, page: str = "/articles/a") -> "RawWs":
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(UPGRADE % page.encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        return cls(reader, writer)
+    async def open(
+        cls,
+        server: rally.Server,
+        page: str = "/articles/a",
+        extra: bytes = b"",
+        *,
+        route: str | None = None,
+        rcvbuf: int | None = None,
+        sndbuf: int | None = None,
+    ) -> "RawWs":
+        """Open the WebSocket of ``page`` (or of the raw ``route``); ``head`` is the server's 101."""
+        sock = await connected_socket(server, rcvbuf=rcvbuf, sndbuf=sndbuf)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(upgrade_request(page, extra, route=route))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, head)
 
     def send(self, event: wsproto.events.Event) -> None:
         self.writer.write(self.ws.send(event))
+
+    def rpc_frame(self, msg_type: str, fields: dict[str, Any], msg_id: Any) -> bytes:
+        """The frame of an ``rpc`` envelope, to write alone or as part of a burst."""
+        return self.ws.send(wsproto.events.TextMessage(data=envelope(msg_type, fields, msg_id).decode()))
+
+    def send_frame(self, msg_type: str, fields: dict[str, Any]) -> bytes:
+        """The frame of a ``send`` envelope, to write alone or as part of a burst."""
+        text = json.dumps({"kind": "send", "msg": {"type": msg_type, "fields": fields}}, separators=(",", ":"))
+        return self.ws.send(wsproto.events.TextMessage(data=text))
 
     async def events(self) -> list[wsproto.events.Event]:
         """Events from the next read; [] once the server has closed the TCP connection."""
         data = await asyncio.wait_for(self.reader.read(65536), WAIT)
         self.ws.receive_data(data or None)
         return list(self.ws.events())
+
+    async def texts(self, count: int) -> list[str]:
+        """The next ``count`` whole text messages the server sends."""
+        out: list[str] = []
+        part = ""
+        while len(out) < count:
+            events = await self.events()
+            assert events or not self.reader.at_eof(), f"closed after {len(out)} of {count} messages"
+            for event in events:
+                if isinstance(event, wsproto.events.TextMessage):
+                    part += event.data
+                    if event.message_finished:
+                        out.append(part)
+                        part = ""
+        return out
 
     async def close_code(self) -> int:
         """Read until the server's close frame; its code."""
@@ -89,11 +202,71 @@ class RawWs:
         self.writer.close()
 
 
-def head_of_size(size: int, path: bytes = b"/articles/x") -> bytes:
-    """A GET whose head is exactly ``size`` bytes in canonical form."""
-    start = b"GET %s HTTP/1.1\r\nhost: localhost\r\n" % path
-    fixed = len(start) + len(b"x-pad: \r\n") + len(b"\r\n")
-    return start + b"x-pad: " + b"a" * (size - fixed) + b"\r\n\r\n"
+async def socket_gone(reader: asyncio.StreamReader, bound: float) -> bool:
+    """Read (and drop) until the server closes the TCP connection; False if still open after ``bound`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if not await asyncio.wait_for(reader.read(65536), remaining):
+                return True
+    except ConnectionError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def within(condition: Any, seconds: float) -> bool:
+    """Whether ``condition()`` becomes true within ``seconds`` (polled)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+def rss_kib() -> int:
+    """The resident set size of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+# Messages of the apps below.
+
+
+@dataclass
+class Hang:
+    pass
+
+
+@dataclass
+class Slow:
+    seconds: float
+
+
+@dataclass
+class Hold:
+    n: int
+
+
+@dataclass
+class Bump:
+    pass
+
+
+@dataclass
+class Mark:
+    who: str
+
+
+@dataclass
+class NotAPush:
+    x: int
 
 
 # ==== HTTP ===================================================================
@@ -186,6 +359,92 @@ async def test_malformed_request_line_is_400(line: bytes) -> None:
     assert raw.startswith(b"HTTP/1.1 4") and b"connection: close" in raw
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /SECRET-MARKER HTTP/1.1 garbage\r\nhost: localhost\r\n\r\n",
+        b"GET /articles/a HTTP/1.1\r\nhost: localhost\r\nSECRET-MARKER\r\n\r\n",
+    ],
+    ids=["request-line", "header-line"],
+)
+async def test_malformed_request_gets_a_400_that_does_not_echo_it(request_bytes: bytes) -> None:
+    """The 400's body is a short text of rally's own: it never quotes the offending bytes."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, request_bytes)
+    assert status_of(raw) == 400
+    assert b"SECRET" not in raw and b"MARKER" not in raw
+    [(_, body)] = responses(raw)
+    assert 0 < len(body) < 200
+
+
+@pytest.mark.parametrize(
+    ("text", "status", "value"),
+    [
+        ("1.5", 200, 1.5),
+        ("-2", 200, -2.0),
+        ("nan", 404, None),
+        ("NaN", 404, None),
+        ("inf", 404, None),
+        ("-inf", 404, None),
+        ("infinity", 404, None),
+        ("1_0", 404, None),
+        ("1e999", 404, None),
+    ],
+)
+async def test_float_route_parameter_accepts_only_finite_plain_numbers(text: str, status: int, value: Any) -> None:
+    """A float parameter is a finite number in plain notation: nan, inf, 1_0 and 1e999 match no route."""
+    seen: list[float] = []
+
+    class F:
+        def view(x: float) -> str:
+            seen.append(x)
+            return f"<p>{x}</p>"
+
+    app = rally.App()
+    app.page("/f/{x}", F)
+    async with running(app) as server:
+        response, _ = await get(server, f"/f/{text}")
+    assert response.status_code == status
+    assert seen == ([] if value is None else [value])
+
+
+async def test_expect_100_continue_is_sent_for_an_rpc_that_will_read_its_body() -> None:
+    body = envelope("ServerLoadTitle", {"slug": "later"})
+    head = rpc_request(body, b"expect: 100-continue\r\n")[: -len(body)]
+    async with running(article_app()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head)
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        response = await asyncio.wait_for(reader.readuntil(b'"Article: later"}'), WAIT)
+        writer.close()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST /nowhere HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2\r\n", 404),
+        (b"POST /articles/a HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2\r\n", 405),
+        (b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n", 415),
+        (
+            b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\norigin: http://evil.test\r\n"
+            b"content-type: application/json\r\ncontent-length: 2\r\n",
+            403,
+        ),
+    ],
+    ids=["404", "405", "415", "403"],
+)
+async def test_expect_100_continue_is_not_sent_for_a_refused_request(request_bytes: bytes, status: int) -> None:
+    """A request refused from its head gets the refusal at once, not a 100 Continue for a body never read."""
+    async with running(article_app()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_bytes + b"expect: 100-continue\r\n\r\n{}")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        writer.close()
+    assert status_of(first) == status
+
+
 async def test_trickled_head_is_closed_within_the_bound_while_others_are_served() -> None:
     async with running(article_app(header_timeout=0.5)) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -225,10 +484,7 @@ async def test_idle_keep_alive_connection_is_closed() -> None:
 
 async def test_client_that_never_reads_pauses_reading_and_bounds_memory() -> None:
     async with running(article_app()) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.setblocking(False)
+        sock = await connected_socket(server, rcvbuf=4096)
         request = b"GET /_rally/client.js HTTP/1.1\r\nhost: localhost\r\n\r\n"
         loop = asyncio.get_running_loop()
         sent = 0
@@ -249,14 +505,19 @@ async def test_client_that_never_reads_pauses_reading_and_bounds_memory() -> Non
 async def test_deep_json_over_http_is_refused_quickly() -> None:
     async with running(article_app()) as server:
         started = asyncio.get_running_loop().time()
-        status, reply = await post_json(server, b"[" * 100_000)
+        status, reply = await post_rpc(server, b"[" * 100_000)
         assert asyncio.get_running_loop().time() - started < 1.0
     assert (status, reply["code"]) == (413, "too_large")
 
 
-async def post_json(server: rally.Server, body: bytes) -> tuple[int, dict[str, Any]]:
-    [(response, reply)] = responses(await exchange(server, rpc_request(body), until_close=False))
-    return response.status_code, json.loads(reply)
+async def test_json_array_far_over_max_array_items_is_too_large() -> None:
+    """An array far past max_array_items is refused as too_large, like any input past a size limit."""
+    n = (rally.DEFAULT_MAX_BODY_BYTES - 4) // 3
+    body = b"[" + b"[]," * n + b"[]]"
+    assert len(body) == rally.DEFAULT_MAX_BODY_BYTES
+    async with running(article_app()) as server:
+        status, reply = await post_rpc(server, body)
+    assert (status, reply["kind"], reply["code"]) == (413, "error", "too_large")
 
 
 @pytest.mark.parametrize(
@@ -272,15 +533,51 @@ async def post_json(server: rally.Server, body: bytes) -> tuple[int, dict[str, A
 )
 async def test_bad_json_values_are_invalid(body: bytes, code: str) -> None:
     async with running(rpc_app()) as server:
-        status, reply = await post_json(server, body)
+        status, reply = await post_rpc(server, body)
     assert (status, reply["code"]) == (400, code)
 
 
 async def test_error_messages_quote_at_most_a_short_excerpt() -> None:
     async with running(rpc_app()) as server:
-        _, reply = await post_json(server, envelope("Q" * 50_000, {}))
-        _, reply2 = await post_json(server, envelope("Divide", {"a": "x" * 50_000, "b": 1}))
+        _, reply = await post_rpc(server, envelope("Q" * 50_000, {}))
+        _, reply2 = await post_rpc(server, envelope("Divide", {"a": "x" * 50_000, "b": 1}))
     assert len(json.dumps(reply)) < 300 and len(json.dumps(reply2)) < 300
+
+
+VALID_IDS = [("a" * 64, "64-chars"), (2**53 - 1, "max-safe-int"), (-(2**53 - 1), "min-safe-int"), (0, "zero")]
+INVALID_IDS = [("a" * 65, "65-chars"), (2**53, "2^53"), (-(2**53), "-2^53"), ("x" * 1_000_000, "million-chars")]
+
+
+@pytest.mark.parametrize("msg_id", [v for v, _ in VALID_IDS], ids=[i for _, i in VALID_IDS])
+async def test_envelope_id_in_range_is_echoed_over_http_and_websocket(msg_id: Any) -> None:
+    """An id is a string of at most 64 characters or a safe integer; the bounds themselves are valid."""
+    body = envelope("ServerLoadTitle", {"slug": "a"}, msg_id)
+    expected = {"kind": "ok", "id": msg_id, "value": "Article: a"}
+    async with running(article_app()) as server:
+        assert await post_rpc(server, body) == (200, expected)
+        ws = await RawWs.open(server)
+        ws.send(wsproto.events.TextMessage(data=body.decode()))
+        [reply] = await ws.texts(1)
+        ws.close()
+    assert json.loads(reply) == expected
+
+
+@pytest.mark.parametrize("msg_id", [v for v, _ in INVALID_IDS], ids=[i for _, i in INVALID_IDS])
+async def test_envelope_id_out_of_range_is_invalid_at_id_and_not_echoed(msg_id: Any) -> None:
+    """An id past the bounds is refused at ``id``, and the reply does not echo it."""
+    body = envelope("ServerLoadTitle", {"slug": "a"}, msg_id)
+    async with running(article_app()) as server:
+        status, http_reply = await post_rpc(server, body)
+        ws = await RawWs.open(server)
+        ws.send(wsproto.events.TextMessage(data=body.decode()))
+        [text] = await ws.texts(1)
+        ws.close()
+    ws_reply = json.loads(text)
+    assert status == 400
+    for reply in (http_reply, ws_reply):
+        assert (reply["kind"], reply["code"], reply["id"]) == ("error", "invalid", None)
+        assert reply["errors"][0]["path"] == "id"
+        assert len(json.dumps(reply)) < 300  # no echo of the id
 
 
 JSON = st.recursive(
@@ -343,8 +640,28 @@ def test_property_random_bytes_as_envelope_raise_only_contract_errors(data: byte
 
 async def test_websocket_handshake_time_out() -> None:
     async with running(article_app(header_timeout=0.3)) as server:
-        raw = await exchange(server, (UPGRADE % b"/articles/a")[:60])
+        raw = await exchange(server, upgrade_request()[:60])
     assert raw.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize(
+    ("page", "status"),
+    [
+        ("/articles/a&b=1&c=2&d=3&e=4&f=5&g=6&h=7", 101),
+        ("/articles/a&b=1&c=2&d=3&e=4&f=5&g=6&h=7&i=8", 400),
+        ("/articles/a&1&2&3&4&5&6&7&8", 400),
+        ("/articles/a&flag", 400),
+    ],
+    ids=["eight-fields", "nine-fields", "nine-bare-fields", "a-field-without-value"],
+)
+async def test_websocket_query_with_too_many_fields_is_400_and_logs_no_error(
+    page: str, status: int, caplog: Any
+) -> None:
+    """A handshake query of more than 8 fields, or with a field without a value, is the client's error."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, upgrade_request(page), until_close=False)
+    assert status_of(raw) == status
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_websocket_message_limit_at_n_and_over_n_across_fragments() -> None:
@@ -395,14 +712,11 @@ async def test_ping_flood_is_answered_and_a_non_reading_flooder_is_dropped() -> 
             pongs += [e for e in await ws.events() if isinstance(e, wsproto.events.Pong)]
         assert pongs[-1].payload == b"199"
         ws.close()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.sendall(UPGRADE % b"/articles/a")
+        sock = await connected_socket(server, rcvbuf=4096)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_sendall(sock, upgrade_request()), WAIT)
         client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
         flood = client.send(wsproto.events.Ping(payload=b"x" * 125)) * 2000
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
         with pytest.raises((ConnectionError, TimeoutError, asyncio.TimeoutError)):
             for _ in range(200):  # never reads: the server drops it
                 await asyncio.wait_for(loop.sock_sendall(sock, flood), 2.0)
@@ -455,6 +769,154 @@ async def test_close_handshake_time_out_drops_a_peer_that_never_answers() -> Non
     assert data.startswith(b"\x88") and 0.25 < elapsed < 2.0
 
 
+async def test_websocket_close_timeout_is_not_cancelled_by_a_late_pong() -> None:
+    app = rally.App(ping_interval=0.2, pong_timeout=5, close_timeout=0.5)
+
+    @app.websocket("/ctl")
+    async def ctl(ws: rally.WebSocket) -> None:
+        with contextlib.suppress(rally.ConnectionClosed):
+            while await ws.receive() != "close":
+                pass
+            await ws.close()
+
+    async with running(app) as server:
+        ws = await RawWs.open(server, route="/ctl")
+        try:
+            ping = None
+            while ping is None:  # the server's keepalive ping: read, never answered
+                ping = next((e for e in await ws.events() if isinstance(e, wsproto.events.Ping)), None)
+            ws.send(wsproto.events.TextMessage(data="close"))
+            close = None
+            while close is None:
+                close = next((e for e in await ws.events() if isinstance(e, wsproto.events.CloseConnection)), None)
+            # The close frame is not answered; a pong for the old ping arrives instead.
+            late = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+            ws.writer.write(late.send(wsproto.events.Pong(payload=ping.payload)))
+            gone = await socket_gone(ws.reader, 0.5 + 2.5)
+            assert gone, "the server kept the socket open past close_timeout=0.5 after a late pong"
+            await eventually(lambda: not server.conns, "server.conns empty")
+        finally:
+            ws.writer.transport.abort()
+
+
+# ==== WebSocket routes =======================================================
+
+
+async def test_websocket_route_receive_reports_the_peers_close_code() -> None:
+    app = rally.App()
+    entered = asyncio.Event()
+    seen: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/recv")
+    async def recv(ws: rally.WebSocket) -> None:
+        entered.set()
+        try:
+            seen.set_result(("returned", await ws.receive()))
+        except BaseException as exc:
+            seen.set_result(exc)
+            raise
+
+    async with running(app) as server:
+        ws = await RawWs.open(server, route="/recv")
+        try:
+            await asyncio.wait_for(entered.wait(), WAIT)
+            ws.send(wsproto.events.CloseConnection(code=4321, reason="bye"))
+            got = await asyncio.wait_for(seen, WAIT)
+        finally:
+            ws.writer.transport.abort()
+    assert isinstance(got, rally.ConnectionClosed), f"receive() ended with {got!r}, not ConnectionClosed"
+    assert got.code == 4321, f"receive() reported code {got.code}, the peer closed with 4321"
+
+
+async def test_websocket_route_receive_reports_1006_when_the_peer_drops_tcp() -> None:
+    app = rally.App()
+    entered = asyncio.Event()
+    seen: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/recv")
+    async def recv(ws: rally.WebSocket) -> None:
+        entered.set()
+        try:
+            seen.set_result(("returned", await ws.receive()))
+        except BaseException as exc:
+            seen.set_result(exc)
+            raise
+
+    async with running(app) as server:
+        ws = await RawWs.open(server, route="/recv")
+        await asyncio.wait_for(entered.wait(), WAIT)
+        ws.writer.transport.abort()  # no close frame
+        got = await asyncio.wait_for(seen, WAIT)
+    assert not isinstance(got, asyncio.CancelledError), "the handler was cancelled instead of told the peer left"
+    assert isinstance(got, rally.ConnectionClosed), f"receive() ended with {got!r}"
+    assert got.code == 1006
+
+
+async def test_websocket_route_send_waits_for_a_slow_reader_instead_of_dropping_it() -> None:
+    app = rally.App(max_outgoing_bytes=256 * 1024)
+    count, size = 200, 64 * 1024
+    outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/produce")
+    async def produce(ws: rally.WebSocket) -> None:
+        try:
+            for i in range(count):
+                await ws.send(i.to_bytes(4, "big") + b"p" * (size - 4))
+        except BaseException as exc:
+            outcome.set_result(exc)
+            raise
+        outcome.set_result("completed")
+
+    async with running(app) as server:
+        ws = await RawWs.open(server, route="/produce")
+        got: list[int] = []
+        try:
+            partial = b""
+            while len(got) < count:
+                data = await asyncio.wait_for(ws.reader.read(65536), WAIT)
+                if not data:
+                    break  # dropped
+                ws.ws.receive_data(data)
+                for e in ws.ws.events():
+                    if isinstance(e, wsproto.events.BytesMessage):
+                        partial += e.data
+                        if e.message_finished:
+                            assert len(partial) == size
+                            got.append(int.from_bytes(partial[:4], "big"))
+                            partial = b""
+                await asyncio.sleep(0.001)  # the input: a reader slower than the producer
+            assert len(got) == count, f"the client got {len(got)} of {count} messages, then the server dropped it"
+            assert got == list(range(count))
+            assert await asyncio.wait_for(outcome, WAIT) == "completed"
+        finally:
+            ws.writer.transport.abort()
+
+
+async def test_websocket_route_dropped_connection_reports_a_code_other_than_1000() -> None:
+    app = rally.App(ping_interval=0.2, pong_timeout=0.3, close_timeout=0.3)
+    outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/flood")
+    async def flood(ws: rally.WebSocket) -> None:
+        try:
+            for _ in range(100_000):
+                await ws.send(b"f" * 65536)
+        except BaseException as exc:
+            outcome.set_result(exc)
+            raise
+        outcome.set_result("completed")
+
+    async with running(app) as server:
+        ws = await RawWs.open(server, route="/flood", rcvbuf=4096)
+        ws.writer.transport.pause_reading()  # never reads again, so never answers a ping
+        try:
+            got = await asyncio.wait_for(outcome, WAIT)
+        finally:
+            ws.writer.transport.abort()
+    assert isinstance(got, rally.ConnectionClosed), f"the handler ended with {got!r}"
+    assert got.code != 1000, "a connection the server dropped was reported as a normal close (1000)"
+
+
 # ==== Slow consumers and fan-out =============================================
 
 
@@ -462,10 +924,8 @@ async def test_slow_consumer_is_dropped_and_everyone_else_gets_everything_in_ord
     app = room_app()
     async with running(app) as server:
         readers = [await RawWs.open(server, "/rooms/1") for _ in range(3)]
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.connect(("127.0.0.1", server.port))
-        slow.sendall(UPGRADE % b"/rooms/1")  # and never reads again
+        slow = await connected_socket(server, rcvbuf=4096)  # sends its handshake, then never reads
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(slow, upgrade_request("/rooms/1")), WAIT)
         await eventually(lambda: len(app._registry.topics.members.get("app", ())) == 4, "all joined")
         received: list[list[int]] = [[] for _ in readers]
         progress = asyncio.Event()
@@ -502,11 +962,6 @@ async def test_slow_consumer_is_dropped_and_everyone_else_gets_everything_in_ord
     assert all(r == list(range(sent)) for r in received)
 
 
-def rss_kib() -> int:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
 async def test_memory_stays_bounded_with_hundreds_of_connections_and_broadcasts() -> None:
     app = room_app()
     async with running(app) as server:
@@ -532,6 +987,106 @@ async def test_memory_stays_bounded_with_hundreds_of_connections_and_broadcasts(
         for ws in conns:
             ws.close()
     assert growth < 20 * 1024, f"RSS grew {growth} KiB for 90 000 deliveries"
+
+
+BIG = 32 * 1024 * 1024
+
+
+def big_file(directory: Any) -> None:
+    """Write ``big`` (BIG random bytes) and ``small.txt`` into ``directory``."""
+    chunk = os.urandom(1024 * 1024)
+    with open(os.path.join(directory, "big"), "wb") as f:
+        for _ in range(BIG // len(chunk)):
+            f.write(chunk)
+    with open(os.path.join(directory, "small.txt"), "w") as f:
+        f.write("small")
+
+
+async def test_static_file_to_non_reading_clients_does_not_hold_the_file_in_memory(tmp_path: Any) -> None:
+    big_file(tmp_path)
+    app = article_app(shutdown_timeout=1)
+    app.static("/s/", tmp_path)
+    writers: list[asyncio.StreamWriter] = []
+    async with running(app) as server:
+        try:
+            warm_up = b"GET /s/small.txt HTTP/1.1\r\nhost: localhost\r\n\r\n"  # imports mimetypes
+            [(warm, _)] = responses(await exchange(server, warm_up, until_close=False))
+            assert warm.status_code == 200
+            gc.collect()
+            before = rss_kib()
+            for _ in range(4):
+                writer, head = await silent_http(server, b"GET /s/big HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                writers.append(writer)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+            gc.collect()
+            growth = rss_kib() - before
+        finally:
+            for writer in writers:
+                writer.transport.abort()
+    assert growth < BIG // 1024, f"RSS grew {growth} KiB for 4 non-reading clients of a {BIG // 1024} KiB file"
+
+
+class BigPage:
+    html = "<p>" + "x" * (8 * 1024 * 1024) + "</p>"
+
+
+@pytest.mark.parametrize(
+    "target",
+    # A file is streamed: the peer that takes nothing is aborted after send_timeout.
+    # A page is written whole: the keep-alive time-out closes, close_timeout aborts.
+    [b"/s/big", b"/big-page"],
+    ids=["static-file", "page"],
+)
+async def test_http_socket_of_a_non_reading_client_is_aborted_after_its_timeouts(tmp_path: Any, target: bytes) -> None:
+    big_file(tmp_path)
+    app = article_app(max_connections=1, keepalive_timeout=0.3, close_timeout=0.5, send_timeout=0.5, shutdown_timeout=1)
+    app.static("/s/", tmp_path)
+    app.page("/big-page", BigPage)
+    async with running(app) as server:
+        writer, head = await silent_http(server, b"GET %s HTTP/1.1\r\nhost: localhost\r\n\r\n" % target)
+        try:
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10.0
+            statuses: list[int | None] = []
+            page_get = get_request("/articles/a")
+            while loop.time() < deadline:
+                try:
+                    status: int | None = responses(await exchange(server, page_get))[0][0].status_code
+                except (ConnectionError, IndexError):
+                    status = None
+                statuses.append(status)
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)  # poll interval
+            assert statuses[-1] == 200, (
+                f"the non-reading client's socket was never aborted: {len(statuses)} tries in 10 s, "
+                f"statuses {sorted(set(statuses), key=str)}"
+            )
+        finally:
+            writer.transport.abort()
+
+
+async def test_websocket_close_from_a_non_reading_peer_is_aborted_after_close_timeout() -> None:
+    app = rally.App(max_outgoing_bytes=8 * 1024 * 1024, close_timeout=0.5, shutdown_timeout=1)
+    app.page("/rooms/{room}", Room)
+    async with running(app) as server:
+        ws = await RawWs.open(server, "/rooms/1", rcvbuf=4096)
+        ws.writer.transport.pause_reading()  # never reads again
+        try:
+            [conn] = server.conns
+            transport = conn.transport
+            for i in range(130):  # under 8 MiB in all
+                assert await app.broadcast_to_app(Heard(f"{i} " + "p" * 60_000)) == 1
+                if transport.get_write_buffer_size() > 0:
+                    break
+            assert transport.get_write_buffer_size() > 0, "the kernel absorbed every push"
+            ws.send(wsproto.events.CloseConnection(code=1000))
+            assert await within(lambda: not server.conns, 0.5 + 2.5), (
+                "the server's socket is still open 3 s after the peer's close frame (close_timeout=0.5)"
+            )
+        finally:
+            ws.writer.transport.abort()
 
 
 # ==== Handlers ===============================================================
@@ -573,17 +1128,42 @@ async def test_pending_sends_past_the_bound_pause_reading_and_all_run_in_order()
         assert session.model == [str(i) for i in range(100)]
 
 
-async def test_origin_null_is_refused_and_no_extension_is_negotiated() -> None:
-    import websockets
+def holding_app(limit: int) -> tuple[rally.App, dict[str, int]]:
+    """An app whose async RPC counts the calls running at once; the first ``limit`` wait until ``limit`` started."""
+    stats = {"active": 0, "max_active": 0, "started": 0}
+    release = asyncio.Event()
+    app = article_app(max_concurrent_rpcs=limit)
 
-    async with running(article_app()) as server:
-        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
-        with pytest.raises(websockets.InvalidStatus) as info:
-            async with websockets.connect(url, origin="null"):  # type: ignore[arg-type]
-                pass
-        assert info.value.response.status_code == 403
-        async with websockets.connect(url) as ws:  # offers permessage-deflate
-            assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+    @app.rpc
+    async def server_hold(msg: Hold) -> int:
+        stats["started"] += 1
+        stats["active"] += 1
+        stats["max_active"] = max(stats["max_active"], stats["active"])
+        if stats["started"] == limit:
+            release.set()
+        try:
+            await asyncio.wait_for(release.wait(), WAIT)
+            await asyncio.sleep(0)  # one more turn of the loop, so unbounded calls would overlap
+        finally:
+            stats["active"] -= 1
+        return msg.n
+
+    return app, stats
+
+
+@pytest.mark.parametrize("count", [4, 5, 200], ids=["at-n", "n-plus-one", "two-hundred"])
+async def test_concurrent_rpcs_on_one_websocket_are_bounded_and_none_is_lost(count: int) -> None:
+    """At most max_concurrent_rpcs RPCs of one WebSocket run at once; the others wait their turn."""
+    app, stats = holding_app(4)
+    async with running(app) as server:
+        ws = await RawWs.open(server)
+        ws.writer.write(b"".join(ws.rpc_frame("Hold", {"n": i}, i) for i in range(count)))
+        replies = [json.loads(t) for t in await ws.texts(count)]
+        ws.close()
+    assert sorted(r["id"] for r in replies) == list(range(count))
+    assert all(r == {"kind": "ok", "id": r["id"], "value": r["id"]} for r in replies)
+    assert stats["max_active"] == 4
+    assert stats["started"] == count
 
 
 # ==== Connections ============================================================
@@ -623,6 +1203,289 @@ async def test_two_thousand_websockets_connect_broadcast_and_drop_leaving_nothin
         await eventually(lambda: not app._registry.topics.members and not server.conns, "everything closed")
         assert len(asyncio.all_tasks()) == tasks_before
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.asynccontextmanager
+async def running_with_big_buffers(app: rally.App) -> AsyncIterator[rally.Server]:
+    """Serve ``app`` on a listener whose connections have 4 MiB receive buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    server = await app.start(sock=sock, access_log=False)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.close(), 15)
+
+
+async def test_websocket_burst_of_sends_on_one_connection_lets_another_connection_in() -> None:
+    """A burst that arrives in one read runs a slice at a time: B's RPC is answered before A's 4000 updates end."""
+    log: list[Any] = []
+
+    class Counter:
+        def server_init() -> tuple[int, rally.Effect[Heard]]:
+            return 0, rally.effect.none()
+
+        def server_update(model: int, msg: Bump) -> tuple[int, rally.Effect[Heard]]:
+            log.append(model)
+            done = rally.effect.send_to_client(Heard("done"))
+            return model + 1, done if model == 3999 else rally.effect.none()
+
+    app = rally.App()
+    app.page("/counter", Counter)
+
+    @app.rpc
+    def server_mark(msg: Mark) -> int:
+        log.append(msg.who)
+        return len(log)
+
+    async with running_with_big_buffers(app) as server:
+        a = await RawWs.open(server, "/counter", sndbuf=4 * 1024 * 1024)
+        b = await RawWs.open(server, "/counter")
+        burst = b"".join(a.send_frame("Bump", {}) for _ in range(4000))
+        assert len(burst) < 256 * 1024  # fits in one read of the server
+        a.writer.write(burst)
+        b.writer.write(b.rpc_frame("Mark", {"who": "B"}, 1))
+        [reply] = await b.texts(1)
+        [done] = await a.texts(1)
+        a.close()
+        b.close()
+    assert json.loads(reply)["kind"] == "ok"
+    assert json.loads(done) == {"kind": "push", "msg": {"type": "Heard", "fields": {"text": "done"}}}
+    assert [x for x in log if x != "B"] == list(range(4000))
+    assert log.index("B") < 4000
+
+
+async def test_websocket_message_of_400_000_empty_fragments_does_not_stop_other_connections() -> None:
+    """A fragmented message whose fragments carry nothing is parsed a slice at a
+    time: B's RPC is answered while A's fragments are still being read."""
+    log: list[str] = []
+    app = article_app()
+
+    @app.rpc
+    def server_mark(msg: Mark) -> int:
+        log.append(msg.who)
+        return len(log)
+
+    async with running(app) as server:
+        a = await RawWs.open(server)
+        b = await RawWs.open(server)
+        text = envelope("Mark", {"who": "A"}, 1).decode()
+        first = a.ws.send(wsproto.events.TextMessage(data=text, message_finished=False))
+        empty = a.ws.send(wsproto.events.TextMessage(data="", message_finished=False))
+        last = a.ws.send(wsproto.events.TextMessage(data="", message_finished=True))
+        assert len(empty) == 6  # header and mask, no payload
+        a.writer.write(first + empty * 400_000 + last)
+        b.writer.write(b.rpc_frame("Mark", {"who": "B"}, 2))
+        [reply] = await b.texts(1)
+        seen = list(log)
+        a.writer.transport.abort()  # the rest of A's fragments are not needed
+        b.close()
+    assert json.loads(reply) == {"kind": "ok", "id": 2, "value": 1}
+    assert seen == ["B"]
+
+
+def run_script(script: str, timeout: float = 30) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter next to rally.py; its last stdout line is JSON."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_default_max_connections_stays_below_the_descriptor_limit() -> None:
+    result = run_script(
+        """
+        import json, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        import rally
+        print(json.dumps({"max_connections": rally.App()._limits.max_connections}))
+        """
+    )
+    assert result["max_connections"] < 128, f"default max_connections {result['max_connections']} with 128 descriptors"
+
+
+def test_server_out_of_descriptors_logs_a_few_lines_and_recovers() -> None:
+    result = run_script(
+        """
+        import asyncio, json, logging, resource, socket
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        import rally
+
+        messages = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                messages.append(record.getMessage())
+
+        for name in ("rally", "asyncio"):
+            log = logging.getLogger(name)
+            log.addHandler(Keep())
+            log.setLevel(logging.INFO)
+            log.propagate = False
+
+        def about_descriptors():
+            return sum(1 for m in messages if "out of" in m.lower() or "descriptor" in m.lower())
+
+        class P:
+            html = "<p>p</p>"
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            app = rally.App(max_connections=10000)
+            app.page("/p", P)
+            server = await app.start("127.0.0.1", 0, access_log=False)
+            clients, hit = [], False
+            try:
+                while len(clients) < 1000:  # blocking connects: the loop accepts none meanwhile
+                    s = socket.socket()
+                    clients.append(s)
+                    s.connect(("127.0.0.1", server.port))
+            except OSError:
+                hit = True
+            deadline = loop.time() + 5
+            while not about_descriptors() and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            first = about_descriptors()
+            await asyncio.sleep(1.0)  # the input: how long the server is starved of descriptors
+            for s in clients:
+                s.close()
+            status = None
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(b"GET /p HTTP/1.1\\r\\nhost: localhost\\r\\nconnection: close\\r\\n\\r\\n")
+                raw = await asyncio.wait_for(reader.read(-1), 5)
+                status = int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else None
+            finally:
+                writer.close()
+            await asyncio.wait_for(server.close(), 10)
+            print(json.dumps({"hit": hit, "clients": len(clients), "first": first,
+                              "lines": about_descriptors(), "status": status}))
+
+        asyncio.run(main())
+        """
+    )
+    assert result["hit"], f"the clients never ran out of descriptors: {result}"
+    assert result["first"] >= 1, f"no log line about running out of descriptors: {result}"
+    assert result["lines"] <= 5, f"{result['lines']} log lines about running out of descriptors: {result}"
+    assert result["status"] == 200, result
+
+
+# ==== Shutdown ===============================================================
+
+
+async def close_then(server: rally.Server, probe: Any) -> Any:
+    """``await server.close()``, then ``probe()`` at once in the same task: what was true when close() returned."""
+    await server.close()
+    return probe()
+
+
+async def test_server_close_returns_after_a_websocket_handlers_finally_ran() -> None:
+    app = rally.App(shutdown_timeout=0.2, close_timeout=5)
+    entered, cleaned = asyncio.Event(), asyncio.Event()
+
+    @app.websocket("/block")
+    async def block(ws: rally.WebSocket) -> None:
+        entered.set()
+        try:
+            await ws.receive()
+        finally:
+            cleaned.set()
+
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    ws: RawWs | None = None
+    try:
+        ws = await RawWs.open(server, route="/block")  # does not answer the server's close frame
+        await asyncio.wait_for(entered.wait(), WAIT)
+        assert await asyncio.wait_for(close_then(server, cleaned.is_set), WAIT), (
+            "Server.close() returned before the handler's finally ran"
+        )
+    finally:
+        if ws is not None:
+            ws.writer.transport.abort()
+        await asyncio.wait_for(server.close(), 15)
+
+
+async def test_server_close_returns_after_an_http_rpc_handlers_finally_ran() -> None:
+    app = article_app(shutdown_timeout=0.2)
+    entered, cleaned = asyncio.Event(), asyncio.Event()
+
+    @app.rpc
+    async def server_hang(msg: Hang) -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(100)
+        finally:
+            cleaned.set()
+        return "woke"
+
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(rpc_request(envelope("Hang", {})))
+        await asyncio.wait_for(entered.wait(), WAIT)
+        assert await asyncio.wait_for(close_then(server, cleaned.is_set), WAIT), (
+            "Server.close() returned before the RPC handler's finally ran"
+        )
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        await asyncio.wait_for(server.close(), 15)
+
+
+async def test_server_close_answers_a_websocket_rpc_in_flight_before_the_1001() -> None:
+    app = article_app(shutdown_timeout=5)
+    entered = asyncio.Event()
+
+    @app.rpc
+    async def server_slow(msg: Slow) -> str:
+        entered.set()
+        await asyncio.sleep(msg.seconds)
+        return "done"
+
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    ws: RawWs | None = None
+    try:
+        ws = await RawWs.open(server)
+        ws.send(wsproto.events.TextMessage(data=envelope("Slow", {"seconds": 0.3}, 7).decode()))
+        await asyncio.wait_for(entered.wait(), WAIT)
+        closing = asyncio.ensure_future(server.close())
+        seen: list[Any] = []
+        text = ""
+        while not seen or seen[-1][0] != "close":
+            events = await ws.events()
+            if not events and ws.reader.at_eof():
+                seen.append(("close", "EOF without a close frame"))
+                break
+            for e in events:
+                if isinstance(e, wsproto.events.TextMessage):
+                    text += e.data
+                    if e.message_finished:
+                        seen.append(("text", json.loads(text)))
+                        text = ""
+                elif isinstance(e, wsproto.events.CloseConnection):
+                    seen.append(("close", e.code))
+                    ws.send(e.response())
+        await asyncio.wait_for(closing, WAIT)
+        assert ("text", {"kind": "ok", "id": 7, "value": "done"}) in seen, f"the RPC reply was lost: {seen}"
+        assert seen[-1] == ("close", 1001), seen
+    finally:
+        if ws is not None:
+            ws.writer.transport.abort()
+        await asyncio.wait_for(server.close(), 15)
 
 
 # ==== Security ===============================================================
@@ -672,6 +1535,92 @@ async def test_static_serves_files_with_type_and_etag(tmp_path: Any) -> None:
     assert second.status_code == 304
 
 
+@pytest.mark.parametrize("foreign_first", [False, True], ids=["both-same-origin", "foreign-then-same"])
+@pytest.mark.parametrize("target", ["websocket", "rpc"])
+async def test_two_origin_headers_are_refused_403(target: str, foreign_first: bool) -> None:
+    """Two Origin headers are refused even when one is the server's own: which one counts is ambiguous."""
+    async with running(article_app()) as server:
+        host = b"127.0.0.1:%d" % server.port
+        first = b"http://evil.test" if foreign_first else b"http://" + host
+        origins = b"origin: %s\r\norigin: http://%s\r\n" % (first, host)
+        if target == "websocket":
+            request = upgrade_request("/articles/a", origins)
+        else:
+            request = rpc_request(envelope("ServerLoadTitle", {"slug": "a"}), origins)
+        raw = await exchange(server, with_host(request, host), until_close=False)
+    assert status_of(raw) == 403
+
+
+async def test_origin_null_is_refused_and_no_extension_is_negotiated() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, origin="null"):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+        async with websockets.connect(url) as ws:  # offers permessage-deflate
+            assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+
+
+def test_h11_is_only_the_parser_responses_are_valid_http() -> None:
+    raw = rally._http_response(200, b"hi", extra=[(b"etag", b'"x"')], keep_alive=True)
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    response = conn.next_event()
+    assert isinstance(response, h11.Response) and response.status_code == 200
+    assert conn.next_event() == h11.Data(data=b"hi")
+
+
+# ==== Sessions and hosts =====================================================
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def cookie_value(response: h11.Response) -> bytes | None:
+    """The rally_session value of the response's Set-Cookie, if it sets one."""
+    values = [v for k, v in response.headers if k == b"set-cookie"]
+    if not values:
+        return None
+    [value] = values
+    name, _, rest = value.split(b";")[0].partition(b"=")
+    assert name == b"rally_session"
+    return rest
+
+
+def who_app(seen: list[str], **options: Any) -> rally.App:
+    """A page that records the session id of each view."""
+
+    class Who:
+        def view(server_context: rally.ServerContext) -> str:
+            seen.append(server_context.session_id)
+            return "<p>who</p>"
+
+    app = rally.App(**options)
+    app.page("/who", Who)
+    return app
+
+
+async def issue_cookie(app: rally.App) -> bytes:
+    """GET the page of a fresh server of ``app``: the session cookie it sets."""
+    async with running(app) as server:
+        response, _ = await get(server, "/who")
+    value = cookie_value(response)
+    assert value is not None
+    return value
+
+
+async def present_cookie(app: rally.App, value: bytes) -> bytes | None:
+    """GET the page with ``value``; the fresh cookie the server sets, if any."""
+    async with running(app) as server:
+        response, _ = await get(server, "/who", b"cookie: rally_session=%s\r\n" % value)
+    assert response.status_code == 200
+    return cookie_value(response)
+
+
 async def test_session_cookie_values_cannot_inject_headers_or_fixate_odd_ids() -> None:
     async with running(article_app()) as server:
         request = (
@@ -687,12 +1636,365 @@ def test_session_ids_come_from_secrets() -> None:
     assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_h11_is_only_the_parser_responses_are_valid_http() -> None:
-    raw = rally._http_response(200, b"hi", extra=[(b"etag", b'"x"')], keep_alive=True)
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(raw)
-    response = conn.next_event()
-    assert isinstance(response, h11.Response) and response.status_code == 200
-    assert conn.next_event() == h11.Data(data=b"hi")
+async def test_session_cookie_is_opaque_and_the_session_id_is_32_hex() -> None:
+    """The cookie carries the session id signed, not the bare id, and an app takes back the cookies it issued."""
+    seen: list[str] = []
+    app = who_app(seen, secret="k")
+    value = await issue_cookie(app)
+    assert await present_cookie(app, value) is None
+    assert len(seen) == 2 and seen[0] == seen[1] and HEX32.fullmatch(seen[0])
+    assert not HEX32.fullmatch(value.decode("latin-1"))
+    assert value.decode("latin-1") != seen[0]
+
+
+@pytest.mark.parametrize("forged", [b"f" * 32, b"0123456789abcdef" * 2], ids=["f32", "hex32"])
+async def test_session_unsigned_id_is_not_accepted_on_a_page(forged: bytes) -> None:
+    """An unsigned id gets a fresh session and cookie, so a forged cookie cannot fixate a session."""
+    seen: list[str] = []
+    fresh = await present_cookie(who_app(seen, secret="k"), forged)
+    assert fresh is not None and fresh != forged
+    assert seen[0] != forged.decode()
+
+
+async def test_session_forged_cookie_on_two_websockets_gives_two_sessions() -> None:
+    """Each WebSocket with a forged cookie gets a session of its own: a session broadcast reaches its sender only."""
+    seen: list[str] = []
+
+    class Talk:
+        def server_init(server_context: rally.ServerContext) -> tuple[int, rally.Effect[Heard]]:
+            seen.append(server_context.session_id)
+            return 0, rally.effect.none()
+
+        def server_update(model: int, msg: Say) -> tuple[int, rally.Effect[Heard]]:
+            if msg.scope == "session":
+                return model, rally.effect.broadcast_to_session(Heard(msg.text))
+            return model, rally.effect.send_to_client(Heard(msg.text))
+
+    app = rally.App(secret="k")
+    app.page("/talk", Talk)
+    forged = b"cookie: rally_session=" + b"f" * 32 + b"\r\n"
+    async with running(app) as server:
+        one = await RawWs.open(server, "/talk", forged)
+        two = await RawWs.open(server, "/talk", forged)
+        await eventually(lambda: len(seen) == 2, "both pages initialised")
+        one.writer.write(one.send_frame("Say", {"scope": "session", "text": "to my session"}))
+        assert [json.loads(t)["msg"]["fields"]["text"] for t in await one.texts(1)] == ["to my session"]
+        # Had the session broadcast reached two, it was written before this answer.
+        two.writer.write(two.send_frame("Say", {"scope": "client", "text": "just me"}))
+        assert [json.loads(t)["msg"]["fields"]["text"] for t in await two.texts(1)] == ["just me"]
+        one.close()
+        two.close()
+    assert seen[0] != seen[1] and "f" * 32 not in seen
+    assert b"set-cookie" in one.head.lower() and b"set-cookie" in two.head.lower()
+
+
+@pytest.mark.parametrize("secret", ["a str secret", b"a bytes secret"], ids=["str", "bytes"])
+async def test_session_cookie_is_accepted_by_an_app_with_the_same_secret_only(secret: str | bytes) -> None:
+    seen: list[str] = []
+    value = await issue_cookie(who_app(seen, secret=secret))
+    assert await present_cookie(who_app(seen, secret=secret), value) is None
+    assert seen[0] == seen[1]
+    assert await present_cookie(who_app(seen, secret="another secret"), value) is not None
+    assert seen[2] != seen[0]
+
+
+async def test_session_secret_defaults_to_the_rally_secret_environment_variable(monkeypatch: Any) -> None:
+    monkeypatch.setenv("RALLY_SECRET", "from the environment")
+    seen: list[str] = []
+    value = await issue_cookie(who_app(seen))
+    assert await present_cookie(who_app(seen, secret="from the environment"), value) is None
+    assert await present_cookie(who_app(seen, secret="something else"), value) is not None
+    assert seen[0] == seen[1] != seen[2]
+
+
+def host_request(kind: str, host: bytes) -> bytes:
+    """A page GET, an RPC or a WebSocket handshake for ``host``, with an Origin on the same host."""
+    origin = b"origin: http://%s\r\n" % host
+    if kind == "page":
+        request = get_request("/articles/a", origin)
+    elif kind == "rpc":
+        request = rpc_request(envelope("ServerLoadTitle", {"slug": "a"}), origin)
+    else:
+        request = upgrade_request("/articles/a", origin)
+    return with_host(request, host)
+
+
+ADMITTED = {"page": 200, "rpc": 200, "websocket": 101}
+
+
+@pytest.mark.parametrize("kind", ["page", "rpc", "websocket"])
+@pytest.mark.parametrize(
+    "host", ["evil.example:{port}", "evil.example", "localhost.evil.example:{port}", "127.0.0.1.evil.example"]
+)
+async def test_host_foreign_name_on_a_loopback_listener_is_refused_with_400(kind: str, host: str) -> None:
+    """A loopback listener serves only loopback Host names, so a page of a rebound DNS name cannot reach it."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, host_request(kind, host.format(port=server.port).encode()), until_close=False)
+    assert status_of(raw) == 400
+
+
+@pytest.mark.parametrize("kind", ["page", "rpc", "websocket"])
+@pytest.mark.parametrize("host", ["localhost", "localhost:{port}", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:{port}"])
+async def test_host_loopback_names_are_admitted_on_a_loopback_listener(kind: str, host: str) -> None:
+    """Loopback names are admitted on any port."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, host_request(kind, host.format(port=server.port).encode()), until_close=False)
+    assert status_of(raw) == ADMITTED[kind]
+
+
+@pytest.mark.parametrize("kind", ["page", "rpc", "websocket"])
+@pytest.mark.parametrize(
+    ("allowed", "host"),
+    [(["evil.example"], "evil.example:{port}"), (["*"], "anything.example:{port}")],
+    ids=["listed", "star"],
+)
+async def test_host_allowed_hosts_admits_the_hosts_it_lists(kind: str, allowed: list[str], host: str) -> None:
+    async with running(article_app(allowed_hosts=allowed)) as server:
+        raw = await exchange(server, host_request(kind, host.format(port=server.port).encode()), until_close=False)
+    assert status_of(raw) == ADMITTED[kind]
+
+
+# ==== Configuration and misuse ===============================================
+
+INT_LIMITS = [
+    "max_head_bytes",
+    "max_headers",
+    "max_body_bytes",
+    "max_message_bytes",
+    "max_json_depth",
+    "max_string_chars",
+    "max_array_items",
+    "max_object_entries",
+    "max_outgoing_bytes",
+    "max_connections",
+    "max_pending_messages",
+    "max_concurrent_rpcs",
+]
+TIMEOUTS = [
+    "header_timeout",
+    "body_timeout",
+    "keepalive_timeout",
+    "ping_interval",
+    "pong_timeout",
+    "close_timeout",
+    "handler_timeout",
+    "shutdown_timeout",
+    "send_timeout",
+]
+
+
+def test_default_max_concurrent_rpcs_is_a_positive_int() -> None:
+    assert type(rally.DEFAULT_MAX_CONCURRENT_RPCS) is int and rally.DEFAULT_MAX_CONCURRENT_RPCS >= 1
+
+
+@pytest.mark.parametrize("name", INT_LIMITS, ids=INT_LIMITS)
+def test_every_count_limit_must_be_at_least_one(name: str) -> None:
+    with pytest.raises(rally.RegistrationError):
+        rally.App(**{name: 0})
+    rally.App(**{name: 1})
+
+
+@pytest.mark.parametrize("value", [0, -1.0], ids=["zero", "negative"])
+@pytest.mark.parametrize("name", TIMEOUTS, ids=TIMEOUTS)
+def test_every_time_out_must_be_positive(name: str, value: float) -> None:
+    with pytest.raises(rally.RegistrationError):
+        rally.App(**{name: value})
+    rally.App(**{name: 0.001})
+
+
+def test_usage_error_is_a_rally_error_and_a_type_error_and_registration_error_is_one() -> None:
+    assert issubclass(rally.UsageError, rally.RallyError) and issubclass(rally.UsageError, TypeError)
+    assert issubclass(rally.RegistrationError, rally.UsageError)
+    with pytest.raises(rally.UsageError):
+        rally.App().page("no-slash", type("P", (), {}))
+
+
+async def test_broadcast_of_a_type_that_is_no_push_type_raises_usage_error() -> None:
+    app = room_app()
+    async with running(app):
+        with pytest.raises(rally.UsageError, match="NotAPush"):
+            await app.broadcast_to_app(NotAPush(1))
+
+
+def test_threadsafe_broadcast_on_an_app_that_is_not_serving_raises_usage_error() -> None:
+    with pytest.raises(rally.UsageError):
+        room_app().broadcast_to_app_threadsafe(Heard("nobody listens"))
+
+
+def test_client_of_a_url_that_is_not_http_raises_usage_error() -> None:
+    with pytest.raises(rally.UsageError):
+        rally.Client("ftp://x")
+
+
+# ==== Python client ==========================================================
+
+
+class FakeServer:
+    """A tiny WebSocket server on 127.0.0.1 whose test gives the coroutine that serves one connection."""
+
+    def __init__(self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.serve = serve
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)  # type: ignore[arg-type]
+            try:
+                await self.serve(reader, writer)
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=WAIT)
+        await self.server.wait_closed()
+
+
+async def read_until_eof(reader: asyncio.StreamReader) -> None:
+    """Read and drop until the peer closes."""
+    while await reader.read(65536):
+        pass
+
+
+async def accept_ws(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> wsproto.WSConnection:
+    """Answer the client's handshake with a wsproto server connection."""
+    ws = wsproto.WSConnection(wsproto.connection.ConnectionType.SERVER)
+    while True:
+        data = await reader.read(65536)
+        ws.receive_data(data or None)
+        for event in ws.events():
+            if isinstance(event, wsproto.events.Request):
+                writer.write(ws.send(wsproto.events.AcceptConnection()))
+                return ws
+        assert data, "client closed during the handshake"
+
+
+async def test_client_page_rpc_that_times_out_or_is_cancelled_forgets_its_id() -> None:
+    """A page RPC that times out or is cancelled leaves no waiter behind, and the page goes on."""
+    gate = asyncio.Event()
+    started: list[int] = []
+    app = article_app()
+
+    @app.rpc
+    async def server_hang(msg: Hang) -> int:
+        started.append(1)
+        await gate.wait()
+        return 1
+
+    async with running(app) as server, rally.Client(server.url, app, timeout=1.0) as client:
+        async with client.page("/articles/a") as page:
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+                await page.rpc(Hang())
+            assert page._waiting == {}
+            call = asyncio.ensure_future(page.rpc(Hang()))
+            await eventually(lambda: len(started) == 2, "second call running")
+            call.cancel()
+            await asyncio.wait({call}, timeout=WAIT)
+            assert call.cancelled()
+            assert page._waiting == {}
+            gate.set()
+            assert await page.rpc(ServerLoadTitle("x")) == rally.Ok("Article: x")
+            assert page._waiting == {}
+
+
+@pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
+async def test_client_page_connect_closes_its_socket_when_the_handshake_fails(failure: str) -> None:
+    got_request = asyncio.Event()
+    eof = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got_request.set()
+        if failure == "garbage":
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await read_until_eof(reader)
+        eof.set()
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=0.5) as client:
+        page = client.page("/x")
+        outcome: Any
+        if failure == "time-out":
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)) as outcome:
+                await page.connect()
+        elif failure == "garbage":
+            with pytest.raises(h11.RemoteProtocolError) as outcome:
+                await page.connect()
+        else:
+            outcome = asyncio.ensure_future(page.connect())
+            await asyncio.wait_for(got_request.wait(), WAIT)
+            outcome.cancel()
+            await asyncio.wait({outcome}, timeout=WAIT)
+            assert outcome.cancelled()
+        # ``outcome`` holds the traceback and so connect()'s frame: the socket
+        # is closed by the Client, not by the garbage collector.
+        await asyncio.wait_for(eof.wait(), WAIT)
+        assert outcome is not None
+
+
+async def test_client_page_close_in_a_cancelled_task_cleans_up_and_stays_cancelled() -> None:
+    """close() in a task that is cancelled still closes the socket, and the task's CancelledError goes on up."""
+    close_seen = asyncio.Event()
+    eof = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        while data := await reader.read(65536):  # never answers the close frame
+            ws.receive_data(data)
+            if any(isinstance(e, wsproto.events.CloseConnection) for e in ws.events()):
+                close_seen.set()
+        eof.set()
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=30) as client:
+        page = client.page("/x")
+        await page.connect()
+        closing = asyncio.ensure_future(page.close())
+        await asyncio.wait_for(close_seen.wait(), WAIT)
+        closing.cancel()
+        await asyncio.wait({closing}, timeout=WAIT)
+        assert closing.cancelled()
+        await asyncio.wait_for(eof.wait(), WAIT)
+        assert page._reader_task is not None
+        await eventually(page._reader_task.done, "reader task finished")
+
+
+BAD_FRAMES = ["[1]", '"x"', "not json", "{", '{"kind": "push"}', '{"kind": "push", "msg": 1}']
+
+
+async def test_client_frame_that_is_not_an_envelope_is_reported_and_the_connection_goes_on() -> None:
+    """receive() raises each frame that is not an envelope as an ``invalid`` RemoteError; the page stays open."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        for text in [*BAD_FRAMES, '{"kind": "ok", "id": [1]}']:
+            writer.write(ws.send(wsproto.events.Message(data=text)))
+        push = {"kind": "push", "msg": {"type": "Heard", "fields": {"text": "after"}}}
+        writer.write(ws.send(wsproto.events.Message(data=json.dumps(push))))
+        while data := await reader.read(65536):  # echo each client message back as a push
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, wsproto.events.TextMessage):
+                    echo = {"kind": "push", "msg": {"type": "Heard", "fields": {"text": event.data}}}
+                    writer.write(ws.send(wsproto.events.Message(data=json.dumps(echo))))
+                elif isinstance(event, wsproto.events.CloseConnection):
+                    writer.write(ws.send(event.response()))
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
+        async with client.page("/x") as page:
+            for _ in BAD_FRAMES:
+                with pytest.raises(rally.RemoteError) as info:
+                    await page.receive()
+                assert info.value.code == "invalid"
+            assert await page.receive() == {"type": "Heard", "fields": {"text": "after"}}
+            await page.send_raw("still here")
+            assert await page.receive() == {"type": "Heard", "fields": {"text": "still here"}}
+        assert page.close_code == 1000
