@@ -2678,7 +2678,7 @@ class _Router:
         if inspect.isawaitable(html):
             html = await asyncio.wait_for(html, self.limits.handler_timeout)
         if not isinstance(html, str):
-            raise TypeError(f"view of page {page.name} returned {type(html).__name__}, expected str")
+            raise UsageError(f"view of page {page.name} returned {type(html).__name__}, expected str")
         return _Answer(200, _html_boot(html, boot).encode(), b"text/html; charset=utf-8", cookie)
 
 
@@ -3222,7 +3222,7 @@ class _WsConn(_Conn):
         if self.ping_timer is not None:
             self.ping_timer.cancel()
             self.ping_timer = None
-        self._resume(_BY_WORK)  # the peer's close frame must still be read
+        self._resume(_BY_WORK | _BY_SHUTDOWN)  # the peer's close frame must still be read
         self._wake()
         self.session.end(code, reason)
 

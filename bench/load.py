@@ -15,9 +15,9 @@ import sys
 import time
 
 BODY = json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "Echo", "fields": {"text": "hello"}}}).encode()
-HTTP = b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
-    len(BODY),
-    BODY,
+HTTP = (
+    b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY)
 )
 UPGRADE = (
     b"GET /_rally/ws?page=/ HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
