@@ -102,6 +102,8 @@ __all__ = [
     "RegistrationError",
     "UsageError",
     "RemoteError",
+    "UnwrapError",
+    "Response",
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
     "CLOSE_SESSION_CLOSED",
@@ -302,11 +304,21 @@ class RegistrationError(UsageError):
     request time."""
 
 
+class UnwrapError(RallyError):
+    """``unwrap()`` on an ``Error`` (``error`` holds its value) or
+    ``unwrap_error()`` on an ``Ok``."""
+
+    def __init__(self, message: str, error: Any = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
 class RemoteError(RallyError):
     """The server answered a ``Client`` with an ``error`` envelope."""
 
     def __init__(self, code: str, errors: list[dict[str, str]], status: int | None = None) -> None:
-        super().__init__(f"{code}: " + "; ".join(f"{e.get('path')}: {e.get('message')}" for e in errors))
+        described = (f"{e.get('path')}: {e.get('message')}" if e.get("path") else f"{e.get('message')}" for e in errors)
+        super().__init__(f"{code}: " + "; ".join(described))
         self.code = code
         self.errors = errors
         self.status = status
@@ -332,7 +344,15 @@ class _Bad(Exception):
         self.segments: list[str] = []
         self.code = code
 
-    def at(self, root: str) -> dict[str, str]:
+    @classmethod
+    def at(cls, segment: str, message: str) -> _Bad:
+        """An error whose path ends below the value being decoded."""
+        bad = cls(message)
+        bad.segments.append(segment)
+        return bad
+
+    def error(self, root: str) -> dict[str, str]:
+        """The wire form: ``{"path", "message"}``, the path under ``root``."""
         return {"path": root + "".join(reversed(self.segments)), "message": self.message}
 
 
@@ -364,24 +384,56 @@ class _Value:
         return f"{type(self).__name__}({args})"
 
 
-class Ok(_Value, Generic[_T]):
+class _ResultBase(_Value):
+    """What ``Ok`` and ``Error`` share: no truth value, so that
+    ``assert await client.rpc(...)`` cannot pass on an ``Error``."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        raise TypeError(f"the truth value of {type(self).__name__} is ambiguous: test result.is_ok or result.is_error")
+
+
+class Ok(_ResultBase, Generic[_T]):
     """A successful RPC result; encoded with the T of ``Result[T, E]``."""
 
     __slots__ = ("value",)
     __match_args__ = ("value",)
 
+    is_ok: Final = True
+    is_error: Final = False
+
     def __init__(self, value: _T) -> None:
         self.value = value
 
+    def unwrap(self) -> _T:
+        """The value."""
+        return self.value
 
-class Error(_Value, Generic[_E]):
+    def unwrap_error(self) -> typing.NoReturn:
+        """Raises ``UnwrapError``: an ``Ok`` holds no error."""
+        raise UnwrapError(f"unwrap_error() on {self!r}")
+
+
+class Error(_ResultBase, Generic[_E]):
     """A failed RPC result the client should handle (a form error, say)."""
 
     __slots__ = ("error",)
     __match_args__ = ("error",)
 
+    is_ok: Final = False
+    is_error: Final = True
+
     def __init__(self, error: _E) -> None:
         self.error = error
+
+    def unwrap(self) -> typing.NoReturn:
+        """Raises ``UnwrapError`` carrying the error: an ``Error`` holds no value."""
+        raise UnwrapError(f"unwrap() on {self!r}", self.error)
+
+    def unwrap_error(self) -> _E:
+        """The error."""
+        return self.error
 
 
 Result = Union[Ok[_T], Error[_E]]  # noqa: UP007 - a generic alias needs Union
@@ -497,6 +549,7 @@ class _Codecs:
         self.limits = limits
         self._cache: dict[Any, _Codec] = {}
         self.types: dict[str, dict[str, Any]] = {}
+        self.defaults: dict[str, dict[str, Any]] = {}
         self._classes: dict[str, type] = {}
         self._namespaces: list[dict[str, Any]] = []
 
@@ -860,12 +913,14 @@ class _Codecs:
         return _Codec(f"dict[str, {value.name}]", dec, enc)
 
     def _fields(self, cls: type) -> list[tuple[str, _Codec, bool]]:
-        """``(name, codec, has_default)`` of each field a dataclass's __init__ takes."""
+        """``(name, codec, has_default)`` of each field a dataclass's __init__
+        takes; the defaults, encoded, go into the contract."""
         try:
             hints = typing.get_type_hints(cls)
         except Exception as exc:
             raise _Unsupported(f"cannot resolve the annotations of {cls.__name__}: {exc}") from None
         fields = []
+        defaults: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
@@ -874,7 +929,16 @@ class _Codecs:
             except _Unsupported as exc:
                 raise _Unsupported(f"{cls.__name__}.{f.name}: {exc}") from None
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if has_default:
+                factory = typing.cast(Callable[[], Any], f.default_factory)
+                default = f.default if f.default is not dataclasses.MISSING else factory()
+                try:
+                    defaults[f.name] = fc.encode(default)
+                except _Bad as bad:
+                    raise _Unsupported(f"{cls.__name__}.{f.name}: the default {default!r}: {bad.message}") from None
             fields.append((f.name, fc, has_default))
+        if defaults:
+            self.defaults[cls.__name__] = defaults
         return fields
 
     def _resolve(self, name: str) -> Any:
@@ -901,7 +965,10 @@ class _Codecs:
         finally:
             self._namespaces.pop()
         self.types[cls.__name__] = {"fields": {n: c.name for n, c, _ in fields}}
+        if cls.__name__ in self.defaults:
+            self.types[cls.__name__]["defaults"] = self.defaults[cls.__name__]
         names = frozenset(n for n, _, _ in fields)
+        field_list = ", ".join(n for n, _, _ in fields) or "none"
         required = [n for n, _, has_default in fields if not has_default]
         spec = [(n, c.decode, c.encode) for n, c, _ in fields]
 
@@ -921,11 +988,11 @@ class _Codecs:
                     raise
             if len(kwargs) != len(v):
                 extra = sorted(k for k in v if k not in names)
-                raise _Bad(f"unknown field {extra[0][:40]!r} for {cls.__name__}")
+                raise _Bad.at("." + extra[0][:40], f"unknown field of {cls.__name__} (its fields: {field_list})")
             if len(kwargs) < len(required):
                 missing = [n for n in required if n not in kwargs]
                 if missing:
-                    raise _Bad(f"missing field {missing[0]!r} of {cls.__name__}")
+                    raise _Bad.at("." + missing[0], f"missing field of {cls.__name__}")
             return cls(**kwargs)
 
         def enc(v: Any) -> dict[str, Any]:
@@ -1339,7 +1406,7 @@ class _Request(typing.NamedTuple):
     http_version: bytes
     headers: dict[bytes, bytes]  # lower-case name -> value (the last one)
     raw_headers: Sequence[tuple[bytes, bytes]]  # every header, lower-case names
-    repeated: frozenset[bytes]  # names that came more than once
+    repeated: tuple[bytes, ...]  # names that came more than once
     has_body: bool
 
 
@@ -1384,27 +1451,28 @@ class _HttpReader:
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             raise ProtocolError("request head too large" if status == 431 else "bad request", status) from None
+        if event is h11.NEED_DATA or event is h11.PAUSED:  # PAUSED: until next_cycle
+            return None
         event_type = type(event)
+        if event_type is h11.Request:
+            return self._head(event)  # type: ignore[arg-type]
+        if event_type is h11.EndOfMessage:
+            return _END
         if event_type is h11.Data:
             data = event.data  # type: ignore[union-attr]
             self.body_size += len(data)
             if self.body_size > self.limits.max_body_bytes:
                 raise ProtocolError(f"body larger than {self.limits.max_body_bytes} bytes", 413)
             return bytes(data)
-        if event_type is h11.Request:
-            return self._head(event)  # type: ignore[arg-type]
-        if event_type is h11.EndOfMessage:
-            return _END
-        if event_type is h11.ConnectionClosed:
-            return _EOF
-        return None  # NEED_DATA, or PAUSED until next_cycle
+        return _EOF if event_type is h11.ConnectionClosed else None
 
     def _head(self, req: h11.Request) -> _Request:
         lim = self.limits
-        raw = req.headers
+        raw = req.headers.raw_items()  # a list: iterating h11's Headers costs a call per item
         headers: dict[bytes, bytes] = {}
         repeated = []
         for name, value in raw:
+            name = name.lower()
             if name in headers:
                 repeated.append(name)
             headers[name] = value
@@ -1419,12 +1487,14 @@ class _HttpReader:
             query=query,
             http_version=req.http_version,
             headers=headers,
-            raw_headers=raw,
-            repeated=frozenset(repeated),
+            raw_headers=req.headers,
+            repeated=tuple(repeated),
             has_body=chunked or (length is not None and int(length) > 0),
         )
         if len(raw) > lim.max_headers:
             raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
+        if repeated and b"host" in repeated:
+            raise ProtocolError("more than one Host header", 400)
         if _head_size(req, raw) > lim.max_head_bytes:
             raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
         if length is not None and int(length) > lim.max_body_bytes:
@@ -1480,13 +1550,7 @@ def _http_head(
     """A response head with Content-Length. h11 parses requests; responses
     are this one format, written here (a third of h11's cost per request was
     serializing them). Header values come from rally.py, never from a request."""
-    out = [
-        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, length)
-    ]
-    out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
-    out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-    return b"".join(out)
+    return _http_response(status, b"", content_type, extra, keep_alive=keep_alive, length=length)
 
 
 def _http_response(
@@ -1497,10 +1561,20 @@ def _http_response(
     *,
     keep_alive: bool = False,
     head: bool = False,
+    length: int | None = None,
 ) -> bytes:
-    """A complete response: head, and the body unless it answers a HEAD."""
-    out = _http_head(status, content_type, len(body), extra, keep_alive=keep_alive)
-    return out if head else out + body
+    """A complete response: head, and the body unless it answers a HEAD
+    (``length`` for a head whose body follows apart)."""
+    out = [
+        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, len(body) if length is None else length)
+    ]
+    if extra:
+        out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
+    out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+    if not head:
+        out.append(body)
+    return b"".join(out)
 
 
 _date_cache: list[Any] = [0, b""]
@@ -1523,6 +1597,15 @@ def _http_date() -> bytes:
 
 _REASONS: Final = {
     200: b"OK",
+    201: b"Created",
+    204: b"No Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    401: b"Unauthorized",
+    410: b"Gone",
     304: b"Not Modified",
     400: b"Bad Request",
     403: b"Forbidden",
@@ -2079,7 +2162,7 @@ class _Registry:
         try:
             arg = handler.decode(msg["fields"])
         except _Bad as bad:
-            return _ERROR_STATUS[bad.code], _error_reply(msg_id, bad.code, [bad.at("msg.fields")])
+            return _ERROR_STATUS[bad.code], _error_reply(msg_id, bad.code, [bad.error("msg.fields")])
         args = (arg, ctx) if handler.wants_context else (arg,)
         if handler.is_async:
             return self._rpc_async(handler, msg_id, args)
@@ -2121,7 +2204,7 @@ class _Registry:
                 handler.qualname,
                 handler.ok.name,
                 handler.err.name if handler.err else None,
-                bad.at("result")["path"] + ": " + bad.message,
+                bad.error("result")["path"] + ": " + bad.message,
             )
             return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
 
@@ -2245,7 +2328,7 @@ class _PageSession:
         try:
             value = page.to_server.decode(msg)
         except _Bad as bad:
-            self._reply(_error_reply(None, bad.code, [bad.at("msg")]))
+            self._reply(_error_reply(None, bad.code, [bad.error("msg")]))
             return
         if self.ready and self.worker is None and not page.update_is_async:
             self._update_now(value)
@@ -2406,6 +2489,48 @@ class _PageSession:
             self.worker = None
 
 
+class Response:
+    """What a page's ``view`` may return instead of a ``str``: a status, a
+    body, headers (a dict) and a content type, so a missing record answers
+    404 and a moved one redirects (``Response("", 303, {"location": "/"})``).
+    An HTML body with status 200 gets the boot data and client script, as a
+    ``str`` does. Raises ``UsageError`` for a status outside 100-599 or a
+    header that could split the response."""
+
+    __slots__ = ("body", "status", "headers", "content_type")
+
+    def __init__(
+        self,
+        body: str | bytes = "",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        content_type: str = "text/html; charset=utf-8",
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise UsageError(f"Response status must be an int from 100 to 599, got {status!r}")
+        self.headers: list[tuple[bytes, bytes]] = []
+        for name, value in (headers or {}).items():
+            if not _TOKEN_RE.fullmatch(name) or name.lower() in _FRAMING_HEADERS:
+                raise UsageError(f"Response header name {name!r} is not allowed")
+            if not isinstance(value, str) or _UNSAFE_VALUE_RE.search(value):
+                raise UsageError(f"Response header {name}: {value!r} has a control character or is not a str")
+            self.headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        if _UNSAFE_VALUE_RE.search(content_type):
+            raise UsageError(f"Response content_type {content_type!r} has a control character")
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+
+    def __repr__(self) -> str:
+        return f"Response(status={self.status}, content_type={self.content_type!r}, {len(self.body)} body)"
+
+
+_TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
+_UNSAFE_VALUE_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Headers rally.py writes itself: a view cannot set them.
+_FRAMING_HEADERS: Final = frozenset(("content-length", "transfer-encoding", "connection", "date", "content-type"))
+
+
 # Routing: a request head becomes one of these actions.
 
 
@@ -2420,9 +2545,10 @@ class _Answer(typing.NamedTuple):
 
 class _ReadBody(typing.NamedTuple):
     """Read the request's body (answering ``Expect: 100-continue``), then
-    ``handle(body)`` gives the answer, now or as an awaitable."""
+    ``handle(router, request, client, body)`` gives the answer, now or as an
+    awaitable."""
 
-    handle: Callable[[bytes], _Answer | Awaitable[_Answer]]
+    handle: Callable[[_Router, _Request, tuple[str, int] | None, bytes], _Answer | Awaitable[_Answer]]
 
 
 class _SendFile(typing.NamedTuple):
@@ -2476,11 +2602,12 @@ class _Router:
         self.secret = app._secret
         hosts = app.allowed_hosts
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
+        self.host_ok: dict[bytes, bool] = {}
         self.ids = itertools.count(1)
 
     def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         hosts = self.hosts
-        if hosts is not None and (b"host" in req.repeated or not _host_allowed(_header(req, b"host"), hosts)):
+        if hosts is not None and not (self.host_ok.get(req.headers.get(b"host", b"")) or self._host_ok(req)):
             _logger.warning(
                 "refused request from %s: Host %r is not in allowed_hosts %s",
                 client[0] if client else "-",
@@ -2510,7 +2637,8 @@ class _Router:
     # -- the fixed routes --------------------------------------------------------
 
     def _rpc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
-        _allow(req, b"POST")
+        if req.method != b"POST":
+            _allow(req, b"POST")
         self._check_origin(req, client)
         ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -2519,7 +2647,7 @@ class _Router:
         if expected is not None and expected != self.reg.contract()[1]:
             errors = [{"path": "", "message": "the server's contract changed; reload"}]
             return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json")
-        return _ReadBody(lambda body: self._rpc_body(req, client, body))
+        return _READ_RPC
 
     def _rpc_body(self, req: _Request, client: tuple[str, int] | None, body: bytes) -> _Answer | Awaitable[_Answer]:
         reg = self.reg
@@ -2534,7 +2662,7 @@ class _Router:
             return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
         page = _header(req, b"rally-page")
         found = reg.match_page(page) if page else None
-        sid, _ = self._session(req)  # an RPC reads the session; pages set the cookie
+        sid = _session_from_cookie(_header(req, b"cookie"), self.secret) or _new_session_id()  # pages set cookies
         ctx = ServerContext(
             sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg.state
         )
@@ -2569,6 +2697,20 @@ class _Router:
 
     # -- checks -------------------------------------------------------------------
 
+    def _host_ok(self, req: _Request) -> bool:
+        """The Host is in ``allowed_hosts``; the answer for a Host value is
+        kept (a few values at most reach a server, each costs one lookup)."""
+        value = req.headers.get(b"host")
+        if value is None:
+            return False
+        ok = self.host_ok.get(value)
+        if ok is None:
+            assert self.hosts is not None
+            ok = _host_allowed(value.decode("latin-1"), self.hosts)
+            if len(self.host_ok) < 64:
+                self.host_ok[value] = ok
+        return ok
+
     def _session(self, req: _Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The session id, and the Set-Cookie header to send if it is new."""
         sid = _session_from_cookie(_header(req, b"cookie"), self.secret)
@@ -2578,6 +2720,8 @@ class _Router:
         return sid, [(b"set-cookie", _session_cookie(sid, self.secret, self.app.secure_cookies))]
 
     def _check_origin(self, req: _Request, client: tuple[str, int] | None) -> None:
+        if b"origin" not in req.headers:  # not a browser: it holds no victim's cookie
+            return
         origin = _header(req, b"origin")
         host = _header(req, b"host")
         if b"origin" not in req.repeated and _origin_allowed(origin, host, self.app.allowed_origins):
@@ -2674,12 +2818,19 @@ class _Router:
         self, page: _Page, kwargs: dict[str, Any], boot: dict[str, Any], cookie: list[tuple[bytes, bytes]]
     ) -> _Answer:
         assert page.view is not None
-        html = page.view(**kwargs)
-        if inspect.isawaitable(html):
-            html = await asyncio.wait_for(html, self.limits.handler_timeout)
-        if not isinstance(html, str):
-            raise UsageError(f"view of page {page.name} returned {type(html).__name__}, expected str")
-        return _Answer(200, _html_boot(html, boot).encode(), b"text/html; charset=utf-8", cookie)
+        result = page.view(**kwargs)
+        if inspect.isawaitable(result):
+            result = await asyncio.wait_for(result, self.limits.handler_timeout)
+        if isinstance(result, str):
+            return _Answer(200, _html_boot(result, boot).encode(), b"text/html; charset=utf-8", cookie)
+        if not isinstance(result, Response):
+            raise UsageError(f"view of page {page.name} returned {type(result).__name__}, expected str or Response")
+        body = result.body
+        if isinstance(body, str):
+            if result.status == 200 and result.content_type.startswith("text/html"):
+                body = _html_boot(body, boot)
+            body = body.encode()
+        return _Answer(result.status, body, result.content_type.encode("latin-1"), [*result.headers, *cookie])
 
 
 def _header(req: _Request, name: bytes) -> str | None:
@@ -2699,6 +2850,7 @@ async def _json_answer(reply: Awaitable[_Reply]) -> _Answer:
     return _Answer(status, body, b"application/json")
 
 
+_READ_RPC: Final = _ReadBody(_Router._rpc_body)
 _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | None], _Action]]] = {
     "/_rally/rpc": _Router._rpc,
     "/_rally/ws": _Router._socket,
@@ -2988,8 +3140,10 @@ class _HttpConn(_Conn):
         if type(action) is _ReadBody:
             body = b"".join(self.body)
             self.body = []
+            req = self.request
+            assert req is not None
             try:
-                action = action.handle(body)
+                action = action.handle(self.srv.router, req, self.client, body)
             except Exception:
                 _logger.exception("unexpected error answering %s", self.request)
                 action = _Answer(500, b"internal server error\n")
@@ -3487,6 +3641,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None  # loops without add_reader
         self._accept_timer: asyncio.TimerHandle | None = None
         self._starved = False
+        self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         self._closed = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
 
@@ -3593,25 +3748,50 @@ class Server:
             await self._closed.wait()
             return
         self.closing = True
+        loop = self.loop
+        deadline = loop.time() + self.limits.shutdown_timeout
         self._stop_accepting()
         for conn in tuple(self.conns):
             if isinstance(conn, _WsConn):
                 conn.shut_down()
             elif conn.state in (_HttpState.IDLE, _HttpState.HEAD, _HttpState.DRAINING):
                 conn._close()
-        await self._wait_drained(self.limits.shutdown_timeout)
+        await self._wait_drained(deadline - loop.time())
         for conn in tuple(self.conns):
             conn.transport.abort()
         await self._wait_drained(self.limits.close_timeout)
+        if self.tasks:  # handlers finishing after their connection ended, terminate hooks
+            await asyncio.wait(tuple(self.tasks), timeout=max(0.0, deadline - loop.time()))
         for task in tuple(self.tasks):
             task.cancel()
         if self.tasks:
-            done, pending = await asyncio.wait(tuple(self.tasks), timeout=self.limits.close_timeout)
+            _, pending = await asyncio.wait(tuple(self.tasks), timeout=self.limits.close_timeout)
             if pending:
                 _logger.error("%d tasks did not finish after being cancelled at shutdown", len(pending))
         if self._server is not None:
             await self._server.wait_closed()
-        self._closed.set()
+        try:
+            await self._exit_lifespan()
+        finally:
+            self._closed.set()
+
+    async def _open(self, host: str, port: int, sock: socket.socket | None) -> None:
+        """Enter the app's lifespan, then listen."""
+        lifespan = self.app._lifespan
+        if lifespan is not None:
+            manager = lifespan(self.app)
+            await manager.__aenter__()
+            self._lifespan = manager
+        try:
+            await self._listen(host, port, sock)
+        except BaseException:
+            await self._exit_lifespan()
+            raise
+
+    async def _exit_lifespan(self) -> None:
+        manager, self._lifespan = self._lifespan, None
+        if manager is not None:
+            await manager.__aexit__(None, None, None)
 
     async def _wait_drained(self, seconds: float) -> None:
         if self.conns:
@@ -3638,6 +3818,9 @@ class App:
 
     Every limit is a keyword argument backed by a ``DEFAULT_*`` constant;
     ``state`` is handed to handlers as ``server_context.state``;
+    ``lifespan(app)``, an async context manager, is entered before the
+    server accepts and exited after it has drained (background tasks live
+    there);
     ``allowed_origins`` extends the same-origin rule of the WebSocket
     handshake and ``POST /_rally/rpc``; ``allowed_hosts`` lists the host
     names the server answers to (``"*"`` for any; by default only loopback
@@ -3651,6 +3834,7 @@ class App:
         self,
         *,
         state: Any = None,
+        lifespan: Callable[[App], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         allowed_origins: Iterable[str] = (),
         allowed_hosts: Iterable[str] | None = None,
         secret: str | bytes | None = None,
@@ -3709,6 +3893,7 @@ class App:
         if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
             raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
         self.state = state
+        self._lifespan = lifespan
         self.allowed_origins = frozenset(allowed_origins)
         self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
         if secret is None:
@@ -3771,8 +3956,8 @@ class App:
     ) -> Server:
         """Start serving in the running loop and return at once; port 0 picks a free one."""
         server = Server(self, access_log)
-        await server._listen(host, port, sock)
         self._loop = server.loop
+        await server._open(host, port, sock)
         _logger.info("rally.py serving on %s", server.url)
         return server
 
@@ -4209,7 +4394,7 @@ class Client:
             if kind == "err":
                 return Error(self._typed(handler, False, reply["error"]))
         except _Bad as bad:
-            raise RemoteError("invalid", [bad.at("value")], status) from None
+            raise RemoteError("invalid", [bad.error("value")], status) from None
         raise RemoteError("invalid", [{"path": "kind", "message": f"unexpected reply {_short(kind)}"}], status)
 
     @staticmethod
@@ -4436,7 +4621,7 @@ class PageConnection:
         try:
             return codec.decode(item["fields"])
         except _Bad as bad:
-            raise RemoteError("invalid", [bad.at("msg.fields")]) from None
+            raise RemoteError("invalid", [bad.error("msg.fields")]) from None
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
