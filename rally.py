@@ -103,6 +103,7 @@ __all__ = [
     "UsageError",
     "RemoteError",
     "UnwrapError",
+    "Presence",
     "Response",
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
@@ -447,13 +448,26 @@ class Effect(_Value, Generic[_M]):
     an annotation names the push types of a page.
     """
 
-    __slots__ = ("scope", "msg", "children")
-    __match_args__ = ("scope", "msg", "children")
+    __slots__ = ("scope", "msg", "children", "target")
+    __match_args__ = ("scope", "msg", "children", "target")
 
-    def __init__(self, scope: str, msg: Any = None, children: tuple[Effect[_M], ...] = ()) -> None:
-        self.scope = scope  # "none", "client", "session", "page", "app" or "batch"
+    def __init__(
+        self, scope: str, msg: Any = None, children: tuple[Effect[_M], ...] = (), target: str | None = None
+    ) -> None:
+        # "none", "client", "session", "page", "app", "topic", "subscribe", "unsubscribe" or "batch"
+        self.scope = scope
         self.msg = msg
         self.children = children
+        self.target = target  # the topic, or another page's path
+
+
+def _check_topic(topic: object) -> str:
+    """A custom topic name: a non-empty str outside the reserved names."""
+    if not isinstance(topic, str) or not topic:
+        raise UsageError(f"a topic is a non-empty str, got {topic!r}")
+    if topic == "app" or topic.startswith(("session:", "page:", "app:")):
+        raise UsageError(f"topic {topic[:60]!r} is reserved: names under session:, page: and app are rally.py's own")
+    return topic
 
 
 class _EffectBuilders:
@@ -475,9 +489,29 @@ class _EffectBuilders:
         return Effect("session", msg)
 
     @staticmethod
-    def broadcast_to_page(msg: _M) -> Effect[_M]:
-        """Deliver ``msg`` to every connection on the same page path."""
-        return Effect("page", msg)
+    def broadcast_to_page(msg: _M, page: str | None = None) -> Effect[_M]:
+        """Deliver ``msg`` to every connection on the same page path, or on
+        the concrete path ``page`` (whose page must declare ``msg``'s type)."""
+        if page is not None and (not isinstance(page, str) or not page.startswith("/")):
+            raise UsageError(f"broadcast_to_page(page=...) takes a path starting with /, got {page!r}")
+        return Effect("page", msg, target=page)
+
+    @staticmethod
+    def broadcast_to_topic(topic: str, msg: _M) -> Effect[_M]:
+        """Deliver ``msg`` to every connection subscribed to ``topic`` whose
+        page declares ``msg``'s type."""
+        return Effect("topic", msg, target=_check_topic(topic))
+
+    @staticmethod
+    def subscribe(topic: str) -> Effect[Any]:
+        """Join ``topic`` (a room shared by several pages, say) until the
+        connection ends or unsubscribes."""
+        return Effect("subscribe", target=_check_topic(topic))
+
+    @staticmethod
+    def unsubscribe(topic: str) -> Effect[Any]:
+        """Leave ``topic``."""
+        return Effect("unsubscribe", target=_check_topic(topic))
 
     @staticmethod
     def broadcast_to_app(msg: _M) -> Effect[_M]:
@@ -1717,7 +1751,17 @@ class ServerContext:
     ``state`` (the object given as ``rally.App(state=...)``).
     """
 
-    __slots__ = ("session_id", "page", "params", "client", "connection_id", "state", "_raw_headers", "_headers")
+    __slots__ = (
+        "session_id",
+        "page",
+        "params",
+        "client",
+        "connection_id",
+        "state",
+        "_raw_headers",
+        "_headers",
+        "_registry",
+    )
 
     def __init__(
         self,
@@ -1727,16 +1771,21 @@ class ServerContext:
         raw_headers: Sequence[tuple[bytes, bytes]],
         client: tuple[str, int] | None,
         connection_id: int | None,
-        state: Any,
+        registry: _Registry,
     ) -> None:
         self.session_id = session_id
         self.page = page
         self.params = params
         self.client = client
         self.connection_id = connection_id
-        self.state = state
+        self.state = registry.state
         self._raw_headers = raw_headers
         self._headers: dict[str, str] | None = None
+        self._registry = registry
+
+    def presence(self) -> list[Presence]:
+        """Who is on this page now (``app.presence(page)``); ``[]`` without a page."""
+        return self._registry.presence_of(self.page) if self.page else []
 
     @property
     def headers(self) -> dict[str, str]:
@@ -1847,6 +1896,13 @@ class _Page(typing.NamedTuple):
     to_server_names: frozenset[str]
     to_client: _Codec | None
     to_client_types: tuple[type, ...]
+    push_types: frozenset[type]  # to_client_types, for a lookup per recipient
+    terminate: Callable[..., Any] | None
+    terminate_is_async: bool
+    terminate_wants_context: bool
+    presence: Callable[..., Any] | None
+    presence_wants_context: bool
+    presence_codec: _Codec | None
 
     @property
     def stateful(self) -> bool:
@@ -1864,6 +1920,25 @@ def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
         if hints.get(name) is ServerContext or (name == "server_context" and name not in hints):
             return name
     return None
+
+
+class Presence(_Value):
+    """One connection on a page, as presence reports it: ``id`` (its
+    connection id), ``tag`` (opaque, the same for every connection of one
+    browser session, never the session id) and ``meta`` (what the page's
+    ``server_presence`` returned)."""
+
+    __slots__ = ("id", "tag", "meta")
+    __match_args__ = ("id", "tag", "meta")
+
+    def __init__(self, id: int, tag: str, meta: Any) -> None:  # noqa: A002 - the wire's name
+        self.id = id
+        self.tag = tag
+        self.meta = meta
+
+
+#: An effect's delivery, checked and encoded: (scope, target, frame, push type).
+_Op = tuple[str, str | None, bytes, type | None]
 
 
 class _Topics:
@@ -1892,14 +1967,19 @@ class _Topics:
     def sessions(self, topic: str) -> tuple[_PageSession, ...]:
         return tuple(self.members.get(topic, ()))
 
-    def publish(self, topic: str, frame: bytes) -> int:
-        """Write one frame to every member of a topic; returns the count."""
+    def publish(self, topic: str, frame: bytes, msg_type: type | None = None, skip: _PageSession | None = None) -> int:
+        """Write one frame to every member of a topic whose page declares
+        ``msg_type`` (every member for a presence frame), but ``skip``;
+        returns the count."""
         members = self.members.get(topic)
         if not members:
             return 0
+        n = 0
         for session in tuple(members):
-            session.push(frame)
-        return len(members)
+            if (msg_type is None or msg_type in session.page.push_types) and session is not skip:
+                session.push(frame)
+                n += 1
+        return n
 
 
 class _Registry:
@@ -1920,6 +2000,8 @@ class _Registry:
         self.static: list[tuple[str, str]] = []
         self.push_encoders: dict[type, _Encoder] = {}
         self.topics = _Topics()
+        #: page path -> connection id -> (tag, encoded meta, meta)
+        self.presence: dict[str, dict[int, tuple[str, Any, Any]]] = {}
         self._contract: tuple[bytes, str] | None = None
 
     # -- registration --------------------------------------------------------
@@ -1998,12 +2080,14 @@ class _Registry:
         members = {k: getattr(namespace, k) for k in dir(namespace) if not k.startswith("__")}
         init = members.get("server_init")
         update = members.get("server_update")
+        hooks = {name: members.get(name) for name in ("server_terminate", "server_presence")}
         view = members.get("view")
         html = members.get("html")
-        if update is not None and init is None:
-            raise RegistrationError(
-                f"page {owner}: server_update without server_init; add server_init to create the model"
-            )
+        for name, fn in {"server_update": update, **hooks}.items():
+            if fn is not None and init is None:
+                raise RegistrationError(
+                    f"page {owner}: {name} without server_init; add server_init to create the model"
+                )
         if html is not None and not isinstance(html, str):
             raise RegistrationError(f"page {owner}: html must be a str, got {type(html).__name__}")
         if view is not None and not callable(view):
@@ -2065,6 +2149,22 @@ class _Registry:
                 )
             to_client_types, to_client = types_u or to_client_types, codec_u or to_client
             update_ctx = ctx is not None
+        terminate, terminate_ctx = hooks["server_terminate"], False
+        if terminate is not None:
+            where = f"page {owner}: server_terminate"
+            terminate_ctx = self._model_hook(terminate, where)
+            types_t, _ = self._effect_type(hints := self._hints(terminate, where), where, owner, whole=False)
+            if not set(types_t) <= set(to_client_types):
+                names = [c.__name__ for c in to_client_types]
+                raise RegistrationError(f"{where} pushes {_type_name(hints.get('return'))}; the page pushes {names}")
+        presence, presence_ctx, presence_codec = hooks["server_presence"], False, None
+        if presence is not None:
+            where = f"page {owner}: server_presence"
+            presence_ctx = self._model_hook(presence, where)
+            meta_type = self._hints(presence, where).get("return")
+            if not _is_dataclass_type(meta_type):
+                raise RegistrationError(f"{where}: return annotation is {_type_name(meta_type)}; expected a dataclass")
+            presence_codec = self._codec(meta_type, where)
         converters = {p: _PARAM_CONVERTERS[param_types.get(p, str)] for p in param_names}
         regex = "".join(
             f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part) for i, part in enumerate(_PARAM_RE.split(path))
@@ -2086,9 +2186,16 @@ class _Registry:
             to_server_names=frozenset(to_server_types),
             to_client=to_client,
             to_client_types=to_client_types,
+            push_types=frozenset(to_client_types),
+            terminate=terminate,
+            terminate_is_async=inspect.iscoroutinefunction(terminate),
+            terminate_wants_context=terminate_ctx,
+            presence=presence,
+            presence_wants_context=presence_ctx,
+            presence_codec=presence_codec,
         )
         for name, fn in members.items():
-            if name.startswith("server_") and name not in ("server_init", "server_update") and callable(fn):
+            if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
                 self.add_rpc(fn, f"page {owner}: ")
         for cls in to_client_types:
             self.push_encoders[cls] = self.codecs.get(cls).encode
@@ -2096,15 +2203,29 @@ class _Registry:
         self._contract = None
         return page
 
-    def _effect_type(self, hints: dict[str, Any], where: str, owner: str) -> tuple[tuple[type, ...], _Codec | None]:
-        """The ToClient of a ``tuple[Model, Effect[ToClient]]`` return annotation."""
+    def _model_hook(self, fn: Callable[..., Any], where: str) -> bool:
+        """Check a hook that takes ``(model, server_context)``; whether it wants the context."""
+        ctx = _context_param(fn, self._hints(fn, where))
+        ps = [p for p in inspect.signature(fn).parameters if p != ctx]
+        if len(ps) != 1:
+            raise RegistrationError(f"{where}: expected parameters (model, server_context), got {ps}")
+        return ctx is not None
+
+    def _effect_type(
+        self, hints: dict[str, Any], where: str, owner: str, whole: bool = True
+    ) -> tuple[tuple[type, ...], _Codec | None]:
+        """The ToClient of a ``tuple[Model, Effect[ToClient]]`` return
+        annotation (of a plain ``Effect[ToClient]`` if not ``whole``)."""
         ret = hints.get("return")
-        args = typing.get_args(ret) if typing.get_origin(ret) is tuple else ()
-        if len(args) != 2 or typing.get_origin(args[1]) is not Effect and args[1] is not Effect:
-            raise RegistrationError(
-                f"{where}: return annotation is {_type_name(ret)}; expected tuple[Model, rally.Effect[ToClient]]"
-            )
-        inner = typing.get_args(args[1])
+        if whole:
+            args = typing.get_args(ret) if typing.get_origin(ret) is tuple else ()
+            effect_type = args[1] if len(args) == 2 else None
+        else:
+            effect_type = ret
+        if effect_type is None or typing.get_origin(effect_type) is not Effect and effect_type is not Effect:
+            expected = "tuple[Model, rally.Effect[ToClient]]" if whole else "rally.Effect[ToClient]"
+            raise RegistrationError(f"{where}: return annotation is {_type_name(ret)}; expected {expected}")
+        inner = typing.get_args(effect_type)
         if not inner:
             return (), None
         members = self.codecs.members(inner[0])
@@ -2134,6 +2255,7 @@ class _Registry:
                         "stateful": p.stateful,
                         "to_server": p.to_server.name if p.to_server else None,
                         "to_client": p.to_client.name if p.to_client else None,
+                        "presence": p.presence_codec.name if p.presence_codec else None,
                     }
                     for p in self.pages
                 },
@@ -2217,25 +2339,48 @@ class _Registry:
             raise _Bad(f"{type(msg).__name__} is not a push type of any page (no Effect[...] names it)")
         return _ws_frame(_dumps({"kind": "push", "msg": {"type": type(msg).__name__, "fields": enc(msg)}}))
 
-    def effect_frames(self, eff: Any, page: _Page, out: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    def effect_ops(self, eff: Any, page: _Page, out: list[_Op]) -> list[_Op]:
         """Check and encode every push of an effect of ``page``, in order,
-        before any is delivered: ``(scope, frame)`` pairs appended to ``out``.
-        Raises ``_Bad`` for a value that is not an Effect or a push type that
-        is not the page's."""
+        before any is delivered: ``(scope, target, frame, type)`` appended to
+        ``out`` (a subscription has no frame). Raises ``_Bad`` for a value
+        that is not an Effect, a push type that is not the page's, or a
+        ``broadcast_to_page(page=...)`` to a page that does not declare it."""
         if not isinstance(eff, Effect):
             raise _Bad(f"expected rally.Effect, got {type(eff).__name__}")
         scope = eff.scope
         if scope == "batch":
             for child in eff.children:
-                self.effect_frames(child, page, out)
+                self.effect_ops(child, page, out)
+        elif scope in ("subscribe", "unsubscribe"):
+            out.append((scope, eff.target, b"", None))
         elif scope != "none":
-            if type(eff.msg) not in page.to_client_types:
+            msg_type = type(eff.msg)
+            if scope == "page" and eff.target is not None:
+                self.check_page_push(eff.target, msg_type, _Bad)
+            elif msg_type not in page.push_types:
                 names = [c.__name__ for c in page.to_client_types]
-                raise _Bad(f"push {type(eff.msg).__name__} is not in the page's Effect types {names}")
-            out.append((scope, self.push_frame(eff.msg, self.push_encoders[type(eff.msg)])))
+                raise _Bad(f"push {msg_type.__name__} is not in the page's Effect types {names}")
+            out.append((scope, eff.target, self.push_frame(eff.msg, self.push_encoders[msg_type]), msg_type))
         return out
 
+    def check_page_push(self, path: str, msg_type: type, error: Callable[[str], Exception]) -> None:
+        """Raise ``error`` unless the page at ``path`` declares ``msg_type``."""
+        found = self.match_page(path)
+        if found is None:
+            raise error(f"no page is at {path[:100]!r}")
+        if msg_type not in found[0].push_types:
+            names = [c.__name__ for c in found[0].to_client_types]
+            raise error(f"the page at {path[:100]!r} does not push {msg_type.__name__}; it pushes {names}")
 
+    # -- presence -----------------------------------------------------------
+
+    def presence_of(self, path: str) -> list[Presence]:
+        """Who is on the concrete page ``path``: one entry per connection."""
+        return [Presence(cid, tag, meta) for cid, (tag, _, meta) in self.presence.get(path, {}).items()]
+
+
+_EMPTY: Final[list[Any]] = []
+_PAGE_HOOKS: Final = frozenset(("server_init", "server_update", "server_terminate", "server_presence"))
 _PARAM_NAMES: Final = {str: "str", _convert_int: "int", _convert_float: "float"}
 
 
@@ -2263,7 +2408,22 @@ class _PageSession:
     with ``internal``; bad input is answered with an ``error`` envelope.
     """
 
-    __slots__ = ("reg", "page", "ctx", "peer", "spawn", "topics", "model", "ready", "pending", "worker", "rpcs")
+    __slots__ = (
+        "reg",
+        "page",
+        "ctx",
+        "peer",
+        "spawn",
+        "tag",
+        "topics",
+        "custom",
+        "model",
+        "ready",
+        "meta",
+        "pending",
+        "worker",
+        "rpcs",
+    )
 
     def __init__(
         self,
@@ -2272,15 +2432,19 @@ class _PageSession:
         ctx: ServerContext,
         peer: _Peer,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        tag: str = "",
     ) -> None:
         self.reg = reg
         self.page = page
         self.ctx = ctx
         self.peer = peer
         self.spawn = spawn
+        self.tag = tag  # the session's presence tag
         self.topics: tuple[str, ...] = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
+        self.custom: set[str] | None = None  # topics joined by rally.effect.subscribe
         self.model: Any = None
         self.ready = False  # server_init has returned
+        self.meta: Any = None  # the encoded presence meta others were told, once joined
         # A list, not a deque: at most max_pending_messages items, and an idle
         # connection keeps 56 bytes instead of 624.
         self.pending: list[Any] = []
@@ -2340,14 +2504,53 @@ class _PageSession:
 
     def end(self, code: int, reason: str) -> None:
         """The connection is over (``code`` and ``reason`` say how): leave the
-        topics, drop queued sends and cancel the work in flight (the server
-        awaits the tasks)."""
-        self.reg.topics.leave(self, self.topics)
+        topics, tell the page's presence, drop queued sends, cancel the work
+        in flight (the server awaits the tasks), then run ``server_terminate``
+        once for the model, if there is one."""
+        topics = self.reg.topics
+        topics.leave(self, self.topics)
+        if self.custom:
+            topics.leave(self, self.custom)
+        if self.meta is not None:
+            self._presence_leave()
         self.pending.clear()
         if self.worker is not None:
             self.worker.cancel()
         for task in self.rpcs or ():
             task.cancel()
+        page = self.page
+        if self.ready and page.terminate is not None:
+            args = (self.model, self.ctx) if page.terminate_wants_context else (self.model,)
+            if page.terminate_is_async:
+                self.spawn(self._terminate_async(page.terminate(*args)))
+                return
+            try:
+                eff = page.terminate(*args)
+            except Exception:
+                _logger.exception("server_terminate of page %s raised (page %s)", page.name, self.ctx.page)
+                return
+            self._terminated(eff)
+
+    async def _terminate_async(self, coro: Awaitable[Any]) -> None:
+        try:
+            eff = await asyncio.wait_for(coro, self.reg.limits.handler_timeout)
+        except Exception:
+            _logger.exception("server_terminate of page %s failed (page %s)", self.page.name, self.ctx.page)
+            return
+        self._terminated(eff)
+
+    def _terminated(self, eff: Any) -> None:
+        """Deliver ``server_terminate``'s effect to the others."""
+        try:
+            ops = self.reg.effect_ops(eff, self.page, [])
+        except _Bad as bad:
+            _logger.error(
+                "server_terminate of page %s returned a value that breaks its annotation: %s",
+                self.page.name,
+                bad.message,
+            )
+            return
+        self._deliver(ops)
 
     async def settle(self) -> None:
         """Return once no RPC or ``server_update`` is running (at shutdown,
@@ -2439,18 +2642,81 @@ class _PageSession:
             if not isinstance(result, tuple) or len(result) != 2:
                 raise _Bad(f"expected a (model, effect) tuple, got {type(result).__name__}")
             model, eff = result
-            frames = self.reg.effect_frames(eff, page, [])
+            ops = self.reg.effect_ops(eff, page, [])
         except _Bad as bad:
             _logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
             return False
         self.model = model
+        self._deliver(ops)
+        if page.presence is not None:
+            self._presence()
+        return True
+
+    def _deliver(self, ops: list[_Op]) -> None:
+        """Carry out an effect's checked deliveries and subscriptions, in order."""
         topics = self.reg.topics
-        for scope, frame in frames:
+        for scope, target, frame, msg_type in ops:
             if scope == "client":
                 self.peer.write_frame(frame)
+            elif scope == "subscribe" or scope == "unsubscribe":
+                assert target is not None
+                if self.custom is None:
+                    self.custom = set()
+                if scope == "subscribe" and target not in self.custom:
+                    self.custom.add(target)
+                    topics.join(self, (target,))
+                elif scope == "unsubscribe" and target in self.custom:
+                    self.custom.discard(target)
+                    topics.leave(self, (target,))
+            elif target is not None:  # a custom topic, or another page
+                topics.publish(target if scope == "topic" else f"page:{target}", frame, msg_type)
             else:
-                topics.publish(self.topics[("session", "page", "app").index(scope)], frame)
-        return True
+                topics.publish(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
+
+    # -- presence ------------------------------------------------------------------
+
+    def _presence(self) -> None:
+        """Recompute this connection's presence meta; on joining, send it the
+        whole list and the others a join; on a change, an update to all."""
+        page = self.page
+        assert page.presence is not None and page.presence_codec is not None
+        try:
+            meta_value = page.presence(*((self.model, self.ctx) if page.presence_wants_context else (self.model,)))
+            meta = page.presence_codec.encode(meta_value)
+        except _Bad as bad:
+            _logger.error(
+                "server_presence of page %s returned a value that breaks its annotation: %s", page.name, bad.message
+            )
+            return
+        except Exception:
+            _logger.exception("server_presence of page %s raised (page %s)", page.name, self.ctx.page)
+            return
+        joining = self.meta is None
+        if not joining and meta == self.meta:
+            return
+        self.meta = meta
+        cid = self.ctx.connection_id
+        assert cid is not None and self.ctx.page is not None
+        entries = self.reg.presence.setdefault(self.ctx.page, {})
+        entries[cid] = (self.tag, meta, meta_value)
+        entry = {"id": cid, "tag": self.tag, "self": False, "meta": meta}
+        topics = self.reg.topics
+        if joining:
+            state = [{"id": i, "tag": t, "self": i == cid, "meta": m} for i, (t, m, _) in entries.items()]
+            self.peer.write_frame(_ws_frame(_dumps({"kind": "presence", "state": state})))
+            topics.publish(self.topics[1], _presence_frame(joins=[entry]), skip=self)
+        else:
+            topics.publish(self.topics[1], _presence_frame(updates=[entry]), skip=self)
+            self.peer.write_frame(_presence_frame(updates=[{**entry, "self": True}]))
+
+    def _presence_leave(self) -> None:
+        path, cid = self.ctx.page, self.ctx.connection_id
+        assert path is not None and cid is not None
+        entries = self.reg.presence.get(path, {})
+        entries.pop(cid, None)
+        if not entries:
+            self.reg.presence.pop(path, None)
+        self.reg.topics.publish(self.topics[1], _presence_frame(leaves=[cid]))
 
     def _update_now(self, value: Any) -> None:
         page = self.page
@@ -2531,6 +2797,14 @@ _UNSAFE_VALUE_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _FRAMING_HEADERS: Final = frozenset(("content-length", "transfer-encoding", "connection", "date", "content-type"))
 
 
+_OWN_TOPICS: Final = {"session": 0, "page": 1, "app": 2}
+
+
+def _presence_frame(joins: list[Any] = _EMPTY, updates: list[Any] = _EMPTY, leaves: list[Any] = _EMPTY) -> bytes:
+    """A presence diff, framed once for every connection on the page."""
+    return _ws_frame(_dumps({"kind": "presence", "joins": joins, "updates": updates, "leaves": leaves}))
+
+
 # Routing: a request head becomes one of these actions.
 
 
@@ -2568,6 +2842,7 @@ class _Upgrade(typing.NamedTuple):
     page: _Page | None
     raw: _RawRoute | None
     stale: bool  # the page's contract hash differs: refuse with 4000 after the upgrade
+    tag: str  # the session's presence tag
 
 
 _Action = _Answer | _ReadBody | _SendFile | _Upgrade | Awaitable[_Answer]
@@ -2663,9 +2938,7 @@ class _Router:
         page = _header(req, b"rally-page")
         found = reg.match_page(page) if page else None
         sid = _session_from_cookie(_header(req, b"cookie"), self.secret) or _new_session_id()  # pages set cookies
-        ctx = ServerContext(
-            sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg.state
-        )
+        ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx)
         if isinstance(reply, tuple):
             return _Answer(reply[0], reply[1], b"application/json")
@@ -2765,14 +3038,15 @@ class _Router:
     ) -> _Upgrade:
         key = self._check_handshake(req)
         sid, cookie = self._session(req)
-        ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg.state)
+        ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg)
         headers = [
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),
             (b"sec-websocket-accept", _ws_accept(key.encode())),
             *cookie,
         ]
-        return _Upgrade(headers, ctx, page, raw, stale)
+        tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
+        return _Upgrade(headers, ctx, page, raw, stale, tag)
 
     def _static(self, req: _Request, rel: str, directory: str) -> _Action:
         parts = rel.split("/")
@@ -2808,7 +3082,7 @@ class _Router:
         if page.view is None:
             assert page.html is not None
             return _Answer(200, _html_boot(page.html, boot).encode(), b"text/html; charset=utf-8", cookie)
-        ctx = ServerContext(sid, req.path, params, req.raw_headers, client, None, self.reg.state)
+        ctx = ServerContext(sid, req.path, params, req.raw_headers, client, None, self.reg)
         kwargs = dict(params)
         if page.view_wants_context:
             kwargs[page.view_wants_context] = ctx
@@ -3319,7 +3593,7 @@ class _WsConn(_Conn):
         self.ctx = up.ctx
         self.session: _PageSession | _RawSession
         if up.page is not None:
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn)
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag)
         else:
             assert up.raw is not None
             self.session = _RawSession(up.raw, up.ctx, self, srv)
@@ -4021,19 +4295,31 @@ class App:
             frame = self._registry.push_frame(msg)
         except _Bad as bad:
             raise UsageError(bad.message) from None
-        return self._registry.topics.publish(topic, frame)
+        return self._registry.topics.publish(topic, frame, type(msg))
 
     async def broadcast_to_app(self, msg: Any) -> int:
-        """Push ``msg`` to every connection; returns how many were reached."""
+        """Push ``msg`` to every connection whose page declares its type;
+        returns how many were reached. ``UsageError`` if no page declares it."""
         return self._publish("app", msg)
 
     async def broadcast_to_page(self, path: str, msg: Any) -> int:
-        """Push ``msg`` to every connection on the concrete page ``path``."""
+        """Push ``msg`` to every connection on the concrete page ``path``;
+        ``UsageError`` if no page is there or it does not declare the type."""
+        self._registry.check_page_push(path, type(msg), UsageError)
         return self._publish(f"page:{path}", msg)
 
     async def broadcast_to_session(self, session_id: str, msg: Any) -> int:
-        """Push ``msg`` to every connection of a browser session."""
+        """Push ``msg`` to every connection of a browser session whose page declares its type."""
         return self._publish(f"session:{session_id}", msg)
+
+    async def broadcast_to_topic(self, topic: str, msg: Any) -> int:
+        """Push ``msg`` to every connection subscribed to ``topic`` (by
+        ``rally.effect.subscribe``) whose page declares its type."""
+        return self._publish(_check_topic(topic), msg)
+
+    def presence(self, path: str) -> list[Presence]:
+        """Who is on the concrete page ``path`` (pages with ``server_presence``)."""
+        return self._registry.presence_of(path)
 
     async def close_session(self, session_id: str) -> int:
         """Close every WebSocket of a session (code 4001), as on logout."""
@@ -4055,6 +4341,10 @@ class App:
     def broadcast_to_page_threadsafe(self, path: str, msg: Any) -> _ThreadFuture[int]:
         """``broadcast_to_page`` from any thread; returns a concurrent Future."""
         return self._threadsafe(self.broadcast_to_page(path, msg))
+
+    def broadcast_to_topic_threadsafe(self, topic: str, msg: Any) -> _ThreadFuture[int]:
+        """``broadcast_to_topic`` from any thread; returns a concurrent Future."""
+        return self._threadsafe(self.broadcast_to_topic(topic, msg))
 
     def broadcast_to_session_threadsafe(self, session_id: str, msg: Any) -> _ThreadFuture[int]:
         """``broadcast_to_session`` from any thread; returns a concurrent Future."""
@@ -4440,6 +4730,11 @@ class PageConnection:
         found = client._registry.match_page(path) if client._registry else None
         if found and found[0].to_client_types:
             self._page_types = {c.__name__: client._codecs.get(c) for c in found[0].to_client_types}
+        self._meta_codec = found[0].presence_codec if found else None
+        #: This connection's id, once the page's presence named it.
+        self.connection_id: int | None = None
+        self._presence: dict[int, Presence] = {}
+        self._presence_updates: asyncio.Queue[list[Presence]] = asyncio.Queue()
 
     async def __aenter__(self) -> PageConnection:
         await self.connect()
@@ -4557,6 +4852,9 @@ class PageConnection:
             self._invalid("", f"expected an envelope object, got {_kind(reply)}")
             return
         kind = reply.get("kind")
+        if kind == "presence":
+            self._on_presence(reply)
+            return
         if kind == "push":
             msg = reply.get("msg")
             if type(msg) is not dict or type(msg.get("type")) is not str or "fields" not in msg:
@@ -4574,6 +4872,34 @@ class PageConnection:
 
     def _invalid(self, path: str, message: str) -> None:
         self._inbox.put_nowait(RemoteError("invalid", [{"path": path, "message": message}]))
+
+    def _on_presence(self, frame: dict[str, Any]) -> None:
+        try:
+            if "state" in frame:
+                self._presence = {}
+                entries = frame["state"]
+            else:
+                entries = frame["joins"] + frame["updates"]
+                for cid in frame["leaves"]:
+                    self._presence.pop(cid, None)
+            for e in entries:
+                meta = e["meta"] if self._meta_codec is None else self._meta_codec.decode(e["meta"])
+                self._presence[e["id"]] = Presence(e["id"], e["tag"], meta)
+                if e["self"]:
+                    self.connection_id = e["id"]
+        except (KeyError, TypeError, _Bad) as exc:
+            self._invalid("", f"bad presence frame: {exc!r}"[:200])
+            return
+        self._presence_updates.put_nowait(self.presence)
+
+    @property
+    def presence(self) -> list[Presence]:
+        """Who is on the page, as the last presence frame said (``[]`` on a page without presence)."""
+        return list(self._presence.values())
+
+    async def next_presence(self, timeout: float | None = None) -> list[Presence]:
+        """The presence list as the next presence frame leaves it (one call per frame, in order)."""
+        return await asyncio.wait_for(self._presence_updates.get(), timeout or self.client.timeout)
 
     async def send_raw(self, text: str | bytes) -> None:
         """Send one text (``str``) or binary (``bytes``) message as it is."""

@@ -868,6 +868,7 @@ def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
         "stateful": True,
         "to_server": "ToggleFavorite | AddComment",
         "to_client": "FavoriteToggled | CommentSaved",
+        "presence": None,
     }
     assert doc["types"]["AddComment"] == {"fields": {"body": "str"}}
     assert len(doc["hash"]) == 16
