@@ -1200,15 +1200,24 @@ def _err_reply(msg_id: Any, error: Any) -> bytes:
     return _dumps({"kind": "err", "id": msg_id, "error": error})
 
 
-def _error_reply(msg_id: Any, code: str, errors: list[dict[str, str]]) -> bytes:
-    return _dumps({"kind": "error", "id": msg_id, "code": code, "errors": errors})
+def _error_reply(msg_id: Any, code: str, errors: list[dict[str, str]], seq: int | None = None) -> bytes:
+    """An ``error`` envelope; one answering a numbered ``send`` carries its ``seq``."""
+    if seq is None:
+        return _dumps({"kind": "error", "id": msg_id, "code": code, "errors": errors})
+    return _dumps({"kind": "error", "id": msg_id, "seq": seq, "code": code, "errors": errors})
+
+
+def _ack(seq: int) -> bytes:
+    """A numbered ``send`` was applied: its ``server_update`` ran."""
+    return _ws_frame(b'{"kind":"ack","seq":%d}' % seq)
 
 
 _INTERNAL_ERRORS: Final = [{"path": "", "message": "internal server error"}]
 
 
 def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
-    """Check an envelope's shape: returns ``(kind, id, msg)``."""
+    """Check an envelope's shape: returns ``(kind, id, msg)``; for a
+    ``send`` the id is its ``seq`` (a positive safe integer), or None."""
 
     def bad(path: str, message: str) -> ContractError:
         return ContractError("invalid", [{"path": path, "message": message}])
@@ -1229,9 +1238,11 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
         if len(value) != 3 or "msg" not in value:
             raise bad("", 'an rpc envelope has exactly "kind", "id" and "msg"')
     elif kind == "send":
-        msg_id = None
-        if len(value) != 2 or "msg" not in value:
-            raise bad("", 'a send envelope has exactly "kind" and "msg"')
+        msg_id = value.get("seq")
+        if msg_id is not None and (type(msg_id) is not int or not 0 < msg_id <= _MAX_SAFE_INT):
+            raise bad("seq", f"expected a positive int, got {_short(msg_id)}")
+        if len(value) != (2 if msg_id is None else 3) or "msg" not in value:
+            raise bad("", 'a send envelope has exactly "kind", "msg" and an optional "seq"')
     else:
         raise bad("kind", f'expected "rpc" or "send", got {_short(kind)}')
     msg = value["msg"]
@@ -2447,7 +2458,7 @@ class _PageSession:
         self.meta: Any = None  # the encoded presence meta others were told, once joined
         # A list, not a deque: at most max_pending_messages items, and an idle
         # connection keeps 56 bytes instead of 624.
-        self.pending: list[Any] = []
+        self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
 
@@ -2480,24 +2491,24 @@ class _PageSession:
             else:
                 self._start_rpc(reply)
             return
-        page = self.page
+        page, seq = self.page, msg_id
         if page.to_server is None:
             errors = [{"path": "", "message": f"page {page.route.pattern} has no server_update"}]
-            self._reply(_error_reply(None, "not_stateful", errors))
+            self._reply(_error_reply(None, "not_stateful", errors, seq))
             return
         if msg["type"] not in page.to_server_names:
             errors = [{"path": "msg.type", "message": f"page {page.route.pattern} takes no {msg['type'][:40]!r}"}]
-            self._reply(_error_reply(None, "unknown_type", errors))
+            self._reply(_error_reply(None, "unknown_type", errors, seq))
             return
         try:
             value = page.to_server.decode(msg)
         except _Bad as bad:
-            self._reply(_error_reply(None, bad.code, [bad.error("msg")]))
+            self._reply(_error_reply(None, bad.code, [bad.error("msg")], seq))
             return
         if self.ready and self.worker is None and not page.update_is_async:
-            self._update_now(value)
+            self._update_now(value, seq)
             return
-        self.pending.append(value)
+        self.pending.append((value, seq))
         self._flow()
         if self.ready and self.worker is None:
             self.worker = self.spawn(self._drain())
@@ -2718,7 +2729,7 @@ class _PageSession:
             self.reg.presence.pop(path, None)
         self.reg.topics.publish(self.topics[1], _presence_frame(leaves=[cid]))
 
-    def _update_now(self, value: Any) -> None:
+    def _update_now(self, value: Any, seq: int | None) -> None:
         page = self.page
         assert page.update is not None
         args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
@@ -2726,10 +2737,17 @@ class _PageSession:
             result = page.update(*args)
         except Exception:
             _logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
-            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-            return
-        if not self._apply(result, "server_update"):
-            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+            result = _FAILED
+        self._updated(result, seq)
+
+    def _updated(self, result: Any, seq: int | None) -> None:
+        """Apply what ``server_update`` returned; then ``ack`` a numbered
+        send, or answer ``internal`` (the model stays as it was)."""
+        if result is not _FAILED and self._apply(result, "server_update"):
+            if seq is not None:
+                self.peer.write_frame(_ack(seq))
+        else:
+            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS, seq))
 
     async def _drain(self) -> None:
         """Run queued ``send`` messages in order, one ``server_update`` at a time."""
@@ -2737,20 +2755,18 @@ class _PageSession:
         assert page.update is not None
         try:
             while self.pending:
-                value = self.pending.pop(0)
+                value, seq = self.pending.pop(0)
                 self._flow()
                 if not page.update_is_async:
-                    self._update_now(value)
+                    self._update_now(value, seq)
                     continue
                 args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
                 try:
                     result = await asyncio.wait_for(page.update(*args), self.reg.limits.handler_timeout)
                 except Exception:
                     _logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
-                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-                    continue
-                if not self._apply(result, "server_update"):
-                    self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+                    result = _FAILED
+                self._updated(result, seq)
         finally:
             self.worker = None
 
@@ -2798,6 +2814,7 @@ _FRAMING_HEADERS: Final = frozenset(("content-length", "transfer-encoding", "con
 
 
 _OWN_TOPICS: Final = {"session": 0, "page": 1, "app": 2}
+_FAILED: Final = object()  # a handler raised
 
 
 def _presence_frame(joins: list[Any] = _EMPTY, updates: list[Any] = _EMPTY, leaves: list[Any] = _EMPTY) -> bytes:
