@@ -2081,6 +2081,12 @@ class _Registry:
 
     def add_page(self, path: str, namespace: Any) -> _Page:
         owner = getattr(namespace, "__name__", type(namespace).__name__)
+        if not isinstance(path, str):
+            hint = "; the arguments are swapped" if isinstance(namespace, str) else ""
+            raise RegistrationError(
+                f"app.page(path, namespace) takes the route first, like app.page('/articles/{{id}}', Article);"
+                f" got {getattr(path, '__name__', type(path).__name__)} as the path{hint}"
+            )
         if not path.startswith("/") or path.startswith("/_rally/"):
             raise RegistrationError(f"page {owner}: path {path!r} must start with / and not with /_rally/")
         if any(p.route.pattern == path for p in self.pages):
@@ -4373,22 +4379,23 @@ class App:
 
 
 _CLIENT_JS: Final = r"""
-/* rally.py browser client: typed RPC, sends and pushes over one WebSocket. */
+/* rally.py browser client: typed RPC, sends, pushes and presence over one WebSocket. */
 (function () {
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
-  var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000;
+  var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
   var CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
-  var socket = null, status = "connecting", attempt = 0, nextId = 1, stopped = false, staleSeen = false;
-  var queue = [];            // envelopes sent while disconnected, delivered on reconnect
+  var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, stopped = false, staleSeen = false;
+  var sends = new Map();     // send seq -> {text, type, resolve, reject, sent}: until the server's ack
   var pending = new Map();   // rpc id -> {resolve, reject, timer, type, fields}
   var handlers = new Map();  // push type -> Set of functions
-  var statusHandlers = new Set();
+  var statusHandlers = new Set(), errorHandlers = new Set(), presenceHandlers = new Set();
+  var presence = new Map();  // connection id -> {id, tag, self, meta}, in joining order
 
-  function setStatus(next) {
+  function setStatus(next, info) {
     if (next === status) return;
     status = next;
-    statusHandlers.forEach(function (fn) { fn(status); });
+    statusHandlers.forEach(function (fn) { fn(status, info); });
   }
 
   function protocolError(reply) {
@@ -4398,6 +4405,12 @@ _CLIENT_JS: Final = r"""
     err.code = reply.code;
     err.errors = reply.errors || [];
     return err;
+  }
+
+  function reportError(err) {
+    // An error that no Promise took: the page's handlers, else the console.
+    if (errorHandlers.size) errorHandlers.forEach(function (fn) { fn(err); });
+    else console.error(err);
   }
 
   function reloadOnce() {
@@ -4426,36 +4439,66 @@ _CLIENT_JS: Final = r"""
     }
   }
 
+  function acked(seq, reply) {
+    var item = sends.get(seq);
+    if (!item) return;
+    sends.delete(seq);
+    if (!reply) { item.resolve(); return; }
+    var err = protocolError(reply);
+    console.warn("rally: send " + item.type + " refused:", err.message);
+    item.reject(err);
+  }
+
+  function onPresence(reply) {
+    if (reply.state) {
+      presence = new Map();
+      reply.state.forEach(function (e) { presence.set(e.id, e); });
+    } else {
+      reply.joins.forEach(function (e) { presence.set(e.id, e); });
+      reply.updates.forEach(function (e) { presence.set(e.id, e); });
+      reply.leaves.forEach(function (id) { presence.delete(id); });
+    }
+    var list = Array.from(presence.values());
+    presenceHandlers.forEach(function (fn) { fn(list); });
+  }
+
   function onMessage(event) {
     var reply;
-    try { reply = JSON.parse(event.data); } catch (e) { console.error("rally: bad frame", e); return; }
+    try { reply = JSON.parse(event.data); } catch (e) { reportError(new Error("rally: a frame is not JSON")); return; }
     if (reply.kind === "push") {
       var fns = handlers.get(reply.msg.type);
       if (fns) fns.forEach(function (fn) { fn(reply.msg.fields, reply.msg.type); });
+    } else if (reply.kind === "presence") {
+      onPresence(reply);
+    } else if (reply.kind === "ack") {
+      acked(reply.seq, null);
     } else if (reply.id !== null && reply.id !== undefined) {
       settle(reply);
+    } else if (reply.kind === "error" && reply.seq !== undefined) {
+      acked(reply.seq, reply);
     } else if (reply.kind === "error") {
       if (reply.code === "stale_contract") reloadOnce();
-      else console.error(protocolError(reply));
+      else reportError(protocolError(reply));
     }
   }
 
   function connect() {
     if (stopped) return;
-    setStatus("connecting");
+    setStatus(attempt ? "reconnecting" : "connecting");
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
       "/_rally/ws?page=" + encodeURIComponent(boot.page) + "&contract=" + encodeURIComponent(boot.contract);
-    var ws = new WebSocket(url);
+    var ws = new WebSocket(url), stable = null;
     socket = ws;
     ws.onopen = function () {
-      attempt = 0;
-      setStatus("open");
-      var waiting = queue;
-      queue = [];
-      waiting.forEach(function (text) { ws.send(text); });
+      // The backoff starts again only once this connection has stayed open a
+      // while: a server_init that fails every time must not make a tight loop.
+      stable = setTimeout(function () { attempt = 0; }, STABLE_MS);
+      setStatus("open", { resumed: false });
+      sends.forEach(function (item) { item.sent = true; ws.send(item.text); });
     };
     ws.onmessage = onMessage;
     ws.onclose = function (event) {
+      clearTimeout(stable);
       if (socket !== ws) return;
       socket = null;
       // RPCs in flight on this socket are retried over HTTP: the server may
@@ -4465,10 +4508,21 @@ _CLIENT_JS: Final = r"""
         clearTimeout(call.timer);
         httpRpc(call.type, call.fields).then(call.resolve, call.reject);
       });
+      // A send written to this socket and not acknowledged may or may not
+      // have been applied: it is rejected, never applied twice. Sends not yet
+      // written wait for the next connection.
+      sends.forEach(function (item, seq) {
+        if (!item.sent) return;
+        sends.delete(seq);
+        var err = new Error("rally: the connection closed before the server confirmed " + item.type);
+        err.code = "connection_lost";
+        item.reject(err);
+      });
+      if (presence.size) { presence = new Map(); presenceHandlers.forEach(function (fn) { fn([]); }); }
       if (event.code === CLOSE_STALE) { stopped = true; setStatus("closed"); reloadOnce(); return; }
       if (event.code === CLOSE_SESSION) { stopped = true; setStatus("closed"); return; }
-      setStatus("closed");
       var delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * Math.pow(2, attempt++));
+      setStatus("reconnecting");
       setTimeout(connect, delay * (0.5 + Math.random()));
     };
   }
@@ -4511,13 +4565,27 @@ _CLIENT_JS: Final = r"""
   }
 
   function send(type, fields) {
-    var text = JSON.stringify({ kind: "send", msg: { type: type, fields: fields || {} } });
-    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(text); return; }
-    if (queue.length >= MAX_QUEUE) {
-      queue.shift();
-      console.warn("rally: more than " + MAX_QUEUE + " sends while disconnected; dropped the oldest");
+    var seq = nextSeq++;
+    var item = { text: JSON.stringify({ kind: "send", seq: seq, msg: { type: type, fields: fields || {} } }),
+                 type: type, sent: false };
+    var promise = new Promise(function (resolve, reject) { item.resolve = resolve; item.reject = reject; });
+    promise.catch(function () {});  // a send nobody awaits is not an unhandled rejection (it is logged)
+    var open = socket && socket.readyState === WebSocket.OPEN;
+    if (!open) {
+      var waiting = 0;
+      sends.forEach(function (other) { if (!other.sent) waiting++; });
+      if (waiting >= MAX_QUEUE) {
+        var oldest = sends.keys().next().value;
+        var err = new Error("rally: more than " + MAX_QUEUE + " sends while disconnected; dropped the oldest");
+        err.code = "queue_full";
+        console.warn(err.message);
+        sends.get(oldest).reject(err);
+        sends.delete(oldest);
+      }
     }
-    queue.push(text);
+    sends.set(seq, item);
+    if (open) { item.sent = true; socket.send(item.text); }
+    return promise;
   }
 
   function on(type, fn) {
@@ -4526,13 +4594,20 @@ _CLIENT_JS: Final = r"""
     return function () { handlers.get(type).delete(fn); };
   }
 
-  function onStatus(fn) {
-    statusHandlers.add(fn);
-    fn(status);
-    return function () { statusHandlers.delete(fn); };
+  function subscribe(set, fn, now) {
+    set.add(fn);
+    if (now) now();
+    return function () { set.delete(fn); };
   }
 
-  window.rally = { page: boot.page, params: boot.params, rpc: rpc, send: send, on: on, onStatus: onStatus };
+  window.rally = {
+    page: boot.page, params: boot.params, rpc: rpc, send: send, on: on,
+    onStatus: function (fn) { return subscribe(statusHandlers, fn, function () {
+      fn(status, status === "open" ? { resumed: false } : undefined); }); },
+    onError: function (fn) { return subscribe(errorHandlers, fn); },
+    onPresence: function (fn) { return subscribe(presenceHandlers, fn, function () {
+      fn(Array.from(presence.values())); }); }
+  };
   connect();
 })();
 """

@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,3 +232,147 @@ def test_stale_contract_reloads_the_page_once(browser: Browser, tmp_path: Path) 
 @dataclasses.dataclass
 class Version:
     pass
+
+
+# ==== The browser client on a small page of its own =========================
+
+
+@dataclasses.dataclass
+class Rename:
+    name: str
+
+
+@dataclasses.dataclass
+class Renamed:
+    name: str
+
+
+@dataclasses.dataclass
+class Who:
+    name: str
+
+
+@dataclasses.dataclass
+class LobbyModel:
+    name: str
+
+
+LOBBY_HTML = """<link rel="icon" href="data:,"><p id="status"></p><p id="who"></p><p id="tags"></p>
+<script>
+window.pushes = []; window.errors = []; window.statuses = [];
+rally.onStatus((s) => { document.getElementById('status').textContent = s; statuses.push(s); });
+rally.on('Renamed', (m) => pushes.push(m.name));
+rally.onError((e) => errors.push(e.code));
+rally.onPresence((list) => {
+  document.getElementById('who').textContent = list.map((e) => e.meta.name + (e.self ? '*' : '')).sort().join(',');
+  document.getElementById('tags').textContent = String(new Set(list.map((e) => e.tag)).size);
+});
+</script>"""
+
+
+class Lobby:
+    @staticmethod
+    def view() -> str:
+        return LOBBY_HTML
+
+    @staticmethod
+    def server_init() -> tuple[LobbyModel, rally.Effect[Renamed]]:
+        return LobbyModel("anon"), rally.effect.none()
+
+    @staticmethod
+    def server_update(model: LobbyModel, msg: Rename) -> tuple[LobbyModel, rally.Effect[Renamed]]:
+        return LobbyModel(msg.name), rally.effect.send_to_client(Renamed(msg.name))
+
+    @staticmethod
+    def server_presence(model: LobbyModel) -> Who:
+        return Who(model.name)
+
+
+@pytest.fixture
+def lobby() -> Iterator[str]:
+    app = rally.App()
+    app.page("/lobby", Lobby)
+    with app.run_in_thread(access_log=False) as server:
+        yield server.url
+
+
+def test_on_presence_shows_joins_renames_and_leaves_across_browsers(
+    browser: Browser, lobby: str, tmp_path: Path
+) -> None:
+    with tabs(browser, lobby, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        a = t.open(alice, "/lobby")
+        expect(a.locator("#who")).to_have_text("anon*")
+        b = t.open(bob, "/lobby")
+        expect(b.locator("#who")).to_have_text("anon,anon*")
+        expect(a.locator("#who")).to_have_text("anon,anon*")
+        a.evaluate("rally.send('Rename', {name: 'alice'})")
+        expect(b.locator("#who")).to_have_text("alice,anon*")
+        expect(a.locator("#who")).to_have_text("alice*,anon")
+        # A second tab of alice's: three entries, two tags (one per browser session).
+        a2 = t.open(alice, "/lobby")
+        expect(b.locator("#who")).to_have_text("alice,anon,anon*")
+        expect(b.locator("#tags")).to_have_text("2")
+        a2.close()
+        b.close()
+        expect(a.locator("#who")).to_have_text("alice*")
+        expect(a.locator("#tags")).to_have_text("1")
+
+
+def test_send_promise_resolves_after_the_update_and_rejects_when_refused(
+    browser: Browser, lobby: str, tmp_path: Path
+) -> None:
+    with tabs(browser, lobby, tmp_path) as t:
+        page = t.open(t.session(), "/lobby")
+        # Resolved by the ack, which follows the update's push.
+        assert page.evaluate("rally.send('Rename', {name: 'ann'}).then(() => pushes.slice())") == ["ann"]
+        refused = "rally.send('Rename', {name: 5}).then(() => 'applied', (e) => [e.code, e.errors[0].path])"
+        assert page.evaluate(refused) == ["invalid", "msg.fields.name"]
+        unknown = "rally.send('Nope', {}).then(() => 'applied', (e) => e.code)"
+        assert page.evaluate(unknown) == "unknown_type"
+        # Refusals went to their Promises, not to onError; the model is unchanged.
+        assert page.evaluate("window.errors") == []
+        expect(page.locator("#who")).to_have_text("ann*")
+
+
+class Broken:
+    inits: list[float] = []
+    fifth = threading.Event()
+
+    @staticmethod
+    def view() -> str:
+        return LOBBY_HTML
+
+    @staticmethod
+    def server_init() -> tuple[LobbyModel, rally.Effect[Renamed]]:
+        Broken.inits.append(time.monotonic())
+        if len(Broken.inits) == 5:
+            Broken.fifth.set()
+        raise RuntimeError("the database is down")
+
+    @staticmethod
+    def server_update(model: LobbyModel, msg: Rename) -> tuple[LobbyModel, rally.Effect[Renamed]]:
+        return model, rally.effect.none()
+
+
+def test_failing_server_init_is_reported_and_backs_off(
+    browser: Browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = rally.App()
+    app.page("/broken", Broken)
+    Broken.inits.clear()
+    Broken.fifth.clear()
+    with app.run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
+        t.allowed_console = ("rally: internal",)
+        page = t.session().new_page()
+        page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+        page.goto(server.url + "/broken")
+        assert Broken.fifth.wait(30), f"only {len(Broken.inits)} handshakes in 30 s"
+        # Each retry waits at least half the doubled delay (250 ms, then 500,
+        # 1000, 2000): four waits of at least 125 + 250 + 500 + 1000 ms. A
+        # client that reset its backoff on every open would take about 0.5 s.
+        assert Broken.inits[4] - Broken.inits[0] >= 1.875
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        assert "closed" not in page.evaluate("window.statuses")
+        assert "internal" in page.evaluate("window.errors")  # onError took the error no Promise took
+    assert "server_init of page Broken raised" in caplog.text
