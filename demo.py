@@ -1,23 +1,27 @@
-"""rally.py demo: articles with live favourites, comments and a clock.
+"""rally.py demo: articles with live favourites, comments, readers and a clock.
 
-Run ``python demo.py`` and open http://127.0.0.1:8000 in two browsers. Data
-lives in SQLite (``--db``, default ``demo.sqlite3``), created on first run.
+Run ``python demo.py`` and open http://127.0.0.1:8000 in two browsers, or
+``python rally.py demo:app``. Data lives in SQLite (``--db``, default
+``demo.sqlite3``, or ``RALLY_DEMO_DB``), created on first run.
 
-Every part of rally.py is in use: RPC (``LoadArticle``, ``CheckComment``
-with field errors), stateful pages (``server_init`` keeps the article id in
-the model), the four delivery scopes, and a push from outside any handler
-(the clock).
+Every part of rally.py is in use, and the page says which part each action
+shows: RPC (``LoadArticle``, ``CheckComment`` with field errors), stateful
+pages (``server_init`` keeps the article in the model), the four delivery
+scopes, a custom topic (the home page's live counts), presence (who is
+reading an article, one person's tabs grouped), ``server_terminate`` (a
+reader leaving updates the home page), a lifespan (the database and the
+clock), and ``rally.Response`` (a missing article is a 404).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
-import logging
 import os
-import signal
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import rally
@@ -28,12 +32,14 @@ create table if not exists comment (id integer primary key, article_id integer n
                                     author text not null, body text not null);
 create table if not exists favorite (article_id integer not null, session_id text not null,
                                      primary key (article_id, session_id));
+create table if not exists reader (session_id text primary key, name text not null);
 """
 SEED = [
     ("Typed RPC without a schema", "The type hints of a Python function are the whole contract."),
     ("One socket, four audiences", "A push reaches this tab, this browser, this page, or everyone."),
     ("Slow readers are not your problem", "Each connection has a bounded buffer; laggards are dropped."),
 ]
+HOME_TOPIC = "home"  # the home page's live counts: a custom topic
 
 
 def open_db(path: str) -> sqlite3.Connection:
@@ -84,6 +90,11 @@ class AddComment:
 
 
 @dataclass
+class SetName:
+    name: str
+
+
+@dataclass
 class Announce:
     text: str
 
@@ -92,6 +103,7 @@ class Announce:
 class Joined:  # to the new connection, from server_init
     favorites: int
     mine: bool
+    name: str
 
 
 @dataclass
@@ -125,13 +137,28 @@ class Tick:  # from the clock task, to everyone
 
 
 @dataclass
+class ArticleStats:  # to the home pages, through the "home" topic
+    article_id: int
+    favorites: int
+    readers: int
+
+
+@dataclass
+class Reader:  # presence: what the others see of a reader
+    name: str
+
+
+@dataclass
 class ArticleModel:
     article_id: int
     title: str
+    name: str
 
 
-ArticleToServer = ToggleFavorite | AddComment | Announce
-ArticleToClient = Joined | FavoriteCount | FavoriteState | CommentAdded | Notice | Announcement | Tick
+ArticleToServer = ToggleFavorite | AddComment | SetName | Announce
+# ArticleStats is published to the home topic: a page declares every type its handlers push.
+ArticleToClient = Joined | FavoriteCount | FavoriteState | CommentAdded | Notice | Announcement | Tick | ArticleStats
+HomeToClient = ArticleStats | Announcement | Tick
 
 
 def comment_errors(author: str, body: str) -> dict[str, str]:
@@ -154,20 +181,30 @@ class Home:
     def view(server_context: rally.ServerContext) -> str:
         db: sqlite3.Connection = server_context.state
         items = "".join(
-            f'<li><a href="/articles/{id}">{escape(title)}</a></li>'
+            f'<li><a href="/articles/{id}">{escape(title)}</a> <span class="stats" id="stats-{id}">'
+            f"{stats_html(favorites(db, id, '')[0], len(server_context.presence(f'/articles/{id}')))}</span></li>"
             for id, title in db.execute("select id, title from article order by id")
         )
-        return layout("Articles", f"<h1>Articles</h1><ul class='articles'>{items}</ul>")
+        return layout(
+            "Articles",
+            f"<section class='box'><h1>Articles</h1><ul class='articles'>{items}</ul>"
+            "<p class='how'>Counts change live: article pages publish to the <b>home</b> topic "
+            "(broadcast_to_topic); a reader leaving is told by server_terminate.</p></section>",
+        )
 
-    def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[Announcement | Tick]]:
-        return None, rally.effect.none()
+    def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[HomeToClient]]:
+        return None, rally.effect.subscribe(HOME_TOPIC)
 
-    def server_update(model: None, msg: Announce) -> tuple[None, rally.Effect[Announcement | Tick]]:
+    def server_update(model: None, msg: Announce) -> tuple[None, rally.Effect[HomeToClient]]:
         return model, rally.effect.broadcast_to_app(Announcement(msg.text[:200]))
 
 
 class ArticlePage:
-    def view(id: int) -> str:
+    def view(id: int, server_context: rally.ServerContext) -> str | rally.Response:
+        db: sqlite3.Connection = server_context.state
+        if db.execute("select 1 from article where id = ?", (id,)).fetchone() is None:
+            body = f"<section class='box'><h1>Not found</h1><p>There is no article {id}.</p></section>"
+            return rally.Response(layout("Not found", body, live=False), status=404)
         return layout("Article", ARTICLE_HTML)
 
     def server_load_article(msg: LoadArticle, server_context: rally.ServerContext) -> rally.Result[ArticleView, str]:
@@ -187,10 +224,15 @@ class ArticlePage:
 
     def server_init(id: int, server_context: rally.ServerContext) -> tuple[ArticleModel, rally.Effect[ArticleToClient]]:
         db: sqlite3.Connection = server_context.state
+        session = server_context.session_id
         row = db.execute("select title from article where id = ?", (id,)).fetchone()
-        title = row[0] if row else "(missing)"
-        return ArticleModel(id, title), rally.effect.send_to_client(
-            Joined(*favorites(db, id, server_context.session_id))
+        name_row = db.execute("select name from reader where session_id = ?", (session,)).fetchone()
+        model = ArticleModel(id, row[0] if row else "", name_row[0] if name_row else "")
+        count, mine = favorites(db, id, session)
+        readers = len(server_context.presence()) + 1  # this connection joins the presence after server_init
+        return model, rally.effect.batch(
+            rally.effect.send_to_client(Joined(count, mine, model.name)),
+            rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(id, count, readers)),
         )
 
     def server_update(
@@ -198,6 +240,8 @@ class ArticlePage:
     ) -> tuple[ArticleModel, rally.Effect[ArticleToClient]]:
         db: sqlite3.Connection = server_context.state
         session = server_context.session_id
+        if not model.title and not isinstance(msg, Announce):  # no such article: nothing is saved for it
+            return model, rally.effect.send_to_client(Notice("There is no such article."))
         match msg:
             case ToggleFavorite():
                 key = (model.article_id, session)
@@ -205,10 +249,12 @@ class ArticlePage:
                     db.execute("insert into favorite values (?, ?)", key)
                 count, mine = favorites(db, model.article_id, session)
                 verb = "favourited" if mine else "unfavourited"
+                readers = len(server_context.presence())
                 return model, rally.effect.batch(
                     rally.effect.broadcast_to_session(Notice(f"You {verb} “{model.title}”.")),
                     rally.effect.send_to_client(FavoriteState(mine)),
                     rally.effect.broadcast_to_page(FavoriteCount(count)),
+                    rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(model.article_id, count, readers)),
                 )
             case AddComment(author, body):
                 if comment_errors(author, body):  # the client checked; the server decides
@@ -216,8 +262,22 @@ class ArticlePage:
                 db.execute("insert into comment (article_id, author, body) values (?, ?, ?)",
                            (model.article_id, author.strip(), body.strip()))  # fmt: skip
                 return model, rally.effect.broadcast_to_page(CommentAdded(Comment(author.strip(), body.strip())))
+            case SetName(name):
+                name = name.strip()[:40]
+                db.execute("insert or replace into reader values (?, ?)", (session, name))
+                return ArticleModel(model.article_id, model.title, name), rally.effect.none()
             case Announce(text):
                 return model, rally.effect.broadcast_to_app(Announcement(text[:200]))
+
+    def server_presence(model: ArticleModel) -> Reader:
+        return Reader(model.name)
+
+    def server_terminate(model: ArticleModel, server_context: rally.ServerContext) -> rally.Effect[ArticleToClient]:
+        # This connection has already left the page: the others are who is left.
+        db: sqlite3.Connection = server_context.state
+        count = favorites(db, model.article_id, "")[0]
+        readers = len(server_context.presence())
+        return rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(model.article_id, count, readers))
 
 
 def favorites(db: sqlite3.Connection, article_id: int, session_id: str) -> tuple[int, bool]:
@@ -226,31 +286,36 @@ def favorites(db: sqlite3.Connection, article_id: int, session_id: str) -> tuple
     return count, mine.fetchone() is not None
 
 
-def make_app(db_path: str) -> rally.App:
-    app = rally.App(state=open_db(db_path))
+def make_app(db_path: str, *, clock: bool = True) -> rally.App:
+    """The demo app; its lifespan opens the database and runs the clock."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: rally.App) -> AsyncIterator[None]:
+        app.state = open_db(db_path)
+        ticking = asyncio.create_task(tick(app)) if clock else None
+        try:
+            yield
+        finally:
+            if ticking is not None:
+                ticking.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticking
+            app.state.close()
+
+    app = rally.App(lifespan=lifespan)
     app.page("/", Home)
     app.page("/articles/{id}", ArticlePage)
     return app
 
 
-async def clock(app: rally.App) -> None:
+async def tick(app: rally.App) -> None:
     """A push from outside any handler: the time, to every open page."""
     while True:
         await app.broadcast_to_app(Tick(datetime.datetime.now().strftime("%H:%M:%S")))
         await asyncio.sleep(1)
 
 
-async def main(host: str, port: int, db_path: str) -> None:
-    app = make_app(db_path)
-    server = await app.start(host, port)
-    print(f"rally.py demo on {server.url} (data in {db_path}; Ctrl-C stops)", flush=True)
-    ticking = asyncio.create_task(clock(app))
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    ticking.cancel()
-    await server.close()  # pages get 1001 and reconnect to the next server
+app = make_app(os.environ.get("RALLY_DEMO_DB", "demo.sqlite3"))  # for ``python rally.py demo:app``
 
 
 # -- HTML --------------------------------------------------------------------
@@ -260,31 +325,42 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def layout(title: str, body: str) -> str:
+def stats_html(favorites: int, readers: int) -> str:
+    return f"★ {favorites} · {readers} reading now"
+
+
+def layout(title: str, body: str, *, live: bool = True) -> str:
+    """The page around ``body``; ``live=False`` for a page without the client (a 404)."""
+    live_parts = f"{ANNOUNCE_HTML}</main><script>{COMMON_JS}</script>" if live else "</main>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <link rel="icon" href="data:,">
 <title>{escape(title)} · rally.py demo</title><style>{CSS}</style></head>
-<body><header><a href="/">rally.py demo</a><span id="status">connecting</span><span id="clock"></span></header>
-<main>{body}
-<section class="box"><h2>Announce to everyone</h2>
+<body><header><a href="/">rally.py demo</a><span id="status">{"connecting" if live else ""}</span>
+<span id="clock" title="app.broadcast_to_app from a task of the lifespan"></span></header>
+<main><div id="notices" aria-live="polite"></div>{body}
+{live_parts}</body></html>"""
+
+
+ANNOUNCE_HTML = """<section class="box"><h2>Announce to everyone</h2>
 <form id="announce"><input name="text" maxlength="200" placeholder="Hello, everyone" required>
-<button>Announce</button></form><ul id="announcements"></ul></section></main>
-<div id="notices"></div>
-<script>{COMMON_JS}</script></body></html>"""
+<button>Announce</button></form>
+<p class="how">send → server_update → <b>broadcast_to_app</b>: every tab of every browser, on every page.</p>
+<ul id="announcements"></ul></section>"""
 
 
 CSS = """
 body { font: 16px/1.5 system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2230; }
 header { display: flex; gap: 1rem; align-items: center; padding: .6rem 1.5rem; background: #1d2230; color: #fff; }
 header a { color: #fff; font-weight: 600; text-decoration: none; margin-right: auto; }
+#status:empty { display: none; }
 #status { font-size: .8rem; padding: .1rem .5rem; border-radius: 1rem; background: #b23; }
-#status.open { background: #2a7; }
+#status.open { background: #2a7; } #status.connecting, #status.reconnecting { background: #b80; }
 #clock { font-variant-numeric: tabular-nums; opacity: .8; }
 main { max-width: 42rem; margin: 1.5rem auto; padding: 0 1rem; }
 .box { background: #fff; border: 1px solid #dde1e8; border-radius: .5rem; padding: 1rem 1.25rem; margin: 1rem 0; }
 h1 { margin: .2rem 0 .8rem; } h2 { font-size: 1rem; margin: 0 0 .6rem; }
-.articles li { margin: .3rem 0; }
+.articles li { margin: .3rem 0; } .stats { color: #667; font-size: .9rem; margin-left: .4rem; }
 input, textarea { font: inherit; width: 100%; box-sizing: border-box; padding: .4rem; border: 1px solid #c5cad3;
   border-radius: .3rem; }
 textarea { min-height: 4rem; }
@@ -293,7 +369,11 @@ button { font: inherit; padding: .35rem .9rem; border: 0; border-radius: .3rem; 
 .fav.mine { background: #c52457; }
 .error { color: #b23; font-size: .85rem; min-height: 1.2em; }
 .comments li { margin: .5rem 0; } .comments b { margin-right: .4rem; }
-#notices { position: fixed; right: 1rem; bottom: 1rem; display: grid; gap: .5rem; }
+.readers { display: flex; flex-wrap: wrap; gap: .4rem; padding: 0; list-style: none; }
+.readers li { background: #eef1f6; border-radius: 1rem; padding: .1rem .7rem; }
+.readers li.me { background: #dfe9ff; }
+.how { color: #667; font-size: .8rem; margin: .4rem 0 0; } .how b { font-weight: 600; color: #445; }
+#notices { display: grid; gap: .5rem; }
 .notice { background: #1d2230; color: #fff; padding: .5rem .9rem; border-radius: .4rem; }
 """
 
@@ -308,6 +388,10 @@ rally.on('Notice', (m) => {
   const div = document.createElement('div'); div.className = 'notice'; div.textContent = m.text;
   $('#notices').append(div); setTimeout(() => div.remove(), 4000);
 });
+rally.on('ArticleStats', (m) => {
+  const span = document.getElementById('stats-' + m.article_id);
+  if (span) span.textContent = '★ ' + m.favorites + ' · ' + m.readers + ' reading now';
+});
 $('#announce').addEventListener('submit', (e) => {
   e.preventDefault(); const input = e.target.elements.text;
   rally.send('Announce', {text: input.value}); input.value = '';
@@ -316,13 +400,21 @@ $('#announce').addEventListener('submit', (e) => {
 
 ARTICLE_HTML = """
 <article class="box"><h1 id="title">Loading…</h1><p id="body"></p>
-<button class="fav" id="fav">☆ Favourite</button> <span id="favorites">0</span> favourites
-· connected <span id="connections">0</span>×</article>
+<button class="fav" id="fav">☆ Favourite</button> <span id="favorites">0</span>
+<span id="favorites-word">favourites</span> · connected <span id="connections">0</span>×
+<p class="how">Loaded by <b>RPC</b>. The button: send → server_update → <b>send_to_client</b> (its star),
+<b>broadcast_to_session</b> (a notice in each of your tabs), <b>broadcast_to_page</b> (the count here) and
+<b>broadcast_to_topic</b> (the home page).</p></article>
+<section class="box"><h2>Reading now</h2><ul class="readers" id="readers"></ul>
+<form id="name-form"><input name="name" maxlength="40" placeholder="Your name, as others see it"></form>
+<p class="how"><b>Presence</b>: server_presence(model) → Reader; one entry per tab, grouped by its session's tag.
+Leaving runs <b>server_terminate</b>, which updates the home page.</p></section>
 <section class="box"><h2>Comments</h2><ul class="comments" id="comments"></ul>
 <form id="comment-form" novalidate>
 <input name="author" placeholder="Your name"><div class="error" id="author-error"></div>
 <textarea name="body" placeholder="Your comment"></textarea><div class="error" id="body-error"></div>
-<button>Add comment</button></form></section>
+<button>Add comment</button></form>
+<p class="how">Checked by <b>RPC</b> (field errors), then send → <b>broadcast_to_page</b>.</p></section>
 <script>
 const show = (c) => { const li = document.createElement('li'); const b = document.createElement('b');
   b.textContent = c.author; li.append(b, c.body); document.getElementById('comments').append(li); };
@@ -333,13 +425,30 @@ rally.rpc('LoadArticle', {id: rally.params.id}).then((r) => {
   r.value.comments.forEach(show);
 });
 let connections = 0;
+const count = (n) => { document.getElementById('favorites').textContent = n;
+  document.getElementById('favorites-word').textContent = n === 1 ? 'favourite' : 'favourites'; };
 const mine = (m) => { const b = document.getElementById('fav');
   b.classList.toggle('mine', m); b.textContent = m ? '★ Favourite' : '☆ Favourite'; };
+const nameForm = document.getElementById('name-form'), author = document.querySelector('#comment-form [name=author]');
 rally.on('Joined', (m) => { document.getElementById('connections').textContent = ++connections;
-  document.getElementById('favorites').textContent = m.favorites; mine(m.mine); });
-rally.on('FavoriteCount', (m) => { document.getElementById('favorites').textContent = m.favorites; });
+  count(m.favorites); mine(m.mine);
+  if (m.name) { nameForm.elements.name.value = m.name; author.value = author.value || m.name; } });
+rally.on('FavoriteCount', (m) => count(m.favorites));
 rally.on('FavoriteState', (m) => mine(m.mine));
 rally.on('CommentAdded', (m) => show(m.comment));
+rally.onPresence((entries) => {
+  const people = new Map();  // one person's tabs share a tag
+  entries.forEach((e) => { const p = people.get(e.tag) || {names: [], tabs: 0, me: false};
+    p.tabs++; p.me = p.me || e.self; if (e.meta.name) p.names.push(e.meta.name); people.set(e.tag, p); });
+  document.getElementById('readers').replaceChildren(...[...people.values()].map((p) => {
+    const li = document.createElement('li'); li.className = p.me ? 'me' : '';
+    li.textContent = (p.names[0] || 'Someone') + (p.tabs > 1 ? ' (' + p.tabs + ' tabs)' : '') + (p.me ? ' · you' : '');
+    return li; }));
+});
+nameForm.addEventListener('submit', (e) => {
+  e.preventDefault(); const name = nameForm.elements.name.value;
+  rally.send('SetName', {name}).then(() => { author.value = author.value || name; });
+});
 document.getElementById('fav').addEventListener('click', () => rally.send('ToggleFavorite', {}));
 document.getElementById('comment-form').addEventListener('submit', async (e) => {
   e.preventDefault(); const f = e.target.elements;
@@ -359,5 +468,4 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--db", default=os.environ.get("RALLY_DEMO_DB", "demo.sqlite3"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main(args.host, args.port, args.db))
+    make_app(args.db).run(args.host, args.port)

@@ -1794,9 +1794,11 @@ class ServerContext:
         self._headers: dict[str, str] | None = None
         self._registry = registry
 
-    def presence(self) -> list[Presence]:
-        """Who is on this page now (``app.presence(page)``); ``[]`` without a page."""
-        return self._registry.presence_of(self.page) if self.page else []
+    def presence(self, page: str | None = None) -> list[Presence]:
+        """Who is on this page now, or on the concrete page ``page`` (as
+        ``app.presence(page)``); ``[]`` for a request of no page."""
+        page = page or self.page
+        return self._registry.presence_of(page) if page else []
 
     @property
     def headers(self) -> dict[str, str]:
@@ -4189,7 +4191,6 @@ class App:
                 raise RegistrationError(f"App({name}={value!r}): expected an integer of at least 1")
         if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
             raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
-        self.state = state
         self._lifespan = lifespan
         self.allowed_origins = frozenset(allowed_origins)
         self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
@@ -4199,6 +4200,15 @@ class App:
         self.secure_cookies = secure_cookies
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def state(self) -> Any:
+        """``server_context.state`` of every handler; a lifespan may set it."""
+        return self._registry.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._registry.state = value
 
     # -- registration ---------------------------------------------------------
 

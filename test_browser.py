@@ -7,6 +7,7 @@ module is skipped with the reason; CI installs both.
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import threading
 import time
@@ -98,7 +99,7 @@ def tabs(browser: Browser, base: str, tmp_path: Path) -> Iterator[Tabs]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[rally.App, str]]:
-    app = demo.make_app(str(tmp_path / "demo.sqlite3"))
+    app = demo.make_app(str(tmp_path / "demo.sqlite3"), clock=False)  # the tests push Tick themselves
     with app.run_in_thread(access_log=False) as server:
         yield app, server.url
 
@@ -181,6 +182,54 @@ def test_comment_form_shows_the_servers_validation_errors(
         comment(page, "Carol", "Now it is long enough")
         expect(page.locator("#comments li")).to_have_text(["CarolNow it is long enough"])
         expect(page.locator("#author-error")).to_have_text("")
+
+
+
+def test_readers_are_grouped_by_person_and_the_home_page_counts_them_live(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    app, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        home = t.open(bob, "/")
+        expect(home.locator("#stats-1")).to_have_text("★ 0 · 0 reading now")
+        a1 = t.open(alice, "/articles/1")
+        expect(home.locator("#stats-1")).to_have_text("★ 0 · 1 reading now")  # server_init, home topic
+        a1.fill("#name-form input", "Alice")
+        a1.press("#name-form input", "Enter")
+        a2 = t.open(alice, "/articles/1")  # her name comes from the database
+        b1 = t.open(bob, "/articles/1")
+        expect(b1.locator("#readers li")).to_have_text(["Alice (2 tabs)", "Someone · you"])
+        expect(a1.locator("#readers li")).to_have_text(["Alice (2 tabs) · you", "Someone"])
+        expect(home.locator("#stats-1")).to_have_text("★ 0 · 3 reading now")
+        b1.click("#fav")
+        expect(home.locator("#stats-1")).to_have_text("★ 1 · 3 reading now")
+        expect(a1.locator("#favorites-word")).to_have_text("favourite")
+        a2.close()  # server_terminate tells the home page; presence tells the article
+        expect(home.locator("#stats-1")).to_have_text("★ 1 · 2 reading now")
+        expect(b1.locator("#readers li")).to_have_text(["Alice", "Someone · you"])
+        assert [p.meta for p in app.presence("/articles/1")] == [demo.Reader("Alice"), demo.Reader("")]
+
+
+def test_a_missing_article_is_a_404_page_without_a_connection(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    _, url = served
+    with tabs(browser, url, tmp_path) as t:
+        t.allowed_console = ("404 (Not Found)",)
+        page = t.session().new_page()
+        page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+        response = page.goto(url + "/articles/99")
+        assert response is not None and response.status == 404
+        expect(page.locator("h1")).to_have_text("Not found")
+        assert page.evaluate("typeof window.rally") == "undefined"  # no boot data, no client, no WebSocket
+
+
+def test_the_lifespan_runs_the_clock(browser: Browser, tmp_path: Path) -> None:
+    with demo.make_app(str(tmp_path / "demo.sqlite3")).run_in_thread(access_log=False) as server:
+        with tabs(browser, server.url, tmp_path) as t:
+            page = t.open(t.session(), "/")
+            expect(page.locator("#clock")).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
 
 
 @contextlib.contextmanager
