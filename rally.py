@@ -1239,7 +1239,7 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
             raise bad("", 'an rpc envelope has exactly "kind", "id" and "msg"')
     elif kind == "send":
         msg_id = value.get("seq")
-        if msg_id is not None and (type(msg_id) is not int or not 0 < msg_id <= _MAX_SAFE_INT):
+        if "seq" in value and (type(msg_id) is not int or not 0 < msg_id <= _MAX_SAFE_INT):
             raise bad("seq", f"expected a positive int, got {_short(msg_id)}")
         if len(value) != (2 if msg_id is None else 3) or "msg" not in value:
             raise bad("", 'a send envelope has exactly "kind", "msg" and an optional "seq"')
@@ -4262,6 +4262,11 @@ class App:
         self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True, sock: socket.socket | None = None
     ) -> Server:
         """Start serving in the running loop and return at once; port 0 picks a free one."""
+        if _cli_importing is not None:
+            raise UsageError(
+                f"module {_cli_importing} started a server while python rally.py was importing it;"
+                ' put its app.run() under if __name__ == "__main__": so that the command line serves the app'
+            )
         server = Server(self, access_log)
         self._loop = server.loop
         await server._open(host, port, sock)
@@ -5088,14 +5093,27 @@ class PageConnection:
 # ==== Command line ===========================================================
 
 
+_cli_importing: str | None = None  # the module ``python rally.py`` is importing
+
+
 def _load_app(target: str) -> App:
     import importlib
 
+    global _cli_importing
     module_name, _, attr = target.partition(":")
     if not module_name:
         raise SystemExit(f"expected module:app, got {target!r}")
     sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    # Run as ``python rally.py``, this module is __main__: the app's
+    # ``import rally`` must find it rather than load a second copy.
+    sys.modules.setdefault("rally", sys.modules[__name__])
+    _cli_importing = module_name
+    try:
+        module = importlib.import_module(module_name)
+    except UsageError as exc:
+        raise SystemExit(f"rally.py: {exc}") from None
+    finally:
+        _cli_importing = None
     app = getattr(module, attr or "app", None)
     if app is None or not hasattr(app, "run"):
         raise SystemExit(f"{module_name} has no app named {attr or 'app'!r}")

@@ -21,6 +21,8 @@ import logging
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -1700,3 +1702,746 @@ def test_public_names_exist_and_have_docstrings() -> None:
         if callable(value) or isinstance(value, type):
             assert value.__doc__ and value.__doc__.strip(), name
     assert rally.effect.broadcast_to_page.__doc__
+
+
+# ==== Pages: terminate, presence, topics, lifespan, responses ================
+
+
+async def receive_until(page: rally.PageConnection, wanted: Any) -> list[Any]:
+    """Receive pushes until ``wanted`` arrives; returns those that came before it."""
+    before: list[Any] = []
+    while (item := await page.receive()) != wanted:
+        before.append(item)
+    return before
+
+
+async def raw_page_socket(server: rally.Server, path: str, extra: bytes = b"", rcvbuf: int = 0) -> socket.socket:
+    """A socket that sends the handshake of page ``path`` and leaves the rest to the test."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", server.port)), WAIT)
+        request = (
+            b"GET /_rally/ws?page=%s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n%s\r\n"
+        ) % (path.encode(), extra)
+        await asyncio.wait_for(loop.sock_sendall(sock, request), WAIT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def next_frame(ws: Any) -> Any:
+    """The next message of a ``websockets`` connection, as JSON."""
+    return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+
+
+# -- server_terminate
+
+
+@dataclass
+class Guest:
+    name: str
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@dataclass
+class Left:
+    name: str
+
+
+@dataclass
+class Ended:
+    """What one call of ``server_terminate`` saw."""
+
+    name: str
+    connection_id: int
+    present: list[int]  # the connection ids on the page, by server_context.presence()
+    reached: int | None = None  # an app.broadcast_to_page from inside the hook
+
+
+class Terminations:
+    """The ``state`` of the lounge apps: every ``server_terminate`` call, and a way to wait for them."""
+
+    def __init__(self) -> None:
+        self.calls: list[Ended] = []
+        self.app: rally.App | None = None
+        self._changed = asyncio.Event()
+
+    def add(self, model: Guest, ctx: rally.ServerContext, reached: int | None = None) -> None:
+        assert ctx.connection_id is not None
+        self.calls.append(Ended(model.name, ctx.connection_id, [p.id for p in ctx.presence()], reached))
+        self._changed.set()
+
+    async def wait(self, n: int) -> None:
+        while len(self.calls) < n:
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), WAIT)
+
+
+class Lounge:
+    """A guest named by the ``x-name`` header; ``crash`` makes ``server_init`` raise."""
+
+    def server_init(server_context: rally.ServerContext) -> tuple[Guest, rally.Effect[Left | Note]]:
+        name = server_context.headers.get("x-name", "anon")
+        if name == "crash":
+            raise RuntimeError("server_init fails on purpose")
+        return Guest(name), rally.effect.none()
+
+    def server_presence(model: Guest) -> Guest:
+        return model
+
+    def server_terminate(model: Guest, server_context: rally.ServerContext) -> rally.Effect[Left | Note]:
+        server_context.state.add(model, server_context)
+        return rally.effect.broadcast_to_page(Left(model.name))
+
+
+class AsyncLounge(Lounge):
+    async def server_terminate(model: Guest, server_context: rally.ServerContext) -> rally.Effect[Left | Note]:
+        state = server_context.state
+        reached = await state.app.broadcast_to_page(server_context.page, Left(model.name + " directly"))
+        state.add(model, server_context, reached)
+        return rally.effect.broadcast_to_page(Left(model.name))
+
+
+def lounge_app(page: Any = Lounge, **options: Any) -> tuple[rally.App, Terminations]:
+    terminations = Terminations()
+    app = rally.App(state=terminations, **options)
+    app.page("/lounge", page)
+    terminations.app = app
+    return app, terminations
+
+
+def bounded_client(server: rally.Server, app: rally.App) -> rally.Client:
+    """A Client of ``app`` whose every wait is bounded by WAIT."""
+    return rally.Client(server.url, app, timeout=WAIT)
+
+
+def guest(client: rally.Client, name: str) -> rally.PageConnection:
+    return rally.PageConnection(client, "/lounge", headers=[("x-name", name)])
+
+
+@pytest.mark.parametrize("how", ["client close", "client drop", "slow consumer", "close_session"])
+async def test_server_terminate_runs_once_after_leaving_and_its_broadcast_reaches_the_others(how: str) -> None:
+    app, terminations = lounge_app(max_outgoing_bytes=256 * 1024)
+    async with running(app) as server, bounded_client(server, app) as bob, bounded_client(server, app) as other:
+        async with guest(other, "carol") as carol:
+            await carol.next_presence()
+            sock = None
+            if how in ("client close", "close_session"):
+                victim = await guest(bob, "bob").__aenter__()
+            else:  # a raw socket that never reads
+                sock = await raw_page_socket(server, "/lounge", b"x-name: bob\r\n", rcvbuf=4096)
+            try:
+                [bob_id] = {p.id for p in await carol.next_presence()} - {carol.connection_id}
+                got: list[Any] = []  # what carol received meanwhile
+                if how == "client close":
+                    await victim.close()
+                elif how == "close_session":
+                    assert bob.session_id is not None
+                    assert await app.close_session(bob.session_id) == 1
+                elif how == "client drop":  # no close frame: a reset
+                    assert sock is not None
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+                else:  # carol keeps up with the broadcasts; bob never reads, so the server drops him
+                    note = Note("x" * 60_000)
+                    for _ in range(600):
+                        if terminations.calls:
+                            break
+                        await app.broadcast_to_page("/lounge", note)
+                        got += await receive_until(carol, note)
+                await terminations.wait(1)
+                if Left("bob") not in got:
+                    got += [*await receive_until(carol, Left("bob")), Left("bob")]
+                assert [item for item in got if not isinstance(item, Note)] == [Left("bob")]
+                assert terminations.calls == [Ended("bob", bob_id, [carol.connection_id])]
+                assert [(p.id, p.meta) for p in app.presence("/lounge")] == [(carol.connection_id, Guest("carol"))]
+                if sock is None:  # the ended connection got no Left before its close
+                    with pytest.raises(rally.ConnectionClosed) as info:
+                        await victim.receive()
+                    assert info.value.code == (1000 if how == "client close" else rally.CLOSE_SESSION_CLOSED)
+            finally:
+                if sock is not None:
+                    sock.close()
+                else:
+                    await victim.close()
+    assert [call.name for call in terminations.calls] == ["bob", "carol"]
+
+
+async def test_server_terminate_runs_once_per_connection_at_shutdown() -> None:
+    app, terminations = lounge_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with guest(client, "bob") as bob, guest(client, "carol") as carol:
+            await bob.next_presence()
+            await carol.next_presence()
+            await asyncio.wait_for(server.close(), WAIT)
+            for page in (bob, carol):
+                with pytest.raises(rally.ConnectionClosed) as info:
+                    await receive_until(page, None)
+                assert info.value.code == 1001
+    assert sorted((call.name, call.connection_id) for call in terminations.calls) == [
+        ("bob", bob.connection_id),
+        ("carol", carol.connection_id),
+    ]
+    assert all(call.connection_id not in call.present for call in terminations.calls)
+
+
+async def test_no_server_terminate_when_server_init_raised(caplog: Any) -> None:
+    app, terminations = lounge_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with guest(client, "crash") as page:
+            with pytest.raises(rally.RemoteError) as error:
+                await page.receive()
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await page.receive()
+    assert (error.value.code, closed.value.code) == ("internal", 1011)
+    assert terminations.calls == []
+    assert any("server_init of page Lounge raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_async_server_terminate_runs_after_leaving_and_broadcasts() -> None:
+    app, terminations = lounge_app(AsyncLounge)
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with guest(client, "carol") as carol:
+            async with guest(client, "bob") as bob:
+                await bob.next_presence()
+            assert [await carol.receive() for _ in range(2)] == [Left("bob directly"), Left("bob")]
+            assert terminations.calls == [Ended("bob", bob.connection_id, [carol.connection_id], reached=1)]
+    assert [call.name for call in terminations.calls] == ["bob", "carol"]
+
+
+# -- presence
+
+
+@dataclass
+class Status:
+    status: str
+
+
+@dataclass
+class SetStatus:
+    status: str
+
+
+@dataclass
+class WhoIsHere: ...
+
+
+class Desk:
+    def server_init() -> tuple[Status, rally.Effect[Note]]:
+        return Status("here"), rally.effect.none()
+
+    def server_update(model: Status, msg: SetStatus) -> tuple[Status, rally.Effect[Note]]:
+        return Status(msg.status), rally.effect.none()
+
+    def server_presence(model: Status) -> Status:
+        return model
+
+    def server_who_is_here(msg: WhoIsHere, server_context: rally.ServerContext) -> list[int]:
+        server_context.state.append(server_context.presence())
+        return [p.id for p in server_context.presence()]
+
+
+def desk_app() -> tuple[rally.App, list[list[rally.Presence]]]:
+    seen: list[list[rally.Presence]] = []  # what server_context.presence() returned
+    app = rally.App(state=seen)
+    app.page("/desk", Desk)
+    return app, seen
+
+
+def by_id(entries: list[rally.Presence]) -> list[rally.Presence]:
+    return sorted(entries, key=lambda p: p.id)
+
+
+async def test_presence_wire_format_state_then_joins_updates_and_leaves() -> None:
+    import websockets
+
+    def send(seq: int, status: str) -> str:
+        return json.dumps({"kind": "send", "seq": seq, "msg": {"type": "SetStatus", "fields": {"status": status}}})
+
+    def diff(joins: Any = (), updates: Any = (), leaves: Any = ()) -> dict[str, Any]:
+        return {"kind": "presence", "joins": list(joins), "updates": list(updates), "leaves": list(leaves)}
+
+    app, _ = desk_app()
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
+        async with websockets.connect(url) as a:
+            [me] = (await next_frame(a)).pop("state")
+            assert (me["self"], me["meta"]) == (True, {"status": "here"})
+            a_id, a_tag = me["id"], me["tag"]
+            async with websockets.connect(url) as b:
+                state = await next_frame(b)
+                b_id, b_tag = state["state"][1]["id"], state["state"][1]["tag"]
+                assert state == {
+                    "kind": "presence",
+                    "state": [
+                        {"id": a_id, "tag": a_tag, "self": False, "meta": {"status": "here"}},
+                        {"id": b_id, "tag": b_tag, "self": True, "meta": {"status": "here"}},
+                    ],
+                }
+                assert await next_frame(a) == diff(joins=[{**state["state"][1], "self": False}])
+
+                await a.send(send(1, "away"))
+                away = {"id": a_id, "tag": a_tag, "self": True, "meta": {"status": "away"}}
+                assert await next_frame(a) == diff(updates=[away])
+                assert await next_frame(a) == {"kind": "ack", "seq": 1}
+                assert await next_frame(b) == diff(updates=[{**away, "self": False}])
+
+                await a.send(send(2, "away"))  # unchanged: no presence frame
+                assert await next_frame(a) == {"kind": "ack", "seq": 2}
+                await a.send(send(3, "busy"))
+                busy = {"id": a_id, "tag": a_tag, "self": True, "meta": {"status": "busy"}}
+                assert [await next_frame(a) for _ in range(2)] == [diff(updates=[busy]), {"kind": "ack", "seq": 3}]
+                assert await next_frame(b) == diff(updates=[{**busy, "self": False}])  # the next one after "away"
+            assert await next_frame(a) == diff(leaves=[b_id])
+            assert a_tag != b_tag
+            for ws, tag in ((a, a_tag), (b, b_tag)):
+                session_cookie = ws.response.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+                assert tag not in session_cookie
+
+
+async def test_presence_tags_group_a_session_and_python_apis_agree() -> None:
+    app, seen = desk_app()
+    async with (
+        running(app) as server,
+        bounded_client(server, app) as alice,
+        bounded_client(server, app) as bob,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        a1 = await stack.enter_async_context(alice.page("/desk"))
+        await a1.next_presence()
+        a2 = await stack.enter_async_context(alice.page("/desk"))
+        b1 = await stack.enter_async_context(bob.page("/desk"))
+        for page, frames in ((a1, 2), (a2, 2), (b1, 1)):  # a1: joins of a2 and b1; a2: state, join of b1
+            for _ in range(frames):
+                await page.next_presence()
+        everyone = by_id(app.presence("/desk"))
+        assert [p.id for p in everyone] == sorted([a1.connection_id, a2.connection_id, b1.connection_id])
+        assert all(isinstance(p, rally.Presence) and p.meta == Status("here") for p in everyone)
+        tags = {p.id: p.tag for p in everyone}
+        assert tags[a1.connection_id] == tags[a2.connection_id] != tags[b1.connection_id]
+        for who, page in ((alice, a1), (bob, b1)):
+            assert who.session_id is not None and who.session_cookie is not None
+            assert tags[page.connection_id] not in (who.session_id, who.session_cookie)
+        for page in (a1, a2, b1):
+            assert by_id(page.presence) == everyone
+        assert sorted((await b1.rpc(WhoIsHere())).unwrap()) == [p.id for p in everyone]
+        assert by_id(seen[-1]) == everyone
+
+        await a2.send(SetStatus("away"))
+        updated = by_id(await b1.next_presence())
+        assert updated == by_id(app.presence("/desk"))
+        assert [p.meta for p in updated if p.id == a2.connection_id] == [Status("away")]
+        await a2.close()
+        left = by_id(await b1.next_presence())
+        assert left == by_id(app.presence("/desk")) == [p for p in everyone if p.id != a2.connection_id]
+    assert app.presence("/desk") == []
+
+
+# -- custom topics
+
+
+@dataclass
+class Shout:
+    text: str
+
+
+@dataclass
+class Whisper:
+    text: str
+
+
+@dataclass
+class Join:
+    topic: str
+
+
+@dataclass
+class Quit:
+    topic: str
+
+
+@dataclass
+class Yell:
+    topic: str
+    text: str
+
+
+@dataclass
+class Relay:
+    page: str
+    text: str
+
+
+class Red:
+    def server_init() -> tuple[int, rally.Effect[Shout]]:
+        return 0, rally.effect.none()
+
+    def server_update(model: int, msg: Join | Quit | Yell | Relay) -> tuple[int, rally.Effect[Shout]]:
+        match msg:
+            case Join(topic) | Quit(topic):  # then the sender hears the topic's name
+                change = rally.effect.subscribe if isinstance(msg, Join) else rally.effect.unsubscribe
+                return model, rally.effect.batch(change(topic), rally.effect.send_to_client(Shout(topic)))
+            case Yell(topic, text):
+                return model, rally.effect.broadcast_to_topic(topic, Shout(text))
+            case Relay(page, text):
+                return model, rally.effect.broadcast_to_page(Shout(text), page=page)
+
+
+class Blue(Red):
+    html = "<p>blue</p>"
+
+
+class Mute:
+    """Subscribes like the others, but pushes Whisper, not Shout."""
+
+    def server_init() -> tuple[int, rally.Effect[Whisper]]:
+        return 0, rally.effect.none()
+
+    def server_update(model: int, msg: Join) -> tuple[int, rally.Effect[Whisper]]:
+        return model, rally.effect.batch(rally.effect.subscribe(msg.topic), rally.effect.send_to_client(Whisper("in")))
+
+
+def topics_app() -> rally.App:
+    app = rally.App()
+    app.page("/red", Red)
+    app.page("/blue", Blue)
+    app.page("/mute", Mute)
+    return app
+
+
+async def test_topics_subscribe_broadcast_unsubscribe_across_pages_and_end_with_the_connection() -> None:
+    app = topics_app()
+    async with (
+        running(app) as server,
+        bounded_client(server, app) as one,
+        bounded_client(server, app) as two,
+        two.page("/blue") as blue,
+        two.page("/mute") as mute,
+    ):
+        async with one.page("/red") as red:
+            for page in (red, blue):
+                await page.send(Join("news"))
+                assert await page.receive() == Shout("news")  # subscribed
+            await mute.send(Join("news"))
+            assert await mute.receive() == Whisper("in")
+
+            await red.send(Yell("news", "from red"))
+            assert [await red.receive(), await blue.receive()] == [Shout("from red")] * 2
+            assert await app.broadcast_to_topic("news", Shout("from the app")) == 2  # mute does not declare Shout
+            assert await app.broadcast_to_topic("news", Whisper("to mute")) == 1
+            assert await mute.receive() == Whisper("to mute")  # no Shout before it
+            assert [await red.receive(), await blue.receive()] == [Shout("from the app")] * 2
+
+            await blue.send(Quit("news"))
+            assert await blue.receive() == Shout("news")  # unsubscribed
+
+            def from_a_thread() -> int:
+                return app.broadcast_to_topic_threadsafe("news", Shout("thread")).result(WAIT)
+
+            assert await asyncio.to_thread(from_a_thread) == 1
+            await blue.send(Yell("news", "from blue"))  # a non-member may broadcast to a topic
+            assert [await red.receive(), await red.receive()] == [Shout("thread"), Shout("from blue")]
+            await blue.send(Relay("/blue", "marker"))
+            assert await blue.receive() == Shout("marker")  # nothing of the topic after leaving it
+        assert await app.broadcast_to_topic("news", Shout("nobody left")) == 0
+        assert await app.broadcast_to_topic("news", Whisper("mute is still in")) == 1
+        assert await mute.receive() == Whisper("mute is still in")
+    assert app._registry.topics.members == {}
+
+
+async def test_broadcast_to_another_page_must_be_a_type_that_page_declares(caplog: Any) -> None:
+    app = topics_app()
+    async with (
+        running(app) as server,
+        bounded_client(server, app) as client,
+        client.page("/red") as red,
+        client.page("/blue") as blue,
+        client.page("/mute") as mute,
+    ):
+        await red.send(Relay("/blue", "over"))
+        assert await blue.receive() == Shout("over")
+        await red.send(Relay("/mute", "refused"))
+        with pytest.raises(rally.RemoteError) as info:
+            await red.receive()  # the first thing red gets: "over" went to /blue only
+        assert info.value.code == "internal"
+        with pytest.raises(rally.UsageError, match="does not push Shout"):
+            await app.broadcast_to_page("/mute", Shout("x"))
+        with pytest.raises(rally.UsageError, match="no page"):
+            await app.broadcast_to_page("/nowhere", Shout("x"))
+        assert await app.broadcast_to_page("/mute", Whisper("only this")) == 1
+        assert await mute.receive() == Whisper("only this")
+    assert any("does not push Shout" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("topic", ["session:abc", "page:/red", "app", "app:x", ""])
+async def test_reserved_or_empty_topic_names_are_usage_errors(topic: str) -> None:
+    app = topics_app()
+    for make in (
+        rally.effect.subscribe,
+        rally.effect.unsubscribe,
+        lambda t: rally.effect.broadcast_to_topic(t, Shout("x")),
+    ):
+        with pytest.raises(rally.UsageError):
+            make(topic)
+    with pytest.raises(rally.UsageError):
+        await app.broadcast_to_topic(topic, Shout("x"))
+    with pytest.raises(rally.UsageError):
+        rally.effect.broadcast_to_page(Shout("x"), page="red")  # a path starts with /
+
+
+# -- lifespan
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def port_state(port: int) -> str:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    except ConnectionRefusedError:
+        return "closed"
+    writer.close()
+    await writer.wait_closed()
+    return "open"
+
+
+class Tracked:
+    def server_init() -> tuple[int, rally.Effect[Note]]:
+        return 0, rally.effect.none()
+
+    def server_terminate(model: int, server_context: rally.ServerContext) -> rally.Effect[Note]:
+        server_context.state.append("terminate")
+        return rally.effect.none()
+
+
+def lifespan_app(events: list[str], port: int, *, fail: bool = False) -> rally.App:
+    """An app whose lifespan records entering (and whether ``port`` accepted yet) and exiting."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: rally.App) -> AsyncIterator[None]:
+        events.append("enter, port " + await port_state(port))
+        if fail:
+            raise RuntimeError("cannot reach the database")
+        yield
+        events.append("exit")
+
+    app = rally.App(state=events, lifespan=lifespan)
+    app.page("/", Tracked)
+    return app
+
+
+async def test_lifespan_is_entered_before_start_accepts_and_exited_after_close_drained() -> None:
+    events: list[str] = []
+    port = free_port()
+    app = lifespan_app(events, port)
+    server = await app.start("127.0.0.1", port, access_log=False)
+    try:
+        assert events == ["enter, port closed"]
+        async with bounded_client(server, app) as client, client.page("/") as page:
+            await asyncio.wait_for(server.close(), WAIT)  # the open page is drained first
+            with pytest.raises(rally.ConnectionClosed):
+                await page.receive()
+    finally:
+        await asyncio.wait_for(server.close(), WAIT)
+    assert events == ["enter, port closed", "terminate", "exit"]
+
+
+async def test_lifespan_with_serve_until_cancelled() -> None:
+    events: list[str] = []
+    port = free_port()
+    app = lifespan_app(events, port)
+    serving = asyncio.ensure_future(app.serve("127.0.0.1", port, access_log=False))
+    try:
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while await port_state(port) == "closed":  # poll until it listens, as eventually() does
+            assert asyncio.get_running_loop().time() < deadline, "serve never listened"
+            await asyncio.sleep(0.005)
+        client = rally.Client(f"http://127.0.0.1:{port}", app, timeout=WAIT)
+        async with client.page("/") as page:
+            serving.cancel()
+            with pytest.raises(rally.ConnectionClosed):
+                await page.receive()
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(serving, WAIT)
+    assert events == ["enter, port closed", "terminate", "exit"]
+
+
+def test_lifespan_with_run_in_thread() -> None:
+    events: list[str] = []
+    port = free_port()
+    app = lifespan_app(events, port)
+    with app.run_in_thread(port=port, access_log=False) as server:
+        assert events == ["enter, port closed"]
+
+        async def get() -> int:
+            async with rally.Client(server.url, timeout=WAIT) as client:
+                return (await client.request("GET", "/"))[0]
+
+        assert asyncio.run(get()) == 200
+    assert events == ["enter, port closed", "exit"]
+
+
+async def test_lifespan_failing_to_enter_means_no_server_and_the_error_surfaces() -> None:
+    events: list[str] = []
+    port = free_port()
+    app = lifespan_app(events, port, fail=True)
+    with pytest.raises(RuntimeError, match="database"):
+        await app.start("127.0.0.1", port)
+    with pytest.raises(RuntimeError, match="database"):
+        await asyncio.wait_for(app.serve("127.0.0.1", port), WAIT)
+    assert await port_state(port) == "closed"
+
+    def serve_in_thread() -> None:
+        with app.run_in_thread(port=port):
+            pytest.fail("run_in_thread served although the lifespan failed")
+
+    with pytest.raises(RuntimeError, match="database"):
+        await asyncio.to_thread(serve_in_thread)
+    assert events == ["enter, port closed"] * 3
+
+
+# -- responses from a view
+
+
+class Records:
+    def view(id: int) -> str | rally.Response:
+        if id == 1:
+            return rally.Response("<html><head></head><body>record 1</body></html>")
+        if id == 2:
+            return rally.Response("", 303, {"Location": "/records/1"})
+        if id == 3:
+            return rally.Response(b'{"id": 3}', content_type="application/json")
+        return rally.Response(f"<p>no record {id}</p>", 404, {"cache-control": "no-store"})
+
+
+async def test_view_response_sets_status_headers_and_body() -> None:
+    app = rally.App()
+    app.page("/records/{id}", Records)
+    async with running(app) as server, bounded_client(server, app) as client:
+        status, headers, body = await client.request("GET", "/records/9")
+        assert (status, body, headers["cache-control"]) == (404, b"<p>no record 9</p>", "no-store")
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        status, headers, body = await client.request("GET", "/records/2")
+        assert (status, headers["location"], body) == (303, "/records/1", b"")
+        status, headers, body = await client.request("GET", "/records/3")
+        assert (status, headers["content-type"], body) == (200, "application/json", b'{"id": 3}')
+        status, headers, body = await client.request("GET", "/records/1")
+        assert (status, headers["content-type"]) == (200, "text/html; charset=utf-8")
+        assert b'<script id="rally-boot"' in body and b'<script src="/_rally/client.js"></script>' in body
+        assert body.endswith(b"</head><body>record 1</body></html>")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"status": 99},
+        {"status": 600},
+        {"status": True},
+        {"status": "200"},
+        {"headers": {"bad name": "x"}},
+        {"headers": {"x-split": "a\r\nset-cookie: b"}},
+        {"headers": {"content-length": "1"}},
+        {"headers": {"x-number": 1}},
+        {"content_type": "text/html\r\nx: y"},
+    ],
+    ids=["status-99", "status-600", "status-bool", "status-str", "name", "crlf", "framing", "non-str", "type-crlf"],
+)
+def test_response_refuses_a_bad_status_or_header_at_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(rally.UsageError):
+        rally.Response("body", **kwargs)
+
+
+# -- Ok and Error
+
+
+async def test_result_is_ok_is_error_unwrap_and_no_truth_value() -> None:
+    ok, error = rally.Ok(3), rally.Error(["not found"])
+    assert (ok.is_ok, ok.is_error, error.is_ok, error.is_error) == (True, False, False, True)
+    assert (ok.unwrap(), error.unwrap_error()) == (3, ["not found"])
+    with pytest.raises(rally.UnwrapError) as info:
+        error.unwrap()
+    assert info.value.error == ["not found"]
+    with pytest.raises(rally.UnwrapError):
+        ok.unwrap_error()
+    for result in (ok, error):
+        with pytest.raises(TypeError, match="is_ok"):
+            bool(result)
+    async with running(article_app()) as server, rally.Client(server.url, timeout=WAIT) as client:
+        assert (await client.rpc(ServerLoadTitle("a"))).unwrap() == "Article: a"
+        with pytest.raises(TypeError, match="is_ok"):
+            assert await client.rpc(ServerLoadTitle("missing"))
+
+
+# -- a numbered send
+
+
+@pytest.mark.parametrize(
+    ("make_app", "path", "msg", "push"),
+    [
+        (article_app, "/articles/abc", ("ToggleFavorite", {}), ("FavoriteToggled", {"article_id": 3})),
+        (room_app, "/rooms/1", ("Say", {"scope": "client", "text": "count"}), ("Count", {"n": 1, "text": "count"})),
+    ],
+    ids=["sync-update", "async-update"],
+)
+async def test_numbered_send_is_acked_after_server_update_and_its_push(
+    make_app: Any, path: str, msg: tuple[str, Any], push: tuple[str, Any]
+) -> None:
+    import websockets
+
+    async with running(make_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page={path}") as ws:
+            send = {"kind": "send", "msg": {"type": msg[0], "fields": msg[1]}}
+            await ws.send(json.dumps({**send, "seq": 1}))
+            assert await next_frame(ws) == {"kind": "push", "msg": {"type": push[0], "fields": push[1]}}
+            assert await next_frame(ws) == {"kind": "ack", "seq": 1}
+            await ws.send(json.dumps({**send, "seq": 2**53 - 1}))  # the largest
+            assert (await next_frame(ws))["msg"]["type"] == push[0]
+            assert await next_frame(ws) == {"kind": "ack", "seq": 2**53 - 1}
+            await ws.send(json.dumps(send))
+            assert (await next_frame(ws))["msg"]["type"] == push[0]  # no seq: no ack
+            await ws.send(json.dumps({"kind": "rpc", "id": 9, "msg": {"type": "Nope", "fields": {}}}))
+            assert (await next_frame(ws))["id"] == 9
+
+
+async def test_refused_numbered_send_gets_an_error_with_its_seq() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a") as ws:
+            await ws.send(json.dumps({"kind": "send", "seq": 1, "msg": {"type": "AddComment", "fields": {"body": 1}}}))
+            reply = await next_frame(ws)
+            assert (reply["kind"], reply["id"], reply["seq"], reply["code"]) == ("error", None, 1, "invalid")
+            assert reply["errors"][0]["path"] == "msg.fields.body"
+            await ws.send(json.dumps({"kind": "send", "seq": 2, "msg": {"type": "Nope", "fields": {}}}))
+            reply = await next_frame(ws)
+            assert (reply["kind"], reply["seq"], reply["code"]) == ("error", 2, "unknown_type")
+
+
+@pytest.mark.parametrize("seq", [0, -1, "x", 2**53, 1.5, True, None], ids=repr)
+async def test_send_with_a_bad_seq_is_invalid(seq: Any) -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/a") as ws:
+            await ws.send(json.dumps({"kind": "send", "seq": seq, "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            reply = await next_frame(ws)
+            assert (reply["kind"], reply["code"], "seq" in reply) == ("error", "invalid", False)
+            assert reply["errors"][0]["path"] == "seq"
+            await ws.send(json.dumps({"kind": "send", "seq": 3, "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            assert (await next_frame(ws))["kind"] == "push"  # the bad one ran nothing; the connection goes on
+            assert await next_frame(ws) == {"kind": "ack", "seq": 3}
