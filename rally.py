@@ -2407,6 +2407,213 @@ def _result_types(ret: Any) -> tuple[Any, Any]:
     return ret, None
 
 
+# Declarations: a view of the contract document, made from the very dict
+# GET /_rally/contract serves, so the two cannot disagree.
+
+#: Contract type names that need no declaration, and their TypeScript.
+_TS_SCALARS: Final = {
+    "str": "string",
+    "int": "number",  # every contract int is within ±(2^53-1): a JavaScript number
+    "float": "number",
+    "bool": "boolean",
+    "None": "null",
+    "bytes": "string",  # base64
+    "datetime": "string",  # ISO 8601
+    "date": "string",
+}
+_TYPE_NAME_RE: Final = re.compile(r"[^\W\d]\w*")
+_TS_KEY_RE: Final = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+#: A parsed contract type name: ``("scalar", name)``, ``("ref", name)`` (a
+#: dataclass or enum), ``("tagged", names)``, ``("literal", values)``,
+#: ``("optional", node)``, ``("list", node)``, ``("tuple", nodes)``, ``("dict", node)``.
+_TypeNode = tuple[str, Any]
+
+
+def _parse_type(text: str) -> _TypeNode:
+    """Read a type name of the contract (as a codec names it, e.g.
+    ``list[Point | None]``) into a ``_TypeNode``; raises ``ValueError``."""
+    pos = 0
+
+    def union() -> _TypeNode:
+        nonlocal pos
+        terms = [term()]
+        while text.startswith(" | ", pos):
+            pos += 3
+            terms.append(term())
+        rest = [t for t in terms if t != ("scalar", "None")]
+        if len(terms) == 1 or not rest:
+            return terms[0]
+        # Unions are T | None, or of dataclasses, and those are tagged (SPEC 3).
+        node = rest[0] if len(rest) == 1 else ("tagged", tuple(t[1] for t in rest))
+        return node if len(rest) == len(terms) else ("optional", node)
+
+    def term() -> _TypeNode:
+        nonlocal pos
+        m = _TYPE_NAME_RE.match(text, pos)
+        if m is None:
+            raise ValueError(f"unexpected {text[pos : pos + 20]!r} in type {text!r}")
+        name, pos = m.group(), m.end()
+        if not text.startswith("[", pos):
+            return ("scalar" if name in _TS_SCALARS else "ref", name)
+        pos += 1
+        args: list[Any] = []
+        while True:
+            if name == "Literal":
+                value, pos = json.JSONDecoder().raw_decode(text, pos)
+                args.append(value)
+            elif text.startswith("...", pos):
+                pos += 3
+                args.append(...)
+            else:
+                args.append(union())
+            if not text.startswith(", ", pos):
+                break
+            pos += 2
+        if not text.startswith("]", pos):
+            raise ValueError(f"expected ] at {pos} in type {text!r}")
+        pos += 1
+        if name == "Literal":
+            return ("literal", tuple(args))
+        if name == "dict":
+            return ("dict", args[1])
+        if name == "list" or args[-1] is ...:
+            return ("list", args[0])
+        return ("tuple", tuple(args))
+
+    node = union()
+    if pos != len(text):
+        raise ValueError(f"unexpected {text[pos : pos + 20]!r} in type {text!r}")
+    return node
+
+
+def _ts(node: _TypeNode, ns: str = "Rally.") -> str:
+    """The TypeScript of a parsed type; ``ns`` prefixes the app's own types."""
+    kind, arg = node
+    if kind == "scalar":
+        return _TS_SCALARS[arg]
+    if kind == "ref":
+        return f"{ns}{arg}"
+    if kind == "tagged":
+        return " | ".join(f"{{ type: {json.dumps(n)}; fields: {ns}{n} }}" for n in arg)
+    if kind == "literal":
+        return " | ".join(json.dumps(v) for v in arg)
+    if kind == "optional":
+        return _ts(arg, ns) + " | null"
+    if kind == "tuple":
+        return "[" + ", ".join(_ts(a, ns) for a in arg) + "]"
+    inner = _ts(arg, ns)
+    if kind == "dict":
+        return f"{{ [key: string]: {inner} }}"
+    return f"({inner})[]" if " | " in inner else inner + "[]"
+
+
+def _ts_key(name: str) -> str:
+    return name if _TS_KEY_RE.fullmatch(name) else json.dumps(name)
+
+
+def _message_names(text: str | None) -> tuple[str, ...]:
+    """The type names of a page's ToServer or ToClient (one may be alone)."""
+    if text is None:
+        return ()
+    node = _parse_type(text)
+    return tuple(node[1]) if node[0] == "tagged" else (node[1],)
+
+
+def _typescript(contract: dict[str, Any]) -> str:
+    """TypeScript declarations of a contract document: the app's types in
+    namespace ``Rally``, and the browser client ``rally`` typed by them, for
+    plain JavaScript under ``// @ts-check`` as for TypeScript."""
+
+    def ts(text: str | None) -> str:
+        return "never" if text is None else _ts(_parse_type(text))
+
+    def tagged(text: str | None) -> str:
+        names = _message_names(text)
+        return _ts(("tagged", names)) if names else "never"
+
+    out = [
+        f"// TypeScript declarations of a rally.py app, contract {contract['hash']}: its types",
+        "// (namespace Rally) and the browser client window.rally typed by them. Made from",
+        "// GET /_rally/contract; reference it from a // @ts-check script:",
+        '// /// <reference path="rally.d.ts" />',
+        "",
+        "declare namespace Rally {",
+    ]
+    for name, t in contract["types"].items():
+        if "enum" in t:
+            out.append(f"  type {name} = {' | '.join(json.dumps(v) for v in t['enum']) or 'never'};")
+            continue
+        defaults = t.get("defaults", {})
+        out.append(f"  interface {name} {{")
+        for field, tp in t["fields"].items():
+            optional = "?" if field in defaults else ""
+            if optional:
+                default = json.dumps(defaults[field]).replace("*/", "*\\/")
+                out.append(f"    /** default: {default} */")
+            out.append(f"    {_ts_key(field)}{optional}: {_ts(_parse_type(tp), '')};")
+        if not t["fields"]:
+            out.append("    [key: string]: never;")
+        out.append("  }")
+    out += ["}", "", "declare namespace rally {", "  /** RPC message type name -> its fields and its answer. */"]
+    out.append("  interface Rpc {")
+    for name, r in contract["rpc"].items():
+        result = f"{{ ok: true; value: {ts(r['result'])} }} | {{ ok: false; error: {ts(r['error'])} }}"
+        out.append(f"    {_ts_key(name)}: {{ fields: Rally.{name}; result: {result} }};")
+    out.append("  }")
+    sends: dict[str, None] = {}
+    pushes: dict[str, None] = {}
+    params: dict[str, dict[str, None]] = {}
+    page_lines = []
+    for path, p in contract["pages"].items():
+        sends.update(dict.fromkeys(_message_names(p["to_server"])))
+        pushes.update(dict.fromkeys(_message_names(p["to_client"])))
+        for k, v in p["params"].items():
+            params.setdefault(k, {})[_TS_SCALARS[v]] = None
+        page_params = "; ".join(f"{_ts_key(k)}: {_TS_SCALARS[v]}" for k, v in p["params"].items())
+        page_lines += [
+            f"    {json.dumps(path)}: {{",
+            f"      params: {{ {page_params} }};" if page_params else "      params: {};",
+            f"      toServer: {tagged(p['to_server'])};",
+            f"      toClient: {tagged(p['to_client'])};",
+            f"      presence: {ts(p['presence'])};",
+            "    };",
+        ]
+    for title, kind, names in (("a page sends (rally.send)", "Send", sends), ("pushed (rally.on)", "Push", pushes)):
+        out.append(f"  /** Message type name {title} -> its fields. */")
+        out.append(f"  interface {kind} {{")
+        out += [f"    {_ts_key(n)}: Rally.{n};" for n in names]
+        out.append("  }")
+    params_type = "; ".join(f"readonly {_ts_key(k)}: {' | '.join(v)}" for k, v in params.items())
+    out += [
+        "  /** Every page by route: its params and its messages as they travel ({type, fields}). */",
+        "  interface Pages {",
+        *page_lines,
+        "  }",
+        '  type Status = "connecting" | "open" | "reconnecting" | "closed";',
+        '  interface PresenceEntry { id: number; tag: string; self: boolean; meta: Pages[keyof Pages]["presence"] }',
+        "  interface ProtocolError extends Error { code: string; errors: { path: string; message: string }[] }",
+        "  /** A message's fields; they may be left out when every field has a default. */",
+        "  type Fields<T> = {} extends T ? [fields?: T] : [fields: T];",
+        "  /** This page's concrete path. */",
+        "  const page: string;",
+        "  /** This page's route parameters (each name typed over the pages that have it). */",
+        f"  const params: {{ {params_type} }};" if params_type else "  const params: {};",
+        '  function rpc<K extends keyof Rpc>(type: K, ...fields: Fields<Rpc[K]["fields"]>): Promise<Rpc[K]["result"]>;',
+        "  function send<K extends keyof Send>(type: K, ...fields: Fields<Send[K]>): Promise<void>;",
+        "  function on<K extends keyof Push>(type: K, fn: (fields: Push[K], type: K) => void): () => void;",
+        "  function onPresence(fn: (entries: PresenceEntry[]) => void): () => void;",
+        "  function onStatus(fn: (status: Status, info?: { resumed: boolean }) => void): () => void;",
+        "  function onError(fn: (error: ProtocolError) => void): () => void;",
+        "}",
+        "interface Window {",
+        "  rally: typeof rally;",
+        "}",
+        "",
+    ]
+    return "\n".join(out)
+
+
 class _PageSession:
     """One page connection's life, without sockets: its model, its ``send``
     messages handled in order, its in-flight RPCs (at most
@@ -2896,6 +3103,8 @@ class _Router:
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
         self.host_ok: dict[bytes, bool] = {}
         self.ids = itertools.count(1)
+        #: documents made from the contract: (contract hash, body, ETag), made once per contract
+        self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
     def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         hosts = self.hosts
@@ -2984,6 +3193,19 @@ class _Router:
         _allow(req, b"GET", b"HEAD")
         doc, digest = self.reg.contract()
         return _cached(req, doc, b"application/json", b'"' + digest.encode() + b'"')
+
+    def _types(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        return self._view(req, _typescript, b"application/typescript; charset=utf-8")
+
+    def _view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
+        """A document made from the contract, with an ETag of its bytes."""
+        doc, digest = self.reg.contract()
+        made = self.views.get(make)
+        if made is None or made[0] != digest:
+            body = make(json.loads(doc)).encode()
+            made = self.views[make] = (digest, body, b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"')
+        return _cached(req, made[1], content_type, made[2])
 
     # -- checks -------------------------------------------------------------------
 
@@ -3147,6 +3369,7 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/ws": _Router._socket,
     "/_rally/client.js": _Router._client_js,
     "/_rally/contract": _Router._contract,
+    "/_rally/types.d.ts": _Router._types,
 }
 
 
@@ -5018,7 +5241,7 @@ def _load_app(target: str) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P]``."""
+    """``python rally.py module:app [--host H] [--port P] [--types FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -5026,8 +5249,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    parser.add_argument(
+        "--types", metavar="FILE", help="write the app's TypeScript declarations to FILE (- for stdout) and exit"
+    )
     args = parser.parse_args(argv)
-    _load_app(args.app).run(args.host, args.port, access_log=not args.no_access_log)
+    app = _load_app(args.app)
+    if args.types is None:
+        app.run(args.host, args.port, access_log=not args.no_access_log)
+    elif args.types == "-":
+        sys.stdout.write(_typescript(app.contract))
+    else:
+        with open(args.types, "w", encoding="utf-8") as f:
+            f.write(_typescript(app.contract))
 
 
 if __name__ == "__main__":
