@@ -2407,8 +2407,8 @@ def _result_types(ret: Any) -> tuple[Any, Any]:
     return ret, None
 
 
-# Declarations: a view of the contract document, made from the very dict
-# GET /_rally/contract serves, so the two cannot disagree.
+# Declarations and docs: two views of the contract document, made from the
+# very dict GET /_rally/contract serves, so neither can disagree with it.
 
 #: Contract type names that need no declaration, and their TypeScript.
 _TS_SCALARS: Final = {
@@ -2612,6 +2612,134 @@ def _typescript(contract: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+#: The value a docs form starts from, per scalar type name.
+_SAMPLES: Final = {
+    "str": "",
+    "int": 0,
+    "float": 0,
+    "bool": False,
+    "None": None,
+    "bytes": "",
+    "datetime": "2026-01-01T00:00:00+00:00",
+    "date": "2026-01-01",
+}
+
+
+def _sample(node: _TypeNode, types: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """A value of a parsed type for a form to start from: defaults where the
+    contract has them, else the plainest value of each type."""
+    kind, arg = node
+    if kind == "scalar":
+        return _SAMPLES[arg]
+    if kind == "literal":
+        return arg[0]
+    if kind in ("optional", "list", "dict"):
+        return {"optional": None, "list": [], "dict": {}}[kind]
+    if kind == "tuple":
+        return [_sample(a, types, seen) for a in arg]
+    if kind == "tagged":
+        return {"type": arg[0], "fields": _sample(("ref", arg[0]), types, seen)}
+    t = types[arg]
+    if "enum" in t:
+        return t["enum"][0] if t["enum"] else None
+    if arg in seen:  # a recursive type: its required self is not ours to invent
+        return {}
+    defaults = t.get("defaults", {})
+    return {
+        f: defaults[f] if f in defaults else _sample(_parse_type(tp), types, (*seen, arg))
+        for f, tp in t["fields"].items()
+    }
+
+
+#: The docs page's one script: each RPC form POSTs its fields to /_rally/rpc.
+_DOCS_JS: Final = """
+document.querySelectorAll("form[data-rpc]").forEach(function (form) {
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var out = form.querySelector("output"), body;
+    try {
+      body = JSON.stringify({kind: "rpc", id: 1, msg: {type: form.dataset.rpc, fields: JSON.parse(form.fields.value)}});
+    } catch (error) { out.className = "error"; out.textContent = "fields: " + error.message; return; }
+    out.className = ""; out.textContent = "…";
+    fetch("/_rally/rpc", {method: "POST", body: body, headers:
+      {"Content-Type": "application/json", "Rally-Contract": document.body.dataset.contract}})
+      .then(function (response) { return response.json(); })
+      .then(function (reply) { out.className = reply.kind; out.textContent = JSON.stringify(reply, null, 2); },
+            function (error) { out.className = "error"; out.textContent = String(error); });
+  });
+});
+"""
+_DOCS_CSP: Final = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
+    "script-src 'sha256-" + base64.b64encode(hashlib.sha256(_DOCS_JS.encode()).digest()).decode() + "'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+).encode()
+_DOCS_CSS: Final = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #1d2230; }
+code, textarea, output { font: 13px/1.4 ui-monospace, monospace; }
+table { border-collapse: collapse; margin: .4rem 0; } td, th { border: 1px solid #dde1e8; padding: .2rem .6rem; }
+th { background: #f3f4f7; text-align: left; } section { border-top: 1px solid #dde1e8; padding: .4rem 0 .8rem; }
+textarea { display: block; width: 100%; box-sizing: border-box; min-height: 4rem; }
+output { display: block; white-space: pre-wrap; margin-top: .4rem; } .ok { color: #176b3a; }
+.err, .error { color: #b22; }
+"""
+
+
+def _docs_html(contract: dict[str, Any]) -> str:
+    """The ``/_rally/docs`` page of a contract document: pages, RPCs (with a
+    form each that calls it) and types. Every name and value is escaped."""
+    import html  # only an app whose docs page is read pays for its entity table
+
+    esc = html.escape
+    types = contract["types"]
+
+    def code(text: str | None) -> str:
+        return "—" if text is None else f"<code>{esc(text)}</code>"
+
+    def fields(name: str) -> str:
+        t = types[name]
+        if "enum" in t:
+            return "<p>enum of " + ", ".join(code(json.dumps(v)) for v in t["enum"]) + "</p>"
+        defaults = t.get("defaults", {})
+        rows = "".join(
+            f"<tr><td>{esc(f)}</td><td>{code(tp)}</td>"
+            f"<td>{code(json.dumps(defaults[f])) if f in defaults else 'required'}</td></tr>"
+            for f, tp in t["fields"].items()
+        )
+        return f"<table><tr><th>field<th>type<th>default</tr>{rows}</table>" if rows else "<p>no fields</p>"
+
+    page_rows = "".join(
+        f"<tr><td>{code(path)}</td><td>{code(', '.join(f'{k}: {v}' for k, v in p['params'].items()) or None)}</td>"
+        f"<td>{code(p['to_server'])}</td><td>{code(p['to_client'])}</td><td>{code(p['presence'])}</td></tr>"
+        for path, p in contract["pages"].items()
+    )
+    rpcs = []
+    for name, r in contract["rpc"].items():
+        n = esc(name)
+        sample = json.dumps(_sample(("ref", name), types), indent=2)
+        error = ", or the error " + code(r["error"]) if r["error"] else ""
+        rpcs.append(
+            f'<section id="rpc-{n}"><h3>{n}</h3><p>answers {code(r["result"])}{error}</p>{fields(name)}'
+            f'<form data-rpc="{n}"><textarea name="fields" rows="{min(sample.count(chr(10)) + 1, 16)}" '
+            f'spellcheck="false" aria-label="fields of {n}">{esc(sample)}</textarea>'
+            f"<button>Call {n}</button><output></output></form></section>"
+        )
+    others = "".join(
+        f'<section id="type-{esc(n)}"><h3>{esc(n)}</h3>{fields(n)}</section>' for n in types if n not in contract["rpc"]
+    )
+    digest = esc(contract["hash"])
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        'content="width=device-width"><link rel="icon" href="data:,"><title>API docs · rally.py</title>'
+        f'<style>{_DOCS_CSS}</style></head><body data-contract="{digest}">'
+        f"<h1>API docs</h1><p>Contract <code>{digest}</code>: "
+        '<a href="/_rally/contract">JSON</a> · <a href="/_rally/types.d.ts">TypeScript declarations</a></p>'
+        "<h2>Pages</h2><table><tr><th>route<th>params<th>sends<th>receives<th>presence</tr>"
+        f"{page_rows}</table><h2>RPCs</h2>{''.join(rpcs) or '<p>none</p>'}"
+        f"<h2>Other types</h2>{others or '<p>none</p>'}<script>{_DOCS_JS}</script></body></html>"
+    )
 
 
 class _PageSession:
@@ -3103,7 +3231,7 @@ class _Router:
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
         self.host_ok: dict[bytes, bool] = {}
         self.ids = itertools.count(1)
-        #: documents made from the contract: (contract hash, body, ETag), made once per contract
+        #: declarations and docs page: (contract hash, body, ETag), made once per contract
         self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
     def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
@@ -3197,6 +3325,13 @@ class _Router:
     def _types(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET", b"HEAD")
         return self._view(req, _typescript, b"application/typescript; charset=utf-8")
+
+    def _docs(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        if not self.app.docs:
+            raise ProtocolError("not found", 404)
+        _allow(req, b"GET", b"HEAD")
+        answer = self._view(req, _docs_html, b"text/html; charset=utf-8")
+        return answer._replace(headers=[*answer.headers, (b"content-security-policy", _DOCS_CSP)])
 
     def _view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
         """A document made from the contract, with an ETag of its bytes."""
@@ -3370,6 +3505,7 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/client.js": _Router._client_js,
     "/_rally/contract": _Router._contract,
     "/_rally/types.d.ts": _Router._types,
+    "/_rally/docs": _Router._docs,
 }
 
 
@@ -4341,7 +4477,8 @@ class App:
     names when it listens on a loopback address, any name otherwise);
     ``secret`` signs session cookies (else ``RALLY_SECRET``, else a random
     secret of this process); ``secure_cookies`` adds ``Secure`` to the
-    session cookie (set it in production, behind HTTPS).
+    session cookie (set it in production, behind HTTPS); ``docs=False``
+    turns off the ``/_rally/docs`` page.
     """
 
     def __init__(
@@ -4353,6 +4490,7 @@ class App:
         allowed_hosts: Iterable[str] | None = None,
         secret: str | bytes | None = None,
         secure_cookies: bool = False,
+        docs: bool = True,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -4404,6 +4542,8 @@ class App:
                     raise RegistrationError(f"App({name}={value!r}): expected a number of seconds above 0")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RegistrationError(f"App({name}={value!r}): expected an integer of at least 1")
+        if not isinstance(docs, bool):
+            raise RegistrationError(f"App(docs={docs!r}): expected True or False")
         if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
             raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
         self.state = state
@@ -4414,6 +4554,7 @@ class App:
             secret = os.environ.get("RALLY_SECRET") or _PROCESS_SECRET
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.secure_cookies = secure_cookies
+        self.docs = docs
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
 
