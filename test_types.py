@@ -428,11 +428,14 @@ def demo_declarations_and_scripts(tmp_path: Path) -> tuple[str, str]:
     """The demo's declarations, and every inline script of the pages it serves."""
     app = demo.make_app(str(tmp_path / "demo.sqlite3"))
     scripts: dict[str, None] = {}
-    with app.run_in_thread(access_log=False) as server:
-        for path in ("/", "/articles/1"):
-            status, _, body = fetch(server, path)
-            assert status == 200
-            scripts.update(dict.fromkeys(re.findall(r"<script>(.*?)</script>", body.decode(), re.S)))
+    try:
+        with app.run_in_thread(access_log=False) as server:
+            for path in ("/", "/articles/1"):
+                status, _, body = fetch(server, path)
+                assert status == 200
+                scripts.update(dict.fromkeys(re.findall(r"<script>(.*?)</script>", body.decode(), re.S)))
+    finally:
+        app.state.close()  # the demo's SQLite connection
     return rally._typescript(app.contract), "\n".join(scripts)
 
 
@@ -466,6 +469,64 @@ def test_the_demos_javascript_passes_tsc_against_its_declarations(tmp_path: Path
     # The same check finds a mistake in a rally call of the demo.
     broken = source.replace("{id: rally.params.id}", "{id: String(rally.params.id)}")
     assert [d.split(": error ")[1][:6] for d in not_about_the_dom(tmp_path, declarations, broken)] == ["TS2322"]
+
+
+# README's example, against the Article app of SPEC section 2.
+
+
+@dataclass
+class ServerLoadTitle:
+    slug: str
+
+
+@dataclass
+class ToggleFavorite: ...
+
+
+@dataclass
+class AddComment:
+    body: str
+
+
+@dataclass
+class FavoriteToggled:
+    article_id: int
+
+
+@dataclass
+class CommentSaved:
+    body: str
+
+
+class Article:
+    def server_load_title(msg: ServerLoadTitle) -> rally.Result[str, list[str]]:
+        return rally.Ok("Article: " + msg.slug)
+
+    def server_init(slug: str) -> tuple[int, rally.Effect[FavoriteToggled | CommentSaved]]:
+        return len(slug), rally.effect.none()
+
+    def server_update(
+        model: int, msg: ToggleFavorite | AddComment
+    ) -> tuple[int, rally.Effect[FavoriteToggled | CommentSaved]]:
+        return model, rally.effect.none()
+
+
+@needs_tsc
+def test_readmes_example_passes_but_for_the_two_mistakes_it_shows(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent / "README.md").read_text()
+    example = re.search(r"## Typed browser code.*?```js\n// @ts-check\n.*?\n(.*?)```", readme, re.S)
+    assert example is not None
+    article = rally.App()
+    article.page("/articles/{slug}", Article)
+    lines = example.group(1).splitlines()
+    marked = [line for line in lines if "// error" in line]
+    found = tsc(
+        tmp_path,
+        rally._typescript(article.contract),
+        {"right.js": "\n".join(line for line in lines if line not in marked), "mistakes.js": "\n".join(marked)},
+    )
+    assert found["right.js"] == []
+    assert [code for code, _ in found["mistakes.js"]] == [re.findall(r"TS\d+", line)[0] for line in marked]
 
 
 # ==== HTTP: /_rally/types.d.ts, /_rally/docs, the option, the CLI ===========
