@@ -2415,6 +2415,341 @@ def _result_types(ret: Any) -> tuple[Any, Any]:
     return ret, None
 
 
+# Declarations and docs: two views of the contract document, made from the
+# very dict GET /_rally/contract serves, so neither can disagree with it.
+
+#: Contract type names that need no declaration, and their TypeScript.
+_TS_SCALARS: Final = {
+    "str": "string",
+    "int": "number",  # every contract int is within ±(2^53-1): a JavaScript number
+    "float": "number",
+    "bool": "boolean",
+    "None": "null",
+    "bytes": "string",  # base64
+    "datetime": "string",  # ISO 8601
+    "date": "string",
+}
+_TYPE_NAME_RE: Final = re.compile(r"[^\W\d]\w*")
+_TS_KEY_RE: Final = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+#: A parsed contract type name: ``("scalar", name)``, ``("ref", name)`` (a
+#: dataclass or enum), ``("tagged", names)``, ``("literal", values)``,
+#: ``("optional", node)``, ``("list", node)``, ``("tuple", nodes)``, ``("dict", node)``.
+_TypeNode = tuple[str, Any]
+
+
+def _parse_type(text: str) -> _TypeNode:
+    """Read a type name of the contract (as a codec names it, e.g.
+    ``list[Point | None]``) into a ``_TypeNode``; raises ``ValueError``."""
+    pos = 0
+
+    def union() -> _TypeNode:
+        nonlocal pos
+        terms = [term()]
+        while text.startswith(" | ", pos):
+            pos += 3
+            terms.append(term())
+        rest = [t for t in terms if t != ("scalar", "None")]
+        if len(terms) == 1 or not rest:
+            return terms[0]
+        # Unions are T | None, or of dataclasses, and those are tagged (SPEC 3).
+        node = rest[0] if len(rest) == 1 else ("tagged", tuple(t[1] for t in rest))
+        return node if len(rest) == len(terms) else ("optional", node)
+
+    def term() -> _TypeNode:
+        nonlocal pos
+        m = _TYPE_NAME_RE.match(text, pos)
+        if m is None:
+            raise ValueError(f"unexpected {text[pos : pos + 20]!r} in type {text!r}")
+        name, pos = m.group(), m.end()
+        if not text.startswith("[", pos):
+            return ("scalar" if name in _TS_SCALARS else "ref", name)
+        pos += 1
+        args: list[Any] = []
+        while True:
+            if name == "Literal":
+                value, pos = json.JSONDecoder().raw_decode(text, pos)
+                args.append(value)
+            elif text.startswith("...", pos):
+                pos += 3
+                args.append(...)
+            else:
+                args.append(union())
+            if not text.startswith(", ", pos):
+                break
+            pos += 2
+        if not text.startswith("]", pos):
+            raise ValueError(f"expected ] at {pos} in type {text!r}")
+        pos += 1
+        if name == "Literal":
+            return ("literal", tuple(args))
+        if name == "dict":
+            return ("dict", args[1])
+        if name == "list" or args[-1] is ...:
+            return ("list", args[0])
+        return ("tuple", tuple(args))
+
+    node = union()
+    if pos != len(text):
+        raise ValueError(f"unexpected {text[pos : pos + 20]!r} in type {text!r}")
+    return node
+
+
+def _ts(node: _TypeNode, ns: str = "Rally.") -> str:
+    """The TypeScript of a parsed type; ``ns`` prefixes the app's own types."""
+    kind, arg = node
+    if kind == "scalar":
+        return _TS_SCALARS[arg]
+    if kind == "ref":
+        return f"{ns}{arg}"
+    if kind == "tagged":
+        return " | ".join(f"{{ type: {json.dumps(n)}; fields: {ns}{n} }}" for n in arg)
+    if kind == "literal":
+        return " | ".join(json.dumps(v) for v in arg)
+    if kind == "optional":
+        return _ts(arg, ns) + " | null"
+    if kind == "tuple":
+        return "[" + ", ".join(_ts(a, ns) for a in arg) + "]"
+    inner = _ts(arg, ns)
+    if kind == "dict":
+        return f"{{ [key: string]: {inner} }}"
+    return f"({inner})[]" if " | " in inner else inner + "[]"
+
+
+def _ts_key(name: str) -> str:
+    return name if _TS_KEY_RE.fullmatch(name) else json.dumps(name)
+
+
+def _message_names(text: str | None) -> tuple[str, ...]:
+    """The type names of a page's ToServer or ToClient (one may be alone)."""
+    if text is None:
+        return ()
+    node = _parse_type(text)
+    return tuple(node[1]) if node[0] == "tagged" else (node[1],)
+
+
+def _typescript(contract: dict[str, Any]) -> str:
+    """TypeScript declarations of a contract document: the app's types in
+    namespace ``Rally``, and the browser client ``rally`` typed by them, for
+    plain JavaScript under ``// @ts-check`` as for TypeScript."""
+
+    def ts(text: str | None) -> str:
+        return "never" if text is None else _ts(_parse_type(text))
+
+    def tagged(text: str | None) -> str:
+        names = _message_names(text)
+        return _ts(("tagged", names)) if names else "never"
+
+    out = [
+        f"// TypeScript declarations of a rally.py app, contract {contract['hash']}: its types",
+        "// (namespace Rally) and the browser client window.rally typed by them. Made from",
+        "// GET /_rally/contract; reference it from a // @ts-check script:",
+        '// /// <reference path="rally.d.ts" />',
+        "",
+        "declare namespace Rally {",
+    ]
+    for name, t in contract["types"].items():
+        if "enum" in t:
+            out.append(f"  type {name} = {' | '.join(json.dumps(v) for v in t['enum']) or 'never'};")
+            continue
+        defaults = t.get("defaults", {})
+        out.append(f"  interface {name} {{")
+        for field, tp in t["fields"].items():
+            optional = "?" if field in defaults else ""
+            if optional:
+                default = json.dumps(defaults[field]).replace("*/", "*\\/")
+                out.append(f"    /** default: {default} */")
+            out.append(f"    {_ts_key(field)}{optional}: {_ts(_parse_type(tp), '')};")
+        if not t["fields"]:
+            out.append("    [key: string]: never;")
+        out.append("  }")
+    out += ["}", "", "declare namespace rally {", "  /** RPC message type name -> its fields and its answer. */"]
+    out.append("  interface Rpc {")
+    for name, r in contract["rpc"].items():
+        result = f"{{ ok: true; value: {ts(r['result'])} }} | {{ ok: false; error: {ts(r['error'])} }}"
+        out.append(f"    {_ts_key(name)}: {{ fields: Rally.{name}; result: {result} }};")
+    out.append("  }")
+    sends: dict[str, None] = {}
+    pushes: dict[str, None] = {}
+    params: dict[str, dict[str, None]] = {}
+    page_lines = []
+    for path, p in contract["pages"].items():
+        sends.update(dict.fromkeys(_message_names(p["to_server"])))
+        pushes.update(dict.fromkeys(_message_names(p["to_client"])))
+        for k, v in p["params"].items():
+            params.setdefault(k, {})[_TS_SCALARS[v]] = None
+        page_params = "; ".join(f"{_ts_key(k)}: {_TS_SCALARS[v]}" for k, v in p["params"].items())
+        page_lines += [
+            f"    {json.dumps(path)}: {{",
+            f"      params: {{ {page_params} }};" if page_params else "      params: {};",
+            f"      toServer: {tagged(p['to_server'])};",
+            f"      toClient: {tagged(p['to_client'])};",
+            f"      presence: {ts(p['presence'])};",
+            "    };",
+        ]
+    for title, kind, names in (("a page sends (rally.send)", "Send", sends), ("pushed (rally.on)", "Push", pushes)):
+        out.append(f"  /** Message type name {title} -> its fields. */")
+        out.append(f"  interface {kind} {{")
+        out += [f"    {_ts_key(n)}: Rally.{n};" for n in names]
+        out.append("  }")
+    params_type = "; ".join(f"readonly {_ts_key(k)}: {' | '.join(v)}" for k, v in params.items())
+    out += [
+        "  /** Every page by route: its params and its messages as they travel ({type, fields}). */",
+        "  interface Pages {",
+        *page_lines,
+        "  }",
+        '  type Status = "connecting" | "open" | "reconnecting" | "closed";',
+        '  interface PresenceEntry { id: number; tag: string; self: boolean; meta: Pages[keyof Pages]["presence"] }',
+        "  interface ProtocolError extends Error { code: string; errors: { path: string; message: string }[] }",
+        "  /** A message's fields; they may be left out when every field has a default. */",
+        "  type Fields<T> = {} extends T ? [fields?: T] : [fields: T];",
+        "  /** This page's concrete path. */",
+        "  const page: string;",
+        "  /** This page's route parameters (each name typed over the pages that have it). */",
+        f"  const params: {{ {params_type} }};" if params_type else "  const params: {};",
+        '  function rpc<K extends keyof Rpc>(type: K, ...fields: Fields<Rpc[K]["fields"]>): Promise<Rpc[K]["result"]>;',
+        "  function send<K extends keyof Send>(type: K, ...fields: Fields<Send[K]>): Promise<void>;",
+        "  function on<K extends keyof Push>(type: K, fn: (fields: Push[K], type: K) => void): () => void;",
+        "  function onPresence(fn: (entries: PresenceEntry[]) => void): () => void;",
+        "  function onStatus(fn: (status: Status, info?: { resumed: boolean }) => void): () => void;",
+        "  function onError(fn: (error: ProtocolError) => void): () => void;",
+        "}",
+        "interface Window {",
+        "  rally: typeof rally;",
+        "}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+#: The value a docs form starts from, per scalar type name.
+_SAMPLES: Final = {
+    "str": "",
+    "int": 0,
+    "float": 0,
+    "bool": False,
+    "None": None,
+    "bytes": "",
+    "datetime": "2026-01-01T00:00:00+00:00",
+    "date": "2026-01-01",
+}
+
+
+def _sample(node: _TypeNode, types: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """A value of a parsed type for a form to start from: defaults where the
+    contract has them, else the plainest value of each type."""
+    kind, arg = node
+    if kind == "scalar":
+        return _SAMPLES[arg]
+    if kind == "literal":
+        return arg[0]
+    if kind in ("optional", "list", "dict"):
+        return {"optional": None, "list": [], "dict": {}}[kind]
+    if kind == "tuple":
+        return [_sample(a, types, seen) for a in arg]
+    if kind == "tagged":
+        return {"type": arg[0], "fields": _sample(("ref", arg[0]), types, seen)}
+    t = types[arg]
+    if "enum" in t:
+        return t["enum"][0] if t["enum"] else None
+    if arg in seen:  # a recursive type: its required self is not ours to invent
+        return {}
+    defaults = t.get("defaults", {})
+    return {
+        f: defaults[f] if f in defaults else _sample(_parse_type(tp), types, (*seen, arg))
+        for f, tp in t["fields"].items()
+    }
+
+
+#: The docs page's one script: each RPC form POSTs its fields to /_rally/rpc.
+_DOCS_JS: Final = """
+document.querySelectorAll("form[data-rpc]").forEach(function (form) {
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var out = form.querySelector("output"), body;
+    try {
+      body = JSON.stringify({kind: "rpc", id: 1, msg: {type: form.dataset.rpc, fields: JSON.parse(form.fields.value)}});
+    } catch (error) { out.className = "error"; out.textContent = "fields: " + error.message; return; }
+    out.className = ""; out.textContent = "…";
+    fetch("/_rally/rpc", {method: "POST", body: body, headers:
+      {"Content-Type": "application/json", "Rally-Contract": document.body.dataset.contract}})
+      .then(function (response) { return response.json(); })
+      .then(function (reply) { out.className = reply.kind; out.textContent = JSON.stringify(reply, null, 2); },
+            function (error) { out.className = "error"; out.textContent = String(error); });
+  });
+});
+"""
+_DOCS_CSP: Final = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
+    "script-src 'sha256-" + base64.b64encode(hashlib.sha256(_DOCS_JS.encode()).digest()).decode() + "'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+).encode()
+_DOCS_CSS: Final = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #1d2230; }
+code, textarea, output { font: 13px/1.4 ui-monospace, monospace; }
+table { border-collapse: collapse; margin: .4rem 0; } td, th { border: 1px solid #dde1e8; padding: .2rem .6rem; }
+th { background: #f3f4f7; text-align: left; } section { border-top: 1px solid #dde1e8; padding: .4rem 0 .8rem; }
+textarea { display: block; width: 100%; box-sizing: border-box; min-height: 4rem; }
+output { display: block; white-space: pre-wrap; margin-top: .4rem; } .ok { color: #176b3a; }
+.err, .error { color: #b22; }
+"""
+
+
+def _docs_html(contract: dict[str, Any]) -> str:
+    """The ``/_rally/docs`` page of a contract document: pages, RPCs (with a
+    form each that calls it) and types. Every name and value is escaped."""
+    import html  # only an app whose docs page is read pays for its entity table
+
+    esc = html.escape
+    types = contract["types"]
+
+    def code(text: str | None) -> str:
+        return "—" if text is None else f"<code>{esc(text)}</code>"
+
+    def fields(name: str) -> str:
+        t = types[name]
+        if "enum" in t:
+            return "<p>enum of " + ", ".join(code(json.dumps(v)) for v in t["enum"]) + "</p>"
+        defaults = t.get("defaults", {})
+        rows = "".join(
+            f"<tr><td>{esc(f)}</td><td>{code(tp)}</td>"
+            f"<td>{code(json.dumps(defaults[f])) if f in defaults else 'required'}</td></tr>"
+            for f, tp in t["fields"].items()
+        )
+        return f"<table><tr><th>field<th>type<th>default</tr>{rows}</table>" if rows else "<p>no fields</p>"
+
+    page_rows = "".join(
+        f"<tr><td>{code(path)}</td><td>{code(', '.join(f'{k}: {v}' for k, v in p['params'].items()) or None)}</td>"
+        f"<td>{code(p['to_server'])}</td><td>{code(p['to_client'])}</td><td>{code(p['presence'])}</td></tr>"
+        for path, p in contract["pages"].items()
+    )
+    rpcs = []
+    for name, r in contract["rpc"].items():
+        n = esc(name)
+        sample = json.dumps(_sample(("ref", name), types), indent=2)
+        error = ", or the error " + code(r["error"]) if r["error"] else ""
+        rpcs.append(
+            f'<section id="rpc-{n}"><h3>{n}</h3><p>answers {code(r["result"])}{error}</p>{fields(name)}'
+            f'<form data-rpc="{n}"><textarea name="fields" rows="{min(sample.count(chr(10)) + 1, 16)}" '
+            f'spellcheck="false" aria-label="fields of {n}">{esc(sample)}</textarea>'
+            f"<button>Call {n}</button><output></output></form></section>"
+        )
+    others = "".join(
+        f'<section id="type-{esc(n)}"><h3>{esc(n)}</h3>{fields(n)}</section>' for n in types if n not in contract["rpc"]
+    )
+    digest = esc(contract["hash"])
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        'content="width=device-width"><link rel="icon" href="data:,"><title>API docs · rally.py</title>'
+        f'<style>{_DOCS_CSS}</style></head><body data-contract="{digest}">'
+        f"<h1>API docs</h1><p>Contract <code>{digest}</code>: "
+        '<a href="/_rally/contract">JSON</a> · <a href="/_rally/types.d.ts">TypeScript declarations</a></p>'
+        "<h2>Pages</h2><table><tr><th>route<th>params<th>sends<th>receives<th>presence</tr>"
+        f"{page_rows}</table><h2>RPCs</h2>{''.join(rpcs) or '<p>none</p>'}"
+        f"<h2>Other types</h2>{others or '<p>none</p>'}<script>{_DOCS_JS}</script></body></html>"
+    )
+
+
 class _PageSession:
     """One page connection's life, without sockets: its model, its ``send``
     messages handled in order, its in-flight RPCs (at most
@@ -2904,6 +3239,8 @@ class _Router:
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
         self.host_ok: dict[bytes, bool] = {}
         self.ids = itertools.count(1)
+        #: declarations and docs page: (contract hash, body, ETag), made once per contract
+        self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
     def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         hosts = self.hosts
@@ -2992,6 +3329,26 @@ class _Router:
         _allow(req, b"GET", b"HEAD")
         doc, digest = self.reg.contract()
         return _cached(req, doc, b"application/json", b'"' + digest.encode() + b'"')
+
+    def _types(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        return self._view(req, _typescript, b"application/typescript; charset=utf-8")
+
+    def _docs(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        if not self.app.docs:
+            raise ProtocolError("not found", 404)
+        _allow(req, b"GET", b"HEAD")
+        answer = self._view(req, _docs_html, b"text/html; charset=utf-8")
+        return answer._replace(headers=[*answer.headers, (b"content-security-policy", _DOCS_CSP)])
+
+    def _view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
+        """A document made from the contract, with an ETag of its bytes."""
+        doc, digest = self.reg.contract()
+        made = self.views.get(make)
+        if made is None or made[0] != digest:
+            body = make(json.loads(doc)).encode()
+            made = self.views[make] = (digest, body, b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"')
+        return _cached(req, made[1], content_type, made[2])
 
     # -- checks -------------------------------------------------------------------
 
@@ -3155,6 +3512,8 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/ws": _Router._socket,
     "/_rally/client.js": _Router._client_js,
     "/_rally/contract": _Router._contract,
+    "/_rally/types.d.ts": _Router._types,
+    "/_rally/docs": _Router._docs,
 }
 
 
@@ -4126,7 +4485,8 @@ class App:
     names when it listens on a loopback address, any name otherwise);
     ``secret`` signs session cookies (else ``RALLY_SECRET``, else a random
     secret of this process); ``secure_cookies`` adds ``Secure`` to the
-    session cookie (set it in production, behind HTTPS).
+    session cookie (set it in production, behind HTTPS); ``docs=False``
+    turns off the ``/_rally/docs`` page.
     """
 
     def __init__(
@@ -4138,6 +4498,7 @@ class App:
         allowed_hosts: Iterable[str] | None = None,
         secret: str | bytes | None = None,
         secure_cookies: bool = False,
+        docs: bool = True,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -4189,6 +4550,8 @@ class App:
                     raise RegistrationError(f"App({name}={value!r}): expected a number of seconds above 0")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RegistrationError(f"App({name}={value!r}): expected an integer of at least 1")
+        if not isinstance(docs, bool):
+            raise RegistrationError(f"App(docs={docs!r}): expected True or False")
         if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
             raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
         self._lifespan = lifespan
@@ -4198,6 +4561,7 @@ class App:
             secret = os.environ.get("RALLY_SECRET") or _PROCESS_SECRET
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.secure_cookies = secure_cookies
+        self.docs = docs
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -5121,7 +5485,7 @@ def _load_app(target: str) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P]``."""
+    """``python rally.py module:app [--host H] [--port P] [--types FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -5129,8 +5493,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    parser.add_argument(
+        "--types", metavar="FILE", help="write the app's TypeScript declarations to FILE (- for stdout) and exit"
+    )
     args = parser.parse_args(argv)
-    _load_app(args.app).run(args.host, args.port, access_log=not args.no_access_log)
+    app = _load_app(args.app)
+    if args.types is None:
+        app.run(args.host, args.port, access_log=not args.no_access_log)
+    elif args.types == "-":
+        sys.stdout.write(_typescript(app.contract))
+    else:
+        with open(args.types, "w", encoding="utf-8") as f:
+            f.write(_typescript(app.contract))
 
 
 if __name__ == "__main__":
