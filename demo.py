@@ -205,7 +205,7 @@ class ArticlePage:
         if db.execute("select 1 from article where id = ?", (id,)).fetchone() is None:
             body = f"<section class='box'><h1>Not found</h1><p>There is no article {id}.</p></section>"
             return rally.Response(layout("Not found", body, live=False), status=404)
-        return layout("Article", ARTICLE_HTML)
+        return layout("Article", ARTICLE_HTML, ARTICLE_JS)
 
     def server_load_article(msg: LoadArticle, server_context: rally.ServerContext) -> rally.Result[ArticleView, str]:
         db: sqlite3.Connection = server_context.state
@@ -329,9 +329,12 @@ def stats_html(favorites: int, readers: int) -> str:
     return f"★ {favorites} · {readers} reading now"
 
 
-def layout(title: str, body: str, *, live: bool = True) -> str:
-    """The page around ``body``; ``live=False`` for a page without the client (a 404)."""
+def layout(title: str, body: str, script: str = "", *, live: bool = True) -> str:
+    """The page around ``body``, then the common script and the page's
+    ``script``; ``live=False`` for a page without the client (a 404)."""
     live_parts = f"{ANNOUNCE_HTML}</main><script>{COMMON_JS}</script>" if live else "</main>"
+    if script:
+        live_parts += f"<script>{script}</script>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <link rel="icon" href="data:,">
@@ -378,24 +381,27 @@ button { font: inherit; padding: .35rem .9rem; border: 0; border-radius: .3rem; 
 """
 
 COMMON_JS = """
+// tsc checks these scripts against GET /_rally/types.d.ts (test_types.py).
+/** An element of this page (any: these scripts check rally's calls, not the DOM's). @type {(s: string) => any} */
 const $ = (s) => document.querySelector(s);
+/** Call fn with the form's elements when it is submitted. @type {(s: string, fn: (f: any) => void) => void} */
+const onSubmit = (s, fn) => $(s).addEventListener('submit', (/** @type {Event} */ e) => {
+  e.preventDefault(); fn($(s).elements);
+});
+/** A new element with text. @type {(tag: string, text: string) => HTMLElement} */
+const element = (tag, text) => { const e = document.createElement(tag); e.textContent = text; return e; };
 rally.onStatus((s) => { $('#status').textContent = s; $('#status').className = s; });
 rally.on('Tick', (m) => { $('#clock').textContent = m.time; });
-rally.on('Announcement', (m) => {
-  const li = document.createElement('li'); li.textContent = m.text; $('#announcements').prepend(li);
-});
+rally.on('Announcement', (m) => $('#announcements').prepend(element('li', m.text)));
 rally.on('Notice', (m) => {
-  const div = document.createElement('div'); div.className = 'notice'; div.textContent = m.text;
+  const div = element('div', m.text); div.className = 'notice';
   $('#notices').append(div); setTimeout(() => div.remove(), 4000);
 });
 rally.on('ArticleStats', (m) => {
-  const span = document.getElementById('stats-' + m.article_id);
+  const span = $('#stats-' + m.article_id);
   if (span) span.textContent = '★ ' + m.favorites + ' · ' + m.readers + ' reading now';
 });
-$('#announce').addEventListener('submit', (e) => {
-  e.preventDefault(); const input = e.target.elements.text;
-  rally.send('Announce', {text: input.value}); input.value = '';
-});
+onSubmit('#announce', (f) => { rally.send('Announce', {text: f.text.value}); f.text.value = ''; });
 """
 
 ARTICLE_HTML = """
@@ -415,50 +421,56 @@ Leaving runs <b>server_terminate</b>, which updates the home page.</p></section>
 <textarea name="body" placeholder="Your comment"></textarea><div class="error" id="body-error"></div>
 <button>Add comment</button></form>
 <p class="how">Checked by <b>RPC</b> (field errors), then send → <b>broadcast_to_page</b>.</p></section>
-<script>
-const show = (c) => { const li = document.createElement('li'); const b = document.createElement('b');
-  b.textContent = c.author; li.append(b, c.body); document.getElementById('comments').append(li); };
+"""
+
+ARTICLE_JS = """
+/** @type {(c: Rally.Comment) => void} */
+const show = (c) => {
+  const li = element('li', c.body); li.prepend(element('b', c.author)); $('#comments').append(li);
+};
 rally.rpc('LoadArticle', {id: rally.params.id}).then((r) => {
-  if (!r.ok) { document.getElementById('title').textContent = r.error; return; }
-  document.getElementById('title').textContent = r.value.title;
-  document.getElementById('body').textContent = r.value.body;
+  if (!r.ok) { $('#title').textContent = r.error; return; }
+  $('#title').textContent = r.value.title;
+  $('#body').textContent = r.value.body;
   r.value.comments.forEach(show);
 });
 let connections = 0;
-const count = (n) => { document.getElementById('favorites').textContent = n;
-  document.getElementById('favorites-word').textContent = n === 1 ? 'favourite' : 'favourites'; };
-const mine = (m) => { const b = document.getElementById('fav');
-  b.classList.toggle('mine', m); b.textContent = m ? '★ Favourite' : '☆ Favourite'; };
-const nameForm = document.getElementById('name-form'), author = document.querySelector('#comment-form [name=author]');
-rally.on('Joined', (m) => { document.getElementById('connections').textContent = ++connections;
-  count(m.favorites); mine(m.mine);
-  if (m.name) { nameForm.elements.name.value = m.name; author.value = author.value || m.name; } });
+/** @type {(n: number) => void} */
+const count = (n) => {
+  $('#favorites').textContent = n; $('#favorites-word').textContent = n === 1 ? 'favourite' : 'favourites';
+};
+/** @type {(m: boolean) => void} */
+const mine = (m) => {
+  $('#fav').classList.toggle('mine', m); $('#fav').textContent = m ? '★ Favourite' : '☆ Favourite';
+};
+const author = $('#comment-form [name=author]');
+rally.on('Joined', (m) => { $('#connections').textContent = ++connections; count(m.favorites); mine(m.mine);
+  if (m.name) { $('#name-form [name=name]').value = m.name; author.value = author.value || m.name; } });
 rally.on('FavoriteCount', (m) => count(m.favorites));
 rally.on('FavoriteState', (m) => mine(m.mine));
 rally.on('CommentAdded', (m) => show(m.comment));
 rally.onPresence((entries) => {
+  /** @type {Map<string, {names: string[], tabs: number, me: boolean}>} */
   const people = new Map();  // one person's tabs share a tag
   entries.forEach((e) => { const p = people.get(e.tag) || {names: [], tabs: 0, me: false};
     p.tabs++; p.me = p.me || e.self; if (e.meta.name) p.names.push(e.meta.name); people.set(e.tag, p); });
-  document.getElementById('readers').replaceChildren(...[...people.values()].map((p) => {
-    const li = document.createElement('li'); li.className = p.me ? 'me' : '';
-    li.textContent = (p.names[0] || 'Someone') + (p.tabs > 1 ? ' (' + p.tabs + ' tabs)' : '') + (p.me ? ' · you' : '');
-    return li; }));
+  $('#readers').replaceChildren(...[...people.values()].map((p) => {
+    const tabs = p.tabs > 1 ? ' (' + p.tabs + ' tabs)' : '';
+    const li = element('li', (p.names[0] || 'Someone') + tabs + (p.me ? ' · you' : ''));
+    li.className = p.me ? 'me' : ''; return li; }));
 });
-nameForm.addEventListener('submit', (e) => {
-  e.preventDefault(); const name = nameForm.elements.name.value;
+onSubmit('#name-form', (f) => {
+  const name = f.name.value;
   rally.send('SetName', {name}).then(() => { author.value = author.value || name; });
 });
-document.getElementById('fav').addEventListener('click', () => rally.send('ToggleFavorite', {}));
-document.getElementById('comment-form').addEventListener('submit', async (e) => {
-  e.preventDefault(); const f = e.target.elements;
+$('#fav').addEventListener('click', () => rally.send('ToggleFavorite', {}));
+onSubmit('#comment-form', async (f) => {
   const fields = {author: f.author.value, body: f.body.value};
   const r = await rally.rpc('CheckComment', fields);
-  document.getElementById('author-error').textContent = r.ok ? '' : (r.error.author || '');
-  document.getElementById('body-error').textContent = r.ok ? '' : (r.error.body || '');
+  $('#author-error').textContent = r.ok ? '' : (r.error.author || '');
+  $('#body-error').textContent = r.ok ? '' : (r.error.body || '');
   if (r.ok) { rally.send('AddComment', fields); f.body.value = ''; }
 });
-</script>
 """
 
 
