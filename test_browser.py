@@ -184,7 +184,6 @@ def test_comment_form_shows_the_servers_validation_errors(
         expect(page.locator("#author-error")).to_have_text("")
 
 
-
 def test_readers_are_grouped_by_person_and_the_home_page_counts_them_live(
     browser: Browser, served: tuple[rally.App, str], tmp_path: Path
 ) -> None:
@@ -425,3 +424,25 @@ def test_failing_server_init_is_reported_and_backs_off(
         assert "closed" not in page.evaluate("window.statuses")
         assert "internal" in page.evaluate("window.errors")  # onError took the error no Promise took
     assert "server_init of page Broken raised" in caplog.text
+
+
+def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
+    [code] = re.findall(r"<!-- runnable: example\.py -->\n```python\n(.*?)```", readme, re.S)
+    (tmp_path / "readme_example.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import readme_example
+
+    with readme_example.app.run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
+        session = t.session()
+        first, second = (session.new_page() for _ in range(2))
+        for page in (first, second):
+            page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+            page.goto(server.url + "/articles/hello")
+        expect(first.locator("#title")).to_have_text("Article: hello")  # rally.rpc
+        first.fill("#say input", "hi there")
+        first.press("#say input", "Enter")
+        expect(second.locator("#comments li")).to_have_text(["hi there"])  # broadcast_to_page
+        first.click("#fav")
+        expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
+        assert second.locator("#fav").inner_text() == "Favourite"

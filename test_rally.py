@@ -2445,3 +2445,61 @@ async def test_send_with_a_bad_seq_is_invalid(seq: Any) -> None:
             await ws.send(json.dumps({"kind": "send", "seq": 3, "msg": {"type": "ToggleFavorite", "fields": {}}}))
             assert (await next_frame(ws))["kind"] == "push"  # the bad one ran nothing; the connection goes on
             assert await next_frame(ws) == {"kind": "ack", "seq": 3}
+
+
+# ==== README =================================================================
+
+
+def readme_blocks() -> dict[str, str]:
+    """README's Python blocks marked ``<!-- runnable: NAME -->``, by file name."""
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return dict(re.findall(r"<!-- runnable: (\S+) -->\n```python\n(.*?)```", text, re.S))
+
+
+def test_readme_examples_run_as_pasted(tmp_path: Any) -> None:
+    blocks = readme_blocks()
+    assert set(blocks) == {"example.py", "client.py"}
+    for name, code in blocks.items():
+        (tmp_path / name).write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
+    run = subprocess.run(
+        [sys.executable, "client.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    # Each print's output is what the comment beside it says.
+    promised = [line.split("# ")[-1] for line in blocks["client.py"].splitlines() if "print(" in line]
+    assert run.stdout.splitlines() == promised
+    # The example is also served by the command line (its app.run() is guarded).
+    cli = subprocess.run(
+        [sys.executable, rally.__file__, "example:app", "--types", "-"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and "ServerLoadTitle" in cli.stdout, cli.stderr
+
+
+def test_cli_refuses_a_module_that_starts_a_server_when_imported(tmp_path: Any) -> None:
+    guarded = readme_blocks()["example.py"]
+    code = guarded.replace('if __name__ == "__main__":\n    app.run()', "app.run(port=0)")
+    assert code != guarded
+    (tmp_path / "unguarded.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
+    run = subprocess.run(
+        [sys.executable, rally.__file__, "unguarded:app", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert (
+        'started a server while python rally.py was importing it; put its app.run() under if __name__ == "__main__"'
+        in run.stderr
+    )
