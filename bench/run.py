@@ -1,6 +1,6 @@
 """Benchmark rally.py against its peers, every server speaking the same protocol.
 
-    python bench/run.py            # everything, about 6 minutes
+    python bench/run.py            # everything, about 7 minutes (with bench/presence.py)
     python bench/run.py --quick    # shorter runs, under 2 minutes
     python bench/run.py --only rally,websockets
 
@@ -126,6 +126,14 @@ def import_ms(statement: str, runs: int) -> float:
     return (best(statement) - best("pass")) * 1000
 
 
+def presence() -> str:
+    """bench/presence.py's table: presence diffs on a page of 2 000 connections (rally.py only)."""
+    print("measuring presence (bench/presence.py)", file=sys.stderr, flush=True)
+    path = os.path.join(HERE, "presence.py")
+    out = subprocess.run([PY, path], capture_output=True, text=True, timeout=300, check=True)
+    return out.stdout.rstrip()
+
+
 def table(title: str, rows: list[tuple[str, list[str]]], header: list[str]) -> str:
     lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
@@ -223,6 +231,8 @@ def main() -> None:
         r = results[t]["import"]
         rows.append((LABELS[t], [f"{r['ms']:.0f}", IMPORTS[t]]))
     out.append(table("Import time, net of the interpreter (best of several)", rows, ["server", "ms", "statement"]))
+    if "rally" in targets and not args.quick:
+        out.append(presence())
     print("\n".join(out))
     print(f"\n(took {time.monotonic() - begun:.0f} s)")
 
