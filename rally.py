@@ -20,7 +20,9 @@ connection): it reads into one buffer shared by the whole server, gives other
 connections a turn after a bounded amount of work, writes through one place
 that enforces the outgoing bound, keeps one timer per purpose, aborts a
 socket whose graceful close does not finish, and stages shutdown. A
-broadcast is encoded and framed once; the same bytes go to every recipient.
+broadcast is encoded and framed once; the same bytes go to every recipient,
+and with a broker (``App(broker="redis://...")``) to the app's other
+processes in one Redis PUBLISH.
 
 Example::
 
@@ -61,6 +63,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -105,6 +108,7 @@ __all__ = [
     "UnwrapError",
     "Presence",
     "Response",
+    "RedisBroker",
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
     "CLOSE_SESSION_CLOSED",
@@ -1956,12 +1960,15 @@ class _Topics:
     """Topic name -> the live page sessions in it (SPEC section 5).
 
     ``members`` holds only non-empty sets, so an app with no connections
-    holds no topics."""
+    holds no topics. ``broadcast`` is ``publish`` here plus one message to
+    the other processes when the app has a broker (section 8); the broker's
+    listener calls ``publish`` for what the others send."""
 
-    __slots__ = ("members",)
+    __slots__ = ("members", "broker")
 
     def __init__(self) -> None:
         self.members: dict[str, set[_PageSession]] = {}
+        self.broker: RedisBroker | None = None
 
     def join(self, session: _PageSession, topics: Iterable[str]) -> None:
         for t in topics:
@@ -1990,6 +1997,14 @@ class _Topics:
             if (msg_type is None or msg_type in session.page.push_types) and session is not skip:
                 session.push(frame)
                 n += 1
+        return n
+
+    def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
+        """``publish`` a push here and, with a broker, in every other process;
+        returns the count of this process's connections reached."""
+        n = self.publish(topic, frame, msg_type)
+        if self.broker is not None:
+            self.broker._publish(topic, frame, msg_type)
         return n
 
 
@@ -2680,9 +2695,11 @@ class _PageSession:
                     self.custom.discard(target)
                     topics.leave(self, (target,))
             elif target is not None:  # a custom topic, or another page
-                topics.publish(target if scope == "topic" else f"page:{target}", frame, msg_type)
+                assert msg_type is not None
+                topics.broadcast(target if scope == "topic" else f"page:{target}", frame, msg_type)
             else:
-                topics.publish(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
+                assert msg_type is not None
+                topics.broadcast(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
 
     # -- presence ------------------------------------------------------------------
 
@@ -2985,6 +3002,13 @@ class _Router:
         doc, digest = self.reg.contract()
         return _cached(req, doc, b"application/json", b'"' + digest.encode() + b'"')
 
+    def _health(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        broker = self.app.broker
+        report = _NO_BROKER if broker is None else broker._health()
+        body = _dumps({"status": "ok", "broker": report})
+        return _Answer(200, body, b"application/json", ((b"cache-control", b"no-store"),))
+
     # -- checks -------------------------------------------------------------------
 
     def _host_ok(self, req: _Request) -> bool:
@@ -3147,7 +3171,404 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/ws": _Router._socket,
     "/_rally/client.js": _Router._client_js,
     "/_rally/contract": _Router._contract,
+    "/_rally/health": _Router._health,
 }
+_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0}
+
+
+# ==== Broker: broadcasts across processes (Redis pub/sub) ===================
+#
+# With a broker every process of an app subscribes to one Redis channel. A
+# broadcast is delivered in its own process at once, as without a broker, and
+# PUBLISHed once: a one-line JSON header (origin process, kind, topic, push
+# type) and the frame, encoded once where it was produced. Every other process
+# writes those bytes to its own members through ``_Topics.publish``; the
+# origin ignores its own message, so the sender receives exactly once. Across
+# processes delivery is at most once (as Phoenix.PubSub): while Redis is
+# unreachable local delivery goes on and remote deliveries are dropped and
+# counted. One channel per app, filtered where it arrives, is the simple
+# correct design; README's "Scaling out" weighs it against a channel per topic.
+
+#: First reconnect delay after a failure; each further failure doubles it, up
+#: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
+_BROKER_FIRST_BACKOFF_S: Final = 0.1
+#: Publishes sent to Redis in one round trip (a pipeline, one PUBLISH each).
+_BROKER_BATCH: Final = 256
+
+
+class RedisBroker:
+    """Carries an app's broadcasts to its other processes through Redis
+    pub/sub (SPEC section 8): ``rally.App(broker=rally.RedisBroker(url))``,
+    ``rally.App(broker=url)``, or ``RALLY_BROKER`` in the environment when the
+    app names none.
+
+    ``url`` is ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS)
+    or ``unix:///path``. ``prefix`` names the app's channel,
+    ``<prefix>:broadcast``: apps sharing one Redis need different prefixes
+    (pub/sub ignores the db number). ``heartbeat_interval`` (seconds): each
+    process announces itself this often; a process unheard of for three
+    intervals leaves the health report, and a process that does not hear its
+    own heartbeat back for three intervals reconnects. ``max_backoff``
+    (seconds) caps the reconnect delay; ``timeout`` (seconds) bounds
+    connecting and every command; ``max_queued`` broadcasts may wait for
+    Redis before more are dropped.
+
+    Needs the ``redis`` package (``pip install 'rally[redis]'``), imported here
+    and only when a broker is made; raises ``RegistrationError`` without it or
+    for a bad argument. One broker serves one App. Its counters (also in
+    ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
+    other processes) and ``dropped`` (broadcasts that never reached Redis).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rally",
+        heartbeat_interval: float = 5.0,
+        max_backoff: float = 10.0,
+        timeout: float = 5.0,
+        max_queued: int = 10_000,
+    ) -> None:
+        try:
+            where = _redacted(url)
+        except (TypeError, ValueError, AttributeError):
+            where = "a value that is not a URL"
+        if not where.startswith(("redis://", "rediss://", "unix://")):  # said without credentials
+            raise RegistrationError(f"broker: expected a redis://, rediss:// or unix:// URL, got {where}")
+        if not isinstance(prefix, str) or not prefix:
+            raise RegistrationError(f"RedisBroker(prefix={prefix!r}): expected a non-empty str")
+        for name, value in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("max_backoff", max_backoff),
+            ("timeout", timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise RegistrationError(f"RedisBroker({name}={value!r}): expected a number of seconds above 0")
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+            raise RegistrationError(f"RedisBroker(max_queued={max_queued!r}): expected an integer of at least 1")
+        import importlib
+
+        try:  # typed as Any: rally.py type-checks without redis installed
+            self._redis: Any = importlib.import_module("redis.asyncio")
+            self._retry: Any = importlib.import_module("redis.asyncio.retry")
+            self._backoff: Any = importlib.import_module("redis.backoff")
+            errors = importlib.import_module("redis.exceptions")
+        except ImportError:
+            raise RegistrationError(
+                "a broker needs the redis package: pip install 'rally[redis]' (or 'redis>=5.0.1')"
+            ) from None
+        self.url = url
+        self.channel = prefix + ":broadcast"
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.max_backoff = float(max_backoff)
+        self.timeout = float(timeout)
+        self.max_queued = max_queued
+        #: This process on the channel, named when the broker starts (after a fork).
+        self.process_id = ""
+        self.up = False
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self._errors: tuple[type[BaseException], ...] = (errors.RedisError, OSError, asyncio.TimeoutError)
+        self._where = where
+        self._app: App | None = None
+        self._topics: _Topics | None = None
+        self._types: dict[str, type] = {}
+        self._users = 0  # servers of the app that started it
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()  # (message, a broadcast)
+        self._wake = asyncio.Event()  # something to send
+        self._idle = asyncio.Event()  # nothing left to send
+        self._tried = asyncio.Event()  # the first connection attempt is over
+        self._said: bool | None = None  # the state last logged: up, down, or nothing yet
+        self._down_since = 0.0
+        self._dropped_then = 0
+        self._failures = 0
+        self._next_beat = 0.0
+        self._own_beat = 0.0  # when this process last heard its own message back
+        self._seen: dict[str, float] = {}  # process id -> when last heard
+        self._foreign_said = False
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self._where!r}, channel={self.channel!r})"
+
+    # -- the app's side ------------------------------------------------------
+
+    def _bind(self, app: App) -> None:
+        if self._app is not None and self._app is not app:
+            raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
+        self._app = app
+        self._topics = app._registry.topics
+
+    async def _start(self) -> None:
+        """Connect and subscribe (the first attempt bounded by ``timeout``),
+        then keep the connection; once per App however many servers it runs."""
+        loop = asyncio.get_running_loop()
+        if self._users and loop is not self._loop:
+            raise UsageError(f"{self!r} already runs in another event loop: serve an App from one loop")
+        self._users += 1
+        if self._users > 1:
+            return
+        assert self._app is not None
+        self._loop = loop
+        self._types = {t.__name__: t for t in self._app._registry.push_encoders}
+        self.process_id = f"{os.getpid()}.{secrets.token_hex(3)}"
+        self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._seen = {}
+        self._said = None
+        self._task = self._loop.create_task(self._run())
+        try:
+            await asyncio.wait_for(self._tried.wait(), 2 * self.timeout + 1)
+        except asyncio.TimeoutError:
+            pass  # still trying: the server starts, broadcasts stay local meanwhile
+        except BaseException:
+            await self._stop()
+            raise
+
+    async def _stop(self) -> None:
+        """Send what waits (bounded by ``timeout``) and a goodbye, then disconnect."""
+        self._users -= 1
+        task = self._task
+        if self._users > 0 or task is None:
+            return
+        self._task = None
+        if self.up:
+            self._enqueue(self._control("bye"), False)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.timeout)
+        task.cancel()
+        await asyncio.wait((task,))
+        self.up = False
+        self._drop_queue()
+
+    def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
+        """One PUBLISH for a push already delivered in this process."""
+        header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
+        self._enqueue(_dumps(header) + b"\n" + frame, True)
+
+    def _close(self, topic: str) -> None:
+        """Tell the other processes to close the connections of ``topic`` (a session)."""
+        self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
+
+    def _health(self) -> dict[str, Any]:
+        if self._loop is not None:
+            self._forget_quiet(self._loop.time())
+        return {
+            "state": "up" if self.up else "down",
+            "process": self.process_id,
+            "processes": sorted(self._seen),
+            "published": self.published,
+            "received": self.received,
+            "dropped": self.dropped,
+        }
+
+    # -- the connection ------------------------------------------------------
+
+    def _control(self, kind: str) -> bytes:
+        return _dumps({"o": self.process_id, "k": kind}) + b"\n"
+
+    def _enqueue(self, message: bytes, broadcast: bool) -> None:
+        if not self.up or len(self._queue) >= self.max_queued:
+            self.dropped += broadcast
+            return
+        self._queue.append((message, broadcast))
+        self._idle.clear()
+        self._wake.set()
+
+    def _drop_queue(self) -> None:
+        self.dropped += sum(broadcast for _, broadcast in self._queue)
+        self._queue.clear()
+        self._idle.set()
+
+    async def _run(self) -> None:
+        """Connect, serve, and after a failure reconnect with capped
+        exponential backoff and jitter, until cancelled."""
+        while True:
+            try:
+                await self._connection()
+            except Exception as exc:
+                if not isinstance(exc, self._errors):
+                    _logger.exception("broker: unexpected failure of the connection to redis at %s", self._where)
+                self._went_down(exc)
+            delay = min(self.max_backoff, _BROKER_FIRST_BACKOFF_S * 2 ** min(self._failures, 30))
+            self._failures += 1
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    async def _connection(self) -> None:
+        """One connection's life: subscribe, then listen and publish until either fails."""
+        loop = self._loop
+        assert loop is not None
+        no_retry = self._retry.Retry(self._backoff.NoBackoff(), 0)  # the backoff is ours
+        client = self._redis.Redis.from_url(
+            self.url, retry=no_retry, socket_connect_timeout=self.timeout, socket_timeout=self.timeout
+        )
+        pubsub = client.pubsub()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await pubsub.subscribe(self.channel)
+            deadline = loop.time() + self.timeout
+            while True:  # the subscription is confirmed before the broker counts as up
+                left = deadline - loop.time()
+                reply = await pubsub.get_message(timeout=left) if left > 0 else None
+                if reply is None:
+                    raise asyncio.TimeoutError(f"no answer to SUBSCRIBE within {self.timeout} s")
+                if reply.get("type") == "subscribe":
+                    break
+            self._went_up()
+            tasks = [loop.create_task(self._listen(pubsub)), loop.create_task(self._send(client))]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise ConnectionError("the connection to redis ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            for conn in (pubsub, client):
+                with contextlib.suppress(*self._errors):
+                    await conn.aclose()
+
+    async def _listen(self, pubsub: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        silence = 3 * self.heartbeat_interval
+        while True:
+            reply = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_interval)
+            if reply is not None and reply.get("type") == "message":
+                self._on_message(reply["data"])
+            if loop.time() - self._own_beat > silence:
+                raise ConnectionError(f"this process's heartbeat did not come back within {silence:g} s")
+
+    async def _send(self, client: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        queue = self._queue
+        while True:
+            now = loop.time()
+            if now >= self._next_beat:
+                self._beat(now)
+            if not queue:
+                self._idle.set()
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._next_beat - now)
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), _BROKER_BATCH))]
+            pipe = client.pipeline(transaction=False)
+            for message, _ in batch:
+                pipe.publish(self.channel, message)
+            try:
+                await pipe.execute()
+            except BaseException:
+                self.dropped += sum(broadcast for _, broadcast in batch)
+                raise
+            self.published += sum(broadcast for _, broadcast in batch)
+
+    def _beat(self, now: float) -> None:
+        self._next_beat = now + self.heartbeat_interval
+        self._enqueue(self._control("beat"), False)
+        self._forget_quiet(now)
+
+    def _forget_quiet(self, now: float) -> None:
+        quiet = 3 * self.heartbeat_interval
+        for process, heard in list(self._seen.items()):
+            if now - heard > quiet:
+                del self._seen[process]
+
+    def _went_up(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        self.up = True
+        self._failures = 0
+        self._own_beat = now
+        self._next_beat = now + self.heartbeat_interval  # the hello is the first heartbeat
+        self._enqueue(self._control("hello"), False)
+        self._tried.set()
+        if self._said is None:
+            _logger.info(
+                "broker up: redis at %s, channel %r; this process is %s on %s",
+                self._where,
+                self.channel,
+                self.process_id,
+                socket.gethostname(),
+            )
+        elif self._said is False:
+            _logger.info(
+                "broker back up: redis at %s after %.1f s; %d broadcasts to other processes were dropped meanwhile",
+                self._where,
+                now - self._down_since,
+                self.dropped - self._dropped_then,
+            )
+        self._said = True
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.up = False
+        self._drop_queue()
+        self._tried.set()
+        if self._said is not False:
+            assert self._loop is not None
+            self._down_since = self._loop.time()
+            self._dropped_then = self.dropped
+            _logger.warning(
+                "broker down: redis at %s is unreachable (%s); until it is back, broadcasts reach only "
+                "this process's connections",
+                self._where,
+                str(exc) or type(exc).__name__,
+            )
+            self._said = False
+
+    def _on_message(self, data: bytes) -> None:
+        """One message from the channel: a push or a session close from another
+        process for the connections here, or a heartbeat."""
+        head, _, frame = data.partition(b"\n")
+        try:
+            header = json.loads(head)
+            origin, kind = header["o"], header["k"]
+            if type(origin) is not str or type(kind) is not str:
+                raise TypeError(origin, kind)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            if not self._foreign_said:
+                self._foreign_said = True
+                _logger.warning(
+                    "broker: ignoring messages on %r that rally.py did not send: %r", self.channel, data[:80]
+                )
+            return
+        assert self._loop is not None and self._topics is not None
+        now = self._loop.time()
+        self._seen[origin] = now
+        if origin == self.process_id:
+            self._own_beat = now
+            return
+        topic = header.get("t")
+        if kind == "push" and type(topic) is str:
+            self.received += 1
+            name = header.get("m")
+            msg_type = self._types.get(name) if type(name) is str else None
+            if msg_type is not None:  # a type no page here declares reaches no one
+                self._topics.publish(topic, frame, msg_type)
+        elif kind == "close" and type(topic) is str:
+            self.received += 1
+            for session in self._topics.sessions(topic):
+                session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+        elif kind == "hello":
+            self._beat(now)  # answered at once, so a new process sees the others without waiting
+        elif kind == "bye":
+            self._seen.pop(origin, None)
+
+
+def _redacted(url: str) -> str:
+    """A broker URL for logs: scheme, host, port and path, without credentials."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 # ==== Transport: asyncio server, connections, timers, shutdown ===============
@@ -4064,19 +4485,29 @@ class Server:
         try:
             await self._exit_lifespan()
         finally:
+            if self.app.broker is not None:  # last: terminate hooks and the lifespan may broadcast
+                await self.app.broker._stop()
             self._closed.set()
 
     async def _open(self, host: str, port: int, sock: socket.socket | None) -> None:
-        """Enter the app's lifespan, then listen."""
-        lifespan = self.app._lifespan
-        if lifespan is not None:
-            manager = lifespan(self.app)
-            await manager.__aenter__()
-            self._lifespan = manager
+        """Start the broker, enter the app's lifespan, then listen."""
+        broker = self.app.broker
+        if broker is not None:
+            await broker._start()
         try:
-            await self._listen(host, port, sock)
+            lifespan = self.app._lifespan
+            if lifespan is not None:
+                manager = lifespan(self.app)
+                await manager.__aenter__()
+                self._lifespan = manager
+            try:
+                await self._listen(host, port, sock)
+            except BaseException:
+                await self._exit_lifespan()
+                raise
         except BaseException:
-            await self._exit_lifespan()
+            if broker is not None:
+                await broker._stop()
             raise
 
     async def _exit_lifespan(self) -> None:
@@ -4118,7 +4549,9 @@ class App:
     names when it listens on a loopback address, any name otherwise);
     ``secret`` signs session cookies (else ``RALLY_SECRET``, else a random
     secret of this process); ``secure_cookies`` adds ``Secure`` to the
-    session cookie (set it in production, behind HTTPS).
+    session cookie (set it in production, behind HTTPS); ``broker`` (a
+    ``redis://`` URL or a ``RedisBroker``; else ``RALLY_BROKER``, else none)
+    carries broadcasts and ``close_session`` to the app's other processes.
     """
 
     def __init__(
@@ -4130,6 +4563,7 @@ class App:
         allowed_hosts: Iterable[str] | None = None,
         secret: str | bytes | None = None,
         secure_cookies: bool = False,
+        broker: str | RedisBroker | None = None,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -4193,6 +4627,17 @@ class App:
         self.secure_cookies = secure_cookies
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
+        if broker is None:
+            broker = os.environ.get("RALLY_BROKER") or None
+        if isinstance(broker, str):
+            broker = RedisBroker(broker)
+        elif broker is not None and not isinstance(broker, RedisBroker):
+            raise RegistrationError(f"App(broker={broker!r}): expected a redis:// URL or a rally.RedisBroker")
+        if broker is not None:
+            broker._bind(self)
+        #: The ``RedisBroker`` that carries broadcasts to the app's other processes, or None.
+        self.broker = broker
+        self._registry.topics.broker = broker
 
     # -- registration ---------------------------------------------------------
 
@@ -4312,11 +4757,14 @@ class App:
             frame = self._registry.push_frame(msg)
         except _Bad as bad:
             raise UsageError(bad.message) from None
-        return self._registry.topics.publish(topic, frame, type(msg))
+        return self._registry.topics.broadcast(topic, frame, type(msg))
 
     async def broadcast_to_app(self, msg: Any) -> int:
         """Push ``msg`` to every connection whose page declares its type;
-        returns how many were reached. ``UsageError`` if no page declares it."""
+        returns how many were reached. ``UsageError`` if no page declares it.
+
+        With a broker, every ``broadcast_*`` also reaches the app's other
+        processes, and the count is of this process's connections only."""
         return self._publish("app", msg)
 
     async def broadcast_to_page(self, path: str, msg: Any) -> int:
@@ -4339,10 +4787,14 @@ class App:
         return self._registry.presence_of(path)
 
     async def close_session(self, session_id: str) -> int:
-        """Close every WebSocket of a session (code 4001), as on logout."""
-        members = self._registry.topics.sessions(f"session:{session_id}")
+        """Close every WebSocket of a session (code 4001), as on logout, in
+        every process of the app; returns how many were in this one."""
+        topic = f"session:{session_id}"
+        members = self._registry.topics.sessions(topic)
         for session in members:
             session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+        if self.broker is not None:
+            self.broker._close(topic)
         return len(members)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
