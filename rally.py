@@ -4327,6 +4327,22 @@ class WebSocket:
         self._session.peer.close(code, reason)
 
 
+def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
+    """A socket bound and listening at the first of ``getaddrinfo``'s answers."""
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Server:
     """A running server: ``url``, ``port``, and ``await close()``.
 
@@ -4384,19 +4400,9 @@ class Server:
             self._server = await self.loop.create_server(lambda: _HttpConn(self), sock=sock)
 
     async def _bind(self, host: str, port: int) -> socket.socket:
-        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(1024)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _listening_socket(
+            await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
 
     def _accept(self) -> None:
         """Accept what is waiting, a bounded number per turn. Out of file
@@ -4705,10 +4711,21 @@ class App:
         finally:
             await asyncio.shield(server.close())
 
-    def run(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True) -> None:
-        """Serve until SIGINT or SIGTERM, then shut down gracefully; blocks."""
+    def run(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True, workers: int = 1) -> None:
+        """Serve until SIGINT or SIGTERM, then shut down gracefully; blocks.
+
+        ``workers`` above 1 forks that many processes sharing one listening
+        socket, and starts another when one dies (Unix). Each holds its own
+        connections, so the app needs a broker: without one ``UsageError``
+        says so before anything starts."""
+        supervisor = _Workers(self, host, port, workers, access_log) if workers != 1 else None
         if not logging.getLogger().handlers and not _logger.handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if supervisor is not None:
+            code = supervisor.run()
+            if code:
+                raise SystemExit(code)
+            return
 
         async def main() -> None:
             server = await self.start(host, port, access_log=access_log)
@@ -5452,6 +5469,188 @@ class PageConnection:
             await writer.wait_closed()
 
 
+# ==== Workers: one listening socket, several processes =======================
+
+#: Exit code of a worker that could not start serving: the parent then stops
+#: instead of starting it again and again (gunicorn's WORKER_BOOT_ERROR).
+_WORKER_BOOT_FAILED: Final = 3
+#: A worker that dies sooner than this after starting is replaced after a
+#: delay that doubles from 0.1 s up to _WORKER_RESTART_MAX_S; a later death
+#: is replaced at once.
+_WORKER_STABLE_S: Final = 10.0
+_WORKER_RESTART_MAX_S: Final = 10.0
+#: After the shutdown bound of the workers themselves, the parent waits this
+#: much longer before it kills the ones still running.
+_WORKER_STOP_MARGIN_S: Final = 5.0
+
+
+class _Workers:
+    """``app.run(workers=N)``: the parent binds the socket once and forks N
+    workers that accept on it, each an ordinary server (its own event loop,
+    connections, lifespan and broker connection; the session secret is the
+    parent's, inherited). A worker that dies is replaced; one that cannot
+    start serving stops them all. SIGTERM or SIGINT reaches every worker as
+    SIGTERM, each shuts down gracefully, and those still running after the
+    shutdown bound are killed. The parent runs no event loop: it sleeps in
+    ``select`` on the self-pipe its signal handlers write to."""
+
+    def __init__(self, app: App, host: str, port: int, count: int, access_log: bool) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"workers={count!r}: expected an integer of at least 1")
+        if app.broker is None:
+            raise UsageError(
+                f"workers={count} needs a broker: each worker holds its own connections, so a broadcast made "
+                "in one would not reach the others'; set App(broker='redis://...') or RALLY_BROKER"
+            )
+        if not hasattr(os, "fork"):
+            raise UsageError(f"workers={count} needs os.fork (Unix)")
+        self.app = app
+        self.host = host
+        self.port = port
+        self.count = count
+        self.access_log = access_log
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+        self.due: dict[int, float] = {}  # slot -> when to start its next worker
+        self.quick_deaths = [0] * count  # per slot, deaths in a row soon after starting
+        self.stop_signal: int | None = None
+        self.deadline: float | None = None  # for the workers to stop, once stopping
+        self.code = 0
+
+    def run(self) -> int:
+        """Serve until a signal stops every worker; returns the exit code."""
+        sock = _listening_socket(
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        handled = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        previous_fd = signal.set_wakeup_fd(wake_w)
+        try:
+            for slot in range(self.count):
+                self._spawn(slot, sock, (wake_r, wake_w))
+            host, port = sock.getsockname()[:2]
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            print(f"rally.py serving on {url} with {self.count} workers (Ctrl-C stops)", file=sys.stderr, flush=True)
+            while self.children or (self.due and self.stop_signal is None):
+                self._step(sock, (wake_r, wake_w))
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+            sock.close()
+        return self.code
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        # Only a note: the self-pipe wakes the loop, which does the work.
+        if signum != signal.SIGCHLD and self.stop_signal is None:
+            self.stop_signal = signum
+
+    def _step(self, sock: socket.socket, pipe: tuple[int, int]) -> None:
+        """Wait for a signal or the next timer, then reap, stop and restart."""
+        import select
+
+        now = time.monotonic()
+        if self.stop_signal is not None and self.deadline is None:
+            _logger.info("stopping %d workers (%s)", len(self.children), signal.Signals(self.stop_signal).name)
+            self._signal_all(signal.SIGTERM)
+            limits = self.app._limits
+            self.deadline = now + limits.shutdown_timeout + limits.close_timeout + _WORKER_STOP_MARGIN_S
+            self.due.clear()
+        timeout = None
+        if self.deadline is not None:
+            timeout = max(0.0, self.deadline - now)
+        elif self.due:
+            timeout = max(0.0, min(self.due.values()) - now)
+        select.select([pipe[0]], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(pipe[0], 512):
+                pass
+        self._reap()
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline and self.children:
+            _logger.error("%d workers did not stop in time; killing them", len(self.children))
+            self._signal_all(signal.SIGKILL)
+            self.deadline = math.inf
+        if self.stop_signal is None:
+            for slot, when in list(self.due.items()):
+                if when <= now:
+                    del self.due[slot]
+                    self._spawn(slot, sock, pipe)
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self) -> None:
+        """Collect every worker that ended; plan a replacement unless stopping."""
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            found = self.children.pop(pid, None)
+            if found is None:
+                continue
+            slot, started = found
+            code = os.waitstatus_to_exitcode(status)
+            if self.stop_signal is not None:
+                continue
+            if code == _WORKER_BOOT_FAILED:
+                _logger.error("worker %d could not start serving; stopping the others", pid)
+                self.stop_signal, self.code = signal.SIGTERM, 1
+                continue
+            lived = time.monotonic() - started
+            if lived >= _WORKER_STABLE_S:
+                self.quick_deaths[slot] = 0
+                delay = 0.0
+            else:
+                delay = min(_WORKER_RESTART_MAX_S, 0.1 * 2 ** min(self.quick_deaths[slot], 30))
+                self.quick_deaths[slot] += 1
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            _logger.error("worker %d %s after %.1f s; starting another in %.1f s", pid, how, lived, delay)
+            self.due[slot] = time.monotonic() + delay
+
+    def _spawn(self, slot: int, sock: socket.socket, pipe: tuple[int, int]) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = (slot, time.monotonic())
+            return
+        code = _WORKER_BOOT_FAILED  # the worker: never returns into the parent's code
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.close(pipe[0])
+            os.close(pipe[1])
+            code = asyncio.run(self._serve(sock))
+        except Exception:
+            _logger.exception("worker %d failed", os.getpid())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    async def _serve(self, sock: socket.socket) -> int:
+        """One worker's life: serve on the shared socket until SIGTERM or SIGINT."""
+        try:
+            server = await self.app.start(self.host, self.port, access_log=self.access_log, sock=sock)
+        except Exception:
+            _logger.exception("worker %d could not start serving", os.getpid())
+            return _WORKER_BOOT_FAILED
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+        return 0
+
+
 # ==== Command line ===========================================================
 
 
@@ -5470,7 +5669,7 @@ def _load_app(target: str) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P]``."""
+    """``python rally.py module:app [--host H] [--port P] [--workers N]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -5478,9 +5677,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (above 1 needs a broker)")
     args = parser.parse_args(argv)
-    _load_app(args.app).run(args.host, args.port, access_log=not args.no_access_log)
+    app = _load_app(args.app)
+    try:
+        app.run(args.host, args.port, access_log=not args.no_access_log, workers=args.workers)
+    except UsageError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":
+    # The app's own ``import rally`` gets this module, not a second copy with
+    # other classes (an App the CLI would not recognise, errors it would not catch).
+    sys.modules.setdefault("rally", sys.modules[__name__])
     main()

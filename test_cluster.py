@@ -226,12 +226,14 @@ class Node:
             self._new_line.set()
         self._new_line.set()
 
-    async def wait_line(self, text: str) -> str:
+    async def wait_line(self, text: str, nth: int = 1) -> str:
+        """The ``nth`` line that contains ``text``, once it has come."""
+
         async def find() -> str:
             while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
+                found = [line for line in self.lines if text in line]
+                if len(found) >= nth:
+                    return found[nth - 1]
                 assert self.proc.returncode is None, "\n".join(self.lines)
                 self._new_line.clear()
                 await self._new_line.wait()
@@ -511,3 +513,117 @@ async def test_broker_from_url_or_environment_and_health(
 async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
     broker = await report()
     return bool(broker["processes"] == [broker["process"]])
+
+
+# ==== Workers: one port, several processes ====================================
+
+WORKERS_APP = textwrap.dedent(
+    """
+    import os
+    import sys
+    import time
+    from dataclasses import dataclass
+
+    import rally
+
+
+    @dataclass
+    class Where:
+        block: float
+
+
+    # No secret: the workers share the parent's random one.
+    app = rally.App(broker=os.environ["CLUSTER_BROKER"])
+
+
+    @app.rpc
+    def server_where(msg: Where, server_context: rally.ServerContext) -> list[str]:
+        if msg.block:
+            print(f"worker {os.getpid()} blocking", file=sys.stderr, flush=True)
+            time.sleep(msg.block)  # holds this worker's loop: the next connection goes to another
+        return [str(os.getpid()), server_context.session_id]
+
+
+    class Home:
+        html = "<p>home</p>"
+
+
+    app.page("/", Home)
+    """
+)
+
+
+@dataclass
+class Where:
+    block: float
+
+
+async def where(url: str, cookie: str | None, block: float = 0.0) -> tuple[int, str]:
+    """(pid, session id) of the worker that answers on a new connection."""
+    async with rally.Client(url, session=cookie, timeout=WAIT) as client:
+        pid, session_id = (await client.rpc(Where(block))).unwrap()
+    return int(pid), session_id
+
+
+async def two_workers(node: Node, cookie: str | None) -> tuple[int, int]:
+    """The pids of two different workers: while one is held by a blocking
+    call, the next connection can only be accepted by another."""
+    seen = node.count(" blocking")
+    held = asyncio.ensure_future(where(node.url, cookie, block=1.0))
+    try:
+        await node.wait_line(" blocking", seen + 1)
+        other, other_session = await where(node.url, cookie)
+        first, first_session = await asyncio.wait_for(held, WAIT)
+    finally:
+        held.cancel()
+    assert first != other
+    assert first_session == other_session
+    return first, other
+
+
+async def test_workers_share_one_port_and_the_session_secret_and_replace_a_killed_one(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    (tmp_path / "workers_app.py").write_text(WORKERS_APP)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)), CLUSTER_BROKER=redis_server.url)
+    env.pop("RALLY_BROKER", None)
+    env.pop("RALLY_SECRET", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(rally.__file__), "workers_app:app", "--port", "0", "--workers", "2",
+        "--no-access-log", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    node = Node(proc)
+    try:
+        line = await node.wait_line("serving on ")
+        assert "with 2 workers" in line
+        node.url = line.split("serving on ")[1].split()[0]
+        async with rally.Client(node.url, timeout=WAIT) as browser:
+            status, _, _ = await browser.request("GET", "/")
+            assert status == 200 and browser.session_cookie is not None
+            cookie, session_id = browser.session_cookie, browser.session_id
+        first, second = await two_workers(node, cookie)
+        assert proc.pid not in (first, second)
+        assert (await where(node.url, cookie))[1] == session_id  # a cookie one signed is valid in the other
+
+        os.kill(first, signal.SIGKILL)
+        await node.wait_line(f"worker {first} was killed by SIGKILL")
+        await node.wait_line("INFO rally.py serving on", 3)  # its replacement serves
+        replaced = set(await two_workers(node, cookie))
+        assert first not in replaced and second in replaced and len(replaced) == 2
+
+        async with rally.Client(node.url, timeout=WAIT) as client, client.page("/") as page:
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(rally.ConnectionClosed) as info:
+                await page.receive(timeout=WAIT)
+            assert info.value.code == 1001
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+        for pid in replaced | {first}:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        await asyncio.wait_for(node._reader, WAIT)
+        log = "\n".join(node.lines)
+        assert "Traceback" not in log and log.count(" ERROR ") == 1, log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1705,6 +1705,22 @@ async def test_cli_serves_module_app_and_shuts_down_cleanly_on_signal(tmp_path: 
             await proc.wait()
 
 
+def test_workers_without_a_broker_are_refused_with_the_reason(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RALLY_BROKER", raising=False)
+    with pytest.raises(rally.UsageError, match="workers=2 needs a broker"):
+        rally.App().run(workers=2)
+    with pytest.raises(rally.UsageError, match="at least 1"):
+        rally.App().run(workers=0)
+    (tmp_path / "shutdown_app.py").write_text(APP_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(rally.__file__), "shutdown_app:app", "--port", "0", "--workers", "3"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=WAIT,
+    )  # fmt: skip
+    assert out.returncode == 2 and "serving" not in out.stderr
+    assert "workers=3 needs a broker" in out.stderr and "RALLY_BROKER" in out.stderr
+
+
 def rally_slow(seconds: float) -> Any:
     return dataclasses.make_dataclass("Slow", [("seconds", float)])(seconds)
 
