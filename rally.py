@@ -2007,6 +2007,13 @@ class _Topics:
             self.broker._publish(topic, frame, msg_type)
         return n
 
+    def close(self, topic: str) -> int:
+        """Close every connection of ``topic`` (a session's) with 4001; returns the count."""
+        members = self.sessions(topic)
+        for session in members:
+            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+        return len(members)
+
 
 class _Registry:
     """The handler table, pages, contract and topics of one App.
@@ -3553,8 +3560,7 @@ class RedisBroker:
                 self._topics.publish(topic, frame, msg_type)
         elif kind == "close" and type(topic) is str:
             self.received += 1
-            for session in self._topics.sessions(topic):
-                session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+            self._topics.close(topic)
         elif kind == "hello":
             self._beat(now)  # answered at once, so a new process sees the others without waiting
         elif kind == "bye":
@@ -4807,12 +4813,9 @@ class App:
         """Close every WebSocket of a session (code 4001), as on logout, in
         every process of the app; returns how many were in this one."""
         topic = f"session:{session_id}"
-        members = self._registry.topics.sessions(topic)
-        for session in members:
-            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
         if self.broker is not None:
             self.broker._close(topic)
-        return len(members)
+        return self._registry.topics.close(topic)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
