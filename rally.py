@@ -20,7 +20,9 @@ connection): it reads into one buffer shared by the whole server, gives other
 connections a turn after a bounded amount of work, writes through one place
 that enforces the outgoing bound, keeps one timer per purpose, aborts a
 socket whose graceful close does not finish, and stages shutdown. A
-broadcast is encoded and framed once; the same bytes go to every recipient.
+broadcast is encoded and framed once; the same bytes go to every recipient,
+and with a broker (``App(broker="redis://...")``) to the app's other
+processes in one Redis PUBLISH.
 
 Example::
 
@@ -61,6 +63,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -105,6 +108,7 @@ __all__ = [
     "UnwrapError",
     "Presence",
     "Response",
+    "RedisBroker",
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
     "CLOSE_SESSION_CLOSED",
@@ -1958,12 +1962,15 @@ class _Topics:
     """Topic name -> the live page sessions in it (SPEC section 5).
 
     ``members`` holds only non-empty sets, so an app with no connections
-    holds no topics."""
+    holds no topics. ``broadcast`` is ``publish`` here plus one message to
+    the other processes when the app has a broker (section 8); the broker's
+    listener calls ``publish`` for what the others send."""
 
-    __slots__ = ("members",)
+    __slots__ = ("members", "broker")
 
     def __init__(self) -> None:
         self.members: dict[str, set[_PageSession]] = {}
+        self.broker: RedisBroker | None = None
 
     def join(self, session: _PageSession, topics: Iterable[str]) -> None:
         for t in topics:
@@ -1993,6 +2000,21 @@ class _Topics:
                 session.push(frame)
                 n += 1
         return n
+
+    def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
+        """``publish`` a push here and, with a broker, in every other process;
+        returns the count of this process's connections reached."""
+        n = self.publish(topic, frame, msg_type)
+        if self.broker is not None:
+            self.broker._publish(topic, frame, msg_type)
+        return n
+
+    def close(self, topic: str) -> int:
+        """Close every connection of ``topic`` (a session's) with 4001; returns the count."""
+        members = self.sessions(topic)
+        for session in members:
+            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+        return len(members)
 
 
 class _Registry:
@@ -3023,9 +3045,11 @@ class _PageSession:
                     self.custom.discard(target)
                     topics.leave(self, (target,))
             elif target is not None:  # a custom topic, or another page
-                topics.publish(target if scope == "topic" else f"page:{target}", frame, msg_type)
+                assert msg_type is not None
+                topics.broadcast(target if scope == "topic" else f"page:{target}", frame, msg_type)
             else:
-                topics.publish(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
+                assert msg_type is not None
+                topics.broadcast(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
 
     # -- presence ------------------------------------------------------------------
 
@@ -3350,6 +3374,13 @@ class _Router:
             made = self.views[make] = (digest, body, b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"')
         return _cached(req, made[1], content_type, made[2])
 
+    def _health(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        _allow(req, b"GET", b"HEAD")
+        broker = self.app.broker
+        report = _NO_BROKER if broker is None else broker._health()
+        body = _dumps({"status": "ok", "broker": report})
+        return _Answer(200, body, b"application/json", ((b"cache-control", b"no-store"),))
+
     # -- checks -------------------------------------------------------------------
 
     def _host_ok(self, req: _Request) -> bool:
@@ -3514,7 +3545,403 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/contract": _Router._contract,
     "/_rally/types.d.ts": _Router._types,
     "/_rally/docs": _Router._docs,
+    "/_rally/health": _Router._health,
 }
+_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0}
+
+
+# ==== Broker: broadcasts across processes (Redis pub/sub) ===================
+#
+# With a broker every process of an app subscribes to one Redis channel. A
+# broadcast is delivered in its own process at once, as without a broker, and
+# PUBLISHed once: a one-line JSON header (origin process, kind, topic, push
+# type) and the frame, encoded once where it was produced. Every other process
+# writes those bytes to its own members through ``_Topics.publish``; the
+# origin ignores its own message, so the sender receives exactly once. Across
+# processes delivery is at most once (as Phoenix.PubSub): while Redis is
+# unreachable local delivery goes on and remote deliveries are dropped and
+# counted. One channel per app, filtered where it arrives, is the simple
+# correct design; README's "Scaling out" weighs it against a channel per topic.
+
+#: First reconnect delay after a failure; each further failure doubles it, up
+#: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
+_BROKER_FIRST_BACKOFF_S: Final = 0.1
+#: Publishes sent to Redis in one round trip (a pipeline, one PUBLISH each).
+_BROKER_BATCH: Final = 256
+
+
+class RedisBroker:
+    """Carries an app's broadcasts to its other processes through Redis
+    pub/sub (SPEC section 8): ``rally.App(broker=rally.RedisBroker(url))``,
+    ``rally.App(broker=url)``, or ``RALLY_BROKER`` in the environment when the
+    app names none.
+
+    ``url`` is ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS)
+    or ``unix:///path``. ``prefix`` names the app's channel,
+    ``<prefix>:broadcast``: apps sharing one Redis need different prefixes
+    (pub/sub ignores the db number). ``heartbeat_interval`` (seconds): each
+    process announces itself this often; a process unheard of for three
+    intervals leaves the health report, and a process that does not hear its
+    own heartbeat back for three intervals reconnects. ``max_backoff``
+    (seconds) caps the reconnect delay; ``timeout`` (seconds) bounds
+    connecting and every command; ``max_queued`` broadcasts may wait for
+    Redis before more are dropped.
+
+    Needs the ``redis`` package (``pip install 'rally[redis]'``), imported here
+    and only when a broker is made; raises ``RegistrationError`` without it or
+    for a bad argument. One broker serves one App. Its counters (also in
+    ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
+    other processes) and ``dropped`` (broadcasts that never reached Redis).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rally",
+        heartbeat_interval: float = 5.0,
+        max_backoff: float = 10.0,
+        timeout: float = 5.0,
+        max_queued: int = 10_000,
+    ) -> None:
+        try:
+            where = _redacted(url)
+        except (TypeError, ValueError, AttributeError):
+            where = "a value that is not a URL"
+        if not where.startswith(("redis://", "rediss://", "unix://")):  # said without credentials
+            raise RegistrationError(f"broker: expected a redis://, rediss:// or unix:// URL, got {where}")
+        if not isinstance(prefix, str) or not prefix:
+            raise RegistrationError(f"RedisBroker(prefix={prefix!r}): expected a non-empty str")
+        for name, value in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("max_backoff", max_backoff),
+            ("timeout", timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise RegistrationError(f"RedisBroker({name}={value!r}): expected a number of seconds above 0")
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+            raise RegistrationError(f"RedisBroker(max_queued={max_queued!r}): expected an integer of at least 1")
+        import importlib
+
+        try:  # typed as Any: rally.py type-checks without redis installed
+            self._redis: Any = importlib.import_module("redis.asyncio")
+            self._retry: Any = importlib.import_module("redis.asyncio.retry")
+            self._backoff: Any = importlib.import_module("redis.backoff")
+            errors = importlib.import_module("redis.exceptions")
+        except ImportError:
+            raise RegistrationError(
+                "a broker needs the redis package: pip install 'rally[redis]' (or 'redis>=5.0.1')"
+            ) from None
+        self.url = url
+        self.channel = prefix + ":broadcast"
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.max_backoff = float(max_backoff)
+        self.timeout = float(timeout)
+        self.max_queued = max_queued
+        #: This process on the channel, named when the broker starts (after a fork).
+        self.process_id = ""
+        self.up = False
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self._errors: tuple[type[BaseException], ...] = (errors.RedisError, OSError, asyncio.TimeoutError)
+        self._where = where
+        self._app: App | None = None
+        self._topics: _Topics | None = None
+        self._types: dict[str, type] = {}
+        self._users = 0  # servers of the app that started it
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()  # (message, a broadcast)
+        self._wake = asyncio.Event()  # something to send
+        self._idle = asyncio.Event()  # nothing left to send
+        self._tried = asyncio.Event()  # the first connection attempt is over
+        self._said: bool | None = None  # the state last logged: up, down, or nothing yet
+        self._down_since = 0.0
+        self._dropped_then = 0
+        self._failures = 0
+        self._next_beat = 0.0
+        self._own_beat = 0.0  # when this process last heard its own message back
+        self._seen: dict[str, float] = {}  # process id -> when last heard
+        self._foreign_said = False
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self._where!r}, channel={self.channel!r})"
+
+    # -- the app's side ------------------------------------------------------
+
+    def _bind(self, app: App) -> None:
+        if self._app is not None and self._app is not app:
+            raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
+        self._app = app
+        self._topics = app._registry.topics
+
+    async def _start(self) -> None:
+        """Connect and subscribe (the first attempt bounded by ``timeout``),
+        then keep the connection; once per App however many servers it runs."""
+        loop = asyncio.get_running_loop()
+        if self._users and loop is not self._loop:
+            raise UsageError(f"{self!r} already runs in another event loop: serve an App from one loop")
+        self._users += 1
+        if self._users > 1:
+            return
+        assert self._app is not None
+        self._loop = loop
+        self._types = {t.__name__: t for t in self._app._registry.push_encoders}
+        self.process_id = f"{os.getpid()}.{secrets.token_hex(3)}"
+        self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._seen = {}
+        self._said = None
+        self._task = self._loop.create_task(self._run())
+        try:
+            await asyncio.wait_for(self._tried.wait(), 2 * self.timeout + 1)
+        except asyncio.TimeoutError:
+            pass  # still trying: the server starts, broadcasts stay local meanwhile
+        except BaseException:
+            await self._stop()
+            raise
+
+    async def _stop(self) -> None:
+        """Send what waits (bounded by ``timeout``) and a goodbye, then disconnect."""
+        self._users -= 1
+        task = self._task
+        if self._users > 0 or task is None:
+            return
+        self._task = None
+        if self.up:
+            self._enqueue(self._control("bye"), False)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.timeout)
+        task.cancel()
+        await asyncio.wait((task,))
+        self.up = False
+        self._drop_queue()
+
+    def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
+        """One PUBLISH for a push already delivered in this process."""
+        header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
+        self._enqueue(_dumps(header) + b"\n" + frame, True)
+
+    def _close(self, topic: str) -> None:
+        """Tell the other processes to close the connections of ``topic`` (a session)."""
+        self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
+
+    def _health(self) -> dict[str, Any]:
+        if self._loop is not None:
+            self._forget_quiet(self._loop.time())
+        return {
+            "state": "up" if self.up else "down",
+            "process": self.process_id,
+            "processes": sorted(self._seen),
+            "published": self.published,
+            "received": self.received,
+            "dropped": self.dropped,
+        }
+
+    # -- the connection ------------------------------------------------------
+
+    def _control(self, kind: str) -> bytes:
+        return _dumps({"o": self.process_id, "k": kind}) + b"\n"
+
+    def _enqueue(self, message: bytes, broadcast: bool) -> None:
+        if not self.up or len(self._queue) >= self.max_queued:
+            self.dropped += broadcast
+            return
+        self._queue.append((message, broadcast))
+        self._idle.clear()
+        self._wake.set()
+
+    def _drop_queue(self) -> None:
+        self.dropped += sum(broadcast for _, broadcast in self._queue)
+        self._queue.clear()
+        self._idle.set()
+
+    async def _run(self) -> None:
+        """Connect, serve, and after a failure reconnect with capped
+        exponential backoff and jitter, until cancelled."""
+        while True:
+            try:
+                await self._connection()
+            except Exception as exc:
+                if not isinstance(exc, self._errors):
+                    _logger.exception("broker: unexpected failure of the connection to redis at %s", self._where)
+                self._went_down(exc)
+            delay = min(self.max_backoff, _BROKER_FIRST_BACKOFF_S * 2 ** min(self._failures, 30))
+            self._failures += 1
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    async def _connection(self) -> None:
+        """One connection's life: subscribe, then listen and publish until either fails."""
+        loop = self._loop
+        assert loop is not None
+        no_retry = self._retry.Retry(self._backoff.NoBackoff(), 0)  # the backoff is ours
+        client = self._redis.Redis.from_url(
+            self.url, retry=no_retry, socket_connect_timeout=self.timeout, socket_timeout=self.timeout
+        )
+        pubsub = client.pubsub()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await pubsub.subscribe(self.channel)
+            deadline = loop.time() + self.timeout
+            while True:  # the subscription is confirmed before the broker counts as up
+                left = deadline - loop.time()
+                reply = await pubsub.get_message(timeout=left) if left > 0 else None
+                if reply is None:
+                    raise asyncio.TimeoutError(f"no answer to SUBSCRIBE within {self.timeout} s")
+                if reply.get("type") == "subscribe":
+                    break
+            self._went_up()
+            tasks = [loop.create_task(self._listen(pubsub)), loop.create_task(self._send(client))]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise ConnectionError("the connection to redis ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            for conn in (pubsub, client):
+                with contextlib.suppress(*self._errors):
+                    await conn.aclose()
+
+    async def _listen(self, pubsub: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        silence = 3 * self.heartbeat_interval
+        while True:
+            reply = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_interval)
+            if reply is not None and reply.get("type") == "message":
+                self._on_message(reply["data"])
+            if loop.time() - self._own_beat > silence:
+                raise ConnectionError(f"this process's heartbeat did not come back within {silence:g} s")
+
+    async def _send(self, client: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        queue = self._queue
+        while True:
+            now = loop.time()
+            if now >= self._next_beat:
+                self._beat(now)
+            if not queue:
+                self._idle.set()
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._next_beat - now)
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), _BROKER_BATCH))]
+            pipe = client.pipeline(transaction=False)
+            for message, _ in batch:
+                pipe.publish(self.channel, message)
+            try:
+                await pipe.execute()
+            except BaseException:
+                self.dropped += sum(broadcast for _, broadcast in batch)
+                raise
+            self.published += sum(broadcast for _, broadcast in batch)
+
+    def _beat(self, now: float) -> None:
+        self._next_beat = now + self.heartbeat_interval
+        self._enqueue(self._control("beat"), False)
+        self._forget_quiet(now)
+
+    def _forget_quiet(self, now: float) -> None:
+        quiet = 3 * self.heartbeat_interval
+        for process, heard in list(self._seen.items()):
+            if now - heard > quiet:
+                del self._seen[process]
+
+    def _went_up(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        self.up = True
+        self._failures = 0
+        self._own_beat = now
+        self._next_beat = now + self.heartbeat_interval  # the hello is the first heartbeat
+        self._enqueue(self._control("hello"), False)
+        self._tried.set()
+        if self._said is None:
+            _logger.info(
+                "broker up: redis at %s, channel %r; this process is %s on %s",
+                self._where,
+                self.channel,
+                self.process_id,
+                socket.gethostname(),
+            )
+        elif self._said is False:
+            _logger.info(
+                "broker back up: redis at %s after %.1f s; %d broadcasts to other processes were dropped meanwhile",
+                self._where,
+                now - self._down_since,
+                self.dropped - self._dropped_then,
+            )
+        self._said = True
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.up = False
+        self._drop_queue()
+        self._tried.set()
+        if self._said is not False:
+            assert self._loop is not None
+            self._down_since = self._loop.time()
+            self._dropped_then = self.dropped
+            _logger.warning(
+                "broker down: redis at %s is unreachable (%s); until it is back, broadcasts reach only "
+                "this process's connections",
+                self._where,
+                str(exc) or type(exc).__name__,
+            )
+            self._said = False
+
+    def _on_message(self, data: bytes) -> None:
+        """One message from the channel: a push or a session close from another
+        process for the connections here, or a heartbeat."""
+        head, _, frame = data.partition(b"\n")
+        try:
+            header = json.loads(head)
+            origin, kind = header["o"], header["k"]
+            if type(origin) is not str or type(kind) is not str:
+                raise TypeError(origin, kind)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            if not self._foreign_said:
+                self._foreign_said = True
+                _logger.warning(
+                    "broker: ignoring messages on %r that rally.py did not send: %r", self.channel, data[:80]
+                )
+            return
+        assert self._loop is not None and self._topics is not None
+        now = self._loop.time()
+        self._seen[origin] = now
+        if origin == self.process_id:
+            self._own_beat = now
+            return
+        topic = header.get("t")
+        if kind == "push" and type(topic) is str:
+            self.received += 1
+            name = header.get("m")
+            msg_type = self._types.get(name) if type(name) is str else None
+            if msg_type is not None:  # a type no page here declares reaches no one
+                self._topics.publish(topic, frame, msg_type)
+        elif kind == "close" and type(topic) is str:
+            self.received += 1
+            self._topics.close(topic)
+        elif kind == "hello":
+            self._beat(now)  # answered at once, so a new process sees the others without waiting
+        elif kind == "bye":
+            self._seen.pop(origin, None)
+
+
+def _redacted(url: str) -> str:
+    """A broker URL for logs: scheme, host, port and path, without credentials."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 # ==== Transport: asyncio server, connections, timers, shutdown ===============
@@ -4273,6 +4700,22 @@ class WebSocket:
         self._session.peer.close(code, reason)
 
 
+def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
+    """A socket bound and listening at the first of ``getaddrinfo``'s answers."""
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Server:
     """A running server: ``url``, ``port``, and ``await close()``.
 
@@ -4330,19 +4773,9 @@ class Server:
             self._server = await self.loop.create_server(lambda: _HttpConn(self), sock=sock)
 
     async def _bind(self, host: str, port: int) -> socket.socket:
-        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(1024)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _listening_socket(
+            await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
 
     def _accept(self) -> None:
         """Accept what is waiting, a bounded number per turn. Out of file
@@ -4431,19 +4864,29 @@ class Server:
         try:
             await self._exit_lifespan()
         finally:
+            if self.app.broker is not None:  # last: terminate hooks and the lifespan may broadcast
+                await self.app.broker._stop()
             self._closed.set()
 
     async def _open(self, host: str, port: int, sock: socket.socket | None) -> None:
-        """Enter the app's lifespan, then listen."""
-        lifespan = self.app._lifespan
-        if lifespan is not None:
-            manager = lifespan(self.app)
-            await manager.__aenter__()
-            self._lifespan = manager
+        """Start the broker, enter the app's lifespan, then listen."""
+        broker = self.app.broker
+        if broker is not None:
+            await broker._start()
         try:
-            await self._listen(host, port, sock)
+            lifespan = self.app._lifespan
+            if lifespan is not None:
+                manager = lifespan(self.app)
+                await manager.__aenter__()
+                self._lifespan = manager
+            try:
+                await self._listen(host, port, sock)
+            except BaseException:
+                await self._exit_lifespan()
+                raise
         except BaseException:
-            await self._exit_lifespan()
+            if broker is not None:
+                await broker._stop()
             raise
 
     async def _exit_lifespan(self) -> None:
@@ -4486,7 +4929,9 @@ class App:
     ``secret`` signs session cookies (else ``RALLY_SECRET``, else a random
     secret of this process); ``secure_cookies`` adds ``Secure`` to the
     session cookie (set it in production, behind HTTPS); ``docs=False``
-    turns off the ``/_rally/docs`` page.
+    turns off the ``/_rally/docs`` page; ``broker`` (a
+    ``redis://`` URL or a ``RedisBroker``; else ``RALLY_BROKER``, else none)
+    carries broadcasts and ``close_session`` to the app's other processes.
     """
 
     def __init__(
@@ -4499,6 +4944,7 @@ class App:
         secret: str | bytes | None = None,
         secure_cookies: bool = False,
         docs: bool = True,
+        broker: str | RedisBroker | None = None,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -4564,6 +5010,17 @@ class App:
         self.docs = docs
         self._registry = _Registry(self._limits, state)
         self._loop: asyncio.AbstractEventLoop | None = None
+        if broker is None:
+            broker = os.environ.get("RALLY_BROKER") or None
+        if isinstance(broker, str):
+            broker = RedisBroker(broker)
+        elif broker is not None and not isinstance(broker, RedisBroker):
+            raise RegistrationError(f"App(broker={broker!r}): expected a redis:// URL or a rally.RedisBroker")
+        if broker is not None:
+            broker._bind(self)
+        #: The ``RedisBroker`` that carries broadcasts to the app's other processes, or None.
+        self.broker = broker
+        self._registry.topics.broker = broker
 
     @property
     def state(self) -> Any:
@@ -4645,10 +5102,21 @@ class App:
         finally:
             await asyncio.shield(server.close())
 
-    def run(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True) -> None:
-        """Serve until SIGINT or SIGTERM, then shut down gracefully; blocks."""
+    def run(self, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True, workers: int = 1) -> None:
+        """Serve until SIGINT or SIGTERM, then shut down gracefully; blocks.
+
+        ``workers`` above 1 forks that many processes sharing one listening
+        socket, and starts another when one dies (Unix). Each holds its own
+        connections, so the app needs a broker: without one ``UsageError``
+        says so before anything starts."""
+        supervisor = _Workers(self, host, port, workers, access_log) if workers != 1 else None
         if not logging.getLogger().handlers and not _logger.handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if supervisor is not None:
+            code = supervisor.run()
+            if code:
+                raise SystemExit(code)
+            return
 
         async def main() -> None:
             server = await self.start(host, port, access_log=access_log)
@@ -4697,11 +5165,14 @@ class App:
             frame = self._registry.push_frame(msg)
         except _Bad as bad:
             raise UsageError(bad.message) from None
-        return self._registry.topics.publish(topic, frame, type(msg))
+        return self._registry.topics.broadcast(topic, frame, type(msg))
 
     async def broadcast_to_app(self, msg: Any) -> int:
         """Push ``msg`` to every connection whose page declares its type;
-        returns how many were reached. ``UsageError`` if no page declares it."""
+        returns how many were reached. ``UsageError`` if no page declares it.
+
+        With a broker, every ``broadcast_*`` also reaches the app's other
+        processes, and the count is of this process's connections only."""
         return self._publish("app", msg)
 
     async def broadcast_to_page(self, path: str, msg: Any) -> int:
@@ -4724,11 +5195,12 @@ class App:
         return self._registry.presence_of(path)
 
     async def close_session(self, session_id: str) -> int:
-        """Close every WebSocket of a session (code 4001), as on logout."""
-        members = self._registry.topics.sessions(f"session:{session_id}")
-        for session in members:
-            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
-        return len(members)
+        """Close every WebSocket of a session (code 4001), as on logout, in
+        every process of the app; returns how many were in this one."""
+        topic = f"session:{session_id}"
+        if self.broker is not None:
+            self.broker._close(topic)
+        return self._registry.topics.close(topic)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
@@ -5454,6 +5926,188 @@ class PageConnection:
             await writer.wait_closed()
 
 
+# ==== Workers: one listening socket, several processes =======================
+
+#: Exit code of a worker that could not start serving: the parent then stops
+#: instead of starting it again and again (gunicorn's WORKER_BOOT_ERROR).
+_WORKER_BOOT_FAILED: Final = 3
+#: A worker that dies sooner than this after starting is replaced after a
+#: delay that doubles from 0.1 s up to _WORKER_RESTART_MAX_S; a later death
+#: is replaced at once.
+_WORKER_STABLE_S: Final = 10.0
+_WORKER_RESTART_MAX_S: Final = 10.0
+#: After the shutdown bound of the workers themselves, the parent waits this
+#: much longer before it kills the ones still running.
+_WORKER_STOP_MARGIN_S: Final = 5.0
+
+
+class _Workers:
+    """``app.run(workers=N)``: the parent binds the socket once and forks N
+    workers that accept on it, each an ordinary server (its own event loop,
+    connections, lifespan and broker connection; the session secret is the
+    parent's, inherited). A worker that dies is replaced; one that cannot
+    start serving stops them all. SIGTERM or SIGINT reaches every worker as
+    SIGTERM, each shuts down gracefully, and those still running after the
+    shutdown bound are killed. The parent runs no event loop: it sleeps in
+    ``select`` on the self-pipe its signal handlers write to."""
+
+    def __init__(self, app: App, host: str, port: int, count: int, access_log: bool) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"workers={count!r}: expected an integer of at least 1")
+        if app.broker is None:
+            raise UsageError(
+                f"workers={count} needs a broker: each worker holds its own connections, so a broadcast made "
+                "in one would not reach the others'; set App(broker='redis://...') or RALLY_BROKER"
+            )
+        if not hasattr(os, "fork"):
+            raise UsageError(f"workers={count} needs os.fork (Unix)")
+        self.app = app
+        self.host = host
+        self.port = port
+        self.count = count
+        self.access_log = access_log
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+        self.due: dict[int, float] = {}  # slot -> when to start its next worker
+        self.quick_deaths = [0] * count  # per slot, deaths in a row soon after starting
+        self.stop_signal: int | None = None
+        self.deadline: float | None = None  # for the workers to stop, once stopping
+        self.code = 0
+
+    def run(self) -> int:
+        """Serve until a signal stops every worker; returns the exit code."""
+        sock = _listening_socket(
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        handled = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        previous_fd = signal.set_wakeup_fd(wake_w)
+        try:
+            for slot in range(self.count):
+                self._spawn(slot, sock, (wake_r, wake_w))
+            host, port = sock.getsockname()[:2]
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            print(f"rally.py serving on {url} with {self.count} workers (Ctrl-C stops)", file=sys.stderr, flush=True)
+            while self.children or (self.due and self.stop_signal is None):
+                self._step(sock, (wake_r, wake_w))
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+            sock.close()
+        return self.code
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        # Only a note: the self-pipe wakes the loop, which does the work.
+        if signum != signal.SIGCHLD and self.stop_signal is None:
+            self.stop_signal = signum
+
+    def _step(self, sock: socket.socket, pipe: tuple[int, int]) -> None:
+        """Wait for a signal or the next timer, then reap, stop and restart."""
+        import select
+
+        now = time.monotonic()
+        if self.stop_signal is not None and self.deadline is None:
+            _logger.info("stopping %d workers (%s)", len(self.children), signal.Signals(self.stop_signal).name)
+            self._signal_all(signal.SIGTERM)
+            limits = self.app._limits
+            self.deadline = now + limits.shutdown_timeout + limits.close_timeout + _WORKER_STOP_MARGIN_S
+            self.due.clear()
+        timeout = None
+        if self.deadline is not None:
+            timeout = max(0.0, self.deadline - now)
+        elif self.due:
+            timeout = max(0.0, min(self.due.values()) - now)
+        select.select([pipe[0]], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(pipe[0], 512):
+                pass
+        self._reap()
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline and self.children:
+            _logger.error("%d workers did not stop in time; killing them", len(self.children))
+            self._signal_all(signal.SIGKILL)
+            self.deadline = math.inf
+        if self.stop_signal is None:
+            for slot, when in list(self.due.items()):
+                if when <= now:
+                    del self.due[slot]
+                    self._spawn(slot, sock, pipe)
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self) -> None:
+        """Collect every worker that ended; plan a replacement unless stopping."""
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            found = self.children.pop(pid, None)
+            if found is None:
+                continue
+            slot, started = found
+            code = os.waitstatus_to_exitcode(status)
+            if self.stop_signal is not None:
+                continue
+            if code == _WORKER_BOOT_FAILED:
+                _logger.error("worker %d could not start serving; stopping the others", pid)
+                self.stop_signal, self.code = signal.SIGTERM, 1
+                continue
+            lived = time.monotonic() - started
+            if lived >= _WORKER_STABLE_S:
+                self.quick_deaths[slot] = 0
+                delay = 0.0
+            else:
+                delay = min(_WORKER_RESTART_MAX_S, 0.1 * 2 ** min(self.quick_deaths[slot], 30))
+                self.quick_deaths[slot] += 1
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            _logger.error("worker %d %s after %.1f s; starting another in %.1f s", pid, how, lived, delay)
+            self.due[slot] = time.monotonic() + delay
+
+    def _spawn(self, slot: int, sock: socket.socket, pipe: tuple[int, int]) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = (slot, time.monotonic())
+            return
+        code = _WORKER_BOOT_FAILED  # the worker: never returns into the parent's code
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.close(pipe[0])
+            os.close(pipe[1])
+            code = asyncio.run(self._serve(sock))
+        except Exception:
+            _logger.exception("worker %d failed", os.getpid())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    async def _serve(self, sock: socket.socket) -> int:
+        """One worker's life: serve on the shared socket until SIGTERM or SIGINT."""
+        try:
+            server = await self.app.start(self.host, self.port, access_log=self.access_log, sock=sock)
+        except Exception:
+            _logger.exception("worker %d could not start serving", os.getpid())
+            return _WORKER_BOOT_FAILED
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+        return 0
+
+
 # ==== Command line ===========================================================
 
 
@@ -5485,7 +6139,7 @@ def _load_app(target: str) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P] [--types FILE]``."""
+    """``python rally.py module:app [--host H] [--port P] [--workers N] [--types FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -5496,15 +6150,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--types", metavar="FILE", help="write the app's TypeScript declarations to FILE (- for stdout) and exit"
     )
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (above 1 needs a broker)")
     args = parser.parse_args(argv)
     app = _load_app(args.app)
-    if args.types is None:
-        app.run(args.host, args.port, access_log=not args.no_access_log)
-    elif args.types == "-":
+    if args.types == "-":
         sys.stdout.write(_typescript(app.contract))
-    else:
+    elif args.types is not None:
         with open(args.types, "w", encoding="utf-8") as f:
             f.write(_typescript(app.contract))
+    else:
+        try:
+            app.run(args.host, args.port, access_log=not args.no_access_log, workers=args.workers)
+        except UsageError as exc:
+            parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -851,6 +851,22 @@ def test_registration_route_twice_and_reserved_paths() -> None:
         app.page("/_rally/x", Article)
 
 
+def test_registration_broker_option_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RALLY_BROKER", raising=False)
+    assert rally.App().broker is None
+    for bad in ("http://localhost:6379", "", "redis://localhost:port"):
+        with pytest.raises(rally.RegistrationError, match="expected a redis://, rediss:// or unix:// URL"):
+            rally.App(broker=bad)
+    with pytest.raises(rally.RegistrationError, match="expected a redis:// URL or a rally.RedisBroker"):
+        rally.App(broker=6379)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # as if the redis package were not installed
+    with pytest.raises(rally.RegistrationError, match=r"pip install 'rally\[redis\]'"):
+        rally.App(broker="redis://localhost:6379/0")
+    monkeypatch.setenv("RALLY_BROKER", "redis://localhost:6379/0")
+    with pytest.raises(rally.RegistrationError, match="needs the redis package"):
+        rally.App()
+
+
 def test_registration_page_from_a_module() -> None:
     import types
 
@@ -1008,6 +1024,22 @@ async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
         )
     assert response.status_code == 200
     assert json.loads(body) == app.contract
+
+
+async def test_health_endpoint_without_a_broker() -> None:
+    async with running(article_app()) as server:
+        [(response, body)] = responses(
+            await exchange(server, b"GET /_rally/health HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
+        )
+        [(refused, _)] = responses(
+            await exchange(server, b"POST /_rally/health HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
+        )
+    assert response.status_code == 200 and (b"cache-control", b"no-store") in response.headers
+    assert json.loads(body) == {
+        "status": "ok",
+        "broker": {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0},
+    }
+    assert refused.status_code == 405
 
 
 async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
@@ -1673,6 +1705,22 @@ async def test_cli_serves_module_app_and_shuts_down_cleanly_on_signal(tmp_path: 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_workers_without_a_broker_are_refused_with_the_reason(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RALLY_BROKER", raising=False)
+    with pytest.raises(rally.UsageError, match="workers=2 needs a broker"):
+        rally.App().run(workers=2)
+    with pytest.raises(rally.UsageError, match="at least 1"):
+        rally.App().run(workers=0)
+    (tmp_path / "shutdown_app.py").write_text(APP_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(rally.__file__), "shutdown_app:app", "--port", "0", "--workers", "3"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=WAIT,
+    )  # fmt: skip
+    assert out.returncode == 2 and "serving" not in out.stderr
+    assert "workers=3 needs a broker" in out.stderr and "RALLY_BROKER" in out.stderr
 
 
 def rally_slow(seconds: float) -> Any:
