@@ -134,6 +134,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING_MESSAGES",
     "DEFAULT_MAX_CONCURRENT_RPCS",
     "DEFAULT_SEND_TIMEOUT_S",
+    "DEFAULT_RESUME_WINDOW_S",
 ]
 
 _logger: Final = logging.getLogger("rally")
@@ -186,6 +187,10 @@ DEFAULT_MAX_CONNECTIONS: Final = 10_000
 DEFAULT_MAX_PENDING_MESSAGES: Final = 64
 #: ``async`` RPC handlers running at once for one WebSocket; reading pauses at it.
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 64
+#: How long a page connection lost without a closing handshake keeps its
+#: model, topics and outgoing frames for the page to resume (0: not at all);
+#: also how long RPC answers are kept by idempotency key.
+DEFAULT_RESUME_WINDOW_S: Final = 30.0
 
 #: Flow control: a transport pauses our writers above this many buffered bytes.
 _WRITE_HIGH_WATER: Final = 64 * 1024
@@ -202,8 +207,13 @@ _FILE_CHUNK_BYTES: Final = 64 * 1024
 _RESERVED_FDS: Final = 32
 #: How long accepting pauses when the process runs out of descriptors.
 _ACCEPT_BACKOFF_S: Final = 0.5
+#: rally.Client acknowledges numbered frames after this many, so the server forgets them.
+_CLIENT_ACK_EVERY: Final = 16
 #: Envelope ids: a safe integer or a string of at most this many characters.
 _MAX_ID_CHARS: Final = 64
+#: RPC answers kept by idempotency key, in number and in bytes, for all sessions.
+_MAX_ANSWERS: Final = 10_000
+_MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: Largest integer JavaScript represents exactly (Number.MAX_SAFE_INTEGER).
 _MAX_SAFE_INT: Final = 2**53 - 1
 _SESSION_COOKIE: Final = "rally_session"
@@ -239,6 +249,7 @@ class _Limits(typing.NamedTuple):
     max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S
+    resume_window: float = DEFAULT_RESUME_WINDOW_S
 
 
 #: Signs session cookies when neither ``App(secret=...)`` nor RALLY_SECRET is set.
@@ -1213,15 +1224,41 @@ def _error_reply(msg_id: Any, code: str, errors: list[dict[str, str]], seq: int 
 
 def _ack(seq: int) -> bytes:
     """A numbered ``send`` was applied: its ``server_update`` ran."""
-    return _ws_frame(b'{"kind":"ack","seq":%d}' % seq)
+    return b'{"kind":"ack","seq":%d}' % seq
+
+
+def _hello(token: str, resumed: bool, ack: int) -> bytes:
+    """The first frame of every page connection (SPEC section 10)."""
+    return _ws_frame(_dumps({"kind": "hello", "resume": token, "resumed": resumed, "ack": ack}))
+
+
+def _seq_frame(seq: int, payload: bytes) -> bytes:
+    """Frame a JSON object for one page connection with its ``seq`` first:
+    the payload is encoded once for every recipient, only the number differs."""
+    head = b'{"seq":%d,' % seq
+    n = len(head) + len(payload) - 1
+    if n < 126:
+        return b"".join((bytes((0x81, n)), head, memoryview(payload)[1:]))
+    if n < 65536:
+        return b"".join((struct.pack("!BBH", 0x81, 126, n), head, memoryview(payload)[1:]))
+    return b"".join((struct.pack("!BBQ", 0x81, 127, n), head, memoryview(payload)[1:]))
 
 
 _INTERNAL_ERRORS: Final = [{"path": "", "message": "internal server error"}]
 
 
-def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
-    """Check an envelope's shape: returns ``(kind, id, msg)``; for a
-    ``send`` the id is its ``seq`` (a positive safe integer), or None."""
+class _Envelope(typing.NamedTuple):
+    kind: str  # "rpc", "send" or "ack"
+    id: Any  # an rpc's id; a send's or an ack's seq (None: a send without one)
+    msg: Any  # {"type": ..., "fields": ...}; None for an ack
+    key: str | None = None  # an rpc's idempotency key
+
+
+def _parse_envelope(value: Any) -> _Envelope:
+    """Check an envelope's shape. An ``rpc`` may carry an idempotency
+    ``key`` (a string of at most 64 characters); a ``send`` a ``seq`` (a
+    positive safe integer); an ``ack`` from the page says which numbered
+    frames it has received, up to its ``seq``."""
 
     def bad(path: str, message: str) -> ContractError:
         return ContractError("invalid", [{"path": path, "message": message}])
@@ -1239,8 +1276,16 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
                 raise bad("id", f"string longer than {_MAX_ID_CHARS} characters")
         else:
             raise bad("id", f"expected int or str, got {_kind(msg_id)}")
-        if len(value) != 3 or "msg" not in value:
-            raise bad("", 'an rpc envelope has exactly "kind", "id" and "msg"')
+        key = value.get("key")
+        if key is not None and (type(key) is not str or not 0 < len(key) <= _MAX_ID_CHARS):
+            raise bad("key", f"expected a string of 1 to {_MAX_ID_CHARS} characters")
+        if len(value) != (3 if key is None else 4) or "msg" not in value:
+            raise bad("", 'an rpc envelope has exactly "kind", "id", "msg" and an optional "key"')
+    elif kind == "ack":
+        seq = value.get("seq")
+        if type(seq) is not int or not 0 <= seq <= _MAX_SAFE_INT or len(value) != 2:
+            raise bad("seq", f'an ack is {{"kind": "ack", "seq": n}} with n a safe int, got {_short(seq)}')
+        return _Envelope("ack", seq, None)
     elif kind == "send":
         msg_id = value.get("seq")
         if "seq" in value and (type(msg_id) is not int or not 0 < msg_id <= _MAX_SAFE_INT):
@@ -1248,11 +1293,11 @@ def _parse_envelope(value: Any) -> tuple[str, Any, Any]:
         if len(value) != (2 if msg_id is None else 3) or "msg" not in value:
             raise bad("", 'a send envelope has exactly "kind", "msg" and an optional "seq"')
     else:
-        raise bad("kind", f'expected "rpc" or "send", got {_short(kind)}')
+        raise bad("kind", f'expected "rpc", "send" or "ack", got {_short(kind)}')
     msg = value["msg"]
     if type(msg) is not dict or type(msg.get("type")) is not str or "fields" not in msg or len(msg) != 2:
         raise ContractError("invalid", [{"path": "msg", "message": 'expected {"type": str, "fields": object}'}])
-    return kind, msg_id, msg
+    return _Envelope(kind, msg_id, msg, value.get("key") if kind == "rpc" else None)
 
 
 # ==== Wire: h11 and wsproto adapters (sans-IO) ==============================
@@ -1839,6 +1884,10 @@ class _Peer(typing.Protocol):
         """Return once the peer takes bytes again; raise ``ConnectionClosed``
         if the connection is gone."""
 
+    def abandon(self) -> None:
+        """Drop the connection without ending its session, which went on
+        over a newer connection of the same page (a resume)."""
+
 
 _Reply = tuple[int, bytes]
 
@@ -1988,16 +2037,17 @@ class _Topics:
         return tuple(self.members.get(topic, ()))
 
     def publish(self, topic: str, frame: bytes, msg_type: type | None = None, skip: _PageSession | None = None) -> int:
-        """Write one frame to every member of a topic whose page declares
-        ``msg_type`` (every member for a presence frame), but ``skip``;
-        returns the count."""
+        """Give one encoded frame to every member of a topic whose page
+        declares ``msg_type`` (every member for a presence frame), but
+        ``skip``; returns the count."""
         members = self.members.get(topic)
         if not members:
             return 0
         n = 0
+        framed = _ws_frame(frame)
         for session in tuple(members):
             if (msg_type is None or msg_type in session.page.push_types) and session is not skip:
-                session.push(frame)
+                session.push(frame, framed)
                 n += 1
         return n
 
@@ -2013,8 +2063,85 @@ class _Topics:
         """Close every connection of ``topic`` (a session's) with 4001; returns the count."""
         members = self.sessions(topic)
         for session in members:
-            session.peer.close(CLOSE_SESSION_CLOSED, "session closed")
+            session.close(CLOSE_SESSION_CLOSED, "session closed")
         return len(members)
+
+
+class _Answers:
+    """RPC answers by ``(session id, idempotency key)``, kept for
+    ``resume_window`` seconds and at most ``_MAX_ANSWERS`` of them (or
+    ``_MAX_ANSWER_BYTES``), oldest out first: a call retried over HTTP or
+    after a reconnect gets the first call's answer (SPEC section 10). A
+    call still running is kept as a future its retries wait on."""
+
+    __slots__ = ("window", "entries", "size")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        #: key -> (expiry, id of the first call, its reply or a future of it)
+        self.entries: dict[tuple[str, str], tuple[float, Any, _Reply | asyncio.Future[_Reply]]] = {}
+        self.size = 0
+
+    def get(self, key: tuple[str, str]) -> tuple[float, Any, _Reply | asyncio.Future[_Reply]] | None:
+        kept = self.entries.get(key)
+        if kept is not None and kept[0] < time.monotonic():
+            return None
+        return kept
+
+    def keep(self, key: tuple[str, str], msg_id: Any, reply: _Reply | asyncio.Future[_Reply]) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None and isinstance(old[2], tuple):
+            self.size -= len(old[2][1])
+        now = time.monotonic()
+        self.entries[key] = (now + self.window, msg_id, reply)
+        if isinstance(reply, tuple):
+            self.size += len(reply[1])
+        entries = self.entries
+        while entries:  # the oldest first: expired, or past a bound
+            first = next(iter(entries))
+            expiry, _, kept = entries[first]
+            if expiry >= now and len(entries) <= _MAX_ANSWERS and self.size <= _MAX_ANSWER_BYTES:
+                break
+            del entries[first]
+            if isinstance(kept, tuple):
+                self.size -= len(kept[1])
+
+    def keep_later(self, key: tuple[str, str], msg_id: Any, reply: Awaitable[_Reply]) -> Awaitable[_Reply]:
+        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        self.keep(key, msg_id, future)
+
+        async def first_call() -> _Reply:
+            try:
+                answer = await reply
+            except BaseException as exc:  # cancelled: a retry runs the handler again
+                if self.entries.get(key, (0, 0, None))[2] is future:
+                    del self.entries[key]
+                future.cancel()
+                raise exc from None
+            future.set_result(answer)
+            if self.entries.get(key, (0, 0, None))[2] is future:
+                self.keep(key, msg_id, answer)
+            return answer
+
+        return first_call()
+
+    @staticmethod
+    def again(kept: tuple[float, Any, _Reply | asyncio.Future[_Reply]], msg_id: Any) -> _Reply | Awaitable[_Reply]:
+        """The kept answer, with this call's id."""
+        first_id, answer = kept[1], kept[2]
+
+        def with_id(reply: _Reply) -> _Reply:
+            if msg_id == first_id and type(msg_id) is type(first_id):
+                return reply
+            return reply[0], _dumps({**json.loads(reply[1]), "id": msg_id})
+
+        if isinstance(answer, tuple):
+            return with_id(answer)
+
+        async def later() -> _Reply:
+            return with_id(await asyncio.shield(answer))
+
+        return later()
 
 
 class _Registry:
@@ -2037,6 +2164,9 @@ class _Registry:
         self.topics = _Topics()
         #: page path -> connection id -> (tag, encoded meta, meta)
         self.presence: dict[str, dict[int, tuple[str, Any, Any]]] = {}
+        #: resume token -> the page session that may be resumed with it
+        self.resumable: dict[str, _PageSession] = {}
+        self.answers = _Answers(limits.resume_window)
         self._contract: tuple[bytes, str] | None = None
 
     # -- registration --------------------------------------------------------
@@ -2315,8 +2445,25 @@ class _Registry:
 
     # -- RPC -----------------------------------------------------------------
 
-    def rpc(self, msg_id: Any, msg: dict[str, Any], ctx: ServerContext) -> _Reply | Awaitable[_Reply]:
-        """Answer one ``rpc`` envelope: a reply now, or an awaitable of one."""
+    def rpc(
+        self, msg_id: Any, msg: dict[str, Any], ctx: ServerContext, key: str | None = None
+    ) -> _Reply | Awaitable[_Reply]:
+        """Answer one ``rpc`` envelope: a reply now, or an awaitable of one.
+        A call with an idempotency ``key`` that this session already made
+        gets the first call's answer; the handler runs once."""
+        if key is None or not self.answers.window:
+            return self._rpc(msg_id, msg, ctx)
+        k = (ctx.session_id, key)
+        kept = self.answers.get(k)
+        if kept is not None:
+            return _Answers.again(kept, msg_id)
+        reply = self._rpc(msg_id, msg, ctx)
+        if isinstance(reply, tuple):
+            self.answers.keep(k, msg_id, reply)
+            return reply
+        return self.answers.keep_later(k, msg_id, reply)
+
+    def _rpc(self, msg_id: Any, msg: dict[str, Any], ctx: ServerContext) -> _Reply | Awaitable[_Reply]:
         handler = self.rpcs.get(msg["type"])
         if handler is None:
             return 400, _error_reply(
@@ -2373,12 +2520,13 @@ class _Registry:
 
     # -- pushes -------------------------------------------------------------
 
-    def push_frame(self, msg: Any, encode: _Encoder | None = None) -> bytes:
-        """Encode and frame one push, once, for any number of recipients."""
+    def push_payload(self, msg: Any, encode: _Encoder | None = None) -> bytes:
+        """Encode one push, once, for any number of recipients (each frames
+        it with its own ``seq``)."""
         enc = encode or self.push_encoders.get(type(msg))
         if enc is None:
             raise _Bad(f"{type(msg).__name__} is not a push type of any page (no Effect[...] names it)")
-        return _ws_frame(_dumps({"kind": "push", "msg": {"type": type(msg).__name__, "fields": enc(msg)}}))
+        return _dumps({"kind": "push", "msg": {"type": type(msg).__name__, "fields": enc(msg)}})
 
     def effect_ops(self, eff: Any, page: _Page, out: list[_Op]) -> list[_Op]:
         """Check and encode every push of an effect of ``page``, in order,
@@ -2401,7 +2549,7 @@ class _Registry:
             elif msg_type not in page.push_types:
                 names = [c.__name__ for c in page.to_client_types]
                 raise _Bad(f"push {msg_type.__name__} is not in the page's Effect types {names}")
-            out.append((scope, eff.target, self.push_frame(eff.msg, self.push_encoders[msg_type]), msg_type))
+            out.append((scope, eff.target, self.push_payload(eff.msg, self.push_encoders[msg_type]), msg_type))
         return out
 
     def check_page_push(self, path: str, msg_type: type, error: Callable[[str], Exception]) -> None:
@@ -2772,16 +2920,52 @@ def _docs_html(contract: dict[str, Any]) -> str:
     )
 
 
+class _Detached:
+    """The peer of a page session whose connection was lost: it writes
+    nothing (the session holds the frames for a resume) and reads nothing."""
+
+    __slots__ = ()
+
+    def write_frame(self, frame: bytes) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+    async def writable(self) -> None:
+        raise ConnectionClosed(1006, "connection lost")
+
+
+_DETACHED: Final = _Detached()
+
+
 class _PageSession:
     """One page connection's life, without sockets: its model, its ``send``
     messages handled in order, its in-flight RPCs (at most
-    ``max_concurrent_rpcs``), and the effects of its handlers.
+    ``max_concurrent_rpcs``), the effects of its handlers, and its
+    numbered frames (SPEC section 10).
 
     The transport feeds it whole text messages (``receive``) and it talks
-    back through its ``_Peer``. ``end()`` is the one place a page
-    connection's life ends, whatever ended it: it leaves the topics and
-    stops the work in flight. Handler errors are logged here and answered
-    with ``internal``; bad input is answered with an ``error`` envelope.
+    back through its ``_Peer``. Every push and presence frame gets the
+    connection's next ``seq``; a resumable session (the page said
+    ``&last=``) holds what it wrote until the page acknowledges it. When
+    the connection is lost without a closing handshake, ``end`` detaches
+    the session instead of ending it: it keeps its model, topics and
+    frames for ``resume_window`` seconds, and ``attach`` moves it to the
+    page's next connection. ``_finish`` is the one place a page session's
+    life ends, whatever ended it: it leaves the topics and the presence,
+    stops the work in flight and runs ``server_terminate``. Handler errors
+    are logged here and answered with ``internal``; bad input is answered
+    with an ``error`` envelope.
     """
 
     __slots__ = (
@@ -2799,6 +2983,14 @@ class _PageSession:
         "pending",
         "worker",
         "rpcs",
+        "token",
+        "out_seq",
+        "in_seq",
+        "held",
+        "held_bytes",
+        "floor",
+        "expiry",
+        "ended",
     )
 
     def __init__(
@@ -2809,6 +3001,7 @@ class _PageSession:
         peer: _Peer,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         tag: str = "",
+        resumable: bool = False,
     ) -> None:
         self.reg = reg
         self.page = page
@@ -2826,17 +3019,69 @@ class _PageSession:
         self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
+        self.token = secrets.token_urlsafe(16)  # the resume token, told in hello
+        self.out_seq = 0  # the last seq given to a frame for the page
+        self.in_seq = 0  # the highest send seq taken from the page
+        # Resumable: (position, payload, numbered) of every frame written and
+        # not yet acknowledged by the page; a number frame's position is its
+        # seq, an ack's or error's the seq of the numbered frame before it.
+        self.held: list[tuple[int, bytes, bool]] | None = [] if resumable else None
+        self.held_bytes = 0
+        self.floor = 0  # frames up to this seq are no longer held: no resume from before it
+        self.expiry: asyncio.TimerHandle | None = None  # set while detached
+        self.ended = False
 
     # -- the transport's side --------------------------------------------------
 
     def start(self) -> None:
-        """Join the topics, then run ``server_init`` (its effects may reach this connection)."""
+        """Say hello (to a page that numbers frames), join the topics, then
+        run ``server_init`` (its effects may reach this connection)."""
+        if self.held is not None:
+            self.peer.write_frame(_hello(self.token, False, 0))
+            if self.reg.limits.resume_window:
+                self.reg.resumable[self.token] = self
         self.reg.topics.join(self, self.topics)
         self._init()
 
-    def push(self, frame: bytes) -> None:
-        """A frame published to one of this connection's topics."""
-        self.peer.write_frame(frame)
+    def push(self, payload: bytes, frame: bytes) -> None:
+        """A frame published to one of this connection's topics: the
+        ``payload``, and ``frame``, the same framed once for every page that
+        does not number frames."""
+        if self.held is None:
+            self.peer.write_frame(frame)
+        else:
+            self._emit(payload)
+
+    def can_resume(self, session_id: str, page: str, last: int) -> bool:
+        """Whether a page of session ``session_id`` that received every frame
+        up to ``last`` can go on with this session."""
+        return (
+            not self.ended
+            and session_id == self.ctx.session_id
+            and page == self.ctx.page
+            and self.floor <= last <= self.out_seq
+        )
+
+    def attach(self, peer: _Peer, last: int) -> None:
+        """Go on over the page's new connection (``can_resume`` said yes):
+        hello, then every frame after ``last`` again, in order."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        old, self.peer = self.peer, peer
+        old.abandon()  # a connection whose loss the server had not noticed yet
+        self._acked(last)
+        peer.write_frame(_hello(self.token, True, self.in_seq))
+        for pos, payload, numbered in self.held or ():
+            peer.write_frame(_seq_frame(pos, payload) if numbered else _ws_frame(payload))
+        self._flow()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the page's connection with ``code``; end the session at once if it has none."""
+        if self.peer is _DETACHED:
+            self._finish(code, reason)
+        else:
+            self.peer.close(code, reason)
 
     def receive(self, data: str | bytes) -> None:
         """One whole message from the page; raises ``ProtocolError`` for a
@@ -2845,30 +3090,41 @@ class _PageSession:
             raise ProtocolError("binary frames are not accepted here", close_code=1003)
         reg = self.reg
         try:
-            kind, msg_id, msg = _parse_envelope(reg.json.loads(data))
+            kind, msg_id, msg, key = _parse_envelope(reg.json.loads(data))
         except ContractError as exc:
             self._reply(_error_reply(None, exc.code, exc.errors))
             return
         if kind == "rpc":
-            reply = reg.rpc(msg_id, msg, self.ctx)
+            reply = reg.rpc(msg_id, msg, self.ctx, key)
             if isinstance(reply, tuple):
                 self._reply(reply[1])
             else:
                 self._start_rpc(reply)
             return
+        if kind == "ack":
+            if msg_id > self.out_seq:
+                errors = [{"path": "seq", "message": f"no frame {msg_id} was sent (the last is {self.out_seq})"}]
+                self._reply(_error_reply(None, "invalid", errors))
+            else:
+                self._acked(msg_id)
+            return
         page, seq = self.page, msg_id
+        if seq is not None:
+            if seq <= self.in_seq:
+                return  # sent again after a resume: taken already, answered in order
+            self.in_seq = seq
         if page.to_server is None:
             errors = [{"path": "", "message": f"page {page.route.pattern} has no server_update"}]
-            self._reply(_error_reply(None, "not_stateful", errors, seq))
+            self._refuse(_error_reply(None, "not_stateful", errors, seq), seq)
             return
         if msg["type"] not in page.to_server_names:
             errors = [{"path": "msg.type", "message": f"page {page.route.pattern} takes no {msg['type'][:40]!r}"}]
-            self._reply(_error_reply(None, "unknown_type", errors, seq))
+            self._refuse(_error_reply(None, "unknown_type", errors, seq), seq)
             return
         try:
             value = page.to_server.decode(msg)
         except _Bad as bad:
-            self._reply(_error_reply(None, bad.code, [bad.error("msg")], seq))
+            self._refuse(_error_reply(None, bad.code, [bad.error("msg")], seq), seq)
             return
         if self.ready and self.worker is None and not page.update_is_async:
             self._update_now(value, seq)
@@ -2878,11 +3134,33 @@ class _PageSession:
         if self.ready and self.worker is None:
             self.worker = self.spawn(self._drain())
 
-    def end(self, code: int, reason: str) -> None:
-        """The connection is over (``code`` and ``reason`` say how): leave the
-        topics, tell the page's presence, drop queued sends, cancel the work
-        in flight (the server awaits the tasks), then run ``server_terminate``
-        once for the model, if there is one."""
+    def end(self, code: int, reason: str, lost: bool = False) -> None:
+        """The connection is over (``code`` and ``reason`` say how). One that
+        was ``lost`` (no closing handshake) detaches a resumable session for
+        ``resume_window`` seconds; anything else finishes it."""
+        if self.ended or self.peer is _DETACHED:
+            return
+        window = self.reg.limits.resume_window
+        if lost and self.ready and self.token in self.reg.resumable:
+            self.peer = _DETACHED
+            self.expiry = asyncio.get_running_loop().call_later(window, self._finish, 1006, "resume window passed")
+            return
+        self._finish(code, reason)
+
+    def _finish(self, code: int, reason: str) -> None:
+        """The session is over: leave the topics, tell the page's presence,
+        drop queued sends, cancel the work in flight (the server awaits the
+        tasks), then run ``server_terminate`` once for the model, if there
+        is one."""
+        if self.ended:
+            return
+        self.ended = True
+        self.peer = _DETACHED
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        self.reg.resumable.pop(self.token, None)
+        self.held = None
         topics = self.reg.topics
         topics.leave(self, self.topics)
         if self.custom:
@@ -2948,7 +3226,56 @@ class _PageSession:
             self.peer.resume()
 
     def _reply(self, body: bytes) -> None:
+        """An RPC's answer or an error about no send: not numbered, not held."""
         self.peer.write_frame(_ws_frame(body))
+
+    def _refuse(self, body: bytes, seq: int | None) -> None:
+        """An ``error`` refusing a send: held like an ack when it has a seq."""
+        if seq is None:
+            self._reply(body)
+        else:
+            self._emit(body, numbered=False)
+
+    def _emit(self, payload: bytes, numbered: bool = True) -> None:
+        """Write one frame for the page. To a page that numbers frames (it
+        said ``&last=``), a push or presence frame gets the next ``seq`` and
+        an ack or a send's error goes unnumbered, and the session holds each
+        until the page acknowledges it, within ``max_outgoing_bytes``; past
+        that a detached session ends, and an attached one forgets its oldest
+        frames (no resume from before them)."""
+        held = self.held
+        if held is None:
+            self.peer.write_frame(_ws_frame(payload))
+            return
+        if numbered:
+            self.out_seq += 1
+        held.append((self.out_seq, payload, numbered))
+        self.held_bytes += len(payload)
+        limit = self.reg.limits.max_outgoing_bytes
+        if self.held_bytes > limit:
+            if self.peer is _DETACHED:
+                self._finish(1006, "resume buffer full")
+                return
+            while self.held_bytes > limit:
+                pos, old, was_numbered = held.pop(0)
+                self.held_bytes -= len(old)
+                self.floor = pos if was_numbered else pos + 1
+        self.peer.write_frame(_seq_frame(self.out_seq, payload) if numbered else _ws_frame(payload))
+
+    def _acked(self, last: int) -> None:
+        """The page has every numbered frame up to ``last``: stop holding them
+        (and the acks and errors written before them)."""
+        held = self.held
+        if not held or last <= self.floor:
+            return
+        n = 0
+        for pos, payload, numbered in held:
+            if pos > last or (pos == last and not numbered):
+                break
+            n += 1
+            self.held_bytes -= len(payload)
+        del held[:n]
+        self.floor = last
 
     def _start_rpc(self, reply: Awaitable[_Reply]) -> None:
         if self.rpcs is None:
@@ -3033,7 +3360,7 @@ class _PageSession:
         topics = self.reg.topics
         for scope, target, frame, msg_type in ops:
             if scope == "client":
-                self.peer.write_frame(frame)
+                self._emit(frame)
             elif scope == "subscribe" or scope == "unsubscribe":
                 assert target is not None
                 if self.custom is None:
@@ -3081,11 +3408,11 @@ class _PageSession:
         topics = self.reg.topics
         if joining:
             state = [{"id": i, "tag": t, "self": i == cid, "meta": m} for i, (t, m, _) in entries.items()]
-            self.peer.write_frame(_ws_frame(_dumps({"kind": "presence", "state": state})))
+            self._emit(_dumps({"kind": "presence", "state": state}))
             topics.publish(self.topics[1], _presence_frame(joins=[entry]), skip=self)
         else:
             topics.publish(self.topics[1], _presence_frame(updates=[entry]), skip=self)
-            self.peer.write_frame(_presence_frame(updates=[{**entry, "self": True}]))
+            self._emit(_presence_frame(updates=[{**entry, "self": True}]))
 
     def _presence_leave(self) -> None:
         path, cid = self.ctx.page, self.ctx.connection_id
@@ -3112,9 +3439,9 @@ class _PageSession:
         send, or answer ``internal`` (the model stays as it was)."""
         if result is not _FAILED and self._apply(result, "server_update"):
             if seq is not None:
-                self.peer.write_frame(_ack(seq))
+                self._emit(_ack(seq), numbered=False)
         else:
-            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS, seq))
+            self._refuse(_error_reply(None, "internal", _INTERNAL_ERRORS, seq), seq)
 
     async def _drain(self) -> None:
         """Run queued ``send`` messages in order, one ``server_update`` at a time."""
@@ -3185,8 +3512,8 @@ _FAILED: Final = object()  # a handler raised
 
 
 def _presence_frame(joins: list[Any] = _EMPTY, updates: list[Any] = _EMPTY, leaves: list[Any] = _EMPTY) -> bytes:
-    """A presence diff, framed once for every connection on the page."""
-    return _ws_frame(_dumps({"kind": "presence", "joins": joins, "updates": updates, "leaves": leaves}))
+    """A presence diff, encoded once for every connection on the page."""
+    return _dumps({"kind": "presence", "joins": joins, "updates": updates, "leaves": leaves})
 
 
 # Routing: a request head becomes one of these actions.
@@ -3227,6 +3554,9 @@ class _Upgrade(typing.NamedTuple):
     raw: _RawRoute | None
     stale: bool  # the page's contract hash differs: refuse with 4000 after the upgrade
     tag: str  # the session's presence tag
+    resumable: bool = False  # the page numbers what it receives (it sent &last=)
+    resume: _PageSession | None = None  # the held session this connection goes on with
+    last: int = 0  # the last frame the page received of it
 
 
 _Action = _Answer | _ReadBody | _SendFile | _Upgrade | Awaitable[_Answer]
@@ -3313,11 +3643,11 @@ class _Router:
     def _rpc_body(self, req: _Request, client: tuple[str, int] | None, body: bytes) -> _Answer | Awaitable[_Answer]:
         reg = self.reg
         try:
-            kind, msg_id, msg = _parse_envelope(reg.json.loads(body))
+            kind, msg_id, msg, key = _parse_envelope(reg.json.loads(body))
             if kind != "rpc":
                 raise ContractError(
                     "invalid",
-                    [{"path": "kind", "message": 'POST /_rally/rpc takes "rpc" envelopes; "send" needs a WebSocket'}],
+                    [{"path": "kind", "message": f'POST /_rally/rpc takes "rpc" envelopes, not "{kind}"'}],
                 )
         except ContractError as exc:
             return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
@@ -3325,7 +3655,7 @@ class _Router:
         found = reg.match_page(page) if page else None
         sid = _session_from_cookie(_header(req, b"cookie"), self.secret) or _new_session_id()  # pages set cookies
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
-        reply = reg.rpc(msg_id, msg, ctx)
+        reply = reg.rpc(msg_id, msg, ctx, key)
         if isinstance(reply, tuple):
             return _Answer(reply[0], reply[1], b"application/json")
         return _json_answer(reply)
@@ -3343,7 +3673,18 @@ class _Router:
             raise ProtocolError("no page at ?page=", 404)
         sent_hash = qs["contract"][0] if "contract" in qs else None
         stale = sent_hash is not None and sent_hash != self.reg.contract()[1]
-        return self._upgrade(req, client, pages[0], found[0], found[1], None, stale)
+        up = self._upgrade(req, client, pages[0], found[0], found[1], None, stale)
+        if "last" not in qs:
+            return up
+        last = qs["last"][0]
+        if not last.isdigit() or len(last) > 16:
+            raise ProtocolError("malformed query: last must be a frame number", 400)
+        held = self.reg.resumable.get(qs["resume"][0]) if "resume" in qs else None
+        if held is None or stale or not held.can_resume(up.ctx.session_id, pages[0], int(last)):
+            if held is not None and held.ctx.session_id == up.ctx.session_id:
+                held.close(1000, "replaced by a new connection")  # it cannot go on: it ends now
+            return up._replace(resumable=True)
+        return up._replace(resumable=True, resume=held, last=int(last), ctx=held.ctx)
 
     def _client_js(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET", b"HEAD")
@@ -4396,15 +4737,18 @@ class _WsConn(_Conn):
     and ``_Conn``'s abort timer once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx")
+    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resume_at")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
         self.reader = _WsReader(srv.limits.max_message_bytes)
         self.ctx = up.ctx
         self.session: _PageSession | _RawSession
-        if up.page is not None:
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag)
+        self.resume_at = -1  # a resumed page's last received frame, until start
+        if up.resume is not None:
+            self.session, self.resume_at = up.resume, up.last
+        elif up.page is not None:
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
         else:
             assert up.raw is not None
             self.session = _RawSession(up.raw, up.ctx, self, srv)
@@ -4426,17 +4770,22 @@ class _WsConn(_Conn):
             self.close(CLOSE_STALE_CONTRACT, "stale_contract")
             return
         self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
-        self.session.start()
+        if self.resume_at >= 0:
+            assert isinstance(self.session, _PageSession)
+            self.session.attach(self, self.resume_at)
+        else:
+            self.session.start()
         if trailing:
             self.reader.feed(trailing)
             self._process()
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake; the peer has ``close_timeout`` to answer."""
+    def close(self, code: int = 1000, reason: str = "", lost: bool = False) -> None:
+        """Start the closing handshake; the peer has ``close_timeout`` to
+        answer. ``lost``: the peer is not answering (a page may resume)."""
         if self.state is not _WsState.OPEN:
             return
         self._move(_WsState.CLOSING)
-        self._end(code, reason)
+        self._end(code, reason, lost)
         self._send(wsproto.events.CloseConnection(code=code, reason=reason))
         if self.abort_timer is None:
             self.abort_timer = self.srv.loop.call_later(self.srv.limits.close_timeout, self._abort)
@@ -4452,9 +4801,10 @@ class _WsConn(_Conn):
             await asyncio.wait_for(self.session.settle(), self.srv.limits.shutdown_timeout)
         self.close(1001, "server shutting down")
 
-    def _end(self, code: int, reason: str) -> None:
+    def _end(self, code: int, reason: str, lost: bool = False) -> None:
         """The one place every end of the connection passes, once: a close
-        from either side, a protocol error, a drop, a time-out, shutdown."""
+        from either side, a protocol error, a drop (``lost``), a time-out,
+        shutdown."""
         if self.ended:
             return
         self.ended = True
@@ -4463,11 +4813,20 @@ class _WsConn(_Conn):
             self.ping_timer = None
         self._resume(_BY_WORK | _BY_SHUTDOWN)  # the peer's close frame must still be read
         self._wake()
-        self.session.end(code, reason)
+        self.session.end(code, reason, lost)
+
+    def abandon(self) -> None:
+        """The page went on over a newer connection: drop this one, leaving the session alone."""
+        self.ended = True
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
+        self.state = _WsState.CLOSED
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _WsState.CLOSED  # from any state: the socket is gone
-        self._end(1006, "connection lost")
+        self._end(1006, "connection lost", lost=True)
         self._lost()
 
     def _ping(self) -> None:
@@ -4478,7 +4837,7 @@ class _WsConn(_Conn):
             _logger.info(
                 "closing WebSocket %s: no pong within %s s", self.ctx.connection_id, self.srv.limits.pong_timeout
             )
-            self.close(1011, "keepalive ping timeout")
+            self.close(1011, "keepalive ping timeout", lost=True)
             return
         self.awaiting_pong = True
         self._send(wsproto.events.Ping(payload=b"rally"))
@@ -4529,7 +4888,7 @@ class _WsConn(_Conn):
 
     def eof_received(self) -> bool:
         # The peer closed its side without a close frame: a network loss.
-        self._end(1006, "connection lost")
+        self._end(1006, "connection lost", lost=True)
         return False
 
     def _process(self) -> None:
@@ -4615,7 +4974,7 @@ class _RawSession:
             self.peer.pause()
         self._wake()
 
-    def end(self, code: int, reason: str) -> None:
+    def end(self, code: int, reason: str, lost: bool = False) -> None:
         """``receive()`` and ``send()`` raise ``ConnectionClosed(code)`` from
         now on; a handler that is still running ``close_timeout`` later is
         cancelled."""
@@ -4842,6 +5201,9 @@ class Server:
         loop = self.loop
         deadline = loop.time() + self.limits.shutdown_timeout
         self._stop_accepting()
+        for held in tuple(self.registry.resumable.values()):
+            if held.peer is _DETACHED:  # its page is not connected: it ends now
+                held._finish(1001, "server shutting down")
         for conn in tuple(self.conns):
             if isinstance(conn, _WsConn):
                 conn.shut_down()
@@ -4966,6 +5328,7 @@ class App:
         max_connections: int | None = None,
         max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
         max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+        resume_window: float = DEFAULT_RESUME_WINDOW_S,
     ) -> None:
         self._limits = _Limits(
             max_head_bytes=max_head_bytes,
@@ -4989,9 +5352,13 @@ class App:
             max_connections=_default_max_connections() if max_connections is None else max_connections,
             max_pending_messages=max_pending_messages,
             max_concurrent_rpcs=max_concurrent_rpcs,
+            resume_window=resume_window,
         )
         for name, value in self._limits._asdict().items():
-            if name.endswith("_timeout") or name == "ping_interval":
+            if name == "resume_window":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                    raise RegistrationError(f"App({name}={value!r}): expected a number of seconds, 0 or more")
+            elif name.endswith("_timeout") or name == "ping_interval":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                     raise RegistrationError(f"App({name}={value!r}): expected a number of seconds above 0")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -5162,7 +5529,7 @@ class App:
 
     def _publish(self, topic: str, msg: Any) -> int:
         try:
-            frame = self._registry.push_frame(msg)
+            frame = self._registry.push_payload(msg)
         except _Bad as bad:
             raise UsageError(bad.message) from None
         return self._registry.topics.broadcast(topic, frame, type(msg))
@@ -5235,8 +5602,11 @@ _CLIENT_JS: Final = r"""
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
-  var CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
+  var ACK_EVERY = 32, ACK_AFTER_MS = 1000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
   var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, stopped = false, staleSeen = false;
+  var resumeToken = null, lastSeq = 0, ackedSeq = 0, ackTimer = null;  // what this page received, by seq
+  var ready = false;  // the current socket's hello arrived: sends go straight out
+  var callKey = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);  // RPC idempotency prefix
   var sends = new Map();     // send seq -> {text, type, resolve, reject, sent}: until the server's ack
   var pending = new Map();   // rpc id -> {resolve, reject, timer, type, fields}
   var handlers = new Map();  // push type -> Set of functions
@@ -5313,9 +5683,51 @@ _CLIENT_JS: Final = r"""
     presenceHandlers.forEach(function (fn) { fn(list); });
   }
 
-  function onMessage(event) {
+  function sendAck() {
+    clearTimeout(ackTimer);
+    ackTimer = null;
+    if (lastSeq > ackedSeq && socket && socket.readyState === WebSocket.OPEN) {
+      ackedSeq = lastSeq;
+      socket.send(JSON.stringify({ kind: "ack", seq: lastSeq }));
+    }
+  }
+
+  function onHello(ws, reply, stable) {
+    resumeToken = reply.resume;
+    if (!reply.resumed) {
+      // A fresh page: a send written before and not answered may or may not
+      // have been applied; it is rejected, never applied twice.
+      sends.forEach(function (item, seq) {
+        if (!item.sent) return;
+        sends.delete(seq);
+        var err = new Error("rally: the connection closed before the server confirmed " + item.type);
+        err.code = "connection_lost";
+        item.reject(err);
+      });
+      lastSeq = ackedSeq = 0;
+    }
+    // Resumed, the server has every send up to reply.ack (their answers come
+    // again in order); the rest is sent again.
+    sends.forEach(function (item, seq) {
+      if (!reply.resumed || seq > reply.ack) { item.sent = true; ws.send(item.text); }
+    });
+    // The backoff starts again only once this connection has stayed open a
+    // while: a server_init that fails every time must not make a tight loop.
+    stable.timer = setTimeout(function () { attempt = 0; }, STABLE_MS);
+    ready = true;
+    setStatus("open", { resumed: reply.resumed });
+  }
+
+  function onMessage(ws, stable, event) {
     var reply;
     try { reply = JSON.parse(event.data); } catch (e) { reportError(new Error("rally: a frame is not JSON")); return; }
+    if (reply.kind === "hello") { onHello(ws, reply, stable); return; }
+    if (reply.seq !== undefined && (reply.kind === "push" || reply.kind === "presence")) {
+      if (reply.seq <= lastSeq) return;  // had it already
+      lastSeq = reply.seq;
+      if (lastSeq - ackedSeq >= ACK_EVERY) sendAck();
+      else if (!ackTimer) ackTimer = setTimeout(sendAck, ACK_AFTER_MS);
+    }
     if (reply.kind === "push") {
       var fns = handlers.get(reply.msg.type);
       if (fns) fns.forEach(function (fn) { fn(reply.msg.fields, reply.msg.type); });
@@ -5337,49 +5749,43 @@ _CLIENT_JS: Final = r"""
     if (stopped) return;
     setStatus(attempt ? "reconnecting" : "connecting");
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
-      "/_rally/ws?page=" + encodeURIComponent(boot.page) + "&contract=" + encodeURIComponent(boot.contract);
-    var ws = new WebSocket(url), stable = null;
+      "/_rally/ws?page=" + encodeURIComponent(boot.page) + "&contract=" + encodeURIComponent(boot.contract) +
+      "&last=" + lastSeq + (resumeToken ? "&resume=" + encodeURIComponent(resumeToken) : "");
+    var ws = new WebSocket(url), stable = { timer: null };
     socket = ws;
-    ws.onopen = function () {
-      // The backoff starts again only once this connection has stayed open a
-      // while: a server_init that fails every time must not make a tight loop.
-      stable = setTimeout(function () { attempt = 0; }, STABLE_MS);
-      setStatus("open", { resumed: false });
-      sends.forEach(function (item) { item.sent = true; ws.send(item.text); });
-    };
-    ws.onmessage = onMessage;
+    ready = false;
+    ws.onmessage = function (event) { onMessage(ws, stable, event); };
     ws.onclose = function (event) {
-      clearTimeout(stable);
+      clearTimeout(stable.timer);
       if (socket !== ws) return;
       socket = null;
-      // RPCs in flight on this socket are retried over HTTP: the server may
-      // or may not have run them, as with any request whose answer was lost.
+      // RPCs in flight on this socket are retried over HTTP with the same
+      // id and idempotency key: the server answers a call it ran once.
       pending.forEach(function (call, id) {
         pending.delete(id);
         clearTimeout(call.timer);
-        httpRpc(call.type, call.fields).then(call.resolve, call.reject);
+        httpRpc(call.type, call.fields, id).then(call.resolve, call.reject);
       });
-      // A send written to this socket and not acknowledged may or may not
-      // have been applied: it is rejected, never applied twice. Sends not yet
-      // written wait for the next connection.
-      sends.forEach(function (item, seq) {
-        if (!item.sent) return;
-        sends.delete(seq);
-        var err = new Error("rally: the connection closed before the server confirmed " + item.type);
-        err.code = "connection_lost";
-        item.reject(err);
-      });
-      if (presence.size) { presence = new Map(); presenceHandlers.forEach(function (fn) { fn([]); }); }
-      if (event.code === CLOSE_STALE) { stopped = true; setStatus("closed"); reloadOnce(); return; }
-      if (event.code === CLOSE_SESSION) { stopped = true; setStatus("closed"); return; }
+      if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION) {
+        stopped = true;
+        sends.forEach(function (item) {
+          var err = new Error("rally: the page was closed (" + event.code + ") before " + item.type + " was applied");
+          err.code = "closed";
+          item.reject(err);
+        });
+        sends.clear();
+        setStatus("closed");
+        if (event.code === CLOSE_STALE) reloadOnce();
+        return;
+      }
       var delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * Math.pow(2, attempt++));
       setStatus("reconnecting");
       setTimeout(connect, delay * (0.5 + Math.random()));
     };
   }
 
-  function httpRpc(type, fields) {
-    var id = nextId++;
+  function httpRpc(type, fields, id) {
+    if (id === undefined) id = nextId++;
     var controller = new AbortController();
     var timer = setTimeout(function () { controller.abort(); }, RPC_TIMEOUT_MS);
     return fetch("/_rally/rpc", {
@@ -5387,7 +5793,7 @@ _CLIENT_JS: Final = r"""
       credentials: "same-origin",
       signal: controller.signal,
       headers: { "Content-Type": "application/json", "Rally-Contract": boot.contract, "Rally-Page": boot.page },
-      body: JSON.stringify({ kind: "rpc", id: id, msg: { type: type, fields: fields || {} } })
+      body: JSON.stringify({ kind: "rpc", id: id, key: callKey + "-" + id, msg: { type: type, fields: fields || {} } })
     }).then(function (response) {
       return response.json();
     }).then(function (reply) {
@@ -5411,7 +5817,8 @@ _CLIENT_JS: Final = r"""
         reject(new Error("rally: " + type + " timed out"));
       }, RPC_TIMEOUT_MS);
       pending.set(id, { resolve: resolve, reject: reject, timer: timer, type: type, fields: fields });
-      socket.send(JSON.stringify({ kind: "rpc", id: id, msg: { type: type, fields: fields || {} } }));
+      var envelope = { kind: "rpc", id: id, key: callKey + "-" + id, msg: { type: type, fields: fields || {} } };
+      socket.send(JSON.stringify(envelope));
     });
   }
 
@@ -5421,7 +5828,7 @@ _CLIENT_JS: Final = r"""
                  type: type, sent: false };
     var promise = new Promise(function (resolve, reject) { item.resolve = resolve; item.reject = reject; });
     promise.catch(function () {});  // a send nobody awaits is not an unhandled rejection (it is logged)
-    var open = socket && socket.readyState === WebSocket.OPEN;
+    var open = ready && socket && socket.readyState === WebSocket.OPEN;
     if (!open) {
       var waiting = 0;
       sends.forEach(function (other) { if (!other.sent) waiting++; });
@@ -5678,6 +6085,14 @@ class PageConnection:
         self.connection_id: int | None = None
         self._presence: dict[int, Presence] = {}
         self._presence_updates: asyncio.Queue[list[Presence]] = asyncio.Queue()
+        #: The server's resume token and whether the last connection resumed (its hello).
+        self.resume_token: str | None = None
+        self.resumed = False
+        self._hello: asyncio.Future[dict[str, Any]] | None = None
+        self.last_seq = 0  # the last numbered frame received
+        self._acked_seq = 0  # the last one acknowledged to the server
+        self._next_send = itertools.count(1)
+        self._unacked: dict[int, str] = {}  # numbered sends the server has not answered
 
     async def __aenter__(self) -> PageConnection:
         await self.connect()
@@ -5692,6 +6107,7 @@ class PageConnection:
         Whatever ends the handshake early (a refusal, a time-out, a bad
         answer, cancellation) closes the socket before it propagates."""
         c = self.client
+        loop = asyncio.get_running_loop()
         reader, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.timeout)
         try:
             trailing = await self._handshake(reader, writer)
@@ -5699,13 +6115,51 @@ class PageConnection:
             writer.close()
             raise
         self._writer = writer
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, trailing))
+        self._hello = loop.create_future()
+        self._reader_task = loop.create_task(self._read(reader, trailing))
+
+    async def reconnect(self) -> bool:
+        """Open the page again after its connection was lost (or closed):
+        with the server's resume token, so a page the server still holds
+        goes on where it was (missed pushes arrive in order, no
+        ``server_init``) and sends it had not answered are sent again.
+        Returns whether it resumed; if not, the page started afresh and the
+        unanswered sends are dropped (they may or may not have been applied)."""
+        if self._reader_task is not None:
+            if self._writer is not None:
+                self._writer.transport.abort()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        stale = [item for item in self._drain_inbox() if not isinstance(item, ConnectionClosed)]
+        for item in stale:
+            self._inbox.put_nowait(item)
+        self._ws = wsproto.connection.Connection(ConnectionType.CLIENT)
+        self.close_code, self.close_reason = None, ""
+        await self.connect()
+        assert self._hello is not None
+        hello = await asyncio.wait_for(asyncio.shield(self._hello), self.client.timeout)
+        if not self.resumed:
+            self._unacked.clear()
+            self.last_seq = self._acked_seq = 0
+            return False
+        for seq, text in sorted(self._unacked.items()):
+            if seq > hello["ack"]:
+                await self.send_raw(text)
+        return True
+
+    def _drain_inbox(self) -> list[Any]:
+        items = []
+        while not self._inbox.empty():
+            items.append(self._inbox.get_nowait())
+        return items
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         """Send the upgrade request and read the 101; returns the bytes after it."""
         c = self.client
         key = base64.b64encode(secrets.token_bytes(16))
-        target = "/_rally/ws?page=" + urllib.parse.quote(self.path, safe="/")
+        target = "/_rally/ws?page=" + urllib.parse.quote(self.path, safe="/") + f"&last={self.last_seq}"
+        if self.resume_token is not None:
+            target += "&resume=" + urllib.parse.quote(self.resume_token)
         hs = (
             c._headers()
             + self._extra
@@ -5795,6 +6249,25 @@ class PageConnection:
             self._invalid("", f"expected an envelope object, got {_kind(reply)}")
             return
         kind = reply.get("kind")
+        seq = reply.get("seq")
+        if kind == "hello":
+            self.resume_token, self.resumed = reply.get("resume"), bool(reply.get("resumed"))
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(reply)
+            return
+        if kind in ("push", "presence") and type(seq) is int:
+            if seq <= self.last_seq:
+                return  # had it already
+            self.last_seq = seq
+            if seq - self._acked_seq >= _CLIENT_ACK_EVERY:  # the server may forget what we have
+                self._acked_seq = seq
+                self._write(self._ws.send(wsproto.events.TextMessage(data=f'{{"kind":"ack","seq":{seq}}}')))
+        if kind == "ack":
+            if type(seq) is int:
+                self._unacked.pop(seq, None)
+            return
+        if kind == "error" and type(seq) is int and self._unacked.pop(seq, None) is None:
+            return  # the refusal of a send, replayed after a resume: reported already
         if kind == "presence":
             self._on_presence(reply)
             return
@@ -5856,8 +6329,12 @@ class PageConnection:
         await self._writer.drain()
 
     async def send(self, msg: Any) -> None:
-        """Send a message to the page's ``server_update``."""
-        await self.send_raw(json.dumps({"kind": "send", "msg": self.client.encode_message(msg)}))
+        """Send a message to the page's ``server_update``, numbered, so that
+        ``reconnect`` sends it again if the server had not answered it."""
+        seq = next(self._next_send)
+        text = json.dumps({"kind": "send", "seq": seq, "msg": self.client.encode_message(msg)})
+        self._unacked[seq] = text
+        await self.send_raw(text)
 
     async def rpc(self, msg: Any) -> Ok[Any] | Error[Any]:
         """Call an RPC over this WebSocket; ``TimeoutError`` after the Client's ``timeout``."""
