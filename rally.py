@@ -6118,6 +6118,12 @@ class PageConnection:
         self._hello = loop.create_future()
         self._reader_task = loop.create_task(self._read(reader, trailing))
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, by either side or lost
+        (``close_code`` says how: 1006 when it was lost)."""
+        if self._reader_task is not None:
+            await asyncio.shield(self._reader_task)
+
     async def reconnect(self) -> bool:
         """Open the page again after its connection was lost (or closed):
         with the server's resume token, so a page the server still holds
@@ -6136,8 +6142,13 @@ class PageConnection:
         self._ws = wsproto.connection.Connection(ConnectionType.CLIENT)
         self.close_code, self.close_reason = None, ""
         await self.connect()
-        assert self._hello is not None
-        hello = await asyncio.wait_for(asyncio.shield(self._hello), self.client.timeout)
+        assert self._hello is not None and self._reader_task is not None
+        # The page's hello comes first, unless the server refused the page and closed.
+        waits = (self._hello, self._reader_task)
+        await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), self.client.timeout)
+        if not self._hello.done():
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason)
+        hello = self._hello.result()
         if not self.resumed:
             self._unacked.clear()
             self.last_seq = self._acked_seq = 0

@@ -2495,6 +2495,355 @@ async def test_send_with_a_bad_seq_is_invalid(seq: Any) -> None:
             assert await next_frame(ws) == {"kind": "ack", "seq": 3}
 
 
+# ==== Delivery across reconnects (SPEC section 10) ===========================
+
+
+class CutProxy:
+    """A TCP proxy to a server that loses the network on demand: ``cut()``
+    resets both sides of every live connection without a WebSocket close
+    (the server sees a lost connection, as after a network loss);
+    ``silence()`` resets the client's side while the server's side is kept
+    open and ignored (a loss the server has not noticed yet); ``mute()``
+    drops what the server sends from then on (answers lost on the way)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.pipes: list[tuple[asyncio.Transport, asyncio.StreamWriter]] = []
+        self.server: asyncio.Server | None = None
+        self.zombies: list[asyncio.StreamWriter] = []
+        self.muted = False
+
+    async def __aenter__(self) -> "CutProxy":
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        for writer in self.zombies:
+            writer.transport.abort()
+        assert self.server is not None
+        self.server.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        pair = (writer.transport, up_writer)
+        self.pipes.append(pair)  # type: ignore[arg-type]
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    if pair not in self.pipes:
+                        return  # silenced: what the server sends goes nowhere
+                    if not (self.muted and dst is writer):
+                        dst.write(data)
+            if pair in self.pipes:
+                dst.transport.abort()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+    def cut(self) -> None:
+        for client_side, server_side in self.pipes:
+            client_side.abort()
+            server_side.transport.abort()
+        self.pipes.clear()
+        self.muted = False
+
+    def mute(self) -> None:
+        self.muted = True
+
+    def silence(self) -> None:
+        for client_side, server_side in self.pipes:
+            client_side.abort()
+            self.zombies.append(server_side)
+        self.pipes.clear()
+
+
+@dataclass
+class Typed:
+    text: str
+
+
+@dataclass
+class Said:
+    text: str
+
+
+@dataclass
+class Ask:
+    question: str
+
+
+class Journal:
+    """The ``state`` of the journal app: what each model applied, each
+    ``server_init`` and ``server_terminate``, RPC runs, with waits."""
+
+    def __init__(self) -> None:
+        self.inits = 0
+        self.terminated: list[list[str]] = []
+        self.asked: list[str] = []
+        self.release = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    def note(self) -> None:
+        self.changed.set()
+
+    async def until(self, condition: Any) -> None:
+        while not condition():
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), WAIT)
+
+
+class JournalPage:
+    """Each ``Typed`` is appended to the model and said to the whole page."""
+
+    html = "<p>journal</p>"
+
+    def server_init(server_context: rally.ServerContext) -> tuple[list[str], rally.Effect[Said]]:
+        server_context.state.inits += 1
+        server_context.state.note()
+        return [], rally.effect.none()
+
+    def server_update(model: list[str], msg: Typed) -> tuple[list[str], rally.Effect[Said]]:
+        return [*model, msg.text], rally.effect.broadcast_to_page(Said(msg.text))
+
+    def server_terminate(model: list[str], server_context: rally.ServerContext) -> rally.Effect[Said]:
+        server_context.state.terminated.append(model)
+        server_context.state.note()
+        return rally.effect.none()
+
+    async def server_ask(msg: Ask, server_context: rally.ServerContext) -> str:
+        journal = server_context.state
+        journal.asked.append(msg.question)
+        journal.note()
+        await journal.release.wait()
+        return "answer to " + msg.question
+
+
+def journal_app(**options: Any) -> tuple[rally.App, Journal]:
+    journal = Journal()
+    app = rally.App(state=journal, **options)
+    app.page("/journal", JournalPage)
+    return app, journal
+
+
+async def said(page: rally.PageConnection, n: int) -> list[str]:
+    return [(await page.receive()).text for _ in range(n)]
+
+
+async def test_resume_after_a_cut_replays_missed_pushes_once_in_order_without_init() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        cut_client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with cut_client, bounded_client(server, app) as other:
+            async with cut_client.page("/journal") as page, other.page("/journal") as steady:
+                await page.send(Typed("a"))
+                assert await said(page, 1) == ["a"] and await said(steady, 1) == ["a"]
+                proxy.cut()
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+                for text in "bcde":  # while the page is away
+                    await steady.send(Typed(text))
+                assert await said(steady, 4) == list("bcde")
+                assert await page.reconnect() is True
+                assert await said(page, 4) == list("bcde")  # missed, once, in order
+                await page.send(Typed("f"))
+                assert await said(page, 1) == ["f"] and await said(steady, 1) == ["f"]
+                assert journal.inits == 2 and journal.terminated == []  # no second server_init
+
+
+async def test_resume_takes_over_a_connection_the_server_still_thinks_open() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            await eventually(lambda: page.resume_token, "hello")
+            proxy.silence()  # the server sees nothing: no reset, no close
+            await page.send(Typed("lost in the dark"))  # goes nowhere
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            assert await page.reconnect() is True
+            assert await said(page, 1) == ["lost in the dark"]  # sent again, applied once
+            assert journal.inits == 1 and journal.terminated == []
+
+
+async def test_a_send_whose_ack_was_lost_is_applied_once() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, bounded_client(server, app) as other, other.page("/journal") as steady:
+            async with client.page("/journal") as page:
+                await eventually(lambda: page.resume_token, "hello")
+                proxy.mute()
+                await page.send(Typed("once"))
+                assert await said(steady, 1) == ["once"]  # applied; its push and ack are lost
+                proxy.cut()
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+                assert list(page._unacked) == [1]  # the page does not know it was applied
+                assert await page.reconnect() is True  # the server says it has send 1: not sent again
+                assert await said(page, 1) == ["once"]  # the lost push, replayed
+                await journal.until(lambda: not page._unacked)  # and the lost ack
+                await page.send(Typed("after"))
+                assert await said(page, 1) == ["after"]
+        await journal.until(lambda: len(journal.terminated) == 2)
+        assert ["once", "after"] in journal.terminated  # the cut page's model: each send once
+
+
+@pytest.mark.parametrize("why", ["window passed", "buffer overflowed", "closed by the page"])
+async def test_resume_refused_starts_afresh(why: str) -> None:
+    window = 0.2 if why == "window passed" else 30.0
+    app, journal = journal_app(resume_window=window, max_outgoing_bytes=2048)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, bounded_client(server, app) as other, other.page("/journal") as steady:
+            page = client.page("/journal")
+            await page.connect()
+            await page.send(Typed("before"))
+            assert await said(page, 1) == ["before"]
+            if why == "closed by the page":
+                await page.close()  # a closing handshake: the page is gone for good
+            else:
+                proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            if why == "window passed":
+                await journal.until(lambda: len(journal.terminated) == 1)
+            elif why == "buffer overflowed":
+                await steady.send(Typed("x" * 3000))  # more than the page may hold while away
+                await journal.until(lambda: len(journal.terminated) == 1)
+            assert await page.reconnect() is False
+            assert journal.terminated[0] == ["before"]  # the old model ended, once
+            assert journal.inits == 3
+            await page.send(Typed("after"))
+            assert (await page.receive()).text == "after"
+            await page.close()
+
+
+async def test_a_resume_token_is_worth_nothing_to_another_session() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        thief = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, thief, client.page("/journal") as page:
+            await page.send(Typed("mine"))
+            assert await said(page, 1) == ["mine"]
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            stolen = thief.page("/journal")
+            stolen.resume_token, stolen.last_seq = page.resume_token, 0
+            assert await stolen.reconnect() is False  # a fresh page of the thief's own session
+            await stolen.send(Typed("thief"))
+            assert await said(stolen, 1) == ["thief"]  # nothing of the owner's page was replayed to it
+            await stolen.close()
+            assert await page.reconnect() is True  # the owner still can
+            assert await said(page, 1) == ["thief"]  # what the page said while the owner was away
+            assert journal.inits == 2
+            await journal.until(lambda: journal.terminated == [["thief"]])  # only the thief's own page ended
+
+
+async def test_resume_works_when_the_server_had_sent_nothing_and_after_a_long_quiet() -> None:
+    app, journal = journal_app(ping_interval=60)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            await eventually(lambda: page.resume_token, "hello")  # all the server sent
+            assert page.last_seq == 0
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            assert await page.reconnect() is True
+            await page.send(Typed("still me"))
+            assert await said(page, 1) == ["still me"]
+            assert journal.inits == 1
+
+
+async def test_an_rpc_retried_with_its_key_runs_once() -> None:
+    app, journal = journal_app()
+    async with running(app) as server:
+        [(page, _)] = responses(
+            await exchange(server, b"GET /journal HTTP/1.1\r\nhost: localhost\r\n\r\n", until_close=False)
+        )
+        cookie = dict(page.headers)[b"set-cookie"].split(b";")[0]
+        session = b"cookie: " + cookie + b"\r\n"
+        body = json.dumps(
+            {"kind": "rpc", "id": 1, "key": "load1-1", "msg": {"type": "Ask", "fields": {"question": "q"}}}
+        )
+
+        def rpc_request(body: bytes, extra: bytes = session) -> bytes:
+            return globals()["rpc_request"](body, extra)
+
+        first = asyncio.create_task(exchange(server, rpc_request(body.encode()), until_close=False))
+        await journal.until(lambda: journal.asked == ["q"])
+        first.cancel()  # its answer is lost with its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        retry = body.replace('"id": 1', '"id": 2')
+        second = asyncio.create_task(exchange(server, rpc_request(retry.encode()), until_close=False))
+        third = asyncio.create_task(exchange(server, rpc_request(body.encode()), until_close=False))
+        journal.release.set()
+        answers = [json.loads(responses(await t)[0][1]) for t in (second, third)]
+        assert answers == [
+            {"kind": "ok", "id": 2, "value": "answer to q"},
+            {"kind": "ok", "id": 1, "value": "answer to q"},
+        ]
+        assert journal.asked == ["q"]  # the handler ran once
+        # Another session with the same key is another call.
+        other = rpc_request(body.encode(), b"")
+        assert json.loads(responses(await exchange(server, other, until_close=False))[0][1])["value"] == "answer to q"
+        assert journal.asked == ["q", "q"]
+
+
+async def test_a_send_taken_already_is_ignored() -> None:
+    import websockets
+
+    async with running(article_app()) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/_rally/ws?page=/articles/abc") as ws:
+            for seq in (1, 1, 2, 1):
+                await ws.send(json.dumps({"kind": "send", "seq": seq, "msg": {"type": "ToggleFavorite", "fields": {}}}))
+            push = {"kind": "push", "msg": {"type": "FavoriteToggled", "fields": {"article_id": 3}}}
+            frames = [await next_frame(ws) for _ in range(4)]
+            assert frames == [push, {"kind": "ack", "seq": 1}, push, {"kind": "ack", "seq": 2}]
+            await ws.send(
+                json.dumps({"kind": "rpc", "id": 9, "msg": {"type": "ServerLoadTitle", "fields": {"slug": "x"}}})
+            )
+            assert (await next_frame(ws))["id"] == 9  # nothing else came in between
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.sampled_from(["send", "say", "cut", "cut in flight"]), max_size=12))
+def test_every_push_arrives_once_in_order_whatever_the_cuts(ops: list[str]) -> None:
+    async def scenario() -> None:
+        app, journal = journal_app()
+        async with running(app) as server, CutProxy(server.port) as proxy:
+            client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+            async with client, bounded_client(server, app) as other, other.page("/journal") as steady:
+                page = client.page("/journal")
+                await page.connect()
+                await eventually(lambda: page.resume_token, "hello")
+                produced: list[str] = []  # every Said, in the order the page's topic got them
+                sent: list[str] = []  # the cut page's sends
+                for i, op in enumerate(ops):
+                    if op == "say":
+                        await steady.send(Typed(f"say{i}"))
+                    elif op in ("send", "cut in flight"):
+                        if op == "cut in flight":
+                            proxy.mute()  # applied, but neither its push nor its ack gets back
+                        sent.append(f"send{i}")
+                        await page.send(Typed(sent[-1]))
+                    if op != "cut":
+                        produced += await said(steady, 1)
+                    if op in ("cut", "cut in flight"):
+                        proxy.cut()
+                        await asyncio.wait_for(page.wait_closed(), WAIT)
+                        assert await page.reconnect() is True
+                await steady.send(Typed("end"))
+                produced += await said(steady, 1)
+                assert await said(page, len(produced)) == produced  # no gap, no duplicate, in order
+                await page.close()
+            await journal.until(lambda: len(journal.terminated) == 2)
+            assert sent in journal.terminated  # each of the page's sends applied once, in order
+            assert journal.inits == 2
+
+    asyncio.run(scenario())
+
+
 # ==== README =================================================================
 
 
