@@ -5608,7 +5608,7 @@ _CLIENT_JS: Final = r"""
   var ready = false;  // the current socket's hello arrived: sends go straight out
   var callKey = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);  // RPC idempotency prefix
   var sends = new Map();     // send seq -> {text, type, resolve, reject, sent}: until the server's ack
-  var pending = new Map();   // rpc id -> {resolve, reject, timer, type, fields}
+  var pending = new Map();   // rpc id -> {resolve, reject, timer, text}: asked again after a reconnect
   var handlers = new Map();  // push type -> Set of functions
   var statusHandlers = new Set(), errorHandlers = new Set(), presenceHandlers = new Set();
   var presence = new Map();  // connection id -> {id, tag, self, meta}, in joining order
@@ -5711,6 +5711,9 @@ _CLIENT_JS: Final = r"""
     sends.forEach(function (item, seq) {
       if (!reply.resumed || seq > reply.ack) { item.sent = true; ws.send(item.text); }
     });
+    // RPCs in flight when the last connection dropped are asked again with
+    // their id and idempotency key: the server answers a call it ran once.
+    pending.forEach(function (call) { ws.send(call.text); });
     // The backoff starts again only once this connection has stayed open a
     // while: a server_init that fails every time must not make a tight loop.
     stable.timer = setTimeout(function () { attempt = 0; }, STABLE_MS);
@@ -5759,13 +5762,6 @@ _CLIENT_JS: Final = r"""
       clearTimeout(stable.timer);
       if (socket !== ws) return;
       socket = null;
-      // RPCs in flight on this socket are retried over HTTP with the same
-      // id and idempotency key: the server answers a call it ran once.
-      pending.forEach(function (call, id) {
-        pending.delete(id);
-        clearTimeout(call.timer);
-        httpRpc(call.type, call.fields, id).then(call.resolve, call.reject);
-      });
       if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION) {
         stopped = true;
         sends.forEach(function (item) {
@@ -5774,6 +5770,11 @@ _CLIENT_JS: Final = r"""
           item.reject(err);
         });
         sends.clear();
+        pending.forEach(function (call) {
+          clearTimeout(call.timer);
+          call.reject(new Error("rally: the page was closed (" + event.code + ") before the answer came"));
+        });
+        pending.clear();
         setStatus("closed");
         if (event.code === CLOSE_STALE) reloadOnce();
         return;
@@ -5784,8 +5785,8 @@ _CLIENT_JS: Final = r"""
     };
   }
 
-  function httpRpc(type, fields, id) {
-    if (id === undefined) id = nextId++;
+  function httpRpc(type, fields) {
+    var id = nextId++;
     var controller = new AbortController();
     var timer = setTimeout(function () { controller.abort(); }, RPC_TIMEOUT_MS);
     return fetch("/_rally/rpc", {
@@ -5816,9 +5817,10 @@ _CLIENT_JS: Final = r"""
         pending.delete(id);
         reject(new Error("rally: " + type + " timed out"));
       }, RPC_TIMEOUT_MS);
-      pending.set(id, { resolve: resolve, reject: reject, timer: timer, type: type, fields: fields });
-      var envelope = { kind: "rpc", id: id, key: callKey + "-" + id, msg: { type: type, fields: fields || {} } };
-      socket.send(JSON.stringify(envelope));
+      var msg = { type: type, fields: fields || {} };
+      var text = JSON.stringify({ kind: "rpc", id: id, key: callKey + "-" + id, msg: msg });
+      pending.set(id, { resolve: resolve, reject: reject, timer: timer, text: text });
+      socket.send(text);
     });
   }
 
