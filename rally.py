@@ -2166,6 +2166,7 @@ class _Registry:
         self.presence: dict[str, dict[int, tuple[str, Any, Any]]] = {}
         #: resume token -> the page session that may be resumed with it
         self.resumable: dict[str, _PageSession] = {}
+        self.detached = 0  # of those, how many are held without a connection
         self.answers = _Answers(limits.resume_window)
         self._contract: tuple[bytes, str] | None = None
 
@@ -3069,6 +3070,8 @@ class _PageSession:
             self.expiry.cancel()
             self.expiry = None
         old, self.peer = self.peer, peer
+        if old is _DETACHED:
+            self.reg.detached -= 1
         old.abandon()  # a connection whose loss the server had not noticed yet
         self._acked(last)
         peer.write_frame(_hello(self.token, True, self.in_seq))
@@ -3140,9 +3143,13 @@ class _PageSession:
         ``resume_window`` seconds; anything else finishes it."""
         if self.ended or self.peer is _DETACHED:
             return
-        window = self.reg.limits.resume_window
-        if lost and self.ready and self.token in self.reg.resumable:
+        reg = self.reg
+        # Held pages count against max_connections too, so that dropping
+        # connections on purpose cannot pile up models.
+        if lost and self.ready and self.token in reg.resumable and reg.detached < reg.limits.max_connections:
             self.peer = _DETACHED
+            reg.detached += 1
+            window = reg.limits.resume_window
             self.expiry = asyncio.get_running_loop().call_later(window, self._finish, 1006, "resume window passed")
             return
         self._finish(code, reason)
@@ -3155,6 +3162,8 @@ class _PageSession:
         if self.ended:
             return
         self.ended = True
+        if self.peer is _DETACHED:
+            self.reg.detached -= 1
         self.peer = _DETACHED
         if self.expiry is not None:
             self.expiry.cancel()

@@ -4,14 +4,18 @@ auto-waiting ``expect`` with a bound. Without chromium or Playwright the
 module is skipped with the reason; CI installs both.
 """
 
+import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -446,3 +450,336 @@ def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monke
         first.click("#fav")
         expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
         assert second.locator("#fav").inner_text() == "Favourite"
+
+
+# ==== Delivery across a lost network (SPEC section 10) ========================
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback that loses the network the way a pulled cable
+    does, never with a WebSocket close frame. ``silence()``: every byte in
+    both directions is dropped (and kept in ``dropped``), the sockets stay
+    up and nobody is told. ``cut()``: silence, then both sides of every pipe
+    are reset (RST). While down a new connection is reset at once, or with
+    ``hold`` waits, as a retried SYN does, until ``restore()``."""
+
+    def __init__(self, target_port: int, hold: bool = False) -> None:
+        self.target_port = target_port
+        self.hold = hold
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cutting-proxy", daemon=True)
+        self.pipes: list[_Pipe] = []
+        self.tasks: set[asyncio.Task[None]] = set()  # one per connection, until both sides are closed
+        self.down = False
+        self.restored: asyncio.Event | None = None
+        self.changed = threading.Condition()
+        self.dropped = {"up": bytearray(), "down": bytearray()}  # to the server, to the browser
+        self.turned_away = 0  # connections reset or held while down
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    def __enter__(self) -> "CuttingProxy":
+        self.thread.start()
+
+        async def start() -> asyncio.Server:
+            self.restored = asyncio.Event()
+            return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(5)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self.server is not None and self.restored is not None
+            self.server.close()
+            self.down, self.hold = True, False
+            self.restored.set()
+            for pipe in list(self.pipes):
+                pipe.reset()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        async def run() -> None:
+            fn()
+
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def silence(self) -> None:
+        def go() -> None:
+            assert self.restored is not None
+            self.down = True
+            self.restored.clear()
+            for pipe in self.pipes:
+                pipe.silent = True
+
+        self._call(go)
+
+    def cut(self) -> None:
+        def go() -> None:
+            for pipe in list(self.pipes):
+                pipe.reset()
+
+        self.silence()
+        self._call(go)
+
+    def restore(self) -> None:
+        def go() -> None:
+            assert self.restored is not None
+            self.down = False
+            self.restored.set()
+
+        self._call(go)
+
+    def wait(self, predicate: Callable[["CuttingProxy"], bool], what: str, timeout: float = BOUND_MS / 1000) -> None:
+        """Wait until ``predicate(self)`` holds (checked whenever bytes are
+        dropped or a connection is turned away)."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self), timeout), f"no {what} in {timeout} s"
+
+    def _drop(self, direction: str, data: bytes) -> None:
+        with self.changed:
+            self.dropped[direction] += data
+            self.changed.notify_all()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.restored is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if self.down:
+            with self.changed:
+                self.turned_away += 1
+                self.changed.notify_all()
+            if self.hold:
+                await self.restored.wait()
+            if self.down:  # refused, or the proxy is closing
+                _rst(writer)
+                return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            _rst(writer)
+            return
+        pipe = _Pipe(writer, up_writer)
+        self.pipes.append(pipe)
+        try:
+            await asyncio.gather(
+                self._copy(reader, up_writer, pipe, "up"),
+                self._copy(up_reader, writer, pipe, "down"),
+                return_exceptions=True,
+            )
+        finally:
+            self.pipes.remove(pipe)
+            for w in (writer, up_writer):
+                w.close()
+
+    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pipe: "_Pipe", way: str) -> None:
+        while data := await reader.read(65536):
+            if pipe.silent:
+                self._drop(way, data)
+                continue
+            writer.write(data)
+            await writer.drain()
+        if not pipe.silent and writer.can_write_eof():
+            writer.write_eof()  # a FIN passes through; a reset does not
+
+
+def _rst(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (SO_LINGER 0): no FIN, no close frame."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class _Pipe:
+    def __init__(self, browser_side: asyncio.StreamWriter, server_side: asyncio.StreamWriter) -> None:
+        self.sides = (browser_side, server_side)
+        self.silent = False
+
+    def reset(self) -> None:
+        self.silent = True
+        for writer in self.sides:
+            _rst(writer)
+
+
+@dataclasses.dataclass
+class Typed:
+    text: str
+
+
+@dataclasses.dataclass
+class Note:
+    text: str
+
+
+@dataclasses.dataclass
+class Slow:
+    n: int
+
+
+@dataclasses.dataclass
+class PadModel:
+    lines: list[str]
+
+
+@dataclasses.dataclass
+class Journal:
+    """What the server did, for the test to read (``server_context.state``)."""
+
+    inits: list[int | None] = dataclasses.field(default_factory=list)  # connection ids
+    applied: list[str] = dataclasses.field(default_factory=list)  # every Typed, in the order server_update ran
+    model: PadModel | None = None  # the latest model
+    calls: list[int] = dataclasses.field(default_factory=list)  # Slow RPCs run
+    called: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+PAD_HTML = """<link rel="icon" href="data:,"><p id="status"></p><p id="acked">0</p><p id="answer"></p>
+<ol id="notes"></ol>
+<script>
+window.statuses = []; window.acked = 0;
+rally.onStatus((s, info) => {
+  document.getElementById('status').textContent = s;
+  statuses.push([s, info ? info.resumed : null]);
+});
+rally.on('Note', (m) => {
+  const li = document.createElement('li'); li.textContent = m.text; document.getElementById('notes').append(li);
+});
+window.type = (text) => rally.send('Typed', {text}).then(() => {
+  document.getElementById('acked').textContent = String(++acked);
+});
+</script>"""
+
+
+class Pad:
+    @staticmethod
+    def view() -> str:
+        return PAD_HTML
+
+    @staticmethod
+    def server_init(server_context: rally.ServerContext) -> tuple[PadModel, rally.Effect[Note]]:
+        server_context.state.inits.append(server_context.connection_id)
+        return PadModel([]), rally.effect.none()
+
+    @staticmethod
+    def server_update(
+        model: PadModel, msg: Typed, server_context: rally.ServerContext
+    ) -> tuple[PadModel, rally.Effect[Note]]:
+        journal = server_context.state
+        journal.applied.append(msg.text)
+        journal.model = PadModel([*model.lines, msg.text])
+        return journal.model, rally.effect.none()
+
+    @staticmethod
+    async def server_slow(msg: Slow, server_context: rally.ServerContext) -> str:
+        journal = server_context.state
+        journal.calls.append(msg.n)
+        journal.called.set()
+        await asyncio.to_thread(journal.release.wait, 30)
+        return f"answer {msg.n}"
+
+
+@contextlib.contextmanager
+def pad_behind_proxy(hold: bool = False) -> Iterator[tuple[rally.App, Journal, CuttingProxy]]:
+    journal = Journal()
+    app = rally.App(state=journal)
+    app.page("/pad", Pad)
+    with app.run_in_thread(access_log=False) as server, CuttingProxy(server.port, hold) as proxy:
+        try:
+            yield app, journal, proxy
+        finally:
+            journal.release.set()  # a handler still waiting lets the server stop
+
+
+def send_frame_size(seq: int, text: str) -> int:
+    """Bytes of the browser's masked frame for ``rally.send('Typed', {text})``."""
+    envelope = {"kind": "send", "seq": seq, "msg": {"type": "Typed", "fields": {"text": text}}}
+    n = len(json.dumps(envelope, separators=(",", ":")).encode())  # JSON.stringify's text
+    return n + 6 if n < 126 else n + 8
+
+
+def test_page_resumes_after_a_network_loss_without_losing_or_repeating_anything(
+    browser: Browser, tmp_path: Path
+) -> None:
+    with pad_behind_proxy() as (app, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to",)  # Chromium logs the refused reconnections
+        page = t.open(t.session(), "/pad")
+        loads: list[str] = []
+        page.on("load", lambda p: loads.append(p.url))
+        before = ["a", "b", "c"]
+        page.evaluate("(texts) => Promise.all(texts.map(type))", before)
+        expect(page.locator("#acked")).to_have_text("3")
+        assert app.broadcast_to_page_threadsafe("/pad", Note("n0")).result(5) == 1
+        expect(page.locator("#notes li")).to_have_text(["n0"])
+
+        # The network goes silent: what either side writes now is lost on the way.
+        proxy.silence()
+        during = [f"while down {i}" for i in range(1, 6)]
+        page.evaluate("(texts) => { texts.forEach((x) => type(x)); }", during)  # not awaited
+        for i in (1, 2, 3):
+            assert app.broadcast_to_page_threadsafe("/pad", Note(f"n{i}")).result(5) == 1
+        lost_sends = sum(send_frame_size(seq, x) for seq, x in enumerate(during, start=4))
+        proxy.wait(lambda p: len(p.dropped["up"]) >= lost_sends, "five sends lost on the way up")
+        proxy.wait(lambda p: all(b'"n%d"' % i in p.dropped["down"] for i in (1, 2, 3)), "three pushes lost")
+        proxy.cut()  # then both sides are reset, without a close frame
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        proxy.wait(lambda p: p.turned_away >= 1, "reconnection refused while down")
+        assert page.locator("#notes li").all_inner_texts() == ["n0"]  # now, not eventually
+        assert page.locator("#acked").inner_text() == "3"
+
+        proxy.restore()
+        expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+        expect(page.locator("#notes li")).to_have_text(["n0", "n1", "n2", "n3"])  # replayed in order, once
+        expect(page.locator("#acked")).to_have_text("8")  # every send confirmed
+        assert journal.applied == before + during  # each send applied once, in order
+        assert journal.model == PadModel(before + during)
+        assert len(journal.inits) == 1  # resumed: no second server_init
+        assert [s for s in page.evaluate("window.statuses") if s[0] == "open"] == [["open", False], ["open", True]]
+        assert loads == []  # the page never reloaded
+        assert app.broadcast_to_page_threadsafe("/pad", Note("n4")).result(5) == 1  # one page, still subscribed
+        expect(page.locator("#notes li")).to_have_text(["n0", "n1", "n2", "n3", "n4"])
+
+
+def test_rpc_whose_answer_was_lost_is_retried_and_runs_once(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy(hold=True) as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        page = t.open(t.session(), "/pad")
+        page.evaluate("""() => { rally.rpc('Slow', {n: 1}).then(
+          (r) => { document.getElementById('answer').textContent = JSON.stringify(r); },
+          (e) => { document.getElementById('answer').textContent = 'rejected: ' + e.message; }); }""")
+        assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
+        proxy.cut()  # the call's WebSocket is gone: its answer cannot come back on it
+        expect(page.locator("#status")).to_have_text("reconnecting")  # the client retries over HTTP now
+        proxy.wait(lambda p: p.turned_away >= 1, "a connection attempt while down")
+        proxy.restore()
+        journal.release.set()
+        expect(page.locator("#answer")).to_have_text('{"ok":true,"value":"answer 1"}')
+        assert journal.calls == [1]  # the retry got the first call's answer
+        expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+        assert len(journal.inits) == 1
+
+
+def test_rpc_in_flight_survives_a_network_loss_that_refuses_connections(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy() as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "net::ERR_")
+        page = t.open(t.session(), "/pad")
+        page.evaluate("""() => { rally.rpc('Slow', {n: 1}).then(
+          (r) => { document.getElementById('answer').textContent = JSON.stringify(r); },
+          (e) => { document.getElementById('answer').textContent = 'rejected: ' + e.message; }); }""")
+        assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        proxy.wait(lambda p: p.turned_away >= 2, "the retry and a reconnection refused while down")
+        proxy.restore()
+        journal.release.set()
+        expect(page.locator("#answer")).not_to_be_empty()
+        assert page.locator("#answer").inner_text() == '{"ok":true,"value":"answer 1"}'
+        assert journal.calls == [1]

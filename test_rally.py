@@ -2844,6 +2844,45 @@ def test_every_push_arrives_once_in_order_whatever_the_cuts(ops: list[str]) -> N
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("size", [0, 100, 109, 110, 65_490, 65_500, 70_000])
+def test_a_numbered_frame_is_the_shared_payload_with_its_seq_first(size: int) -> None:
+    """Read by a real wsproto client, across the 126 and 65 536 byte length forms."""
+    push = {"kind": "push", "msg": {"type": "T", "fields": {"x": "a" * size}}}
+    payload = json.dumps(push).encode()
+    for seq in (1, 99, 2**53 - 1):
+        client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+        client.receive_data(rally._seq_frame(seq, payload))
+        [message] = list(client.events())
+        assert isinstance(message, wsproto.events.TextMessage) and message.message_finished
+        assert message.data.startswith(f'{{"seq":{seq},"kind"')
+        assert json.loads(message.data) == {"seq": seq, **push}
+
+
+async def test_held_pages_are_bounded_by_max_connections_at_n_and_n_plus_one() -> None:
+    app, journal = journal_app(max_connections=2)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        clients = [rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT) for _ in range(3)]
+        async with clients[0], clients[1], clients[2]:
+            pages = [c.page("/journal") for c in clients]
+
+            async def open_and_cut(page: rally.PageConnection) -> None:
+                await page.connect()
+                await eventually(lambda: page.resume_token, "hello")
+                proxy.cut()  # every live connection: the ones still open are cut again below
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+
+            await open_and_cut(pages[0])
+            await open_and_cut(pages[1])  # two held: N
+            assert app._registry.detached == 2
+            await open_and_cut(pages[2])  # a third would be N + 1: it ends at once
+            await journal.until(lambda: len(journal.terminated) == 1)
+            assert app._registry.detached == 2
+            assert await pages[0].reconnect() is True
+            assert await pages[2].reconnect() is False
+            for page in pages[:1] + pages[2:]:
+                await page.close()
+
+
 # ==== README =================================================================
 
 
