@@ -3024,7 +3024,7 @@ class _PageSession:
         self.out_seq = 0  # the last seq given to a frame for the page
         self.in_seq = 0  # the highest send seq taken from the page
         # Resumable: (position, payload, numbered) of every frame written and
-        # not yet acknowledged by the page; a number frame's position is its
+        # not yet acknowledged by the page; a numbered frame's position is its
         # seq, an ack's or error's the seq of the numbered frame before it.
         self.held: list[tuple[int, bytes, bool]] | None = [] if resumable else None
         self.held_bytes = 0
