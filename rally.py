@@ -1807,8 +1807,9 @@ class ServerContext:
     ``session_id`` (the ``rally_session`` cookie), ``page`` (the concrete
     path, e.g. ``/articles/hello``, or ``None`` for an HTTP RPC that names no
     page), ``params`` (typed route parameters), ``headers`` (lower-case names),
-    ``client`` (``(host, port)``), ``connection_id`` (``None`` for HTTP) and
-    ``state`` (the object given as ``rally.App(state=...)``).
+    ``client`` (``(host, port)``), ``connection_id`` (``None`` for HTTP;
+    unique across the processes of an app) and ``state`` (the object given
+    as ``rally.App(state=...)``).
     """
 
     __slots__ = (
@@ -1990,7 +1991,7 @@ def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
 
 class Presence(_Value):
     """One connection on a page, as presence reports it: ``id`` (its
-    connection id), ``tag`` (opaque, the same for every connection of one
+    connection id, unique across the processes of an app), ``tag`` (opaque, the same for every connection of one
     browser session, never the session id) and ``meta`` (what the page's
     ``server_presence`` returned)."""
 
@@ -3592,7 +3593,11 @@ class _Router:
         hosts = app.allowed_hosts
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
         self.host_ok: dict[bytes, bool] = {}
-        self.ids = itertools.count(1)
+        # Connection ids count up from a random start below 2**52, drawn per
+        # server (so after a fork): unique across the processes of a cluster
+        # unless two ranges overlap (for two servers of n connections each, a
+        # chance of about 2n in 2**52), and below 2**53, exact in JavaScript.
+        self.ids = itertools.count(secrets.randbelow(2**52) + 1)
         #: declarations and docs page: (contract hash, body, ETag), made once per contract
         self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
