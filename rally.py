@@ -1807,8 +1807,9 @@ class ServerContext:
     ``session_id`` (the ``rally_session`` cookie), ``page`` (the concrete
     path, e.g. ``/articles/hello``, or ``None`` for an HTTP RPC that names no
     page), ``params`` (typed route parameters), ``headers`` (lower-case names),
-    ``client`` (``(host, port)``), ``connection_id`` (``None`` for HTTP) and
-    ``state`` (the object given as ``rally.App(state=...)``).
+    ``client`` (``(host, port)``), ``connection_id`` (``None`` for HTTP;
+    unique across the processes of an app) and ``state`` (the object given
+    as ``rally.App(state=...)``).
     """
 
     __slots__ = (
@@ -1844,8 +1845,9 @@ class ServerContext:
         self._registry = registry
 
     def presence(self, page: str | None = None) -> list[Presence]:
-        """Who is on this page now, or on the concrete page ``page`` (as
-        ``app.presence(page)``); ``[]`` for a request of no page."""
+        """Who is on this page now, in every process of the app, or on the
+        concrete page ``page`` (as ``app.presence(page)``); ``[]`` for a
+        request of no page."""
         page = page or self.page
         return self._registry.presence_of(page) if page else []
 
@@ -1990,7 +1992,7 @@ def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
 
 class Presence(_Value):
     """One connection on a page, as presence reports it: ``id`` (its
-    connection id), ``tag`` (opaque, the same for every connection of one
+    connection id, unique across the processes of an app), ``tag`` (opaque, the same for every connection of one
     browser session, never the session id) and ``meta`` (what the page's
     ``server_presence`` returned)."""
 
@@ -2162,8 +2164,10 @@ class _Registry:
         self.static: list[tuple[str, str]] = []
         self.push_encoders: dict[type, _Encoder] = {}
         self.topics = _Topics()
-        #: page path -> connection id -> (tag, encoded meta, meta)
-        self.presence: dict[str, dict[int, tuple[str, Any, Any]]] = {}
+        #: page path -> connection id -> (tag, encoded meta, meta, origin): every
+        #: process's entries, origin "" for this process's own connections and
+        #: the broker's process id for another's (see "Presence across processes")
+        self.presence: dict[str, dict[int, tuple[str, Any, Any, str]]] = {}
         #: resume token -> the page session that may be resumed with it
         self.resumable: dict[str, _PageSession] = {}
         self.detached = 0  # of those, how many are held without a connection
@@ -2563,10 +2567,85 @@ class _Registry:
             raise error(f"the page at {path[:100]!r} does not push {msg_type.__name__}; it pushes {names}")
 
     # -- presence -----------------------------------------------------------
+    #
+    # With a broker, ``presence`` also holds the entries of the other
+    # processes, told by their broker messages: ``presence_merge`` applies one
+    # process's diff for one page, ``presence_replace`` its whole list (a
+    # snapshot, or ``{}`` when it has gone). Either tells this process's
+    # connections on each page what changed in one diff frame, encoded once.
+    # Messages come from processes of the same app; an item that is not what
+    # rally.py sends is skipped.
 
     def presence_of(self, path: str) -> list[Presence]:
-        """Who is on the concrete page ``path``: one entry per connection."""
-        return [Presence(cid, tag, meta) for cid, (tag, _, meta) in self.presence.get(path, {}).items()]
+        """Who is on the concrete page ``path``: one entry per connection, of every process."""
+        return [Presence(cid, tag, meta) for cid, (tag, _, meta, _) in self.presence.get(path, {}).items()]
+
+    def presence_own(self) -> dict[str, list[list[Any]]]:
+        """This process's own entries, ``{path: [[id, tag, meta], ...]}``:
+        the snapshot its broker sends the others."""
+        out: dict[str, list[list[Any]]] = {}
+        for path, entries in self.presence.items():
+            own = [[cid, tag, meta] for cid, (tag, meta, _, origin) in entries.items() if not origin]
+            if own:
+                out[path] = own
+        return out
+
+    def presence_merge(self, origin: str, path: Any, upserts: Any, leaves: Any) -> None:
+        """Apply process ``origin``'s diff for page ``path``: ``upserts``
+        (``[[id, tag, meta], ...]``) join or update, ``leaves`` (ids) leave.
+        An entry of another origin is never touched."""
+        if type(path) is not str or type(upserts) is not list or type(leaves) is not list:
+            return
+        found = self.match_page(path)
+        codec = found[0].presence_codec if found is not None else None
+        if codec is None:
+            return  # no page with presence here (another version of the app): no one to tell
+        entries = self.presence.setdefault(path, {})
+        joins: list[Any] = []
+        updates: list[Any] = []
+        gone: list[int] = []
+        for item in upserts:
+            if type(item) is not list or len(item) != 3:
+                continue
+            cid, tag, meta = item
+            if type(cid) is not int or not 0 < cid <= _MAX_SAFE_INT or type(tag) is not str:
+                continue
+            old = entries.get(cid)
+            if old is not None and (old[3] != origin or (old[0], old[1]) == (tag, meta)):
+                continue
+            try:
+                value = codec.decode(meta)
+            except _Bad as bad:
+                _logger.warning(
+                    "presence of page %s from process %s does not fit its type here: %s", path, origin, bad.message
+                )
+                continue
+            entries[cid] = (tag, meta, value, origin)
+            (joins if old is None else updates).append({"id": cid, "tag": tag, "self": False, "meta": meta})
+        for cid in leaves:
+            old = entries.get(cid) if type(cid) is int else None
+            if old is not None and old[3] == origin:
+                del entries[cid]
+                gone.append(cid)
+        if not entries:
+            del self.presence[path]
+        if joins or updates or gone:
+            self.topics.publish(f"page:{path}", _presence_frame(joins, updates, gone))
+
+    def presence_replace(self, origin: str, pages: Any) -> None:
+        """Process ``origin``'s entries are now exactly ``pages`` (as
+        ``presence_own`` makes them); ``{}`` when it has gone."""
+        if type(pages) is not dict:
+            return
+        known = {path for path, entries in self.presence.items() if any(e[3] == origin for e in entries.values())}
+        for path in known | pages.keys():
+            upserts = pages.get(path)
+            if type(upserts) is not list:
+                upserts = []
+            listed = {item[0] for item in upserts if type(item) is list and item and type(item[0]) is int}
+            entries = self.presence.get(path, {})
+            leaves = [cid for cid, e in entries.items() if e[3] == origin and cid not in listed]
+            self.presence_merge(origin, path, upserts, leaves)
 
 
 _EMPTY: Final[list[Any]] = []
@@ -3409,19 +3488,21 @@ class _PageSession:
         if not joining and meta == self.meta:
             return
         self.meta = meta
-        cid = self.ctx.connection_id
-        assert cid is not None and self.ctx.page is not None
-        entries = self.reg.presence.setdefault(self.ctx.page, {})
-        entries[cid] = (self.tag, meta, meta_value)
+        cid, path = self.ctx.connection_id, self.ctx.page
+        assert cid is not None and path is not None
+        entries = self.reg.presence.setdefault(path, {})
+        entries[cid] = (self.tag, meta, meta_value, "")
         entry = {"id": cid, "tag": self.tag, "self": False, "meta": meta}
         topics = self.reg.topics
-        if joining:
-            state = [{"id": i, "tag": t, "self": i == cid, "meta": m} for i, (t, m, _) in entries.items()]
+        if joining:  # the list holds the other processes' entries too
+            state = [{"id": i, "tag": t, "self": i == cid, "meta": m} for i, (t, m, _, _) in entries.items()]
             self._emit(_dumps({"kind": "presence", "state": state}))
             topics.publish(self.topics[1], _presence_frame(joins=[entry]), skip=self)
         else:
             topics.publish(self.topics[1], _presence_frame(updates=[entry]), skip=self)
             self._emit(_presence_frame(updates=[{**entry, "self": True}]))
+        if topics.broker is not None:
+            topics.broker._presence(path, [[cid, self.tag, meta]], _EMPTY)
 
     def _presence_leave(self) -> None:
         path, cid = self.ctx.page, self.ctx.connection_id
@@ -3430,7 +3511,10 @@ class _PageSession:
         entries.pop(cid, None)
         if not entries:
             self.reg.presence.pop(path, None)
-        self.reg.topics.publish(self.topics[1], _presence_frame(leaves=[cid]))
+        topics = self.reg.topics
+        topics.publish(self.topics[1], _presence_frame(leaves=[cid]))
+        if topics.broker is not None:
+            topics.broker._presence(path, _EMPTY, [cid])
 
     def _update_now(self, value: Any, seq: int | None) -> None:
         page = self.page
@@ -3601,7 +3685,11 @@ class _Router:
         hosts = app.allowed_hosts
         self.hosts = hosts if hosts is not None else _LOOPBACK_HOSTS if loopback else None
         self.host_ok: dict[bytes, bool] = {}
-        self.ids = itertools.count(1)
+        # Connection ids count up from a random start below 2**52, drawn per
+        # server (so after a fork): unique across the processes of a cluster
+        # unless two ranges overlap (for two servers of n connections each, a
+        # chance of about 2n in 2**52), and below 2**53, exact in JavaScript.
+        self.ids = itertools.count(secrets.randbelow(2**52) + 1)
         #: declarations and docs page: (contract hash, body, ETag), made once per contract
         self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
@@ -3912,6 +4000,24 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # unreachable local delivery goes on and remote deliveries are dropped and
 # counted. One channel per app, filtered where it arrives, is the simple
 # correct design; README's "Scaling out" weighs it against a channel per topic.
+#
+# Presence across processes. The registry holds every process's presence
+# entries, each marked with the process it came from. A process PUBLISHes the
+# joins, updates and leaves of its own connections (``presence``: upserts and
+# leaves for one page); the others apply them and tell their own connections
+# on that page in one diff frame. Receiving is idempotent: an upsert of an
+# entry already held as it is changes nothing, so a message received twice,
+# or after a snapshot that already had it, sends no frame. Snapshots keep the
+# processes in step: ``hello`` (on every connection to Redis, so also after an
+# outage) carries the sender's whole list and asks each other process for its
+# own, which each sends as ``state``; a process heard from that was unknown
+# (forgotten, or first heard by a heartbeat) is asked with ``want``. A
+# snapshot replaces what the receiver held of its sender. It is built when its
+# turn in the queue comes, never older than a diff sent before it, and one
+# waiting snapshot answers every request made meanwhile. A process unheard of
+# for three heartbeat intervals (killed, machine gone, or Redis unreachable
+# from here) is forgotten by a timer, and its entries leave every page; one
+# that stops says ``bye`` and its entries leave at once.
 
 #: First reconnect delay after a failure; each further failure doubles it, up
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
@@ -3931,7 +4037,8 @@ class RedisBroker:
     ``<prefix>:broadcast``: apps sharing one Redis need different prefixes
     (pub/sub ignores the db number). ``heartbeat_interval`` (seconds): each
     process announces itself this often; a process unheard of for three
-    intervals leaves the health report, and a process that does not hear its
+    intervals leaves the health report and its presence entries leave every
+    page (presence is cluster-wide), and a process that does not hear its
     own heartbeat back for three intervals reconnects. ``max_backoff``
     (seconds) caps the reconnect delay; ``timeout`` (seconds) bounds
     connecting and every command; ``max_queued`` broadcasts may wait for
@@ -4013,6 +4120,8 @@ class RedisBroker:
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
+        self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
+        self._state_queued = False  # a presence snapshot waits in the queue
         self._foreign_said = False
 
     def __repr__(self) -> str:
@@ -4024,6 +4133,7 @@ class RedisBroker:
         if self._app is not None and self._app is not app:
             raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
         self._app = app
+        self._registry: _Registry = app._registry
         self._topics = app._registry.topics
 
     async def _start(self) -> None:
@@ -4067,6 +4177,12 @@ class RedisBroker:
         await asyncio.wait((task,))
         self.up = False
         self._drop_queue()
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
+        for process in self._seen:  # the others' presence entries go with the connection
+            self._registry.presence_replace(process, {})
+        self._seen = {}
 
     def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """One PUBLISH for a push already delivered in this process."""
@@ -4076,6 +4192,16 @@ class RedisBroker:
     def _close(self, topic: str) -> None:
         """Tell the other processes to close the connections of ``topic`` (a session)."""
         self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
+
+    def _presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
+        """Tell the other processes that connections of this one joined or
+        changed (``upserts``, ``[[id, tag, meta], ...]``) or left (``leaves``)
+        the presence of page ``path``. If it cannot wait in the queue, the
+        whole list follows instead; while Redis is down, the hello after it
+        is back carries it."""
+        message = _dumps({"o": self.process_id, "k": "presence", "t": path, "e": upserts, "l": leaves}) + b"\n"
+        if not self._enqueue(message, False) and self.up:
+            self._queue_state()
 
     def _health(self) -> dict[str, Any]:
         if self._loop is not None:
@@ -4094,17 +4220,34 @@ class RedisBroker:
     def _control(self, kind: str) -> bytes:
         return _dumps({"o": self.process_id, "k": kind}) + b"\n"
 
-    def _enqueue(self, message: bytes, broadcast: bool) -> None:
+    def _state(self, kind: str) -> bytes:
+        """A ``hello`` or ``state``: this process's whole presence, as it is now."""
+        return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
+
+    def _enqueue(self, message: bytes, broadcast: bool) -> bool:
         if not self.up or len(self._queue) >= self.max_queued:
             self.dropped += broadcast
-            return
+            return False
         self._queue.append((message, broadcast))
         self._idle.clear()
         self._wake.set()
+        return True
+
+    def _queue_state(self) -> None:
+        """Send this process's whole presence after what waits: an empty
+        placeholder in the queue (beyond ``max_queued``, and one at most)
+        that ``_send`` fills when its turn comes, so the snapshot is never
+        older than a diff sent before it."""
+        if self.up and not self._state_queued:
+            self._state_queued = True
+            self._queue.append((b"", False))
+            self._idle.clear()
+            self._wake.set()
 
     def _drop_queue(self) -> None:
         self.dropped += sum(broadcast for _, broadcast in self._queue)
         self._queue.clear()
+        self._state_queued = False
         self._idle.set()
 
     async def _run(self) -> None:
@@ -4184,6 +4327,9 @@ class RedisBroker:
             batch = [queue.popleft() for _ in range(min(len(queue), _BROKER_BATCH))]
             pipe = client.pipeline(transaction=False)
             for message, _ in batch:
+                if not message:  # the placeholder of _queue_state
+                    self._state_queued = False
+                    message = self._state("state")
                 pipe.publish(self.channel, message)
             try:
                 await pipe.execute()
@@ -4195,13 +4341,32 @@ class RedisBroker:
     def _beat(self, now: float) -> None:
         self._next_beat = now + self.heartbeat_interval
         self._enqueue(self._control("beat"), False)
-        self._forget_quiet(now)
+
+    def _heard(self, process: str, now: float) -> bool:
+        """Note a message from ``process``; whether it was known (heard
+        within three heartbeat intervals)."""
+        known = process in self._seen
+        self._seen[process] = now
+        if self._quiet is None:
+            self._forget_quiet(now)
+        return known
 
     def _forget_quiet(self, now: float) -> None:
+        """Forget the processes unheard of for three heartbeat intervals at
+        ``now`` (their presence entries leave) and set the timer for the
+        next one: it fires when that process has been quiet that long."""
+        assert self._loop is not None
         quiet = 3 * self.heartbeat_interval
         for process, heard in list(self._seen.items()):
-            if now - heard > quiet:
+            if heard + quiet <= now:
                 del self._seen[process]
+                self._registry.presence_replace(process, {})
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
+        if self._seen:
+            when = min(self._seen.values()) + quiet
+            self._quiet = self._loop.call_at(when, self._forget_quiet, when)
 
     def _went_up(self) -> None:
         loop = self._loop
@@ -4211,7 +4376,7 @@ class RedisBroker:
         self._failures = 0
         self._own_beat = now
         self._next_beat = now + self.heartbeat_interval  # the hello is the first heartbeat
-        self._enqueue(self._control("hello"), False)
+        self._enqueue(self._state("hello"), False)
         self._tried.set()
         if self._said is None:
             _logger.info(
@@ -4248,12 +4413,14 @@ class RedisBroker:
 
     def _on_message(self, data: bytes) -> None:
         """One message from the channel: a push or a session close from another
-        process for the connections here, or a heartbeat."""
+        process for the connections here, a change of its presence, its whole
+        presence (``hello``, ``state``), a request for ours (``want``), a
+        heartbeat, or a goodbye."""
         head, _, frame = data.partition(b"\n")
         try:
             header = json.loads(head)
             origin, kind = header["o"], header["k"]
-            if type(origin) is not str or type(kind) is not str:
+            if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
                 raise TypeError(origin, kind)
         except (ValueError, KeyError, TypeError, RecursionError):
             if not self._foreign_said:
@@ -4264,7 +4431,7 @@ class RedisBroker:
             return
         assert self._loop is not None and self._topics is not None
         now = self._loop.time()
-        self._seen[origin] = now
+        known = self._heard(origin, now)
         if origin == self.process_id:
             self._own_beat = now
             return
@@ -4278,10 +4445,22 @@ class RedisBroker:
         elif kind == "close" and type(topic) is str:
             self.received += 1
             self._topics.close(topic)
-        elif kind == "hello":
-            self._beat(now)  # answered at once, so a new process sees the others without waiting
+        elif kind == "presence":
+            self._registry.presence_merge(origin, topic, header.get("e"), header.get("l"))
+        elif kind == "hello" or kind == "state":
+            self._registry.presence_replace(origin, header.get("p"))
+            if kind == "hello":
+                self._queue_state()  # at once, so a new process sees the others and their presence
+            return
+        elif kind == "want":
+            if topic == self.process_id:
+                self._queue_state()
         elif kind == "bye":
             self._seen.pop(origin, None)
+            self._registry.presence_replace(origin, {})
+            return
+        if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
+            self._enqueue(_dumps({"o": self.process_id, "k": "want", "t": origin}) + b"\n", False)
 
 
 def _redacted(url: str) -> str:
@@ -5567,7 +5746,9 @@ class App:
         return self._publish(_check_topic(topic), msg)
 
     def presence(self, path: str) -> list[Presence]:
-        """Who is on the concrete page ``path`` (pages with ``server_presence``)."""
+        """Who is on the concrete page ``path`` (pages with ``server_presence``),
+        in every process of the app (with a broker: as this process last heard
+        from the others)."""
         return self._registry.presence_of(path)
 
     async def close_session(self, session_id: str) -> int:

@@ -5,8 +5,10 @@ test_rally.py: loopback only, a bound on every wait, no sleep standing in for
 synchronisation (a wait polls the condition it asserts, with a bound). That
 nothing more reached a connection is shown by a marker broadcast from the same
 origin afterwards arriving as its next frame: one origin's messages reach
-every process in the order they were published. Without redis-server or the
-redis package the module is skipped with the reason; CI installs both.
+every process in the order they were published. Presence tests read raw
+WebSocket frames (the ``websockets`` library) to see each diff and ``self``
+flag as the server wrote it. Without redis-server or the redis package the
+module is skipped with the reason; CI installs both.
 """
 
 import asyncio
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import websockets
 
 import rally
 
@@ -77,8 +80,33 @@ APP_MODULE = textwrap.dedent(
     class Logout: ...
 
 
-    # A heartbeat a minute: the only PUBLISHes during a test are its broadcasts.
-    broker = rally.RedisBroker(os.environ["CLUSTER_BROKER"], heartbeat_interval=60, max_backoff=0.5)
+    @dataclass
+    class Mood:
+        mood: str
+
+
+    @dataclass
+    class Here:
+        mood: str
+
+
+    @dataclass
+    class Who:
+        path: str  # "" for the caller's page
+
+
+    @dataclass
+    class Seen:
+        id: int
+        tag: str
+        mood: str
+
+
+    # A heartbeat a minute unless a test asks for another: the only PUBLISHes
+    # during a test are then its broadcasts and presence changes.
+    broker = rally.RedisBroker(
+        os.environ["CLUSTER_BROKER"], heartbeat_interval=float(os.environ["CLUSTER_HEARTBEAT"]), max_backoff=0.5
+    )
     app = rally.App(broker=broker, secret=os.environ["CLUSTER_SECRET"])
     EFFECTS = {
         "client": rally.effect.send_to_client,
@@ -103,6 +131,28 @@ APP_MODULE = textwrap.dedent(
 
 
     app.page("/room/{name}", Room)
+
+
+    class Lobby:
+        html = "<p>lobby</p>"
+
+        def server_init(name: str) -> tuple[Here, rally.Effect[Heard]]:
+            return Here("here"), rally.effect.none()
+
+        def server_update(model: Here, msg: Mood) -> tuple[Here, rally.Effect[Heard]]:
+            return Here(msg.mood), rally.effect.none()
+
+        def server_presence(model: Here) -> Here:
+            return model
+
+
+    app.page("/lobby/{name}", Lobby)
+
+
+    @app.rpc
+    def server_who(msg: Who, server_context: rally.ServerContext) -> list[Seen]:
+        entries = app.presence(msg.path) if msg.path else server_context.presence()
+        return [Seen(p.id, p.tag, p.meta.mood) for p in entries]
 
 
     @app.rpc
@@ -144,6 +194,11 @@ class Shout:
 
 @dataclass
 class Logout: ...
+
+
+@dataclass
+class Who:
+    path: str
 
 
 def heard(text: str) -> dict[str, Any]:
@@ -267,36 +322,64 @@ async def eventually(what: str, check: Callable[[], Awaitable[bool]]) -> None:
         await asyncio.sleep(0.02)
 
 
+class Cluster:
+    """rally processes serving the app, each on its own port, with one broker
+    URL, one secret and one heartbeat interval (seconds)."""
+
+    def __init__(self, redis_server: RedisServer, tmp_path: Any, heartbeat: float) -> None:
+        (tmp_path / "cluster_app.py").write_text(APP_MODULE)
+        self.cwd = tmp_path
+        self.heartbeat = heartbeat
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)),
+            CLUSTER_BROKER=redis_server.url,
+            CLUSTER_SECRET=SECRET,
+            CLUSTER_HEARTBEAT=str(heartbeat),
+        )
+        self.env.pop("RALLY_BROKER", None)
+        self.nodes: list[Node] = []
+
+    async def start(self) -> Node:
+        """One more process, once it serves and sees every live one (itself included)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(rally.__file__), "cluster_app:app", "--port", "0", "--no-access-log",
+            cwd=self.cwd, env=self.env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        node = Node(proc)
+        self.nodes.append(node)
+        node.url = (await node.wait_line("serving on ")).split("serving on ")[1].split()[0]
+        live = [n for n in self.nodes if n.proc.returncode is None]
+        for n in live:
+            await eventually(f"{n.url} sees {len(live)} processes", lambda n=n: sees(n, len(live)))
+        return node
+
+    async def kill_all(self) -> None:
+        for node in self.nodes:
+            if node.proc.returncode is None:
+                node.proc.kill()
+                await node.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    redis_server: RedisServer, tmp_path: Any, processes: int = 3, heartbeat: float = 60.0
+) -> AsyncIterator[Cluster]:
+    cluster = Cluster(redis_server, tmp_path, heartbeat)
+    try:
+        for _ in range(processes):
+            await cluster.start()
+        yield cluster
+    finally:
+        await cluster.kill_all()
+
+
 @pytest.fixture
 async def cluster(redis_server: RedisServer, tmp_path: Any) -> AsyncIterator[list[Node]]:
     """Three rally processes on their own ports, one broker URL and one secret,
     each seeing all three on the channel."""
-    (tmp_path / "cluster_app.py").write_text(APP_MODULE)
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)),
-        CLUSTER_BROKER=redis_server.url,
-        CLUSTER_SECRET=SECRET,
-    )
-    env.pop("RALLY_BROKER", None)
-    nodes: list[Node] = []
-    try:
-        for _ in range(3):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, os.path.abspath(rally.__file__), "cluster_app:app", "--port", "0", "--no-access-log",
-                cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            node = Node(proc)
-            nodes.append(node)
-            node.url = (await node.wait_line("serving on ")).split("serving on ")[1].split()[0]
-        for node in nodes:
-            await eventually(f"{node.url} sees three processes", lambda n=node: sees(n, 3))
-        yield nodes
-    finally:
-        for node in nodes:
-            if node.proc.returncode is None:
-                node.proc.kill()
-                await node.proc.wait()
+    async with running_cluster(redis_server, tmp_path) as running:
+        yield running.nodes
 
 
 async def sees(node: Node, processes: int) -> bool:
@@ -476,6 +559,259 @@ async def test_redis_down_keeps_local_delivery_and_counts_drops_then_resumes(
 
 async def state_is(node: Node, state: str) -> bool:
     return bool((await node.health())["broker"]["state"] == state)
+
+
+# ==== Presence across processes ===============================================
+
+
+async def cookie_of(node: Node) -> str:
+    """A new session's cookie, signed by ``node`` (valid on every process: one secret)."""
+    async with session(node) as client:
+        status, _, _ = await client.request("GET", "/lobby/x")
+        assert status == 200 and client.session_cookie is not None
+        return client.session_cookie
+
+
+@contextlib.asynccontextmanager
+async def lobby(node: Node, cookie: str, name: str = "x") -> AsyncIterator[Any]:
+    """A raw WebSocket on ``/lobby/<name>`` of ``node``, as session ``cookie``:
+    the frames as the server wrote them (no ``&last=``, so no numbering)."""
+    url = node.url.replace("http://", "ws://") + f"/_rally/ws?page=/lobby/{name}"
+    headers = {"Cookie": f"rally_session={cookie}"}
+    async with websockets.connect(url, additional_headers=headers, open_timeout=WAIT) as ws:
+        yield ws
+
+
+async def frame(ws: Any, timeout: float = WAIT) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def joined(ws: Any) -> dict[str, Any]:
+    """The connection's own entry, as the others see it (``"self": False``),
+    and under ``"state"`` the whole list it got on joining."""
+    state = (await frame(ws))["state"]
+    [me] = [e for e in state if e["self"]]
+    return {**me, "self": False, "state": state}
+
+
+def entry(me: dict[str, Any], mood: str = "here", self: bool = False) -> dict[str, Any]:
+    """A presence entry on the wire: the connection ``me`` with ``mood``."""
+    return {"id": me["id"], "tag": me["tag"], "self": self, "meta": {"mood": mood}}
+
+
+def diff(joins: Any = (), updates: Any = (), leaves: Any = ()) -> dict[str, Any]:
+    return {"kind": "presence", "joins": list(joins), "updates": list(updates), "leaves": list(leaves)}
+
+
+async def listed(node: Node, path: str = "/lobby/x") -> list[tuple[int, str, str]]:
+    """``app.presence(path)`` in ``node``, sorted."""
+    async with session(node) as client:
+        seen = (await client.rpc(Who(path))).unwrap()
+    return sorted((e["id"], e["tag"], e["mood"]) for e in seen)
+
+
+def rows(*entries: dict[str, Any], mood: dict[int, str] | None = None) -> list[tuple[int, str, str]]:
+    """What ``listed`` returns for these connections (mood "here" unless ``mood`` says)."""
+    return sorted((e["id"], e["tag"], (mood or {}).get(e["id"], "here")) for e in entries)
+
+
+async def lists(node: Node, expected: list[tuple[int, str, str]]) -> None:
+    """Wait until ``app.presence`` in ``node`` is ``expected`` (another process's change arrives through redis)."""
+
+    async def check() -> bool:
+        return await listed(node) == expected
+
+    await eventually(f"{node.url} lists {expected}", check)
+
+
+async def test_presence_spans_every_process_with_self_flags_tags_and_one_list(cluster: list[Node]) -> None:
+    n1, n2, n3 = cluster
+    s_cookie, t_cookie = await cookie_of(n1), await cookie_of(n3)
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(lobby(n1, s_cookie))
+        me_a = await joined(a)
+        assert me_a["state"] == [entry(me_a, self=True)]
+        await lists(n2, rows(me_a))
+
+        b = await stack.enter_async_context(lobby(n2, s_cookie))  # session S again, on another process
+        me_b = await joined(b)
+        assert me_b["state"] == [entry(me_a), entry(me_b, self=True)]  # the list of every process
+        assert me_b["tag"] == me_a["tag"]  # one session, one tag, whichever process computed it
+        assert await frame(a) == diff(joins=[entry(me_b)])
+        await lists(n3, rows(me_a, me_b))
+
+        c = await stack.enter_async_context(lobby(n3, t_cookie))  # session T
+        me_c = await joined(c)
+        assert me_c["state"] == [entry(me_a), entry(me_b), entry(me_c, self=True)]
+        assert me_c["tag"] != me_a["tag"]
+        for ws in (a, b):
+            assert await frame(ws) == diff(joins=[entry(me_c)])
+        elsewhere = await stack.enter_async_context(lobby(n2, t_cookie, "y"))  # another page: its own list
+        me_y = await joined(elsewhere)
+        assert me_y["state"] == [entry(me_y, self=True)]
+        ids = [me["id"] for me in (me_a, me_b, me_c, me_y)]
+        assert len(set(ids)) == 4 and all(type(i) is int and 0 < i < 2**53 for i in ids)
+
+        await c.send(json.dumps({"kind": "send", "msg": {"type": "Mood", "fields": {"mood": "away"}}}))
+        assert await frame(c) == diff(updates=[entry(me_c, "away", self=True)])
+        for ws in (a, b):
+            assert await frame(ws) == diff(updates=[entry(me_c, "away")])
+        everyone = rows(me_a, me_b, me_c, mood={me_c["id"]: "away"})
+        for node in cluster:
+            await lists(node, everyone)  # app.presence
+        await a.send(json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "Who", "fields": {"path": ""}}}))
+        reply = await frame(a)
+        assert reply["kind"] == "ok" and reply["id"] == 1  # server_context.presence()
+        assert sorted((e["id"], e["tag"], e["mood"]) for e in reply["value"]) == everyone
+
+        await b.close()
+        for ws in (a, c):
+            assert await frame(ws) == diff(leaves=[me_b["id"]])
+        await n3.stop()  # a clean stop: its connections leave at once, as its process closes them
+        assert await frame(a) == diff(leaves=[me_c["id"]])
+        for node in (n1, n2):
+            await lists(node, rows(me_a))
+        await elsewhere.send(json.dumps({"kind": "send", "msg": {"type": "Mood", "fields": {"mood": "done"}}}))
+        assert await frame(elsewhere) == diff(updates=[entry(me_y, "done", self=True)])  # nothing from /lobby/x
+    for node in (n1, n2):
+        await node.stop()
+
+
+async def test_presence_of_a_killed_process_leaves_the_others_within_three_heartbeats(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    heartbeat = 1.0
+    async with running_cluster(redis_server, tmp_path, heartbeat=heartbeat) as running:
+        n1, n2, n3 = running.nodes
+        async with contextlib.AsyncExitStack() as stack:
+            conns, mes = [], []
+            for node in running.nodes:
+                ws = await stack.enter_async_context(lobby(node, await cookie_of(node)))
+                conns.append(ws)
+                mes.append(await joined(ws))
+                for other in running.nodes:
+                    await lists(other, rows(*mes))
+            a, b, c = conns
+            me_a, me_b, me_c = mes
+            assert me_c["state"] == [entry(me_a), entry(me_b), entry(me_c, self=True)]
+            for ws, joining in ((a, me_b), (a, me_c), (b, me_c)):
+                assert await frame(ws) == diff(joins=[entry(joining)])
+
+            n3.proc.kill()  # SIGKILL: no goodbye, no leave; only its heartbeats stop
+            killed = time.monotonic()
+            bound = 3 * heartbeat
+            for ws in (a, b):  # the bound runs from the last message heard from it, at or before the kill
+                assert await frame(ws, timeout=bound + 1.0) == diff(leaves=[me_c["id"]])
+                assert time.monotonic() - killed <= bound + 0.5
+            assert await listed(n1) == await listed(n2) == rows(me_a, me_b)
+            await eventually("the killed process left the health report", lambda: sees(n1, 2))
+        for node in (n1, n2):
+            await node.stop()
+
+
+async def test_a_process_started_later_lists_everyone_to_its_first_connection(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with running_cluster(redis_server, tmp_path) as running:
+        async with contextlib.AsyncExitStack() as stack:
+            conns, mes = [], []
+            for node in running.nodes:
+                ws = await stack.enter_async_context(lobby(node, await cookie_of(node)))
+                conns.append(ws)
+                mes.append(await joined(ws))
+                for other in running.nodes:
+                    await lists(other, rows(*mes))
+            for ws, joining in ((conns[0], mes[1]), (conns[0], mes[2]), (conns[1], mes[2])):
+                assert await frame(ws) == diff(joins=[entry(joining)])
+
+            n4 = await running.start()  # it sees the three, and their presence came with them
+            late = await stack.enter_async_context(lobby(n4, await cookie_of(n4)))
+            me_late = await joined(late)
+            assert sorted(me_late["state"], key=lambda e: e["id"]) == sorted(
+                [*(entry(e) for e in mes), entry(me_late, self=True)], key=lambda e: e["id"]
+            )
+            for ws in conns:
+                assert await frame(ws) == diff(joins=[entry(me_late)])
+            for node in running.nodes:
+                await lists(node, rows(*mes, me_late))
+        for node in running.nodes:
+            await node.stop()
+
+
+async def test_presence_stays_local_while_redis_is_down_and_resyncs_when_it_is_back(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    heartbeat = 1.0
+    async with running_cluster(redis_server, tmp_path, processes=2, heartbeat=heartbeat) as running:
+        n1, n2 = running.nodes
+        async with contextlib.AsyncExitStack() as stack:
+            s_cookie, t_cookie = await cookie_of(n1), await cookie_of(n2)
+            a = await stack.enter_async_context(lobby(n1, s_cookie))
+            me_a = await joined(a)
+            await lists(n2, rows(me_a))
+            b = await stack.enter_async_context(lobby(n2, t_cookie))
+            me_b = await joined(b)
+            assert await frame(a) == diff(joins=[entry(me_b)])
+
+            await redis_server.kill()
+            # Unheard of for three heartbeats, the other process's entries leave.
+            assert await frame(a, timeout=3 * heartbeat + 2.0) == diff(leaves=[me_b["id"]])
+            assert await frame(b, timeout=3 * heartbeat + 2.0) == diff(leaves=[me_a["id"]])
+            # Presence within each process goes on.
+            a2 = await stack.enter_async_context(lobby(n1, s_cookie))
+            me_a2 = await joined(a2)
+            assert me_a2["state"] == [entry(me_a), entry(me_a2, self=True)]
+            assert await frame(a) == diff(joins=[entry(me_a2)])
+            async with lobby(n2, t_cookie) as gone:
+                me_gone = await joined(gone)
+                assert await frame(b) == diff(joins=[entry(me_gone)])
+            assert await frame(b) == diff(leaves=[me_gone["id"]])
+
+            await redis_server.start()  # each says hello with its list, and answers the other's
+            for ws in (a, a2):
+                assert await frame(ws) == diff(joins=[entry(me_b)])
+            assert await frame(b) == diff(joins=[entry(me_a), entry(me_a2)])
+            for node in running.nodes:
+                await lists(node, rows(me_a, me_a2, me_b))
+                await eventually("broker back with two processes", lambda n=node: sees(n, 2))
+            await b.send(json.dumps({"kind": "send", "msg": {"type": "Mood", "fields": {"mood": "back"}}}))
+            assert await frame(b) == diff(updates=[entry(me_b, "back", self=True)])  # nothing twice before it
+            for ws in (a, a2):
+                assert await frame(ws) == diff(updates=[entry(me_b, "back")])
+        for node in running.nodes:
+            await node.stop()
+
+
+async def test_presence_messages_not_as_rally_sends_them_change_nothing(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with running_cluster(redis_server, tmp_path, processes=1) as running:
+        [node] = running.nodes
+        async with lobby(node, await cookie_of(node)) as a:
+            me_a = await joined(a)
+            channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+            try:
+                for message in (
+                    {"o": "", "k": "bye"},  # "" would be this process's own entries
+                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[1, "t", {"mood": 1}]], "l": []},
+                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": ["junk", [0, "t", {}], [2, 3, {}]]},
+                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [], "l": ["a", [1], me_a["id"]]},
+                    {"o": "other.1", "k": "presence", "t": ["/lobby/x"], "e": [], "l": []},
+                    {"o": "other.1", "k": "state", "p": {"/lobby/x": [[[1], "t", {}]], "/room/a": [[5, "t", {}]]}},
+                    {"o": "other.1", "k": "state", "p": [["/lobby/x", [6, "t", {"mood": "m"}]]]},
+                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []},
+                    {"o": "other.1", "k": "bye"},
+                ):
+                    await channel.publish("rally:broadcast", json.dumps(message).encode() + b"\n")
+            finally:
+                await channel.aclose()
+            # One publisher's messages arrive in order: the first frame is the valid join.
+            assert await frame(a) == diff(joins=[{"id": 7, "tag": "t7", "self": False, "meta": {"mood": "ok"}}])
+            assert await frame(a) == diff(leaves=[7])
+            assert await listed(node) == rows(me_a)
+        assert node.count("does not fit its type here") == 1
+        assert node.count("that rally.py did not send") == 1
+        await node.stop()
 
 
 # ==== One process: how a broker is named ======================================
