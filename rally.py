@@ -1232,19 +1232,22 @@ def _hello(token: str, resumed: bool, ack: int) -> bytes:
     return _ws_frame(_dumps({"kind": "hello", "resume": token, "resumed": resumed, "ack": ack}))
 
 
-def _seq_frame(seq: int, payload: bytes) -> bytes:
-    """Frame a JSON object for one page connection with its ``seq`` first:
-    the payload is encoded once for every recipient, only the number differs."""
-    head = b'{"seq":%d,' % seq
-    n = len(head) + len(payload) - 1
+def _seq_frame(seq: int, tail: bytes) -> bytes:
+    """Frame a JSON object for one page connection with its ``seq`` first;
+    ``tail`` is the object's encoding without its ``{``, made once for every
+    recipient: only the number differs."""
+    body = b'{"seq":%d,%b' % (seq, tail)
+    n = len(body)
     if n < 126:
-        return b"".join((bytes((0x81, n)), head, memoryview(payload)[1:]))
+        return b"\x81%c%b" % (n, body)
     if n < 65536:
-        return b"".join((struct.pack("!BBH", 0x81, 126, n), head, memoryview(payload)[1:]))
-    return b"".join((struct.pack("!BBQ", 0x81, 127, n), head, memoryview(payload)[1:]))
+        return struct.pack("!BBH", 0x81, 126, n) + body
+    return struct.pack("!BBQ", 0x81, 127, n) + body
 
 
 _INTERNAL_ERRORS: Final = [{"path": "", "message": "internal server error"}]
+#: A page's acknowledgement exactly as the browser client writes it.
+_ACK_RE: Final = re.compile(r'\{"kind":"ack","seq":(0|[1-9][0-9]{0,15})\}')
 
 
 class _Envelope(typing.NamedTuple):
@@ -2046,10 +2049,10 @@ class _Topics:
         if not members:
             return 0
         n = 0
-        framed = _ws_frame(frame)
+        framed, tail = _ws_frame(frame), frame[1:]
         for session in tuple(members):
             if (msg_type is None or msg_type in session.page.push_types) and session is not skip:
-                session.push(frame, framed)
+                session.push(frame, framed, tail)
                 n += 1
         return n
 
@@ -3123,14 +3126,15 @@ class _PageSession:
         self.reg.topics.join(self, self.topics)
         self._init()
 
-    def push(self, payload: bytes, frame: bytes) -> None:
-        """A frame published to one of this connection's topics: the
-        ``payload``, and ``frame``, the same framed once for every page that
-        does not number frames."""
+    def push(self, payload: bytes, frame: bytes, tail: bytes) -> None:
+        """A frame published to one of this connection's topics: its
+        ``payload``, ``frame`` (the same framed once for every page that does
+        not number frames) and ``tail`` (``payload`` without its ``{``, made
+        once for every page that does)."""
         if self.held is None:
             self.peer.write_frame(frame)
         else:
-            self._emit(payload)
+            self._emit(payload, tail=tail)
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
@@ -3155,7 +3159,7 @@ class _PageSession:
         self._acked(last)
         peer.write_frame(_hello(self.token, True, self.in_seq))
         for pos, payload, numbered in self.held or ():
-            peer.write_frame(_seq_frame(pos, payload) if numbered else _ws_frame(payload))
+            peer.write_frame(_seq_frame(pos, payload[1:]) if numbered else _ws_frame(payload))
         self._flow()
 
     def close(self, code: int, reason: str) -> None:
@@ -3170,6 +3174,11 @@ class _PageSession:
         binary one (close code 1003)."""
         if not isinstance(data, str):
             raise ProtocolError("binary frames are not accepted here", close_code=1003)
+        if data.startswith('{"kind":"ack","seq":'):  # what a browser sends most: no JSON parser needed
+            ack = _ACK_RE.fullmatch(data)
+            if ack is not None and int(ack[1]) <= self.out_seq:
+                self._acked(int(ack[1]))
+                return
         reg = self.reg
         try:
             kind, msg_id, msg, key = _parse_envelope(reg.json.loads(data))
@@ -3324,7 +3333,7 @@ class _PageSession:
         else:
             self._emit(body, numbered=False)
 
-    def _emit(self, payload: bytes, numbered: bool = True) -> None:
+    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None) -> None:
         """Write one frame for the page. To a page that numbers frames (it
         said ``&last=``), a push or presence frame gets the next ``seq`` and
         an ack or a send's error goes unnumbered, and the session holds each
@@ -3348,7 +3357,10 @@ class _PageSession:
                 pos, old, was_numbered = held.pop(0)
                 self.held_bytes -= len(old)
                 self.floor = pos if was_numbered else pos + 1
-        self.peer.write_frame(_seq_frame(self.out_seq, payload) if numbered else _ws_frame(payload))
+        if numbered:
+            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:] if tail is None else tail))
+        else:
+            self.peer.write_frame(_ws_frame(payload))
 
     def _acked(self, last: int) -> None:
         """The page has every numbered frame up to ``last``: stop holding them
@@ -5792,7 +5804,7 @@ _CLIENT_JS: Final = r"""
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
-  var ACK_EVERY = 32, ACK_AFTER_MS = 1000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
+  var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
   var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, stopped = false, staleSeen = false;
   var resumeToken = null, lastSeq = 0, ackedSeq = 0, ackTimer = null;  // what this page received, by seq
   var ready = false;  // the current socket's hello arrived: sends go straight out

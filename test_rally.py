@@ -2851,7 +2851,7 @@ def test_a_numbered_frame_is_the_shared_payload_with_its_seq_first(size: int) ->
     payload = json.dumps(push).encode()
     for seq in (1, 99, 2**53 - 1):
         client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
-        client.receive_data(rally._seq_frame(seq, payload))
+        client.receive_data(rally._seq_frame(seq, payload[1:]))
         [message] = list(client.events())
         assert isinstance(message, wsproto.events.TextMessage) and message.message_finished
         assert message.data.startswith(f'{{"seq":{seq},"kind"')
@@ -2881,6 +2881,56 @@ async def test_held_pages_are_bounded_by_max_connections_at_n_and_n_plus_one() -
             assert await pages[2].reconnect() is False
             for page in pages[:1] + pages[2:]:
                 await page.close()
+
+
+@pytest.mark.parametrize("ack", ['{"kind":"ack","seq":%d}', '{ "seq": %d, "kind": "ack" }'], ids=["browser", "spaced"])
+async def test_a_page_acknowledgement_frees_what_the_server_held_and_resume_from_before_it(ack: str) -> None:
+    import websockets
+
+    app, journal = journal_app()
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/journal&last=0"
+        async with websockets.connect(url) as ws:
+            hello = await next_frame(ws)
+            assert (hello["kind"], hello["resumed"], hello["ack"]) == ("hello", False, 0)
+            cookie = {"cookie": ws.response.headers["set-cookie"].split(";")[0]}
+            held = app._registry.resumable[hello["resume"]]
+            for i in (1, 2, 3):
+                await ws.send(
+                    json.dumps({"kind": "send", "seq": i, "msg": {"type": "Typed", "fields": {"text": str(i)}}})
+                )
+                assert await next_frame(ws) == {
+                    "seq": i,
+                    "kind": "push",
+                    "msg": {"type": "Said", "fields": {"text": str(i)}},
+                }
+                assert await next_frame(ws) == {"kind": "ack", "seq": i}  # unnumbered
+            assert [(pos, numbered) for pos, _, numbered in held.held or ()] == [
+                (i, n) for i in (1, 2, 3) for n in (True, False)
+            ]
+            await ws.send(ack % 2)
+            await ws.send(ack % 9)  # more than was sent: refused, nothing changes
+            assert (await next_frame(ws))["code"] == "invalid"
+            assert [(pos, numbered) for pos, _, numbered in held.held or ()] == [(2, False), (3, True), (3, False)]
+            ws.transport.abort()  # type: ignore[attr-defined]
+        # The page has every frame up to 2: the rest comes again, in order.
+        await eventually(lambda: held.peer is rally._DETACHED, "held")
+        async with websockets.connect(f"{url[:-1]}2&resume={hello['resume']}", additional_headers=cookie) as ws:
+            again = await next_frame(ws)
+            assert (again["kind"], again["resumed"], again["ack"]) == ("hello", True, 3)
+            assert [await next_frame(ws) for _ in range(3)] == [
+                {"kind": "ack", "seq": 2},
+                {"seq": 3, "kind": "push", "msg": {"type": "Said", "fields": {"text": "3"}}},
+                {"kind": "ack", "seq": 3},
+            ]
+            ws.transport.abort()  # type: ignore[attr-defined]
+        # The frames before 2 are gone: a page that has only frame 1 starts afresh.
+        await eventually(lambda: held.peer is rally._DETACHED, "held again")
+        async with websockets.connect(f"{url[:-1]}1&resume={hello['resume']}", additional_headers=cookie) as ws:
+            assert (await next_frame(ws))["resumed"] is False
+        await journal.until(lambda: len(journal.terminated) == 2)
+        assert journal.terminated == [["1", "2", "3"], []]  # the held page ended when it could not go on
+        assert journal.inits == 2
 
 
 # ==== README =================================================================

@@ -9,6 +9,11 @@ Each server runs in its own process pinned to CPU 0; the load generator
 server's: a load generator near 100% while the server is not means the
 number is a floor for that server, not its limit. Ratios are to uvicorn
 (h11 + wsproto) + Starlette, measured in the same run.
+
+rally.py's WebSocket measures are taken twice, each on a fresh server: plain,
+and with the resume protocol on (SPEC section 10: ``&last=0`` on every page
+connection, the load generator acknowledging pushes as the browser client
+does); the table "Resume protocol on/off" gives their ratio.
 """
 
 import argparse
@@ -72,9 +77,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def load(mode: str, port: int, n: int, seconds: float, pid: int) -> dict[str, float]:
+def load_args(mode: str, port: int, n: int, seconds: float, pid: int, resume: bool) -> list[str]:
+    args = [PY, os.path.join(HERE, "load.py"), mode, str(port), str(n), str(seconds), str(pid)]
+    return args + ["--resume"] if resume else args
+
+
+def load(mode: str, port: int, n: int, seconds: float, pid: int, resume: bool = False) -> dict[str, float]:
     out = subprocess.run(
-        [PY, os.path.join(HERE, "load.py"), mode, str(port), str(n), str(seconds), str(pid)],
+        load_args(mode, port, n, seconds, pid, resume),
         preexec_fn=lambda: os.sched_setaffinity(0, {1}),
         capture_output=True,
         text=True,
@@ -91,10 +101,10 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def idle_memory(port: int, pid: int, n: int) -> float:
+def idle_memory(port: int, pid: int, n: int, resume: bool = False) -> float:
     before = rss_kib(pid)
     proc = subprocess.Popen(
-        [PY, os.path.join(HERE, "load.py"), "idle", str(port), str(n), "0", str(pid)],
+        load_args("idle", port, n, 0, pid, resume),
         preexec_fn=lambda: os.sched_setaffinity(0, {1}),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -167,6 +177,16 @@ def main() -> None:
             stop(proc)
         results[target]["import"] = {"ms": import_ms(IMPORTS[target], 5 if args.quick else 10)}
         print(f"measured {target} ({time.monotonic() - begun:.0f} s)", file=sys.stderr, flush=True)
+    resumed: dict[str, dict[str, float]] = {}  # rally.py's ws, memory and broadcast with &last=0
+    if "rally" in targets:
+        proc, port = start("rally")
+        try:
+            resumed["ws"] = load("ws", port, 64, seconds, proc.pid, resume=True)
+            resumed["memory"] = {"kib": idle_memory(port, proc.pid, idle_n, resume=True)}
+            resumed["broadcast"] = load("broadcast", port, 5000, rounds, proc.pid, resume=True)
+        finally:
+            stop(proc)
+        print(f"measured rally with resume ({time.monotonic() - begun:.0f} s)", file=sys.stderr, flush=True)
 
     base = results.get("uvicorn", {})
     out = [f"rally.py benchmark, {time.strftime('%Y-%m-%d')}, {'quick' if args.quick else 'full'} run, "
@@ -231,6 +251,24 @@ def main() -> None:
         r = results[t]["import"]
         rows.append((LABELS[t], [f"{r['ms']:.0f}", IMPORTS[t]]))
     out.append(table("Import time, net of the interpreter (best of several)", rows, ["server", "ms", "statement"]))
+    if resumed:
+        off = results["rally"]
+        measures = [
+            ("S2 round trips/s", "ws", "rate", "{:,.0f}"),
+            ("S3 p50 ms", "broadcast", "p50_ms", "{:.1f}"),
+            ("S3 deliveries/s", "broadcast", "deliveries_per_s", "{:,.0f}"),
+            ("memory KiB per idle WebSocket", "memory", "kib", "{:.1f}"),
+        ]
+        rows = []
+        for name, k, f, fmt in measures:
+            was, now = off[k][f], resumed[k][f]
+            rows.append((name, [fmt.format(was), fmt.format(now), f"{now / was:.2f}" if was else "—"]))
+        out.append(table("Resume protocol on/off (rally.py)", rows, ["measure", "off", "on (&last=0)", "on / off"]))
+        out.append(
+            f"\nWith resume on, the load generator sent {resumed['broadcast']['acks']:,.0f} acks during S3; "
+            f"CPU server / loadgen: S2 {cpu(off['ws'])} off, {cpu(resumed['ws'])} on; "
+            f"S3 {cpu(off['broadcast'])} off, {cpu(resumed['broadcast'])} on."
+        )
     if "rally" in targets and not args.quick:
         out.append(presence())
     print("\n".join(out))
