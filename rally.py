@@ -3131,10 +3131,21 @@ class _PageSession:
         ``payload``, ``frame`` (the same framed once for every page that does
         not number frames) and ``tail`` (``payload`` without its ``{``, made
         once for every page that does)."""
-        if self.held is None:
+        held = self.held
+        if held is None:
             self.peer.write_frame(frame)
-        else:
-            self._emit(payload, tail=tail)
+            return
+        # _emit's numbered path, inline: this runs once per recipient of every broadcast.
+        self.out_seq = seq = self.out_seq + 1
+        held.append((seq, payload, True))
+        self.held_bytes += len(payload)
+        if self.held_bytes > self.reg.limits.max_outgoing_bytes:
+            self._overflow()
+            if self.ended:
+                return
+        body = b'{"seq":%d,%b' % (seq, tail)
+        n = len(body)
+        self.peer.write_frame(b"\x81%c%b" % (n, body) if n < 126 else _ws_frame(body))
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
@@ -3333,7 +3344,7 @@ class _PageSession:
         else:
             self._emit(body, numbered=False)
 
-    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None) -> None:
+    def _emit(self, payload: bytes, numbered: bool = True) -> None:
         """Write one frame for the page. To a page that numbers frames (it
         said ``&last=``), a push or presence frame gets the next ``seq`` and
         an ack or a send's error goes unnumbered, and the session holds each
@@ -3348,19 +3359,27 @@ class _PageSession:
             self.out_seq += 1
         held.append((self.out_seq, payload, numbered))
         self.held_bytes += len(payload)
-        limit = self.reg.limits.max_outgoing_bytes
-        if self.held_bytes > limit:
-            if self.peer is _DETACHED:
-                self._finish(1006, "resume buffer full")
+        if self.held_bytes > self.reg.limits.max_outgoing_bytes:
+            self._overflow()
+            if self.ended:
                 return
-            while self.held_bytes > limit:
-                pos, old, was_numbered = held.pop(0)
-                self.held_bytes -= len(old)
-                self.floor = pos if was_numbered else pos + 1
         if numbered:
-            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:] if tail is None else tail))
+            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:]))
         else:
             self.peer.write_frame(_ws_frame(payload))
+
+    def _overflow(self) -> None:
+        """More held than ``max_outgoing_bytes``: a detached session ends; an
+        attached one forgets its oldest frames (no resume from before them)."""
+        if self.peer is _DETACHED:
+            self._finish(1006, "resume buffer full")
+            return
+        held = self.held
+        assert held is not None
+        while self.held_bytes > self.reg.limits.max_outgoing_bytes:
+            pos, old, was_numbered = held.pop(0)
+            self.held_bytes -= len(old)
+            self.floor = pos if was_numbered else pos + 1
 
     def _acked(self, last: int) -> None:
         """The page has every numbered frame up to ``last``: stop holding them
