@@ -2740,12 +2740,16 @@ async def test_a_resume_token_is_worth_nothing_to_another_session() -> None:
 
 
 async def test_resume_works_when_the_server_had_sent_nothing_and_after_a_long_quiet() -> None:
-    app, journal = journal_app(ping_interval=60)
+    window = 1.0
+    app, journal = journal_app(ping_interval=60, resume_window=window)
     async with running(app) as server, CutProxy(server.port) as proxy:
         client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
         async with client, client.page("/journal") as page:
             await eventually(lambda: page.resume_token, "hello")  # all the server sent
             assert page.last_seq == 0
+            # Quiet for twice the window: the window counts from the loss, not
+            # from the last frame (elapsed time is what is tested here).
+            await asyncio.sleep(2 * window)
             proxy.cut()
             await asyncio.wait_for(page.wait_closed(), WAIT)
             assert await page.reconnect() is True
