@@ -2937,6 +2937,56 @@ async def test_a_page_acknowledgement_frees_what_the_server_held_and_resume_from
         assert journal.inits == 2
 
 
+@pytest.mark.parametrize("value", [-0.001, -1, "30", True, None], ids=repr)
+def test_resume_window_is_a_number_of_seconds_zero_or_more(value: Any) -> None:
+    with pytest.raises(rally.RegistrationError, match="resume_window"):
+        rally.App(resume_window=value)
+    rally.App(resume_window=0)
+    rally.App(resume_window=0.5)
+
+
+@pytest.mark.parametrize("query", ["last=x", "last=-1", "last=1.5", "last=12345678901234567"])
+async def test_a_last_that_is_not_a_frame_number_is_a_400(query: str) -> None:
+    app, _ = journal_app()
+    async with running(app) as server:
+        request = (
+            b"GET /_rally/ws?page=/journal&%s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n"
+            b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        ) % query.encode()
+        [(response, _)] = responses(await exchange(server, request))
+        assert response.status_code == 400
+
+
+@pytest.mark.parametrize("key", ["", "k" * 65, 7, None], ids=["empty", "65 characters", "int", "null"])
+async def test_an_rpc_key_that_is_not_a_short_string_is_invalid(key: Any) -> None:
+    async with running(rpc_app()) as server:
+        body = {"kind": "rpc", "id": 1, "key": key, "msg": {"type": "ServerLoadTitle", "fields": {"slug": "x"}}}
+        sent = rpc_request(json.dumps(body).encode())
+        [(response, data)] = responses(await exchange(server, sent, until_close=False))
+        assert response.status_code == 400
+        assert json.loads(data)["errors"][0]["path"] == ("" if key is None else "key")
+    ok = {"kind": "rpc", "id": 1, "key": "k" * 64, "msg": {"type": "ServerLoadTitle", "fields": {"slug": "x"}}}
+    async with running(rpc_app()) as server:
+        sent = rpc_request(json.dumps(ok).encode())
+        [(response, _)] = responses(await exchange(server, sent, until_close=False))
+        assert response.status_code == 200
+
+
+async def test_resume_window_zero_turns_resume_off() -> None:
+    app, journal = journal_app(resume_window=0)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            await eventually(lambda: page.resume_token, "hello")  # still numbered
+            await page.send(Typed("a"))
+            assert await said(page, 1) == ["a"]
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            await journal.until(lambda: journal.terminated == [["a"]])  # ended at once, not held
+            assert await page.reconnect() is False
+            assert journal.inits == 2
+
+
 # ==== README =================================================================
 
 
