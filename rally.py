@@ -3131,21 +3131,10 @@ class _PageSession:
         ``payload``, ``frame`` (the same framed once for every page that does
         not number frames) and ``tail`` (``payload`` without its ``{``, made
         once for every page that does)."""
-        held = self.held
-        if held is None:
+        if self.held is None:
             self.peer.write_frame(frame)
-            return
-        # _emit's numbered path, inline: this runs once per recipient of every broadcast.
-        self.out_seq = seq = self.out_seq + 1
-        held.append((seq, payload, True))
-        self.held_bytes += len(payload)
-        if self.held_bytes > self.reg.limits.max_outgoing_bytes:
-            self._overflow()
-            if self.ended:
-                return
-        body = b'{"seq":%d,%b' % (seq, tail)
-        n = len(body)
-        self.peer.write_frame(b"\x81%c%b" % (n, body) if n < 126 else _ws_frame(body))
+        else:
+            self._emit(payload, tail=tail)
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
@@ -3344,7 +3333,7 @@ class _PageSession:
         else:
             self._emit(body, numbered=False)
 
-    def _emit(self, payload: bytes, numbered: bool = True) -> None:
+    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None) -> None:
         """Write one frame for the page. To a page that numbers frames (it
         said ``&last=``), a push or presence frame gets the next ``seq`` and
         an ack or a send's error goes unnumbered, and the session holds each
@@ -3364,7 +3353,7 @@ class _PageSession:
             if self.ended:
                 return
         if numbered:
-            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:]))
+            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:] if tail is None else tail))
         else:
             self.peer.write_frame(_ws_frame(payload))
 

@@ -2999,28 +2999,24 @@ def readme_blocks() -> dict[str, str]:
     return dict(re.findall(r"<!-- runnable: (\S+) -->\n```python\n(.*?)```", text, re.S))
 
 
+def python_in(directory: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run Python in ``directory`` with this rally.py importable."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
+    return subprocess.run([sys.executable, *args], cwd=directory, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_readme_examples_run_as_pasted(tmp_path: Any) -> None:
     blocks = readme_blocks()
     assert set(blocks) == {"example.py", "client.py"}
     for name, code in blocks.items():
         (tmp_path / name).write_text(code)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
-    run = subprocess.run(
-        [sys.executable, "client.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
+    run = python_in(tmp_path, "client.py")
     assert run.returncode == 0, run.stderr
     # Each print's output is what the comment beside it says.
     promised = [line.split("# ")[-1] for line in blocks["client.py"].splitlines() if "print(" in line]
     assert run.stdout.splitlines() == promised
     # The example is also served by the command line (its app.run() is guarded).
-    cli = subprocess.run(
-        [sys.executable, rally.__file__, "example:app", "--types", "-"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = python_in(tmp_path, rally.__file__, "example:app", "--types", "-")
     assert cli.returncode == 0 and "ServerLoadTitle" in cli.stdout, cli.stderr
 
 
@@ -3029,15 +3025,7 @@ def test_cli_refuses_a_module_that_starts_a_server_when_imported(tmp_path: Any) 
     code = guarded.replace('if __name__ == "__main__":\n    app.run()', "app.run(port=0)")
     assert code != guarded
     (tmp_path / "unguarded.py").write_text(code)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
-    run = subprocess.run(
-        [sys.executable, rally.__file__, "unguarded:app", "--port", "0"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = python_in(tmp_path, rally.__file__, "unguarded:app", "--port", "0")
     assert run.returncode == 1
     assert (
         'started a server while python rally.py was importing it; put its app.run() under if __name__ == "__main__"'

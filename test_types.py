@@ -31,6 +31,7 @@ import pytest
 
 import demo
 import rally
+from test_rally import article_app
 
 WAIT = 5.0  # seconds: the bound on any single wait in these tests
 TSC = shutil.which("tsc")
@@ -442,44 +443,7 @@ def test_the_demos_javascript_passes_tsc_against_its_declarations(tmp_path: Path
     assert [d.split(": error ")[1][:6] for d in tsc_demo(tmp_path, declarations, broken)] == ["TS2322"]
 
 
-# README's example, against the Article app of SPEC section 2.
-
-
-@dataclass
-class ServerLoadTitle:
-    slug: str
-
-
-@dataclass
-class ToggleFavorite: ...
-
-
-@dataclass
-class AddComment:
-    body: str
-
-
-@dataclass
-class FavoriteToggled:
-    article_id: int
-
-
-@dataclass
-class CommentSaved:
-    body: str
-
-
-class Article:
-    def server_load_title(msg: ServerLoadTitle) -> rally.Result[str, list[str]]:
-        return rally.Ok("Article: " + msg.slug)
-
-    def server_init(slug: str) -> tuple[int, rally.Effect[FavoriteToggled | CommentSaved]]:
-        return len(slug), rally.effect.none()
-
-    def server_update(
-        model: int, msg: ToggleFavorite | AddComment
-    ) -> tuple[int, rally.Effect[FavoriteToggled | CommentSaved]]:
-        return model, rally.effect.none()
+# README's example, against the Article app of SPEC section 2 (test_rally's).
 
 
 @needs_tsc
@@ -487,8 +451,7 @@ def test_readmes_example_passes_but_for_the_two_mistakes_it_shows(tmp_path: Path
     readme = (Path(__file__).parent / "README.md").read_text()
     example = re.search(r"## Typed browser code.*?```js\n// @ts-check\n.*?\n(.*?)```", readme, re.S)
     assert example is not None
-    article = rally.App()
-    article.page("/articles/{slug}", Article)
+    article = article_app()
     lines = example.group(1).splitlines()
     marked = [line for line in lines if "// error" in line]
     found = tsc(

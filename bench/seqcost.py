@@ -2,8 +2,9 @@
 
     python bench/seqcost.py [N]
 
-Publishes one push to N page sessions (5 000 by default) whose peer only
-keeps what it is given, in this process: the cost of the path from
+Publishes one push to N page sessions (5 000 by default) whose peer drops
+what it is given (a peer that is not rally's ``_DETACHED`` itself counts as
+connected), in this process: the cost of the path from
 ``_Topics.publish`` to the transport, without sockets or system calls, for
 pages on the plain protocol and for pages that number frames (``&last=``).
 The end-to-end figures (bench/run.py's "Resume protocol on/off") add the
@@ -30,28 +31,6 @@ class Room:
         return None, rally.effect.none()
 
 
-class Sink:
-    """A peer that takes frames and drops them (as a transport with room)."""
-
-    def write_frame(self, frame: bytes) -> None:
-        pass
-
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-    def pause(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
-
-    async def writable(self) -> None:
-        pass
-
-
 async def per_round(n: int, numbered: bool, rounds: int = 200) -> float:
     app = rally.App(max_connections=n + 10)
     app.page("/room", Room)
@@ -59,7 +38,7 @@ async def per_round(n: int, numbered: bool, rounds: int = 200) -> float:
     page = reg.pages[0]
     for i in range(n):
         ctx = rally.ServerContext(f"s{i}", "/room", {}, [], None, i + 1, reg)
-        session = rally._PageSession(reg, page, ctx, Sink(), asyncio.ensure_future, "", numbered)
+        session = rally._PageSession(reg, page, ctx, rally._Detached(), asyncio.ensure_future, "", numbered)
         session.start()
         if numbered:
             reg.resumable.pop(session.token, None)
