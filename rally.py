@@ -3176,8 +3176,8 @@ class _PageSession:
             raise ProtocolError("binary frames are not accepted here", close_code=1003)
         if data.startswith('{"kind":"ack","seq":'):  # what a browser sends most: no JSON parser needed
             ack = _ACK_RE.fullmatch(data)
-            if ack is not None and int(ack[1]) <= self.out_seq:
-                self._acked(int(ack[1]))
+            if ack is not None and (last := int(ack[1])) <= self.out_seq:
+                self._acked(last)
                 return
         reg = self.reg
         try:

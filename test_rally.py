@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import typing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -2985,6 +2986,33 @@ async def test_resume_window_zero_turns_resume_off() -> None:
             await journal.until(lambda: journal.terminated == [["a"]])  # ended at once, not held
             assert await page.reconnect() is False
             assert journal.inits == 2
+
+
+def test_kept_rpc_answers_are_bounded_in_number_and_bytes_at_n_and_n_plus_one(monkeypatch: Any) -> None:
+    monkeypatch.setattr(rally, "_MAX_ANSWERS", 3)
+    monkeypatch.setattr(rally, "_MAX_ANSWER_BYTES", 30)
+    answers = rally._Answers(window=30)
+    for i in range(3):  # N answers: all kept
+        answers.keep(("s", f"k{i}"), i, (200, b"x" * 5))
+    assert [answers.get(("s", f"k{i}")) is not None for i in range(3)] == [True, True, True]
+    answers.keep(("s", "k3"), 3, (200, b"x" * 5))  # N + 1: the oldest goes
+    assert [answers.get(("s", f"k{i}")) is not None for i in range(4)] == [False, True, True, True]
+    monkeypatch.setattr(rally, "_MAX_ANSWERS", 100)
+    answers = rally._Answers(window=30)
+    answers.keep(("s", "a"), 1, (200, b"x" * 10))
+    answers.keep(("s", "b"), 2, (200, b"x" * 20))  # 30 bytes: N, both kept
+    assert answers.size == 30 and answers.get(("s", "a")) is not None
+    answers.keep(("s", "c"), 3, (200, b"x"))  # 31 bytes: N + 1, the oldest goes
+    assert answers.size == 21 and answers.get(("s", "a")) is None and answers.get(("s", "c")) is not None
+
+
+def test_a_kept_rpc_answer_expires_after_the_window() -> None:
+    answers = rally._Answers(window=0.001)
+    answers.keep(("s", "k"), 1, (200, b'{"kind":"ok","id":1,"value":2}'))
+    deadline = time.monotonic() + 0.001
+    while time.monotonic() <= deadline:  # the window is what is tested: let it pass
+        pass
+    assert answers.get(("s", "k")) is None
 
 
 # ==== README =================================================================
