@@ -2057,12 +2057,12 @@ class _Topics:
         return n
 
     def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
-        """``publish`` a push here and, with a broker, in every other process;
+        """``publish`` a push here and, with a broker, in every other process
+        (its PUBLISH leaves first, so they deliver while this one does);
         returns the count of this process's connections reached."""
-        n = self.publish(topic, frame, msg_type)
         if self.broker is not None:
             self.broker._publish(topic, frame, msg_type)
-        return n
+        return self.publish(topic, frame, msg_type)
 
     def close(self, topic: str) -> int:
         """Close every connection of ``topic`` (a session's) with 4001; returns the count."""
@@ -4005,17 +4005,22 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/docs": _Router._docs,
     "/_rally/health": _Router._health,
 }
-_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0}
+_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0}
 
 
 # ==== Broker: broadcasts across processes (Redis pub/sub) ===================
 #
 # With a broker every process of an app subscribes to one Redis channel. A
-# broadcast is delivered in its own process at once, as without a broker, and
-# PUBLISHed once: a one-line JSON header (origin process, kind, topic, push
-# type) and the frame, encoded once where it was produced. Every other process
-# writes those bytes to its own members through ``_Topics.publish``; the
-# origin ignores its own message, so the sender receives exactly once. Across
+# broadcast is PUBLISHed once, then delivered in its own process at once, as
+# without a broker: a one-line JSON header (origin process, kind, topic, push
+# type) and the frame, encoded once where it was produced. The first PUBLISH
+# of a turn of the event loop is written to the socket before its local
+# delivery starts, so the other processes deliver while this one does; more
+# in the same turn go together at its end (one write, one read for Redis).
+# Replies are read later, in order.
+# Every other process writes those bytes to its own members through
+# ``_Topics.publish``; the origin ignores its own message, so the sender
+# receives exactly once. Across
 # processes delivery is at most once (as Phoenix.PubSub): while Redis is
 # unreachable local delivery goes on and remote deliveries are dropped and
 # counted. One channel per app, filtered where it arrives, is the simple
@@ -4032,9 +4037,10 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # outage) carries the sender's whole list and asks each other process for its
 # own, which each sends as ``state``; a process heard from that was unknown
 # (forgotten, or first heard by a heartbeat) is asked with ``want``. A
-# snapshot replaces what the receiver held of its sender. It is built when its
-# turn in the queue comes, never older than a diff sent before it, and one
-# waiting snapshot answers every request made meanwhile. A process unheard of
+# snapshot replaces what the receiver held of its sender. It is built when it
+# is sent, so never older than a diff sent before it, and one snapshot
+# answers every request made in the same turn of the event loop (or while
+# Redis is too far behind to take it). A process unheard of
 # for three heartbeat intervals (killed, machine gone, or Redis unreachable
 # from here) is forgotten by a timer, and its entries leave every page; one
 # that stops says ``bye`` and its entries leave at once.
@@ -4042,8 +4048,6 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 #: First reconnect delay after a failure; each further failure doubles it, up
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
 _BROKER_FIRST_BACKOFF_S: Final = 0.1
-#: Publishes sent to Redis in one round trip (a pipeline, one PUBLISH each).
-_BROKER_BATCH: Final = 256
 
 
 class RedisBroker:
@@ -4061,8 +4065,8 @@ class RedisBroker:
     page (presence is cluster-wide), and a process that does not hear its
     own heartbeat back for three intervals reconnects. ``max_backoff``
     (seconds) caps the reconnect delay; ``timeout`` (seconds) bounds
-    connecting and every command; ``max_queued`` broadcasts may wait for
-    Redis before more are dropped.
+    connecting and every command; ``max_queued`` messages may wait for
+    Redis's reply before more broadcasts are dropped.
 
     Needs the ``redis`` package (``pip install 'rally[redis]'``), imported here
     and only when a broker is made; raises ``RegistrationError`` without it or
@@ -4129,9 +4133,12 @@ class RedisBroker:
         self._users = 0  # servers of the app that started it
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()  # (message, a broadcast)
-        self._wake = asyncio.Event()  # something to send
-        self._idle = asyncio.Event()  # nothing left to send
+        self._writer: asyncio.StreamWriter | None = None  # the publishing connection's, while up
+        self._head = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(self.channel), self.channel.encode())
+        self._waiting: collections.deque[bool] = collections.deque()  # PUBLISHes sent, unanswered: a broadcast?
+        self._batch: list[bytes] | None = None  # PUBLISHes to write at the end of this turn of the loop
+        self._wake = asyncio.Event()  # a reply to read
+        self._idle = asyncio.Event()  # every reply read
         self._tried = asyncio.Event()  # the first connection attempt is over
         self._said: bool | None = None  # the state last logged: up, down, or nothing yet
         self._down_since = 0.0
@@ -4141,7 +4148,7 @@ class RedisBroker:
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
-        self._state_queued = False  # a presence snapshot waits in the queue
+        self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
 
     def __repr__(self) -> str:
@@ -4205,7 +4212,7 @@ class RedisBroker:
         self._seen = {}
 
     def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
-        """One PUBLISH for a push already delivered in this process."""
+        """One PUBLISH for a push, written before this process delivers it."""
         header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
         self._enqueue(_dumps(header) + b"\n" + frame, True)
 
@@ -4233,6 +4240,7 @@ class RedisBroker:
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
+            "waiting": len(self._waiting),
         }
 
     # -- the connection ------------------------------------------------------
@@ -4245,29 +4253,51 @@ class RedisBroker:
         return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
 
     def _enqueue(self, message: bytes, broadcast: bool) -> bool:
-        if not self.up or len(self._queue) >= self.max_queued:
+        """Send one PUBLISH: written now if it is the first of this turn of
+        the event loop, else at its end; the reply is read by ``_replies``.
+        Dropped (and counted, if a broadcast) while Redis is unreachable or
+        ``max_queued`` replies are awaited."""
+        writer = self._writer
+        if writer is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
             self.dropped += broadcast
             return False
-        self._queue.append((message, broadcast))
+        command = (self._head, b"$%d\r\n" % len(message), message, b"\r\n")
+        if self._batch is None:
+            writer.writelines(command)
+            self._batch = []
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        else:
+            self._batch += command
+        self._waiting.append(broadcast)
         self._idle.clear()
         self._wake.set()
         return True
 
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and self._writer is not None:
+            self._writer.writelines(batch)
+
     def _queue_state(self) -> None:
-        """Send this process's whole presence after what waits: an empty
-        placeholder in the queue (beyond ``max_queued``, and one at most)
-        that ``_send`` fills when its turn comes, so the snapshot is never
-        older than a diff sent before it."""
-        if self.up and not self._state_queued:
-            self._state_queued = True
-            self._queue.append((b"", False))
-            self._idle.clear()
-            self._wake.set()
+        """Send this process's whole presence once this turn of the event
+        loop is over (one snapshot for every request made in it), or, if
+        ``max_queued`` replies are awaited then, as soon as one comes."""
+        if self.up and not self._state_owed:
+            self._state_owed = True
+            assert self._loop is not None
+            self._loop.call_soon(self._send_state)
+
+    def _send_state(self) -> None:
+        if self._state_owed and self.up and len(self._waiting) < self.max_queued:
+            self._state_owed = False
+            self._enqueue(self._state("state"), False)
 
     def _drop_queue(self) -> None:
-        self.dropped += sum(broadcast for _, broadcast in self._queue)
-        self._queue.clear()
-        self._state_queued = False
+        self.dropped += sum(self._waiting)
+        self._waiting.clear()
+        self._batch = None
+        self._state_owed = False  # the hello after a reconnect carries it
         self._idle.set()
 
     async def _run(self) -> None:
@@ -4293,8 +4323,15 @@ class RedisBroker:
             self.url, retry=no_retry, socket_connect_timeout=self.timeout, socket_timeout=self.timeout
         )
         pubsub = client.pubsub()
+        publisher = client.connection_pool.make_connection()
         tasks: list[asyncio.Task[None]] = []
         try:
+            await publisher.connect()
+            # redis-py writes through an asyncio.StreamWriter, whose write() is
+            # synchronous: taking it lets a PUBLISH leave before the local fan-out.
+            writer = getattr(publisher, "_writer", None)
+            if not isinstance(writer, asyncio.StreamWriter):
+                raise RuntimeError("this redis-py keeps no asyncio.StreamWriter: rally.py supports redis 5.0.1 to 8")
             await pubsub.subscribe(self.channel)
             deadline = loop.time() + self.timeout
             while True:  # the subscription is confirmed before the broker counts as up
@@ -4304,17 +4341,21 @@ class RedisBroker:
                     raise asyncio.TimeoutError(f"no answer to SUBSCRIBE within {self.timeout} s")
                 if reply.get("type") == "subscribe":
                     break
+            self._writer = writer
             self._went_up()
-            tasks = [loop.create_task(self._listen(pubsub)), loop.create_task(self._send(client))]
+            tasks = [loop.create_task(self._listen(pubsub)), loop.create_task(self._replies(publisher))]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise ConnectionError("the connection to redis ended")
         finally:
+            self._writer = None
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
+            with contextlib.suppress(*self._errors):
+                await publisher.disconnect()
             for conn in (pubsub, client):
                 with contextlib.suppress(*self._errors):
                     await conn.aclose()
@@ -4330,33 +4371,26 @@ class RedisBroker:
             if loop.time() - self._own_beat > silence:
                 raise ConnectionError(f"this process's heartbeat did not come back within {silence:g} s")
 
-    async def _send(self, client: Any) -> None:
+    async def _replies(self, publisher: Any) -> None:
+        """Read the reply to every PUBLISH, in order (each within
+        ``timeout``, or the connection is given up), and send the heartbeats."""
         loop = self._loop
         assert loop is not None
-        queue = self._queue
+        waiting = self._waiting
         while True:
             now = loop.time()
             if now >= self._next_beat:
                 self._beat(now)
-            if not queue:
+            if not waiting:
                 self._idle.set()
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._next_beat - now)
                 continue
-            batch = [queue.popleft() for _ in range(min(len(queue), _BROKER_BATCH))]
-            pipe = client.pipeline(transaction=False)
-            for message, _ in batch:
-                if not message:  # the placeholder of _queue_state
-                    self._state_queued = False
-                    message = self._state("state")
-                pipe.publish(self.channel, message)
-            try:
-                await pipe.execute()
-            except BaseException:
-                self.dropped += sum(broadcast for _, broadcast in batch)
-                raise
-            self.published += sum(broadcast for _, broadcast in batch)
+            await publisher.read_response()  # the number of subscribers reached; an error raises
+            self.published += waiting.popleft()
+            if self._state_owed:
+                self._send_state()
 
     def _beat(self, now: float) -> None:
         self._next_beat = now + self.heartbeat_interval
@@ -4417,6 +4451,7 @@ class RedisBroker:
 
     def _went_down(self, exc: BaseException) -> None:
         self.up = False
+        self._writer = None
         self._drop_queue()
         self._tried.set()
         if self._said is not False:

@@ -47,6 +47,7 @@ SECRET = "one secret for every process of the cluster"
 APP_MODULE = textwrap.dedent(
     """
     import os
+    import time
     from dataclasses import dataclass
 
     import rally
@@ -74,6 +75,7 @@ APP_MODULE = textwrap.dedent(
         scope: str
         target: str
         text: str
+        busy: float = 0.0  # seconds this process's loop stays busy after the broadcast
 
 
     @dataclass
@@ -158,7 +160,9 @@ APP_MODULE = textwrap.dedent(
     @app.rpc
     async def server_shout(msg: Shout) -> int:
         if msg.scope == "app":
-            return await app.broadcast_to_app(Heard(msg.text))
+            reached = await app.broadcast_to_app(Heard(msg.text))
+            time.sleep(msg.busy)  # as a long local fan-out would, in the broadcast's turn of the loop
+            return reached
         if msg.scope == "page":
             return await app.broadcast_to_page(msg.target, Heard(msg.text))
         if msg.scope == "session":
@@ -190,6 +194,7 @@ class Shout:
     scope: str
     target: str
     text: str
+    busy: float = 0.0
 
 
 @dataclass
@@ -555,6 +560,82 @@ async def test_redis_down_keeps_local_delivery_and_counts_drops_then_resumes(
             assert node.count("broker down") == 1
     for node in cluster:
         await node.stop()
+
+
+async def test_a_broadcast_leaves_for_the_other_processes_within_the_turn_that_makes_it(
+    cluster: list[Node],
+) -> None:
+    """The PUBLISH is written in the turn of the event loop that makes the
+    broadcast, not left for a later one: a producer whose loop stays busy
+    for 5 s after broadcasting (as a long local fan-out would) has the push
+    reach another process's connection before it answers the call."""
+    n1, n2, _ = cluster
+    async with contextlib.AsyncExitStack() as stack:
+        there = await stack.enter_async_context(session(n2))
+        theirs = await stack.enter_async_context(there.page("/room/a"))
+        shouter = await stack.enter_async_context(session(n1))
+        answer = asyncio.ensure_future(shouter.rpc(Shout("app", "", "while busy", busy=WAIT / 2)))
+        try:
+            assert await theirs.receive(timeout=WAIT) == heard("while busy")
+            assert not answer.done()  # n1's loop is still in the broadcast's turn
+        finally:
+            assert await asyncio.wait_for(answer, WAIT) == rally.Ok(0)  # no connection on n1
+
+
+async def test_max_queued_publishes_wait_for_a_stalled_redis_then_broadcasts_are_dropped(
+    redis_server: RedisServer,
+) -> None:
+    """``max_queued`` PUBLISHes may wait for Redis's reply: with redis-server
+    stopped (SIGSTOP), broadcasts 1 to 3 wait and the 4th is dropped and
+    counted; once it runs again the three are answered and published."""
+    app = rally.App(broker=rally.RedisBroker(redis_server.url, max_queued=3, heartbeat_interval=60, timeout=WAIT))
+    app.page("/", Quiet)
+    server = await app.start(access_log=False)
+    try:
+        async with rally.Client(server.url) as client:
+
+            async def report() -> dict[str, Any]:
+                _, _, body = await client.request("GET", "/_rally/health")
+                return json.loads(body)["broker"]  # type: ignore[no-any-return]
+
+            async def settled(published: int) -> bool:
+                broker = await report()
+                return bool(broker["waiting"] == 0 and broker["published"] == published and await hears_itself(report))
+
+            await eventually("its own hello came back and was answered", lambda: settled(0))
+            before = await redis_server.publishes()
+            assert redis_server.proc is not None
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                for i in range(3):
+                    await app.broadcast_to_app(Heard(f"{i}"))
+                broker = await report()
+                assert (broker["waiting"], broker["published"], broker["dropped"]) == (3, 0, 0)
+                await app.broadcast_to_app(Heard("one too many"))
+                broker = await report()
+                assert (broker["waiting"], broker["published"], broker["dropped"]) == (3, 0, 1)
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            await eventually("the three waiting are answered", lambda: settled(3))
+            assert await redis_server.publishes() == before + 3
+            assert (await report())["state"] == "up"
+    finally:
+        await asyncio.wait_for(server.close(), WAIT)
+
+
+@dataclass
+class Heard:
+    text: str
+
+
+class Quiet:
+    html = "<p>quiet</p>"
+
+    def server_init() -> tuple[None, rally.Effect[Heard]]:
+        return None, rally.effect.none()
+
+    def server_update(model: None, msg: Say) -> tuple[None, rally.Effect[Heard]]:
+        return None, rally.effect.none()
 
 
 async def state_is(node: Node, state: str) -> bool:

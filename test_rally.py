@@ -1038,7 +1038,7 @@ async def test_health_endpoint_without_a_broker() -> None:
     assert response.status_code == 200 and (b"cache-control", b"no-store") in response.headers
     assert json.loads(body) == {
         "status": "ok",
-        "broker": {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0},
+        "broker": {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0},
     }
     assert refused.status_code == 405
 

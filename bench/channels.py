@@ -46,7 +46,6 @@ says which design a busy cluster can afford.
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -114,11 +113,19 @@ def topic_broker(rally: Any, url: str, **options: Any) -> Any:
 
         def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
             header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
-            self._enqueue(self._of(topic).encode() + b"\n" + rally._dumps(header) + b"\n" + frame, True)
+            self._to(topic, rally._dumps(header) + b"\n" + frame)
 
         def _close(self, topic: str) -> None:
-            header = {"o": self.process_id, "k": "close", "t": topic}
-            self._enqueue(self._of(topic).encode() + b"\n" + rally._dumps(header) + b"\n", True)
+            self._to(topic, rally._dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n")
+
+        def _to(self, topic: str, message: bytes) -> None:
+            """The base class's PUBLISH of a broadcast, to the topic's channel."""
+            channel = self._of(topic).encode()
+            head, self._head = self._head, b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(channel), channel)
+            try:
+                self._enqueue(message, True)
+            finally:
+                self._head = head
 
         async def _listen(self, pubsub: Any) -> None:
             """Listen as the base class does, and keep the subscriptions in
@@ -150,39 +157,6 @@ def topic_broker(rally: Any, url: str, **options: Any) -> Any:
                     await pubsub.subscribe(*on[i : i + 1000])
                 for i in range(0, len(off), 1000):
                     await pubsub.unsubscribe(*off[i : i + 1000])
-
-        async def _send(self, client: Any) -> None:
-            """The base class's sender, but each message names its channel
-            (control messages: the app channel)."""
-            loop = asyncio.get_running_loop()
-            queue = self._queue
-            while True:
-                now = loop.time()
-                if now >= self._next_beat:
-                    self._beat(now)
-                if not queue:
-                    self._idle.set()
-                    self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._next_beat - now)
-                    continue
-                batch = [queue.popleft() for _ in range(min(len(queue), rally._BROKER_BATCH))]
-                pipe = client.pipeline(transaction=False)
-                for message, broadcast in batch:
-                    if not message:
-                        self._state_queued = False
-                        message = self._state("state")
-                    if broadcast:
-                        channel, _, message = message.partition(b"\n")
-                        pipe.publish(channel, message)
-                    else:
-                        pipe.publish(self.channel, message)
-                try:
-                    await pipe.execute()
-                except BaseException:
-                    self.dropped += sum(broadcast for _, broadcast in batch)
-                    raise
-                self.published += sum(broadcast for _, broadcast in batch)
 
     return TopicBroker()
 

@@ -12,8 +12,8 @@ up at once (the two clusters share one redis-server, on separate channels):
 (b) rally.py, two processes (two ports) sharing a real redis-server through
     ``rally.App(broker=...)``, half of the connections each; the broadcast is
     produced in the first process (a page ``send`` whose ``server_update``
-    returns ``broadcast_to_app``, as in bench/run.py's S3), which delivers
-    to its own members and PUBLISHes once; the second gets it from Redis;
+    returns ``broadcast_to_app``, as in bench/run.py's S3), which PUBLISHes
+    once and then delivers to its own members; the second gets it from Redis;
 (c) python-socketio: ``socketio.AsyncServer`` on aiohttp with
     ``socketio.AsyncRedisManager`` on the same Redis, two processes, half of
     the clients each; a client emits ``shout`` and the handler does
@@ -39,8 +39,8 @@ PUBLISHes during the rounds are broadcasts.
 "Broker alone" (before (b)'s connections open, on the same two processes):
 the first process broadcasts N times to a topic nobody joined, without
 yielding (the broker's ``max_queued`` raised so that nothing is dropped),
-and we time until its broker has PUBLISHed them all (pipelined, up to 256 a
-round trip) and until the other process has received them all; five times,
+and we time until Redis has answered every PUBLISH (written together at the
+end of the loop's turn, since none yields) and until the other process has received them all; five times,
 for a median and a best. Meanwhile the other process runs on the load
 generator's CPU, so the producer has a CPU to itself. The CPU per broadcast
 of each party (redis-server's from its own ``INFO cpu``) says which one
@@ -870,8 +870,8 @@ def main() -> None:
             f"{f['published']:,} broadcasts). PUBLISH/s from the producing process: **{statistics.median(pub):,.0f}** "
             f"median, {pub[-1]:,.0f} best; through to the other process: **{statistics.median(rec):,.0f}** median, "
             f"{rec[-1]:,.0f} best. The producer spent {f['enqueue_share'] * 100:.0f}% of its time making the "
-            "broadcasts (encode, queue), the rest in redis-py: pipelining the PUBLISHes and reading its own "
-            "messages back from the subscription.\n\n"
+            "broadcasts (encode, write), the rest in redis-py: reading Redis's replies and its own messages back "
+            "from the subscription.\n\n"
             f"CPU per broadcast: producer {us[0]:.0f} µs, other process {us[1]:.0f} µs, redis-server {us[2]:.1f} µs "
             f"(CPU share over the time, producer / other / redis-server / rest of the machine: {share}). So one "
             f"Redis core (2 subscribers) would saturate near {1e6 / us[2]:,.0f} broadcasts/s, "
