@@ -4017,14 +4017,13 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # of a turn of the event loop is written to the socket before its local
 # delivery starts, so the other processes deliver while this one does; more
 # in the same turn go together at its end (one write, one read for Redis).
-# Replies are read later, in order.
-# Every other process writes those bytes to its own members through
-# ``_Topics.publish``; the origin ignores its own message, so the sender
-# receives exactly once. Across
-# processes delivery is at most once (as Phoenix.PubSub): while Redis is
-# unreachable local delivery goes on and remote deliveries are dropped and
-# counted. One channel per app, filtered where it arrives, is the simple
-# correct design; README's "Scaling out" weighs it against a channel per topic.
+# Replies are read later, in order. Every other process writes those bytes
+# to its own members through ``_Topics.publish``; the origin ignores its own
+# message, so the sender receives exactly once. Across processes delivery is
+# at most once (as Phoenix.PubSub): while Redis is unreachable local delivery
+# goes on and remote deliveries are dropped and counted. One channel per app,
+# filtered where it arrives, is the simple correct design; README's "Scaling
+# out" weighs it against a channel per topic, measured by bench/channels.py.
 #
 # Presence across processes. The registry holds every process's presence
 # entries, each marked with the process it came from. A process PUBLISHes the
