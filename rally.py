@@ -5605,8 +5605,11 @@ class App:
                     raise RegistrationError(f"App({name}={value!r}): expected a number of seconds above 0")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RegistrationError(f"App({name}={value!r}): expected an integer of at least 1")
-        if not isinstance(docs, bool):
-            raise RegistrationError(f"App(docs={docs!r}): expected True or False")
+        for name, flag in (("docs", docs), ("secure_cookies", secure_cookies)):
+            if not isinstance(flag, bool):
+                raise RegistrationError(f"App({name}={flag!r}): expected True or False")
+        if secret is not None and (not isinstance(secret, (str, bytes)) or not secret):
+            raise RegistrationError("App(secret=...): expected a non-empty str or bytes")
         if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
             raise RegistrationError("App(allowed_origins=..., allowed_hosts=...) take a list of names, not a str")
         self._lifespan = lifespan

@@ -1636,6 +1636,18 @@ def test_session_ids_come_from_secrets() -> None:
     assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_secure_cookies_must_be_a_bool(value: object) -> None:
+    with pytest.raises(rally.RegistrationError, match=r"App\(secure_cookies=.*\): expected True or False"):
+        rally.App(secure_cookies=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["", b"", 42, ["s"]])
+def test_secret_must_be_a_non_empty_str_or_bytes(value: object) -> None:
+    with pytest.raises(rally.RegistrationError, match=r"App\(secret=\.\.\.\): expected a non-empty str or bytes"):
+        rally.App(secret=value)  # type: ignore[arg-type]
+
+
 async def test_session_cookie_is_opaque_and_the_session_id_is_32_hex() -> None:
     """The cookie carries the session id signed, not the bare id, and an app takes back the cookies it issued."""
     seen: list[str] = []
