@@ -2043,15 +2043,19 @@ class _Topics:
 
     def publish(self, topic: str, frame: bytes, msg_type: type | None = None, skip: _PageSession | None = None) -> int:
         """Give one encoded frame to every member of a topic whose page
-        declares ``msg_type`` (every member for a presence frame), but
-        ``skip``; returns the count."""
+        declares ``msg_type``, but ``skip``; returns the count. A presence
+        frame (``msg_type`` None) reaches only members that were sent their
+        presence ``state``: one still in ``server_init`` gets the state when
+        it ends, which holds what the diffs meanwhile said."""
         members = self.members.get(topic)
         if not members:
             return 0
         n = 0
         framed, tail = _ws_frame(frame), frame[1:]
         for session in tuple(members):
-            if (msg_type is None or msg_type in session.page.push_types) and session is not skip:
+            if (
+                msg_type in session.page.push_types if msg_type is not None else session.meta is not None
+            ) and session is not skip:
                 session.push(frame, framed, tail)
                 n += 1
         return n

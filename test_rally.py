@@ -2058,6 +2058,55 @@ async def test_presence_wire_format_state_then_joins_updates_and_leaves() -> Non
                 assert tag not in session_cookie
 
 
+class SlowDesk:
+    """A desk whose ``server_init`` waits for the gate after the first connection's."""
+
+    async def server_init(server_context: rally.ServerContext) -> tuple[Status, rally.Effect[Note]]:
+        gate = server_context.state
+        gate.inits += 1
+        if gate.inits > 1:
+            await gate.open.wait()
+        return Status("here"), rally.effect.none()
+
+    def server_update(model: Status, msg: SetStatus) -> tuple[Status, rally.Effect[Note]]:
+        return Status(msg.status), rally.effect.none()
+
+    def server_presence(model: Status) -> Status:
+        return model
+
+
+@dataclass
+class Gate:
+    open: asyncio.Event
+    inits: int = 0
+
+
+async def test_no_presence_diff_reaches_a_connection_before_its_state() -> None:
+    """B is in the page's topic while its async server_init runs, but A's
+    change meanwhile sends B no diff: B's first frame is its state, built when
+    its init ends, with A's new status in it."""
+    import websockets
+
+    gate = Gate(asyncio.Event())
+    app = rally.App(state=gate)
+    app.page("/desk", SlowDesk)
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
+        async with websockets.connect(url) as a:
+            [me] = (await next_frame(a)).pop("state")
+            async with websockets.connect(url) as b:
+                await eventually(lambda: gate.inits == 2, "B's server_init has begun")
+                away = {"kind": "send", "seq": 1, "msg": {"type": "SetStatus", "fields": {"status": "away"}}}
+                await a.send(json.dumps(away))
+                assert [(await next_frame(a))["kind"] for _ in range(2)] == ["presence", "ack"]
+                gate.open.set()
+                first = await next_frame(b)
+                assert [(p["id"], p["self"], p["meta"]) for p in first["state"]] == [
+                    (me["id"], False, {"status": "away"}),
+                    (first["state"][1]["id"], True, {"status": "here"}),
+                ]
+
+
 async def test_presence_tags_group_a_session_and_python_apis_agree() -> None:
     app, seen = desk_app()
     async with (
