@@ -2018,13 +2018,20 @@ class _Topics:
     ``members`` holds only non-empty sets, so an app with no connections
     holds no topics. ``broadcast`` is ``publish`` here plus one message to
     the other processes when the app has a broker (section 8); the broker's
-    listener calls ``publish`` for what the others send."""
+    listener calls ``publish`` for what the others send.
 
-    __slots__ = ("members", "broker")
+    Presence joins wait in ``joining`` until the end of the event loop's
+    turn, or until anything else is published first: then the connections
+    already listed on the page get one ``joins`` diff for all of that
+    page's joiners, and each joiner its whole list. A burst of N joins to a
+    page costs a few diffs to each connection there, not N."""
+
+    __slots__ = ("members", "broker", "joining")
 
     def __init__(self) -> None:
         self.members: dict[str, set[_PageSession]] = {}
         self.broker: RedisBroker | None = None
+        self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
 
     def join(self, session: _PageSession, topics: Iterable[str]) -> None:
         for t in topics:
@@ -2047,6 +2054,8 @@ class _Topics:
         frame (``msg_type`` None) reaches only members that were sent their
         presence ``state``: one still in ``server_init`` gets the state when
         it ends, which holds what the diffs meanwhile said."""
+        if self.joining:  # announced first: they came before this frame
+            self.flush_joins()
         members = self.members.get(topic)
         if not members:
             return 0
@@ -2054,11 +2063,49 @@ class _Topics:
         framed, tail = _ws_frame(frame), frame[1:]
         for session in tuple(members):
             if (
-                msg_type in session.page.push_types if msg_type is not None else session.meta is not None
+                msg_type in session.page.push_types if msg_type is not None else session.listed
             ) and session is not skip:
                 session.push(frame, framed, tail)
                 n += 1
         return n
+
+    def join_presence(self, path: str, session: _PageSession) -> None:
+        """``session`` joined the presence of page ``path``: list and announce
+        it with the others joining there in this turn of the event loop."""
+        if not self.joining:
+            asyncio.get_running_loop().call_soon(self.flush_joins)
+        self.joining.setdefault(path, []).append(session)
+
+    def flush_joins(self) -> None:
+        """Tell each page's listed connections of its joiners in one diff,
+        then send each joiner that is still connected its whole list, its
+        own entry with ``"self": true`` (for several joiners, every entry is
+        encoded once for all of them)."""
+        joining, self.joining = self.joining, {}
+        for path, sessions in joining.items():
+            joins = [{"id": s.ctx.connection_id, "tag": s.tag, "self": False, "meta": s.meta} for s in sessions]
+            self.publish(f"page:{path}", _presence_frame(joins=joins))
+            live = [s for s in sessions if not s.ended]
+            if not live:
+                continue
+            entries = live[0].reg.presence.get(path, {})
+            if len(live) == 1:  # one encoding of the list, in C
+                one = live[0]
+                me = one.ctx.connection_id
+                state = [{"id": i, "tag": t, "self": i == me, "meta": m} for i, (t, m, _, _) in entries.items()]
+                one.listed = True
+                one._emit(_dumps({"kind": "presence", "state": state}))
+                continue
+            ids = list(entries)
+            parts = [_dumps({"id": i, "tag": t, "self": False, "meta": m}) for i, (t, m, _, _) in entries.items()]
+            at = {i: n for n, i in enumerate(ids)}
+            for s in live:
+                cid = s.ctx.connection_id
+                assert cid is not None
+                n = at[cid]
+                own = _dumps({"id": cid, "tag": s.tag, "self": True, "meta": s.meta})
+                s.listed = True
+                s._emit(b'{"kind":"presence","state":[' + b",".join([*parts[:n], own, *parts[n + 1 :]]) + b"]}")
 
     def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
         """``publish`` a push here and, with a broker, in every other process
@@ -3067,6 +3114,7 @@ class _PageSession:
         "model",
         "ready",
         "meta",
+        "listed",
         "pending",
         "worker",
         "rpcs",
@@ -3101,6 +3149,7 @@ class _PageSession:
         self.model: Any = None
         self.ready = False  # server_init has returned
         self.meta: Any = None  # the encoded presence meta others were told, once joined
+        self.listed = False  # the page's presence list was sent: diffs follow
         # A list, not a deque: at most max_pending_messages items, and an idle
         # connection keeps 56 bytes instead of 624.
         self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
@@ -3494,7 +3543,9 @@ class _PageSession:
 
     def _presence(self) -> None:
         """Recompute this connection's presence meta; on joining, send it the
-        whole list and the others a join; on a change, an update to all."""
+        whole list and the others a join (at the end of this turn of the
+        event loop, with the page's other joiners); on a change, an update
+        to all."""
         page = self.page
         assert page.presence is not None and page.presence_codec is not None
         try:
@@ -3516,13 +3567,11 @@ class _PageSession:
         assert cid is not None and path is not None
         entries = self.reg.presence.setdefault(path, {})
         entries[cid] = (self.tag, meta, meta_value, "")
-        entry = {"id": cid, "tag": self.tag, "self": False, "meta": meta}
         topics = self.reg.topics
         if joining:  # the list holds the other processes' entries too
-            state = [{"id": i, "tag": t, "self": i == cid, "meta": m} for i, (t, m, _, _) in entries.items()]
-            self._emit(_dumps({"kind": "presence", "state": state}))
-            topics.publish(self.topics[1], _presence_frame(joins=[entry]), skip=self)
+            topics.join_presence(path, self)
         else:
+            entry = {"id": cid, "tag": self.tag, "self": False, "meta": meta}
             topics.publish(self.topics[1], _presence_frame(updates=[entry]), skip=self)
             self._emit(_presence_frame(updates=[{**entry, "self": True}]))
         if topics.broker is not None:

@@ -2107,6 +2107,76 @@ async def test_no_presence_diff_reaches_a_connection_before_its_state() -> None:
                 ]
 
 
+async def test_joins_in_one_turn_of_the_loop_are_one_diff_and_each_joiner_gets_the_whole_list() -> None:
+    """B, C and D finish server_init in the same turn (one gate opens for all
+    three): A gets one joins diff naming all three, each of them its list of
+    four with itself marked, and nothing more about the others: their next
+    presence frame is A's update."""
+    import websockets
+
+    gate = Gate(asyncio.Event())
+    app = rally.App(state=gate)
+    app.page("/desk", SlowDesk)
+    async with running(app) as server, contextlib.AsyncExitStack() as stack:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
+        a = await stack.enter_async_context(websockets.connect(url))
+        [me] = (await next_frame(a)).pop("state")
+        others = [await stack.enter_async_context(websockets.connect(url)) for _ in range(3)]
+        await eventually(lambda: gate.inits == 4, "the three server_init have begun")
+        gate.open.set()
+        states = [(await next_frame(ws))["state"] for ws in others]
+        ids = [me["id"], *(next(e["id"] for e in state if e["self"]) for state in states)]
+        for n, state in enumerate(states, 1):
+            assert [(e["id"], e["self"]) for e in state] == [(i, i == ids[n]) for i in ids]
+            assert all(e["meta"] == {"status": "here"} for e in state)
+        joins = await next_frame(a)
+        assert (joins["joins"], joins["updates"], joins["leaves"]) == (
+            [{**e, "self": False} for e in states[0][1:]],
+            [],
+            [],
+        )
+        away = {"kind": "send", "seq": 1, "msg": {"type": "SetStatus", "fields": {"status": "away"}}}
+        await a.send(json.dumps(away))
+        for ws in others:
+            assert (await next_frame(ws))["updates"] == [{**me, "self": False, "meta": {"status": "away"}}]
+
+
+class AnnouncingDesk(SlowDesk):
+    """A slow desk whose ``server_init`` also tells the page who arrived."""
+
+    async def server_init(server_context: rally.ServerContext) -> tuple[Status, rally.Effect[Note]]:
+        model, _ = await SlowDesk.server_init(server_context)
+        return model, rally.effect.broadcast_to_page(Note(f"{server_context.connection_id} arrived"))
+
+
+async def test_a_waiting_join_is_announced_before_any_later_frame() -> None:
+    """Joins wait for the end of the turn, but never past a frame published
+    after them: B, C and D end server_init in one turn, each broadcasting
+    "arrived" to the page and then joining, and A hears each join before the
+    next one's broadcast."""
+    import websockets
+
+    gate = Gate(asyncio.Event())
+    app = rally.App(state=gate)
+    app.page("/desk", AnnouncingDesk)
+    async with running(app) as server, contextlib.AsyncExitStack() as stack:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
+        a = await stack.enter_async_context(websockets.connect(url))
+        assert [sorted(await next_frame(a)) for _ in range(2)] == [["kind", "msg"], ["kind", "state"]]  # its arrival
+        others = [await stack.enter_async_context(websockets.connect(url)) for _ in range(3)]
+        await eventually(lambda: gate.inits == 4, "the three server_init have begun")
+        gate.open.set()
+        frames = [await next_frame(a) for _ in range(6)]
+        order = [
+            f"{f['msg']['fields']['text']}" if f["kind"] == "push" else f"joined {f['joins'][0]['id']}" for f in frames
+        ]
+        ids = [int(text.split()[0]) for text in order[::2]]
+        assert order == [text for i in ids for text in (f"{i} arrived", f"joined {i}")]
+        assert all(len(f["joins"]) == 1 for f in frames[1::2])
+        for ws in others:
+            await ws.close()
+
+
 async def test_presence_tags_group_a_session_and_python_apis_agree() -> None:
     app, seen = desk_app()
     async with (
