@@ -3849,10 +3849,13 @@ class _Router:
         last = qs["last"][0]
         if not last.isdigit() or len(last) > 16:
             raise ProtocolError("malformed query: last must be a frame number", 400)
-        held = self.reg.resumable.get(qs["resume"][0]) if "resume" in qs else None
+        token = qs["resume"][0] if "resume" in qs else None
+        held = self.reg.resumable.get(token) if token is not None else None
         if held is None or stale or not held.can_resume(up.ctx.session_id, pages[0], int(last)):
             if held is not None and held.ctx.session_id == up.ctx.session_id:
                 held.close(1000, "replaced by a new connection")  # it cannot go on: it ends now
+            elif held is None and token is not None and self.reg.topics.broker is not None:
+                self.reg.topics.broker._release(token, up.ctx.session_id)  # another process may hold it
             return up._replace(resumable=True)
         return up._replace(resumable=True, resume=held, last=int(last), ctx=held.ctx)
 
@@ -4272,6 +4275,12 @@ class RedisBroker:
         """Tell the other processes to close the connections of ``topic`` (a session)."""
         self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
 
+    def _release(self, token: str, session_id: str) -> None:
+        """A page of session ``session_id`` holding resume ``token`` came
+        back here, where it cannot resume: the process that holds it ends it
+        now (its presence entry leaves) instead of at the window's end."""
+        self._enqueue(_dumps({"o": self.process_id, "k": "release", "t": token, "s": session_id}) + b"\n", False)
+
     def _presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
         """Tell the other processes that connections of this one joined or
         changed (``upserts``, ``[[id, tag, meta], ...]``) or left (``leaves``)
@@ -4521,7 +4530,8 @@ class RedisBroker:
     def _on_message(self, data: bytes) -> None:
         """One message from the channel: a push or a session close from another
         process for the connections here, a change of its presence, its whole
-        presence (``hello``, ``state``), a request for ours (``want``), a
+        presence (``hello``, ``state``), a request for ours (``want``), a page
+        held here for resume that came back there (``release``), a
         heartbeat, or a goodbye."""
         head, _, frame = data.partition(b"\n")
         try:
@@ -4562,6 +4572,10 @@ class RedisBroker:
         elif kind == "want":
             if topic == self.process_id:
                 self._queue_state()
+        elif kind == "release" and type(topic) is str:
+            held = self._registry.resumable.get(topic)
+            if held is not None and held.ctx.session_id == header.get("s"):
+                held.close(1000, "replaced by a new connection")
         elif kind == "bye":
             self._seen.pop(origin, None)
             self._registry.presence_replace(origin, {})

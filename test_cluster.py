@@ -758,6 +758,35 @@ async def test_presence_spans_every_process_with_self_flags_tags_and_one_list(cl
         await node.stop()
 
 
+async def test_a_page_back_through_another_process_leaves_the_first_at_once(cluster: list[Node]) -> None:
+    """A page's connection to n1 is lost and it comes back through n2 (no
+    sticky routing) with its resume token. n2 cannot resume it and starts it
+    afresh; n1, told so, ends the page it was holding for the 30 s resume
+    window now: a watcher on n3 sees the new entry join and the old one
+    leave, well within the window."""
+    n1, n2, n3 = cluster
+    cookie, other = await cookie_of(n1), await cookie_of(n3)
+    async with lobby(n3, other) as watcher:
+        me = await joined(watcher)
+        headers = {"Cookie": f"rally_session={cookie}"}
+        first = n1.url.replace("http://", "ws://") + "/_rally/ws?page=/lobby/x&last=0"
+        lost = await websockets.connect(first, additional_headers=headers, open_timeout=WAIT)
+        hello = await frame(lost)
+        old = next(e for e in (await frame(lost))["state"] if e["self"])
+        assert (await frame(watcher))["joins"] == [{**old, "self": False}]
+        lost.transport.abort()  # no close frame: n1 holds the page for its resume window
+        again = f"{n2.url.replace('http://', 'ws://')}/_rally/ws?page=/lobby/x&last=1&resume={hello['resume']}"
+        async with websockets.connect(again, additional_headers=headers, open_timeout=WAIT) as back:
+            assert (await frame(back))["resumed"] is False
+            new = next(e for e in (await frame(back))["state"] if e["self"])
+            seen = [await frame(watcher) for _ in range(2)]  # n2's join and n1's leave: no order between them
+            assert sorted(seen, key=lambda d: bool(d["leaves"])) == [
+                diff(joins=[{**new, "self": False}]),
+                diff(leaves=[old["id"]]),
+            ]
+            await lists(n1, rows(me, new))  # app.presence in n1: the page held there is gone
+
+
 async def test_presence_of_a_killed_process_leaves_the_others_within_three_heartbeats(
     redis_server: RedisServer, tmp_path: Any
 ) -> None:
