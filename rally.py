@@ -2222,6 +2222,7 @@ class _Registry:
         #: process's entries, origin "" for this process's own connections and
         #: the broker's process id for another's (see "Presence across processes")
         self.presence: dict[str, dict[int, tuple[str, Any, Any, str]]] = {}
+        self.misfits: set[str] = set()  # processes whose presence did not fit: said once each
         #: resume token -> the page session that may be resumed with it
         self.resumable: dict[str, _PageSession] = {}
         self.detached = 0  # of those, how many are held without a connection
@@ -2670,9 +2671,15 @@ class _Registry:
             try:
                 value = codec.decode(meta)
             except _Bad as bad:
-                _logger.warning(
-                    "presence of page %s from process %s does not fit its type here: %s", path, origin, bad.message
-                )
+                if origin not in self.misfits:  # once per process: every change of it would say the same
+                    self.misfits.add(origin)
+                    _logger.warning(
+                        "presence of page %s from process %s does not fit its type here: %s (said once for that "
+                        "process; its entries that do not fit are left out)",
+                        path,
+                        origin,
+                        bad.message,
+                    )
                 continue
             entries[cid] = (tag, meta, value, origin)
             (joins if old is None else updates).append({"id": cid, "tag": tag, "self": False, "meta": meta})
@@ -2691,6 +2698,8 @@ class _Registry:
         ``presence_own`` makes them); ``{}`` when it has gone."""
         if type(pages) is not dict:
             return
+        if not pages:  # it has gone: a process that comes back under that name is new
+            self.misfits.discard(origin)
         known = {path for path, entries in self.presence.items() if any(e[3] == origin for e in entries.values())}
         for path in known | pages.keys():
             upserts = pages.get(path)
