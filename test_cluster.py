@@ -595,8 +595,7 @@ async def test_max_queued_publishes_wait_for_a_stalled_redis_then_broadcasts_are
         async with rally.Client(server.url) as client:
 
             async def report() -> dict[str, Any]:
-                _, _, body = await client.request("GET", "/_rally/health")
-                return json.loads(body)["broker"]  # type: ignore[no-any-return]
+                return await broker_report(client)
 
             async def settled(published: int) -> bool:
                 broker = await report()
@@ -946,8 +945,7 @@ async def test_broker_from_url_or_environment_and_health(
         async with rally.Client(server.url) as client:
 
             async def report() -> dict[str, Any]:
-                _, _, body = await client.request("GET", "/_rally/health")
-                return json.loads(body)["broker"]  # type: ignore[no-any-return]
+                return await broker_report(client)
 
             await eventually("its own hello came back", lambda: hears_itself(report))
             broker = await report()
@@ -956,6 +954,12 @@ async def test_broker_from_url_or_environment_and_health(
     finally:
         await asyncio.wait_for(server.close(), WAIT)
     assert not app.broker.up
+
+
+async def broker_report(client: rally.Client) -> dict[str, Any]:
+    """The broker part of ``GET /_rally/health``."""
+    _, _, body = await client.request("GET", "/_rally/health")
+    return json.loads(body)["broker"]  # type: ignore[no-any-return]
 
 
 async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:

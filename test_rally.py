@@ -29,7 +29,7 @@ import textwrap
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -2107,21 +2107,33 @@ async def test_no_presence_diff_reaches_a_connection_before_its_state() -> None:
                 ]
 
 
+@contextlib.asynccontextmanager
+async def gated_desk(desk: type) -> AsyncIterator[tuple[Gate, Callable[[], Awaitable[Any]]]]:
+    """A server with ``desk`` at /desk and its gate, and a function that
+    opens a raw WebSocket to the desk (closed on leaving)."""
+    import websockets
+
+    gate = Gate(asyncio.Event())
+    app = rally.App(state=gate)
+    app.page("/desk", desk)
+    async with running(app) as server, contextlib.AsyncExitStack() as stack:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
+
+        async def connect() -> Any:
+            return await stack.enter_async_context(websockets.connect(url))
+
+        yield gate, connect
+
+
 async def test_joins_in_one_turn_of_the_loop_are_one_diff_and_each_joiner_gets_the_whole_list() -> None:
     """B, C and D finish server_init in the same turn (one gate opens for all
     three): A gets one joins diff naming all three, each of them its list of
     four with itself marked, and nothing more about the others: their next
     presence frame is A's update."""
-    import websockets
-
-    gate = Gate(asyncio.Event())
-    app = rally.App(state=gate)
-    app.page("/desk", SlowDesk)
-    async with running(app) as server, contextlib.AsyncExitStack() as stack:
-        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
-        a = await stack.enter_async_context(websockets.connect(url))
+    async with gated_desk(SlowDesk) as (gate, connect):
+        a = await connect()
         [me] = (await next_frame(a)).pop("state")
-        others = [await stack.enter_async_context(websockets.connect(url)) for _ in range(3)]
+        others = [await connect() for _ in range(3)]
         await eventually(lambda: gate.inits == 4, "the three server_init have begun")
         gate.open.set()
         states = [(await next_frame(ws))["state"] for ws in others]
@@ -2154,16 +2166,10 @@ async def test_a_waiting_join_is_announced_before_any_later_frame() -> None:
     after them: B, C and D end server_init in one turn, each broadcasting
     "arrived" to the page and then joining, and A hears each join before the
     next one's broadcast."""
-    import websockets
-
-    gate = Gate(asyncio.Event())
-    app = rally.App(state=gate)
-    app.page("/desk", AnnouncingDesk)
-    async with running(app) as server, contextlib.AsyncExitStack() as stack:
-        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/desk"
-        a = await stack.enter_async_context(websockets.connect(url))
+    async with gated_desk(AnnouncingDesk) as (gate, connect):
+        a = await connect()
         assert [sorted(await next_frame(a)) for _ in range(2)] == [["kind", "msg"], ["kind", "state"]]  # its arrival
-        others = [await stack.enter_async_context(websockets.connect(url)) for _ in range(3)]
+        others = [await connect() for _ in range(3)]
         await eventually(lambda: gate.inits == 4, "the three server_init have begun")
         gate.open.set()
         frames = [await next_frame(a) for _ in range(6)]
