@@ -2698,7 +2698,7 @@ class _Registry:
         ``presence_own`` makes them); ``{}`` when it has gone."""
         if type(pages) is not dict:
             return
-        if not pages:  # it has gone: a process that comes back under that name is new
+        if not pages:  # it has gone, or holds nothing: a later misfit of it is said again
             self.misfits.discard(origin)
         known = {path for path, entries in self.presence.items() if any(e[3] == origin for e in entries.values())}
         for path in known | pages.keys():
