@@ -6337,9 +6337,14 @@ class Client:
             )
         raise AssertionError("unreachable")
 
-    async def rpc(self, msg: Any) -> Ok[Any] | Error[Any]:
-        """Call the RPC handling ``type(msg)`` over HTTP."""
+    async def rpc(self, msg: Any, key: str | None = None) -> Ok[Any] | Error[Any]:
+        """Call the RPC handling ``type(msg)`` over HTTP. With an idempotency
+        ``key``, a call the session already made with that key (over HTTP or
+        a page) within ``resume_window`` gets that call's answer, and the
+        handler does not run again."""
         envelope = {"kind": "rpc", "id": next(self._ids), "msg": self.encode_message(msg)}
+        if key is not None:
+            envelope["key"] = key
         status, _, body = await self.request(
             "POST", "/_rally/rpc", _dumps(envelope), [("content-type", "application/json")]
         )
@@ -6672,10 +6677,14 @@ class PageConnection:
         self._unacked[seq] = text
         await self.send_raw(text)
 
-    async def rpc(self, msg: Any) -> Ok[Any] | Error[Any]:
-        """Call an RPC over this WebSocket; ``TimeoutError`` after the Client's ``timeout``."""
+    async def rpc(self, msg: Any, key: str | None = None) -> Ok[Any] | Error[Any]:
+        """Call an RPC over this WebSocket; ``TimeoutError`` after the Client's
+        ``timeout``. ``key``: as for ``Client.rpc``."""
         msg_id = next(self._ids)
-        text = json.dumps({"kind": "rpc", "id": msg_id, "msg": self.client.encode_message(msg)})
+        envelope = {"kind": "rpc", "id": msg_id, "msg": self.client.encode_message(msg)}
+        if key is not None:
+            envelope["key"] = key
+        text = json.dumps(envelope)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[msg_id] = fut
         try:

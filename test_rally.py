@@ -2884,6 +2884,24 @@ async def test_resume_works_when_the_server_had_sent_nothing_and_after_a_long_qu
             assert journal.inits == 1
 
 
+async def test_client_rpcs_with_a_key_run_once_per_session_over_http_and_the_page() -> None:
+    app, journal = journal_app()
+    journal.release.set()
+    async with running(app) as server, bounded_client(server, app) as client, bounded_client(server, app) as other:
+        async with client.page("/journal") as page:  # the session's cookie
+            assert await page.rpc(Ask("q"), key="k1") == rally.Ok("answer to q")
+            assert await page.rpc(Ask("q again"), key="k1") == rally.Ok("answer to q")  # the kept answer
+        assert await client.rpc(Ask("over http"), key="k1") == rally.Ok("answer to q")  # one session, one store
+        assert await client.rpc(Ask("r"), key="k2") == rally.Ok("answer to r")
+        assert await client.rpc(Ask("no key")) == await client.rpc(Ask("no key")) == rally.Ok("answer to no key")
+        async with other.page("/journal"):  # another session: its own k1
+            assert await other.rpc(Ask("s"), key="k1") == rally.Ok("answer to s")
+        with pytest.raises(rally.RemoteError) as bad:
+            await client.rpc(Ask("t"), key="k" * 65)
+        assert bad.value.code == "invalid"
+    assert journal.asked == ["q", "r", "no key", "no key", "s"]
+
+
 async def test_an_rpc_retried_with_its_key_runs_once() -> None:
     app, journal = journal_app()
     async with running(app) as server:
