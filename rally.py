@@ -135,6 +135,10 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT_RPCS",
     "DEFAULT_SEND_TIMEOUT_S",
     "DEFAULT_RESUME_WINDOW_S",
+    "DEFAULT_MAX_HELD_BYTES",
+    "DEFAULT_MAX_PRESENCE_ENTRIES",
+    "DEFAULT_MAX_PRESENCE_META_BYTES",
+    "DEFAULT_MAX_TOPICS_PER_CONNECTION",
 ]
 
 _logger: Final = logging.getLogger("rally")
@@ -191,6 +195,16 @@ DEFAULT_MAX_CONCURRENT_RPCS: Final = 64
 #: model, topics and outgoing frames for the page to resume (0: not at all);
 #: also how long RPC answers are kept by idempotency key.
 DEFAULT_RESUME_WINDOW_S: Final = 30.0
+#: Bytes of outgoing frames every resumable page holds for a resume, all
+#: pages together (each page also holds at most max_outgoing_bytes).
+DEFAULT_MAX_HELD_BYTES: Final = 64 * 1024 * 1024
+#: Connections one page's presence lists, in every process together.
+DEFAULT_MAX_PRESENCE_ENTRIES: Final = 1_000
+#: One presence meta, encoded as JSON: with the entries bound, a page's whole
+#: list (about 600 KB at the defaults) fits below max_outgoing_bytes.
+DEFAULT_MAX_PRESENCE_META_BYTES: Final = 512
+#: Custom topics one connection may be subscribed to (rally.effect.subscribe).
+DEFAULT_MAX_TOPICS_PER_CONNECTION: Final = 100
 
 #: Flow control: a transport pauses our writers above this many buffered bytes.
 _WRITE_HIGH_WATER: Final = 64 * 1024
@@ -250,6 +264,10 @@ class _Limits(typing.NamedTuple):
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S
     resume_window: float = DEFAULT_RESUME_WINDOW_S
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    max_presence_entries: int = DEFAULT_MAX_PRESENCE_ENTRIES
+    max_presence_meta_bytes: int = DEFAULT_MAX_PRESENCE_META_BYTES
+    max_topics_per_connection: int = DEFAULT_MAX_TOPICS_PER_CONNECTION
 
 
 #: Signs session cookies when neither ``App(secret=...)`` nor RALLY_SECRET is set.
@@ -2008,32 +2026,212 @@ class Presence(_Value):
         self.meta = meta
 
 
+_EMPTY: Final[list[Any]] = []
+
 #: An effect's delivery, checked and encoded: (scope, target, frame, push type).
 _Op = tuple[str, str | None, bytes, type | None]
 
 
+class _PresenceEntry(typing.NamedTuple):
+    """One connection in a page's presence list."""
+
+    tag: str  # the session's opaque tag
+    meta: Any  # the meta as a JSON value, as it goes on the wire
+    value: Any  # the meta as server_presence returned it (decoded, for another process's)
+    origin: str  # "" for this process's own connections, else the broker's process id
+
+
+class _PresenceTable:
+    """Every process's presence entries by page path and connection id
+    (README "Presence"), and the frames that tell of them; pure: no
+    sockets, no sessions, no loop.
+
+    Own entries change by ``put`` and ``drop``; another process's by
+    ``merge`` (its diff for one page) and ``replace`` (its whole list, or
+    ``{}`` when it has gone), which return the diff frame for the page's
+    listed connections, encoded once. A page holds at most
+    ``max_entries`` entries and a meta at most ``max_meta_bytes`` encoded:
+    ``refusal`` says why a new one does not fit, and ``merge`` leaves such
+    entries of another process out, so that a page's whole list always
+    fits one frame a joiner can take."""
+
+    __slots__ = ("pages", "max_entries", "max_meta_bytes", "misfits")
+
+    def __init__(self, max_entries: int, max_meta_bytes: int) -> None:
+        self.pages: dict[str, dict[int, _PresenceEntry]] = {}
+        self.max_entries = max_entries
+        self.max_meta_bytes = max_meta_bytes
+        self.misfits: set[str] = set()  # processes whose entries did not fit here: said once each
+
+    def of(self, path: str) -> list[Presence]:
+        """The entries of the concrete page ``path``, of every process."""
+        return [Presence(cid, e.tag, e.value) for cid, e in self.pages.get(path, {}).items()]
+
+    def own(self) -> dict[str, list[list[Any]]]:
+        """This process's own entries, ``{path: [[id, tag, meta], ...]}``:
+        the snapshot its broker sends the others."""
+        out: dict[str, list[list[Any]]] = {}
+        for path, entries in self.pages.items():
+            own = [[cid, e.tag, e.meta] for cid, e in entries.items() if not e.origin]
+            if own:
+                out[path] = own
+        return out
+
+    def refusal(self, path: str, cid: int, meta: Any) -> str | None:
+        """Why connection ``cid`` cannot be listed on ``path`` with ``meta``, if it cannot."""
+        size = len(_dumps(meta))
+        if size > self.max_meta_bytes:
+            return f"its meta is {size} bytes encoded, more than max_presence_meta_bytes={self.max_meta_bytes}"
+        entries = self.pages.get(path)
+        if entries is not None and cid not in entries and len(entries) >= self.max_entries:
+            return f"the page lists {len(entries)} connections already (max_presence_entries={self.max_entries})"
+        return None
+
+    def put(self, path: str, cid: int, tag: str, meta: Any, value: Any) -> None:
+        """List or update this process's connection ``cid`` (``refusal`` said yes)."""
+        self.pages.setdefault(path, {})[cid] = _PresenceEntry(tag, meta, value, "")
+
+    def drop(self, path: str, cid: int) -> bool:
+        """Unlist this process's connection ``cid``; whether it was listed."""
+        entries = self.pages.get(path)
+        if entries is None or entries.pop(cid, None) is None:
+            return False
+        if not entries:
+            del self.pages[path]
+        return True
+
+    def listed(self, path: str, cid: int) -> bool:
+        return cid in self.pages.get(path, ())
+
+    @staticmethod
+    def entry(cid: int, e: _PresenceEntry, me: bool = False) -> dict[str, Any]:
+        return {"id": cid, "tag": e.tag, "self": me, "meta": e.meta}
+
+    @staticmethod
+    def diff(joins: list[Any] = _EMPTY, updates: list[Any] = _EMPTY, leaves: list[Any] = _EMPTY) -> bytes:
+        """A presence diff, encoded once for every connection on the page."""
+        return _dumps({"kind": "presence", "joins": joins, "updates": updates, "leaves": leaves})
+
+    def states(self, path: str, cids: list[int]) -> list[bytes]:
+        """The whole list of ``path`` for each of this process's connections
+        ``cids``, its own entry with ``"self": true``; for several, every
+        entry is encoded once for all of them."""
+        entries = self.pages.get(path, {})
+        if len(cids) == 1:  # one encoding of the list, in C
+            me = cids[0]
+            return [_dumps({"kind": "presence", "state": [self.entry(i, e, i == me) for i, e in entries.items()]})]
+        ids = list(entries)
+        parts = [_dumps(self.entry(i, e)) for i, e in entries.items()]
+        at = {i: n for n, i in enumerate(ids)}
+        out = []
+        for cid in cids:
+            n = at[cid]
+            own = _dumps(self.entry(cid, entries[cid], True))
+            out.append(b'{"kind":"presence","state":[' + b",".join([*parts[:n], own, *parts[n + 1 :]]) + b"]}")
+        return out
+
+    def merge(self, origin: str, path: Any, upserts: Any, leaves: Any, codec: _Codec | None) -> bytes | None:
+        """Apply process ``origin``'s diff for page ``path``: ``upserts``
+        (``[[id, tag, meta], ...]``) join or update, ``leaves`` (ids) leave;
+        ``codec`` is the page's meta codec here (``None``: no such page
+        here, nothing to keep). An entry of another origin is never touched;
+        an item that is not what rally.py sends is skipped. Returns the diff
+        frame for the page's connections, or ``None`` if nothing changed."""
+        if type(path) is not str or type(upserts) is not list or type(leaves) is not list or codec is None:
+            return None
+        entries = self.pages.setdefault(path, {})
+        joins: list[Any] = []
+        updates: list[Any] = []
+        gone: list[int] = []
+        for item in upserts:
+            if type(item) is not list or len(item) != 3:
+                continue
+            cid, tag, meta = item
+            if type(cid) is not int or not 0 < cid <= _MAX_SAFE_INT or type(tag) is not str:
+                continue
+            old = entries.get(cid)
+            if old is not None and (old.origin != origin or (old.tag, old.meta) == (tag, meta)):
+                continue
+            problem = self.refusal(path, cid, meta)
+            try:
+                if problem is not None:
+                    raise _Bad(problem)
+                value = codec.decode(meta)
+            except _Bad as bad:
+                if origin not in self.misfits:  # once per process: every change of it would say the same
+                    self.misfits.add(origin)
+                    _logger.warning(
+                        "presence of page %s from process %s does not fit %s here: %s (said once for that "
+                        "process; its entries that do not fit are left out)",
+                        path,
+                        origin,
+                        "its type" if problem is None else "the limits",
+                        bad.message,
+                    )
+                continue
+            entries[cid] = e = _PresenceEntry(tag, meta, value, origin)
+            (joins if old is None else updates).append(self.entry(cid, e))
+        for cid in leaves:
+            old = entries.get(cid) if type(cid) is int else None
+            if old is not None and old.origin == origin:
+                del entries[cid]
+                gone.append(cid)
+        if not entries:
+            del self.pages[path]
+        return self.diff(joins, updates, gone) if joins or updates or gone else None
+
+    def replace(self, origin: str, pages: Any, codec_of: Callable[[str], _Codec | None]) -> list[tuple[str, bytes]]:
+        """Process ``origin``'s entries are now exactly ``pages`` (as ``own``
+        makes them; ``{}`` when it has gone); returns each changed page's
+        diff frame."""
+        if type(pages) is not dict:
+            return []
+        if not pages:  # it has gone, or holds nothing: a later misfit of it is said again
+            self.misfits.discard(origin)
+        known = {path for path, entries in self.pages.items() if any(e.origin == origin for e in entries.values())}
+        out = []
+        for path in known | pages.keys():
+            upserts = pages.get(path)
+            if type(upserts) is not list:
+                upserts = []
+            listed = {item[0] for item in upserts if type(item) is list and item and type(item[0]) is int}
+            entries = self.pages.get(path, {})
+            leaves = [cid for cid, e in entries.items() if e.origin == origin and cid not in listed]
+            if type(path) is str:
+                frame = self.merge(origin, path, upserts, leaves, codec_of(path))
+                if frame is not None:
+                    out.append((path, frame))
+        return out
+
+
 class _Topics:
-    """Topic name -> the live page sessions in it (SPEC section 5).
+    """Topic name -> the page sessions in it (README "Broadcast"), and the
+    presence joins of this turn of the event loop.
 
     ``members`` holds only non-empty sets, so an app with no connections
-    holds no topics. ``broadcast`` is ``publish`` here plus one message to
-    the other processes when the app has a broker (section 8); the broker's
-    listener calls ``publish`` for what the others send.
+    holds no topics; an ended session is never let in. ``broadcast`` is
+    ``publish`` here plus one message to the other processes when the app
+    has a broker (README "Scaling out"); the broker's listener calls
+    ``publish`` for what the others send.
 
     Presence joins wait in ``joining`` until the end of the event loop's
     turn, or until anything else is published first: then the connections
     already listed on the page get one ``joins`` diff for all of that
-    page's joiners, and each joiner its whole list. A burst of N joins to a
-    page costs a few diffs to each connection there, not N."""
+    page's joiners still listed, and each joiner still connected its whole
+    list. A burst of N joins to a page costs a few diffs to each connection
+    there, not N."""
 
-    __slots__ = ("members", "broker", "joining")
+    __slots__ = ("members", "broker", "joining", "presence")
 
-    def __init__(self) -> None:
+    def __init__(self, presence: _PresenceTable) -> None:
         self.members: dict[str, set[_PageSession]] = {}
         self.broker: RedisBroker | None = None
         self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
+        self.presence = presence
 
     def join(self, session: _PageSession, topics: Iterable[str]) -> None:
+        if session.state is _PageState.ENDED:
+            return
         for t in topics:
             self.members.setdefault(t, set()).add(session)
 
@@ -2065,47 +2263,32 @@ class _Topics:
             if (
                 msg_type in session.page.push_types if msg_type is not None else session.listed
             ) and session is not skip:
-                session.push(frame, framed, tail)
+                session.push(frame, framed, tail, msg_type is not None)
                 n += 1
         return n
 
     def join_presence(self, path: str, session: _PageSession) -> None:
-        """``session`` joined the presence of page ``path``: list and announce
-        it with the others joining there in this turn of the event loop."""
+        """``session`` was listed on page ``path``: announce it and send it
+        the list with the others listed there in this turn of the event loop."""
         if not self.joining:
             asyncio.get_running_loop().call_soon(self.flush_joins)
         self.joining.setdefault(path, []).append(session)
 
     def flush_joins(self) -> None:
         """Tell each page's listed connections of its joiners in one diff,
-        then send each joiner that is still connected its whole list, its
-        own entry with ``"self": true`` (for several joiners, every entry is
-        encoded once for all of them)."""
+        then send each joiner still there its whole list."""
         joining, self.joining = self.joining, {}
+        table = self.presence
         for path, sessions in joining.items():
-            joins = [{"id": s.ctx.connection_id, "tag": s.tag, "self": False, "meta": s.meta} for s in sessions]
-            self.publish(f"page:{path}", _presence_frame(joins=joins))
-            live = [s for s in sessions if not s.ended]
-            if not live:
+            entries = table.pages.get(path, {})
+            here = [s for s in sessions if s.state is not _PageState.ENDED and s.cid in entries]
+            if not here:
                 continue
-            entries = live[0].reg.presence.get(path, {})
-            if len(live) == 1:  # one encoding of the list, in C
-                one = live[0]
-                me = one.ctx.connection_id
-                state = [{"id": i, "tag": t, "self": i == me, "meta": m} for i, (t, m, _, _) in entries.items()]
-                one.listed = True
-                one._emit(_dumps({"kind": "presence", "state": state}))
-                continue
-            ids = list(entries)
-            parts = [_dumps({"id": i, "tag": t, "self": False, "meta": m}) for i, (t, m, _, _) in entries.items()]
-            at = {i: n for n, i in enumerate(ids)}
-            for s in live:
-                cid = s.ctx.connection_id
-                assert cid is not None
-                n = at[cid]
-                own = _dumps({"id": cid, "tag": s.tag, "self": True, "meta": s.meta})
-                s.listed = True
-                s._emit(b'{"kind":"presence","state":[' + b",".join([*parts[:n], own, *parts[n + 1 :]]) + b"]}")
+            cids = [s.cid for s in here]
+            self.publish(f"page:{path}", table.diff(joins=[table.entry(c, entries[c]) for c in cids]))
+            for session, state in zip(here, table.states(path, cids), strict=True):
+                session.listed = True
+                session.tell(state)
 
     def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
         """``publish`` a push here and, with a broker, in every other process
@@ -2217,15 +2400,10 @@ class _Registry:
         self.raw_routes: dict[str, _RawRoute] = {}
         self.static: list[tuple[str, str]] = []
         self.push_encoders: dict[type, _Encoder] = {}
-        self.topics = _Topics()
-        #: page path -> connection id -> (tag, encoded meta, meta, origin): every
-        #: process's entries, origin "" for this process's own connections and
-        #: the broker's process id for another's (see "Presence across processes")
-        self.presence: dict[str, dict[int, tuple[str, Any, Any, str]]] = {}
-        self.misfits: set[str] = set()  # processes whose presence did not fit: said once each
-        #: resume token -> the page session that may be resumed with it
-        self.resumable: dict[str, _PageSession] = {}
-        self.detached = 0  # of those, how many are held without a connection
+        #: every process's presence entries (see "Presence across processes")
+        self.presence = _PresenceTable(limits.max_presence_entries, limits.max_presence_meta_bytes)
+        self.topics = _Topics(self.presence)
+        self.held = _HeldPages(limits)
         self.answers = _Answers(limits.resume_window)
         self._contract: tuple[bytes, str] | None = None
 
@@ -2633,85 +2811,31 @@ class _Registry:
 
     def presence_of(self, path: str) -> list[Presence]:
         """Who is on the concrete page ``path``: one entry per connection, of every process."""
-        return [Presence(cid, tag, meta) for cid, (tag, _, meta, _) in self.presence.get(path, {}).items()]
+        return self.presence.of(path)
 
     def presence_own(self) -> dict[str, list[list[Any]]]:
-        """This process's own entries, ``{path: [[id, tag, meta], ...]}``:
-        the snapshot its broker sends the others."""
-        out: dict[str, list[list[Any]]] = {}
-        for path, entries in self.presence.items():
-            own = [[cid, tag, meta] for cid, (tag, meta, _, origin) in entries.items() if not origin]
-            if own:
-                out[path] = own
-        return out
+        """This process's own entries: the snapshot its broker sends the others."""
+        return self.presence.own()
 
     def presence_merge(self, origin: str, path: Any, upserts: Any, leaves: Any) -> None:
-        """Apply process ``origin``'s diff for page ``path``: ``upserts``
-        (``[[id, tag, meta], ...]``) join or update, ``leaves`` (ids) leave.
-        An entry of another origin is never touched."""
-        if type(path) is not str or type(upserts) is not list or type(leaves) is not list:
-            return
-        found = self.match_page(path)
-        codec = found[0].presence_codec if found is not None else None
-        if codec is None:
-            return  # no page with presence here (another version of the app): no one to tell
-        entries = self.presence.setdefault(path, {})
-        joins: list[Any] = []
-        updates: list[Any] = []
-        gone: list[int] = []
-        for item in upserts:
-            if type(item) is not list or len(item) != 3:
-                continue
-            cid, tag, meta = item
-            if type(cid) is not int or not 0 < cid <= _MAX_SAFE_INT or type(tag) is not str:
-                continue
-            old = entries.get(cid)
-            if old is not None and (old[3] != origin or (old[0], old[1]) == (tag, meta)):
-                continue
-            try:
-                value = codec.decode(meta)
-            except _Bad as bad:
-                if origin not in self.misfits:  # once per process: every change of it would say the same
-                    self.misfits.add(origin)
-                    _logger.warning(
-                        "presence of page %s from process %s does not fit its type here: %s (said once for that "
-                        "process; its entries that do not fit are left out)",
-                        path,
-                        origin,
-                        bad.message,
-                    )
-                continue
-            entries[cid] = (tag, meta, value, origin)
-            (joins if old is None else updates).append({"id": cid, "tag": tag, "self": False, "meta": meta})
-        for cid in leaves:
-            old = entries.get(cid) if type(cid) is int else None
-            if old is not None and old[3] == origin:
-                del entries[cid]
-                gone.append(cid)
-        if not entries:
-            del self.presence[path]
-        if joins or updates or gone:
-            self.topics.publish(f"page:{path}", _presence_frame(joins, updates, gone))
+        """Apply process ``origin``'s diff for page ``path`` and tell this
+        process's connections there."""
+        codec = self._meta_codec(path) if type(path) is str else None
+        frame = self.presence.merge(origin, path, upserts, leaves, codec)
+        if frame is not None:
+            self.topics.publish(f"page:{path}", frame)
 
     def presence_replace(self, origin: str, pages: Any) -> None:
-        """Process ``origin``'s entries are now exactly ``pages`` (as
-        ``presence_own`` makes them); ``{}`` when it has gone."""
-        if type(pages) is not dict:
-            return
-        if not pages:  # it has gone, or holds nothing: a later misfit of it is said again
-            self.misfits.discard(origin)
-        known = {path for path, entries in self.presence.items() if any(e[3] == origin for e in entries.values())}
-        for path in known | pages.keys():
-            upserts = pages.get(path)
-            if type(upserts) is not list:
-                upserts = []
-            listed = {item[0] for item in upserts if type(item) is list and item and type(item[0]) is int}
-            entries = self.presence.get(path, {})
-            leaves = [cid for cid, e in entries.items() if e[3] == origin and cid not in listed]
-            self.presence_merge(origin, path, upserts, leaves)
+        """Process ``origin``'s entries are now exactly ``pages`` (``{}``
+        when it has gone); tell this process's connections on each page."""
+        for path, frame in self.presence.replace(origin, pages, self._meta_codec):
+            self.topics.publish(f"page:{path}", frame)
+
+    def _meta_codec(self, path: str) -> _Codec | None:
+        found = self.match_page(path)
+        return found[0].presence_codec if found is not None else None
 
 
-_EMPTY: Final[list[Any]] = []
 _PAGE_HOOKS: Final = frozenset(("server_init", "server_update", "server_terminate", "server_presence"))
 _PARAM_NAMES: Final = {str: "str", _convert_int: "int", _convert_float: "float"}
 
@@ -3063,6 +3187,175 @@ def _docs_html(contract: dict[str, Any]) -> str:
     )
 
 
+def _frame_size(payload_bytes: int) -> int:
+    """Bytes of a server's WebSocket frame of ``payload_bytes``, header included."""
+    return payload_bytes + (2 if payload_bytes < 126 else 4 if payload_bytes < 65536 else 10)
+
+
+class _Replay:
+    """The numbered frames of one resumable page connection (README
+    "Delivery across reconnects"); pure. Out: the next push ``seq``, the
+    frames written and not yet acknowledged, each counted in the bytes it
+    takes on the wire, and the ``floor`` below which the page cannot
+    resume.
+
+    A held item is ``(position, payload, numbered, cost)``: a numbered
+    frame's position is its seq; a refusal's, the seq of the numbered frame
+    written before it. Presence frames are numbered but never held (a
+    resumed page gets a fresh list) and acks are never held (``hello``'s
+    ``ack`` settles every send taken)."""
+
+    __slots__ = ("out_seq", "frames", "size", "floor")
+
+    def __init__(self) -> None:
+        self.out_seq = 0  # the last seq given to a frame for the page
+        self.frames: list[tuple[int, bytes, bool, int]] = []
+        self.size = 0  # bytes held, as written on the wire
+        self.floor = 0  # frames up to this seq are no longer held: no resume from before it
+
+    def next(self) -> int:
+        self.out_seq += 1
+        return self.out_seq
+
+    def hold(self, payload: bytes, numbered: bool) -> int:
+        """Keep a frame just written (a numbered one numbered by ``next``); returns its cost."""
+        pos = self.out_seq
+        # A numbered frame goes out as {"seq":N, + the payload after its {.
+        cost = _frame_size(len(payload) + 7 + len(str(pos)) if numbered else len(payload))
+        self.frames.append((pos, payload, numbered, cost))
+        self.size += cost
+        return cost
+
+    def ack(self, last: int) -> int:
+        """The page has every numbered frame up to ``last``: stop holding
+        them and the refusals written before them; returns the bytes freed."""
+        if last <= self.floor:
+            return 0
+        n = freed = 0
+        for pos, _, numbered, cost in self.frames:
+            if pos > last or (pos == last and not numbered):
+                break
+            n += 1
+            freed += cost
+        del self.frames[:n]
+        self.size -= freed
+        self.floor = last
+        return freed
+
+    def trim(self, budget: int) -> int:
+        """Forget the oldest frames until at most ``budget`` bytes are held
+        (no resume from before them); returns the bytes freed."""
+        freed = 0
+        frames = self.frames
+        n = 0
+        while self.size - freed > budget and n < len(frames):
+            pos, _, numbered, cost = frames[n]
+            freed += cost
+            self.floor = pos if numbered else pos + 1
+            n += 1
+        del frames[:n]
+        self.size -= freed
+        return freed
+
+    def forget(self) -> int:
+        """Hold nothing more and allow no resume; returns the bytes freed."""
+        freed, self.size = self.size, 0
+        self.frames = []
+        self.floor = self.out_seq + 1
+        return freed
+
+    def can_resume(self, last: int) -> bool:
+        """Whether a page that received every frame up to ``last`` misses nothing held."""
+        return self.floor <= last <= self.out_seq
+
+    def replay(self) -> list[bytes]:
+        """Every frame held, framed again, in order (after ``ack(last)``)."""
+        return [_seq_frame(pos, p[1:]) if numbered else _ws_frame(p) for pos, p, numbered, _ in self.frames]
+
+
+class _HeldPages:
+    """Page sessions that may be resumed, by resume token, those of them
+    held without a connection with their expiry timers, and the bytes every
+    resumable page holds (README "Delivery across reconnects").
+
+    ``hold`` keeps a session whose connection was lost for
+    ``resume_window`` seconds, at most ``max_connections`` of them;
+    ``take`` finds the one a reconnecting page may go on with; ``release``
+    stops its timer once it goes on; ``forget`` drops an ended one;
+    ``end_all`` ends every held one (shutdown). ``charge`` counts bytes
+    against ``max_held_bytes``: past it, held sessions give up their
+    frames, the one held longest first, and end on the loop's next step;
+    then the page that wrote trims its own oldest frames."""
+
+    __slots__ = ("limits", "tokens", "timers", "size")
+
+    def __init__(self, limits: _Limits) -> None:
+        self.limits = limits
+        self.tokens: dict[str, _PageSession] = {}
+        self.timers: dict[_PageSession, asyncio.TimerHandle] = {}  # held without a connection, oldest first
+        self.size = 0  # bytes held by every resumable page
+
+    def add(self, session: _PageSession) -> None:
+        if self.limits.resume_window:
+            self.tokens[session.token] = session
+
+    def get(self, token: str) -> _PageSession | None:
+        return self.tokens.get(token)
+
+    def take(self, token: str, session_id: str, path: str, last: int) -> _PageSession | None:
+        """The session a page of ``session_id`` at ``path``, which received
+        every frame up to ``last``, goes on with; ``None`` if none can. A
+        session of the same browser session that cannot go on ends now."""
+        session = self.tokens.get(token)
+        if session is None:
+            return None
+        if session.can_resume(session_id, path, last):
+            return session
+        if session.ctx.session_id == session_id:
+            session.close(1000, "replaced by a new connection")
+        return None
+
+    def hold(self, session: _PageSession) -> bool:
+        """Keep ``session`` for ``resume_window`` seconds; whether it is kept."""
+        limits = self.limits
+        if not limits.resume_window or len(self.timers) >= limits.max_connections or session.token not in self.tokens:
+            return False
+        loop = asyncio.get_running_loop()
+        self.timers[session] = loop.call_later(limits.resume_window, session.finish, 1006, "resume window passed")
+        return True
+
+    def release(self, session: _PageSession) -> None:
+        timer = self.timers.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+
+    def forget(self, session: _PageSession, held_bytes: int) -> None:
+        """``session`` ended: drop its token, timer and bytes."""
+        if self.tokens.get(session.token) is session:
+            del self.tokens[session.token]
+        self.release(session)
+        self.size -= held_bytes
+
+    def end_all(self, code: int, reason: str) -> None:
+        for session in tuple(self.timers):
+            session.finish(code, reason)
+
+    def charge(self, session: _PageSession, cost: int) -> None:
+        """``session`` holds ``cost`` more bytes (or fewer, if negative);
+        past ``max_held_bytes``, held sessions give theirs up first."""
+        self.size += cost
+        budget = self.limits.max_held_bytes
+        if cost <= 0 or self.size <= budget:
+            return
+        for held in tuple(self.timers):
+            if self.size <= budget:
+                return
+            if held is not session:
+                held.evict("held pages over max_held_bytes")
+        if self.size > budget:
+            session.evict("held pages over max_held_bytes", self.size - budget)
+
+
 class _Detached:
     """The peer of a page session whose connection was lost: it writes
     nothing (the session holds the frames for a resume) and reads nothing."""
@@ -3091,22 +3384,39 @@ class _Detached:
 _DETACHED: Final = _Detached()
 
 
+class _PageState(enum.Enum):
+    """A page session's life: moves happen only in ``_PageSession._move``, along ``_PAGE_MOVES``."""
+
+    STARTING = "starting"  # server_init has not returned: sends wait, nothing is listed
+    LIVE = "live"  # the model is kept and a connection carries the page
+    DETACHED = "detached"  # its connection was lost: held for resume_window
+    ENDED = "ended"  # out of every topic and the presence; server_terminate ran or runs
+
+
+_PAGE_MOVES: Final = {
+    _PageState.STARTING: frozenset((_PageState.LIVE, _PageState.ENDED)),
+    _PageState.LIVE: frozenset((_PageState.DETACHED, _PageState.ENDED)),
+    _PageState.DETACHED: frozenset((_PageState.LIVE, _PageState.ENDED)),
+    _PageState.ENDED: frozenset(),
+}
+
+
 class _PageSession:
     """One page connection's life, without sockets: its model, its ``send``
     messages handled in order, its in-flight RPCs (at most
-    ``max_concurrent_rpcs``), the effects of its handlers, and its
-    numbered frames (SPEC section 10).
+    ``max_concurrent_rpcs``), the effects of its handlers, its topics and
+    presence, and its numbered frames (README "Delivery across reconnects").
 
-    The transport feeds it whole text messages (``receive``) and it talks
-    back through its ``_Peer``. Every push and presence frame gets the
-    connection's next ``seq``; a resumable session (the page said
-    ``&last=``) holds what it wrote until the page acknowledges it. When
-    the connection is lost without a closing handshake, ``end`` detaches
-    the session instead of ending it: it keeps its model, topics and
-    frames for ``resume_window`` seconds, and ``attach`` moves it to the
-    page's next connection. ``_finish`` is the one place a page session's
-    life ends, whatever ended it: it leaves the topics and the presence,
-    stops the work in flight and runs ``server_terminate``. Handler errors
+    Its ``state`` moves along ``_PAGE_MOVES`` in ``_move`` only: STARTING
+    until ``server_init`` returns, LIVE, DETACHED while held for a resume
+    after its connection was lost (``end`` with ``lost``), LIVE again when
+    ``attach`` moves it to the page's next connection, ENDED once. Every
+    step that delivers, lists or subscribes checks the state first, so
+    nothing runs on an ended page, and ``finish`` is the one place a
+    session ends: it leaves the topics and the presence, stops the work in
+    flight and runs ``server_terminate`` once for a model. The transport
+    feeds it whole text messages (``receive``) and it talks back through
+    its ``_Peer``, which never ends it from inside a write. Handler errors
     are logged here and answered with ``internal``; bad input is answered
     with an ``error`` envelope.
     """
@@ -3115,26 +3425,22 @@ class _PageSession:
         "reg",
         "page",
         "ctx",
+        "cid",
         "peer",
         "spawn",
         "tag",
         "topics",
         "custom",
         "model",
-        "ready",
+        "state",
         "meta",
         "listed",
         "pending",
         "worker",
         "rpcs",
         "token",
-        "out_seq",
+        "replay",
         "in_seq",
-        "held",
-        "held_bytes",
-        "floor",
-        "expiry",
-        "ended",
     )
 
     def __init__(
@@ -3150,14 +3456,16 @@ class _PageSession:
         self.reg = reg
         self.page = page
         self.ctx = ctx
+        assert ctx.connection_id is not None and ctx.page is not None
+        self.cid: int = ctx.connection_id
         self.peer = peer
         self.spawn = spawn
         self.tag = tag  # the session's presence tag
         self.topics: tuple[str, ...] = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
         self.custom: set[str] | None = None  # topics joined by rally.effect.subscribe
         self.model: Any = None
-        self.ready = False  # server_init has returned
-        self.meta: Any = None  # the encoded presence meta others were told, once joined
+        self.state = _PageState.STARTING
+        self.meta: Any = None  # the encoded presence meta others were told, once listed
         self.listed = False  # the page's presence list was sent: diffs follow
         # A list, not a deque: at most max_pending_messages items, and an idle
         # connection keeps 56 bytes instead of 624.
@@ -3165,70 +3473,82 @@ class _PageSession:
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
         self.token = secrets.token_urlsafe(16)  # the resume token, told in hello
-        self.out_seq = 0  # the last seq given to a frame for the page
+        self.replay: _Replay | None = _Replay() if resumable else None  # the page said &last=
         self.in_seq = 0  # the highest send seq taken from the page
-        # Resumable: (position, payload, numbered) of every frame written and
-        # not yet acknowledged by the page; a numbered frame's position is its
-        # seq, an ack's or error's the seq of the numbered frame before it.
-        self.held: list[tuple[int, bytes, bool]] | None = [] if resumable else None
-        self.held_bytes = 0
-        self.floor = 0  # frames up to this seq are no longer held: no resume from before it
-        self.expiry: asyncio.TimerHandle | None = None  # set while detached
-        self.ended = False
+
+    def _move(self, to: _PageState) -> None:
+        if to not in _PAGE_MOVES[self.state]:
+            raise RuntimeError(f"page session cannot move from {self.state.value} to {to.value}")
+        self.state = to
 
     # -- the transport's side --------------------------------------------------
 
     def start(self) -> None:
         """Say hello (to a page that numbers frames), join the topics, then
         run ``server_init`` (its effects may reach this connection)."""
-        if self.held is not None:
+        if self.replay is not None:
             self.peer.write_frame(_hello(self.token, False, 0))
-            if self.reg.limits.resume_window:
-                self.reg.resumable[self.token] = self
+            self.reg.held.add(self)
         self.reg.topics.join(self, self.topics)
         self._init()
 
-    def push(self, payload: bytes, frame: bytes, tail: bytes) -> None:
+    def push(self, payload: bytes, frame: bytes, tail: bytes, hold: bool = True) -> None:
         """A frame published to one of this connection's topics: its
         ``payload``, ``frame`` (the same framed once for every page that does
         not number frames) and ``tail`` (``payload`` without its ``{``, made
-        once for every page that does)."""
-        if self.held is None:
+        once for every page that does); ``hold``: a push, held for a resume,
+        not a presence frame."""
+        if self.state is _PageState.ENDED:
+            return
+        if self.replay is None:
             self.peer.write_frame(frame)
         else:
-            self._emit(payload, tail=tail)
+            self._emit(payload, tail=tail, hold=hold)
+
+    def tell(self, payload: bytes) -> None:
+        """A presence frame for this connection alone."""
+        self._emit(payload, hold=False)
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
         up to ``last`` can go on with this session."""
         return (
-            not self.ended
+            self.state in (_PageState.LIVE, _PageState.DETACHED)
+            and self.replay is not None
             and session_id == self.ctx.session_id
             and page == self.ctx.page
-            and self.floor <= last <= self.out_seq
+            and self.replay.can_resume(last)
         )
 
-    def attach(self, peer: _Peer, last: int) -> None:
+    def attach(self, peer: _Peer, last: int) -> bool:
         """Go on over the page's new connection (``can_resume`` said yes):
-        hello, then every frame after ``last`` again, in order."""
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
+        hello, every frame after ``last`` again, in order, then the
+        presence list as it is now. ``False`` if the session can no longer
+        go on (it ended, or gave up its frames, since)."""
+        replay = self.replay
+        if self.state is _PageState.ENDED or replay is None or not replay.can_resume(last):
+            return False
+        if self.state is _PageState.DETACHED:
+            self._move(_PageState.LIVE)
+            self.reg.held.release(self)
         old, self.peer = self.peer, peer
-        if old is _DETACHED:
-            self.reg.detached -= 1
         old.abandon()  # a connection whose loss the server had not noticed yet
-        self._acked(last)
+        self.reg.held.charge(self, -replay.ack(last))
         peer.write_frame(_hello(self.token, True, self.in_seq))
-        for pos, payload, numbered in self.held or ():
-            peer.write_frame(_seq_frame(pos, payload[1:]) if numbered else _ws_frame(payload))
+        for frame in replay.replay():
+            peer.write_frame(frame)
+        if self.in_seq:  # acks are not held: this one settles every send taken before
+            peer.write_frame(_ws_frame(_ack(self.in_seq)))
+        if self.listed:
+            self.tell(self.reg.presence.states(self.topics[1][5:], [self.cid])[0])
         self._flow()
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Close the page's connection with ``code``; end the session at once if it has none."""
-        if self.peer is _DETACHED:
-            self._finish(code, reason)
-        else:
+        if self.state is _PageState.DETACHED:
+            self.finish(code, reason)
+        elif self.state is not _PageState.ENDED:
             self.peer.close(code, reason)
 
     def receive(self, data: str | bytes) -> None:
@@ -3236,10 +3556,13 @@ class _PageSession:
         binary one (close code 1003)."""
         if not isinstance(data, str):
             raise ProtocolError("binary frames are not accepted here", close_code=1003)
-        if data.startswith('{"kind":"ack","seq":'):  # what a browser sends most: no JSON parser needed
+        if self.state is _PageState.ENDED:
+            return
+        replay = self.replay
+        if data.startswith('{"kind":"ack","seq":') and replay is not None:  # what a browser sends most
             ack = _ACK_RE.fullmatch(data)
-            if ack is not None and (last := int(ack[1])) <= self.out_seq:
-                self._acked(last)
+            if ack is not None and (last := int(ack[1])) <= replay.out_seq:
+                self.reg.held.charge(self, -replay.ack(last))
                 return
         reg = self.reg
         try:
@@ -3255,11 +3578,12 @@ class _PageSession:
                 self._start_rpc(reply)
             return
         if kind == "ack":
-            if msg_id > self.out_seq:
-                errors = [{"path": "seq", "message": f"no frame {msg_id} was sent (the last is {self.out_seq})"}]
+            out_seq = replay.out_seq if replay is not None else 0
+            if msg_id > out_seq:
+                errors = [{"path": "seq", "message": f"no frame {msg_id} was sent (the last is {out_seq})"}]
                 self._reply(_error_reply(None, "invalid", errors))
-            else:
-                self._acked(msg_id)
+            elif replay is not None:
+                self.reg.held.charge(self, -replay.ack(msg_id))
             return
         page, seq = self.page, msg_id
         if seq is not None:
@@ -3279,60 +3603,68 @@ class _PageSession:
         except _Bad as bad:
             self._refuse(_error_reply(None, bad.code, [bad.error("msg")], seq), seq)
             return
-        if self.ready and self.worker is None and not page.update_is_async:
+        ready = self.state is _PageState.LIVE
+        if ready and self.worker is None and not page.update_is_async:
             self._update_now(value, seq)
             return
         self.pending.append((value, seq))
         self._flow()
-        if self.ready and self.worker is None:
+        if ready and self.worker is None:
             self.worker = self.spawn(self._drain())
 
     def end(self, code: int, reason: str, lost: bool = False) -> None:
         """The connection is over (``code`` and ``reason`` say how). One that
-        was ``lost`` (no closing handshake) detaches a resumable session for
-        ``resume_window`` seconds; anything else finishes it."""
-        if self.ended or self.peer is _DETACHED:
+        was ``lost`` (no closing handshake) leaves a live resumable session
+        held for ``resume_window`` seconds; anything else finishes it."""
+        if self.state is _PageState.ENDED or self.state is _PageState.DETACHED:
             return
-        reg = self.reg
-        # Held pages count against max_connections too, so that dropping
-        # connections on purpose cannot pile up models.
-        if lost and self.ready and self.token in reg.resumable and reg.detached < reg.limits.max_connections:
+        if lost and self.state is _PageState.LIVE and self.reg.held.hold(self):
+            self._move(_PageState.DETACHED)
             self.peer = _DETACHED
-            reg.detached += 1
-            window = reg.limits.resume_window
-            self.expiry = asyncio.get_running_loop().call_later(window, self._finish, 1006, "resume window passed")
             return
-        self._finish(code, reason)
+        self.finish(code, reason)
 
-    def _finish(self, code: int, reason: str) -> None:
-        """The session is over: leave the topics, tell the page's presence,
-        drop queued sends, cancel the work in flight (the server awaits the
-        tasks), then run ``server_terminate`` once for the model, if there
-        is one."""
-        if self.ended:
+    def evict(self, reason: str, over: int | None = None) -> None:
+        """Held bytes are over their budget: a held session gives up its
+        frames and ends on the loop's next step; a live one (``over`` bytes
+        too many) forgets its oldest frames, so it resumes from no earlier."""
+        replay = self.replay
+        if replay is None or self.state is _PageState.ENDED:
             return
-        self.ended = True
-        if self.peer is _DETACHED:
-            self.reg.detached -= 1
+        if self.state is _PageState.DETACHED or over is None:
+            self.reg.held.charge(self, -replay.forget())
+            if self.state is _PageState.DETACHED:
+                asyncio.get_running_loop().call_soon(self.finish, 1006, reason)
+        else:
+            self.reg.held.charge(self, -replay.trim(max(0, replay.size - over)))
+
+    def finish(self, code: int, reason: str) -> None:
+        """End the session, once, whatever ended it: leave the topics and the
+        presence, drop queued sends, cancel the work in flight (the server
+        awaits the tasks), then run ``server_terminate`` for the model, if
+        there is one."""
+        if self.state is _PageState.ENDED:
+            return
+        had_model = self.state is not _PageState.STARTING
+        self._move(_PageState.ENDED)
         self.peer = _DETACHED
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-        self.reg.resumable.pop(self.token, None)
-        self.held = None
-        topics = self.reg.topics
+        reg = self.reg
+        replay = self.replay
+        reg.held.forget(self, replay.forget() if replay is not None else 0)
+        topics = reg.topics
         topics.leave(self, self.topics)
         if self.custom:
             topics.leave(self, self.custom)
+            self.custom = None
         if self.meta is not None:
-            self._presence_leave()
+            self._unlist()
         self.pending.clear()
         if self.worker is not None:
             self.worker.cancel()
         for task in self.rpcs or ():
             task.cancel()
         page = self.page
-        if self.ready and page.terminate is not None:
+        if had_model and page.terminate is not None:
             args = (self.model, self.ctx) if page.terminate_wants_context else (self.model,)
             if page.terminate_is_async:
                 self.spawn(self._terminate_async(page.terminate(*args)))
@@ -3353,7 +3685,8 @@ class _PageSession:
         self._terminated(eff)
 
     def _terminated(self, eff: Any) -> None:
-        """Deliver ``server_terminate``'s effect to the others."""
+        """Deliver ``server_terminate``'s effect to the others (the page is
+        ended: what would reach itself, its subscriptions included, does not)."""
         try:
             ops = self.reg.effect_ops(eff, self.page, [])
         except _Bad as bad:
@@ -3385,67 +3718,40 @@ class _PageSession:
             self.peer.resume()
 
     def _reply(self, body: bytes) -> None:
-        """An RPC's answer or an error about no send: not numbered, not held."""
+        """An RPC's answer, an ack, or an error about no send: not numbered, not held."""
         self.peer.write_frame(_ws_frame(body))
 
     def _refuse(self, body: bytes, seq: int | None) -> None:
-        """An ``error`` refusing a send: held like an ack when it has a seq."""
-        if seq is None:
+        """An ``error`` refusing a send: held until acknowledged when it has a seq."""
+        if seq is None or self.replay is None:
             self._reply(body)
         else:
             self._emit(body, numbered=False)
 
-    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None) -> None:
-        """Write one frame for the page. To a page that numbers frames (it
-        said ``&last=``), a push or presence frame gets the next ``seq`` and
-        an ack or a send's error goes unnumbered, and the session holds each
-        until the page acknowledges it, within ``max_outgoing_bytes``; past
-        that a detached session ends, and an attached one forgets its oldest
-        frames (no resume from before them)."""
-        held = self.held
-        if held is None:
+    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None, hold: bool = True) -> None:
+        """Write one frame for the page. To a page that numbers frames, a
+        push or presence frame gets the next ``seq``, and a push or a
+        send's refusal is held until the page acknowledges it, within
+        ``max_outgoing_bytes`` for the page and ``max_held_bytes`` for all;
+        past the first, a held session gives up (it ends on the next step)
+        and a live one forgets its oldest frames (no resume from before
+        them)."""
+        if self.state is _PageState.ENDED:
+            return
+        replay = self.replay
+        if replay is None:
             self.peer.write_frame(_ws_frame(payload))
             return
+        seq = replay.next() if numbered else 0
+        if hold:
+            self.reg.held.charge(self, replay.hold(payload, numbered))
+            over = replay.size - self.reg.limits.max_outgoing_bytes
+            if over > 0:
+                self.evict("resume buffer full", over)
         if numbered:
-            self.out_seq += 1
-        held.append((self.out_seq, payload, numbered))
-        self.held_bytes += len(payload)
-        if self.held_bytes > self.reg.limits.max_outgoing_bytes:
-            self._overflow()
-            if self.ended:
-                return
-        if numbered:
-            self.peer.write_frame(_seq_frame(self.out_seq, payload[1:] if tail is None else tail))
+            self.peer.write_frame(_seq_frame(seq, payload[1:] if tail is None else tail))
         else:
             self.peer.write_frame(_ws_frame(payload))
-
-    def _overflow(self) -> None:
-        """More held than ``max_outgoing_bytes``: a detached session ends; an
-        attached one forgets its oldest frames (no resume from before them)."""
-        if self.peer is _DETACHED:
-            self._finish(1006, "resume buffer full")
-            return
-        held = self.held
-        assert held is not None
-        while self.held_bytes > self.reg.limits.max_outgoing_bytes:
-            pos, old, was_numbered = held.pop(0)
-            self.held_bytes -= len(old)
-            self.floor = pos if was_numbered else pos + 1
-
-    def _acked(self, last: int) -> None:
-        """The page has every numbered frame up to ``last``: stop holding them
-        (and the acks and errors written before them)."""
-        held = self.held
-        if not held or last <= self.floor:
-            return
-        n = 0
-        for pos, payload, numbered in held:
-            if pos > last or (pos == last and not numbered):
-                break
-            n += 1
-            self.held_bytes -= len(payload)
-        del held[:n]
-        self.floor = last
 
     def _start_rpc(self, reply: Awaitable[_Reply]) -> None:
         if self.rpcs is None:
@@ -3462,12 +3768,13 @@ class _PageSession:
     def _rpc_done(self, task: asyncio.Task[Any]) -> None:
         assert self.rpcs is not None
         self.rpcs.discard(task)
-        self._flow()
+        if self.state is not _PageState.ENDED:
+            self._flow()
 
     def _init(self) -> None:
         page = self.page
         if page.init is None:
-            self.ready = True
+            self._move(_PageState.LIVE)
             return
         kwargs = dict(self.ctx.params)
         if page.init_wants_context:
@@ -3496,20 +3803,24 @@ class _PageSession:
             self.worker = self.spawn(self._drain())
 
     def _accept_init(self, result: Any) -> bool:
-        if not self._apply(result, "server_init"):
+        """Keep ``server_init``'s model and deliver its effect; the page is live then."""
+        if self.state is _PageState.ENDED:
+            return False
+        if not self._apply(result, "server_init", live=True):
             self._init_failed()
             return False
-        self.ready = True
-        return True
+        return self.state is _PageState.LIVE
 
     def _init_failed(self) -> None:
-        self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
-        self.peer.close(1011, "server_init failed")
+        if self.state is not _PageState.ENDED:
+            self._reply(_error_reply(None, "internal", _INTERNAL_ERRORS))
+            self.peer.close(1011, "server_init failed")
 
-    def _apply(self, result: Any, what: str) -> bool:
+    def _apply(self, result: Any, what: str, live: bool = False) -> bool:
         """Take ``(model, effect)`` from a handler. Every push is checked and
         encoded before anything happens, so an effect is all or nothing: then
-        the model is kept and the frames are delivered in order."""
+        the model is kept (``live``: the page is live from now) and the frames
+        are delivered in order, as long as the page has not ended."""
         page = self.page
         try:
             if not isinstance(result, tuple) or len(result) != 2:
@@ -3520,27 +3831,44 @@ class _PageSession:
             _logger.error("%s of page %s returned a value that breaks its annotation: %s", what, page.name, bad.message)
             return False
         self.model = model
+        if live:
+            self._move(_PageState.LIVE)
         self._deliver(ops)
-        if page.presence is not None:
-            self._presence()
+        if page.presence is not None and self.state is not _PageState.ENDED:
+            self._present()
         return True
 
     def _deliver(self, ops: list[_Op]) -> None:
-        """Carry out an effect's checked deliveries and subscriptions, in order."""
+        """Carry out an effect's checked deliveries and subscriptions, in
+        order; what concerns the page itself only while it has not ended."""
         topics = self.reg.topics
         for scope, target, frame, msg_type in ops:
             if scope == "client":
                 self._emit(frame)
             elif scope == "subscribe" or scope == "unsubscribe":
                 assert target is not None
+                if self.state is _PageState.ENDED:
+                    continue
                 if self.custom is None:
                     self.custom = set()
-                if scope == "subscribe" and target not in self.custom:
+                if scope == "unsubscribe":
+                    if target in self.custom:
+                        self.custom.discard(target)
+                        topics.leave(self, (target,))
+                elif target not in self.custom:
+                    limit = self.reg.limits.max_topics_per_connection
+                    if len(self.custom) >= limit:
+                        _logger.error(
+                            "page %s: connection %d is in %d topics already (max_topics_per_connection): "
+                            "not subscribed to %r",
+                            self.ctx.page,
+                            self.cid,
+                            limit,
+                            target[:100],
+                        )
+                        continue
                     self.custom.add(target)
                     topics.join(self, (target,))
-                elif scope == "unsubscribe" and target in self.custom:
-                    self.custom.discard(target)
-                    topics.leave(self, (target,))
             elif target is not None:  # a custom topic, or another page
                 assert msg_type is not None
                 topics.broadcast(target if scope == "topic" else f"page:{target}", frame, msg_type)
@@ -3550,11 +3878,11 @@ class _PageSession:
 
     # -- presence ------------------------------------------------------------------
 
-    def _presence(self) -> None:
-        """Recompute this connection's presence meta; on joining, send it the
-        whole list and the others a join (at the end of this turn of the
-        event loop, with the page's other joiners); on a change, an update
-        to all."""
+    def _present(self) -> None:
+        """Recompute this connection's presence meta; on joining, list it and
+        send it the whole list and the others a join (at the end of this
+        turn of the event loop, with the page's other joiners); on a
+        change, an update to all."""
         page = self.page
         assert page.presence is not None and page.presence_codec is not None
         try:
@@ -3571,32 +3899,37 @@ class _PageSession:
         joining = self.meta is None
         if not joining and meta == self.meta:
             return
+        path, cid, table = self.topics[1][5:], self.cid, self.reg.presence
+        problem = table.refusal(path, cid, meta)
+        if problem is not None:
+            _logger.error(
+                "presence of connection %d on page %s refused: %s; %s",
+                cid,
+                path,
+                problem,
+                "it is not listed" if joining else "the others see its previous meta",
+            )
+            return
         self.meta = meta
-        cid, path = self.ctx.connection_id, self.ctx.page
-        assert cid is not None and path is not None
-        entries = self.reg.presence.setdefault(path, {})
-        entries[cid] = (self.tag, meta, meta_value, "")
+        table.put(path, cid, self.tag, meta, meta_value)
         topics = self.reg.topics
         if joining:  # the list holds the other processes' entries too
             topics.join_presence(path, self)
         else:
-            entry = {"id": cid, "tag": self.tag, "self": False, "meta": meta}
-            topics.publish(self.topics[1], _presence_frame(updates=[entry]), skip=self)
-            self._emit(_presence_frame(updates=[{**entry, "self": True}]))
+            entry = table.entry(cid, table.pages[path][cid])
+            topics.publish(self.topics[1], table.diff(updates=[entry]), skip=self)
+            self.tell(table.diff(updates=[{**entry, "self": True}]))
         if topics.broker is not None:
             topics.broker._presence(path, [[cid, self.tag, meta]], _EMPTY)
 
-    def _presence_leave(self) -> None:
-        path, cid = self.ctx.page, self.ctx.connection_id
-        assert path is not None and cid is not None
-        entries = self.reg.presence.get(path, {})
-        entries.pop(cid, None)
-        if not entries:
-            self.reg.presence.pop(path, None)
-        topics = self.reg.topics
-        topics.publish(self.topics[1], _presence_frame(leaves=[cid]))
-        if topics.broker is not None:
-            topics.broker._presence(path, _EMPTY, [cid])
+    def _unlist(self) -> None:
+        path, cid, table = self.topics[1][5:], self.cid, self.reg.presence
+        self.meta = None
+        if table.drop(path, cid):
+            topics = self.reg.topics
+            topics.publish(self.topics[1], table.diff(leaves=[cid]))
+            if topics.broker is not None:
+                topics.broker._presence(path, _EMPTY, [cid])
 
     def _update_now(self, value: Any, seq: int | None) -> None:
         page = self.page
@@ -3610,11 +3943,14 @@ class _PageSession:
         self._updated(result, seq)
 
     def _updated(self, result: Any, seq: int | None) -> None:
-        """Apply what ``server_update`` returned; then ``ack`` a numbered
-        send, or answer ``internal`` (the model stays as it was)."""
+        """Apply what ``server_update`` returned, unless the page ended
+        meanwhile; then ``ack`` a numbered send, or answer ``internal`` (the
+        model stays as it was)."""
+        if self.state is _PageState.ENDED:
+            return
         if result is not _FAILED and self._apply(result, "server_update"):
             if seq is not None:
-                self._emit(_ack(seq), numbered=False)
+                self._reply(_ack(seq))
         else:
             self._refuse(_error_reply(None, "internal", _INTERNAL_ERRORS, seq), seq)
 
@@ -3623,7 +3959,7 @@ class _PageSession:
         page = self.page
         assert page.update is not None
         try:
-            while self.pending:
+            while self.pending and self.state is not _PageState.ENDED:
                 value, seq = self.pending.pop(0)
                 self._flow()
                 if not page.update_is_async:
@@ -3684,11 +4020,6 @@ _FRAMING_HEADERS: Final = frozenset(("content-length", "transfer-encoding", "con
 
 _OWN_TOPICS: Final = {"session": 0, "page": 1, "app": 2}
 _FAILED: Final = object()  # a handler raised
-
-
-def _presence_frame(joins: list[Any] = _EMPTY, updates: list[Any] = _EMPTY, leaves: list[Any] = _EMPTY) -> bytes:
-    """A presence diff, encoded once for every connection on the page."""
-    return _dumps({"kind": "presence", "joins": joins, "updates": updates, "leaves": leaves})
 
 
 # Routing: a request head becomes one of these actions.
@@ -3859,14 +4190,19 @@ class _Router:
         if not last.isdigit() or len(last) > 16:
             raise ProtocolError("malformed query: last must be a frame number", 400)
         token = qs["resume"][0] if "resume" in qs else None
-        held = self.reg.resumable.get(token) if token is not None else None
-        if held is None or stale or not held.can_resume(up.ctx.session_id, pages[0], int(last)):
-            if held is not None and held.ctx.session_id == up.ctx.session_id:
-                held.close(1000, "replaced by a new connection")  # it cannot go on: it ends now
-            elif held is None and token is not None and self.reg.topics.broker is not None:
+        if token is None:
+            return up._replace(resumable=True)
+        pages_held = self.reg.held
+        if pages_held.get(token) is None:
+            if self.reg.topics.broker is not None:
                 self.reg.topics.broker._release(token, up.ctx.session_id)  # another process may hold it
             return up._replace(resumable=True)
-        return up._replace(resumable=True, resume=held, last=int(last), ctx=held.ctx)
+        held = pages_held.take(token, up.ctx.session_id, pages[0], int(last))
+        if held is None or stale:
+            if held is not None:
+                held.close(1000, "replaced by a new connection")  # it cannot go on: it ends now
+            return up._replace(resumable=True)
+        return up._replace(resumable=True, resume=held, last=int(last))
 
     def _client_js(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET", b"HEAD")
@@ -4582,7 +4918,7 @@ class RedisBroker:
             if topic == self.process_id:
                 self._queue_state()
         elif kind == "release" and type(topic) is str:
-            held = self._registry.resumable.get(topic)
+            held = self._registry.held.get(topic)
             if held is not None and held.ctx.session_id == header.get("s"):
                 held.close(1000, "replaced by a new connection")
         elif kind == "bye":
@@ -5055,16 +5391,17 @@ class _WsConn(_Conn):
     and ``_Conn``'s abort timer once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resume_at")
+    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resuming", "dropped")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
         self.reader = _WsReader(srv.limits.max_message_bytes)
         self.ctx = up.ctx
         self.session: _PageSession | _RawSession
-        self.resume_at = -1  # a resumed page's last received frame, until start
+        self.resuming: _Upgrade | None = None  # a held page to go on with, until start
+        self.dropped = False  # dropped as a slow consumer: the session ends once the socket is gone
         if up.resume is not None:
-            self.session, self.resume_at = up.resume, up.last
+            self.session, self.resuming = up.resume, up
         elif up.page is not None:
             self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
         else:
@@ -5088,10 +5425,15 @@ class _WsConn(_Conn):
             self.close(CLOSE_STALE_CONTRACT, "stale_contract")
             return
         self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
-        if self.resume_at >= 0:
-            assert isinstance(self.session, _PageSession)
-            self.session.attach(self, self.resume_at)
-        else:
+        up, self.resuming = self.resuming, None
+        if up is None:
+            self.session.start()
+        elif self.session.attach(self, up.last):  # type: ignore[union-attr]
+            self.ctx = self.session.ctx  # type: ignore[union-attr]
+        else:  # it ended, or gave its frames up, since the request was routed: a fresh page
+            assert up.page is not None
+            srv = self.srv
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, True)
             self.session.start()
         if trailing:
             self.reader.feed(trailing)
@@ -5131,7 +5473,9 @@ class _WsConn(_Conn):
             self.ping_timer = None
         self._resume(_BY_WORK | _BY_SHUTDOWN)  # the peer's close frame must still be read
         self._wake()
-        self.session.end(code, reason, lost)
+        # A page lost while the server shuts down ends with it: it would
+        # have nowhere to come back to.
+        self.session.end(code, reason, lost and not self.srv.closing)
 
     def abandon(self) -> None:
         """The page went on over a newer connection: drop this one, leaving the session alone."""
@@ -5144,7 +5488,10 @@ class _WsConn(_Conn):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _WsState.CLOSED  # from any state: the socket is gone
-        self._end(1006, "connection lost", lost=True)
+        if self.dropped:
+            self._end(1006, "slow consumer")
+        else:
+            self._end(1006, "connection lost", lost=True)
         self._lost()
 
     def _ping(self) -> None:
@@ -5179,7 +5526,10 @@ class _WsConn(_Conn):
     # -- writing --------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        """The one place bytes leave: a slow consumer past the bound is dropped."""
+        """The one place bytes leave: a slow consumer past the bound is
+        dropped. Its socket is aborted at once; its session ends when the
+        socket is gone (``connection_lost``, on the loop's next step), never
+        inside this write, which may be in the middle of an effect."""
         transport = self.transport
         transport.write(data)
         if self.write_paused and transport.get_write_buffer_size() > self.srv.limits.max_outgoing_bytes:
@@ -5189,7 +5539,7 @@ class _WsConn(_Conn):
                 self.srv.limits.max_outgoing_bytes,
             )
             self.state = _WsState.CLOSED
-            self._end(1006, "slow consumer")
+            self.dropped = True
             transport.abort()
 
     def _send(self, event: wsproto.events.Event) -> None:
@@ -5519,9 +5869,7 @@ class Server:
         loop = self.loop
         deadline = loop.time() + self.limits.shutdown_timeout
         self._stop_accepting()
-        for held in tuple(self.registry.resumable.values()):
-            if held.peer is _DETACHED:  # its page is not connected: it ends now
-                held._finish(1001, "server shutting down")
+        self.registry.held.end_all(1001, "server shutting down")  # pages not connected end now
         for conn in tuple(self.conns):
             if isinstance(conn, _WsConn):
                 conn.shut_down()
@@ -5647,6 +5995,10 @@ class App:
         max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
         max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
         resume_window: float = DEFAULT_RESUME_WINDOW_S,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        max_presence_entries: int = DEFAULT_MAX_PRESENCE_ENTRIES,
+        max_presence_meta_bytes: int = DEFAULT_MAX_PRESENCE_META_BYTES,
+        max_topics_per_connection: int = DEFAULT_MAX_TOPICS_PER_CONNECTION,
     ) -> None:
         self._limits = _Limits(
             max_head_bytes=max_head_bytes,
@@ -5671,6 +6023,10 @@ class App:
             max_pending_messages=max_pending_messages,
             max_concurrent_rpcs=max_concurrent_rpcs,
             resume_window=resume_window,
+            max_held_bytes=max_held_bytes,
+            max_presence_entries=max_presence_entries,
+            max_presence_meta_bytes=max_presence_meta_bytes,
+            max_topics_per_connection=max_topics_per_connection,
         )
         for name, value in self._limits._asdict().items():
             if name == "resume_window":
@@ -6604,8 +6960,9 @@ class PageConnection:
                 self._acked_seq = seq
                 self._write(self._ws.send(wsproto.events.TextMessage(data=f'{{"kind":"ack","seq":{seq}}}')))
         if kind == "ack":
-            if type(seq) is int:
-                self._unacked.pop(seq, None)
+            if type(seq) is int:  # sends are applied in order: an ack settles every one up to it
+                for done in [s for s in self._unacked if s <= seq]:
+                    del self._unacked[done]
             return
         if kind == "error" and type(seq) is int and self._unacked.pop(seq, None) is None:
             return  # the refusal of a send, replayed after a resume: reported already
