@@ -2010,3 +2010,238 @@ async def test_client_frame_that_is_not_an_envelope_is_reported_and_the_connecti
             await page.send_raw("still here")
             assert await page.receive() == {"type": "Heard", "fields": {"text": "still here"}}
         assert page.close_code == 1000
+
+
+# ==== Page lifecycle: ends that leave nothing behind ==========================
+
+
+@dataclass
+class Shout:
+    size: int
+
+
+@dataclass
+class Echoed:
+    text: str
+
+
+@dataclass
+class Loudness:
+    shouts: int
+
+
+class LoudPage:
+    """A page whose sends push ``size`` bytes to the whole page and count in its presence."""
+
+    @staticmethod
+    def server_init() -> tuple[int, rally.Effect[Echoed]]:
+        return 0, rally.effect.subscribe("loud")
+
+    @staticmethod
+    async def server_update(
+        model: int, msg: Shout, server_context: rally.ServerContext
+    ) -> tuple[int, rally.Effect[Echoed]]:
+        if msg.size < 0:  # the page logs its own session out in the middle of its update
+            await server_context.state.close_session(server_context.session_id)
+            return model + 1, rally.effect.subscribe("after")
+        return model + 1, rally.effect.broadcast_to_page(Echoed("x" * msg.size))
+
+    @staticmethod
+    def server_presence(model: int) -> Loudness:
+        return Loudness(model)
+
+
+def loud_app(**options: Any) -> rally.App:
+    app = rally.App(**options)
+    app.state = app
+    app.page("/loud", LoudPage)
+    return app
+
+
+async def test_a_page_dropped_as_a_slow_consumer_by_its_own_effect_leaves_presence_and_topics() -> None:
+    app = loud_app(max_outgoing_bytes=64 * 1024)
+    async with running(app) as server:
+        ws = await RawWs.open(server, "/loud", rcvbuf=4096)
+        await eventually(lambda: len(app.presence("/loud")) == 1, "listed")
+        ws.writer.transport.pause_reading()  # it sends once, then stops reading
+        ws.writer.write(ws.send_frame("Shout", {"size": 8_000_000}))  # more than the kernel's buffers take
+        await eventually(lambda: not server.conns, "dropped as a slow consumer")
+        await eventually(lambda: app.presence("/loud") == [], "its presence entry gone")
+        await eventually(lambda: not app._registry.topics.members, "out of every topic")
+        ws.writer.close()
+
+
+async def test_a_page_that_closes_its_own_session_in_server_update_leaves_presence_and_topics() -> None:
+    app = loud_app()
+    async with running(app) as server:
+        ws = await RawWs.open(server, "/loud")
+        await eventually(lambda: len(app.presence("/loud")) == 1, "listed")
+        ws.send(
+            wsproto.events.TextMessage(
+                data=json.dumps({"kind": "send", "msg": {"type": "Shout", "fields": {"size": -1}}})
+            )
+        )
+        await eventually(lambda: app.presence("/loud") == [], "its presence entry gone")
+        await eventually(lambda: not app._registry.topics.members, "out of every topic, the one joined after too")
+        ws.writer.close()
+
+
+async def test_a_page_lost_during_shutdown_ends_before_the_lifespan_exits() -> None:
+    order: list[str] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @dataclass
+    class Hold: ...
+
+    class Held:
+        @staticmethod
+        def server_init() -> tuple[int, rally.Effect[Echoed]]:
+            return 0, rally.effect.none()
+
+        @staticmethod
+        def server_update(model: int, msg: Shout) -> tuple[int, rally.Effect[Echoed]]:
+            return model, rally.effect.none()
+
+        @staticmethod
+        def server_terminate(model: int) -> rally.Effect[Echoed]:
+            order.append("terminate")
+            return rally.effect.none()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: rally.App) -> AsyncIterator[None]:
+        yield
+        order.append("lifespan exit")
+
+    app = rally.App(lifespan=lifespan, shutdown_timeout=WAIT)
+    app.page("/held", Held)
+
+    @app.rpc
+    async def server_hold(msg: Hold) -> str:
+        started.set()
+        await release.wait()
+        return "held"
+
+    server = await app.start(port=0)
+    try:
+        ws = await RawWs.open(server, "/held&last=0")  # a page that may resume
+        ws.writer.write(ws.rpc_frame("Hold", {}, 1))
+        await asyncio.wait_for(started.wait(), WAIT)
+        closing = asyncio.ensure_future(server.close())  # waits for the RPC in flight
+        await eventually(lambda: server.closing, "shutting down")
+        ws.writer.transport.abort()  # the page is lost meanwhile, with no closing handshake
+        await eventually(lambda: not server.conns, "its connection gone")
+        release.set()
+        await asyncio.wait_for(closing, WAIT)
+    finally:
+        release.set()
+        await server.close()
+    assert order == ["terminate", "lifespan exit"]
+
+
+class Quiet:
+    """A page whose sends change the model and push nothing."""
+
+    @staticmethod
+    def server_init() -> tuple[int, rally.Effect[Echoed]]:
+        return 0, rally.effect.none()
+
+    @staticmethod
+    def server_update(model: int, msg: Shout) -> tuple[int, rally.Effect[Echoed]]:
+        return model + 1, rally.effect.none()
+
+
+async def test_a_page_that_only_sends_can_still_resume_after_many_sends() -> None:
+    import websockets
+
+    app = rally.App(max_outgoing_bytes=4096)
+    app.page("/quiet", Quiet)
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/quiet&last=0"
+        async with websockets.connect(url) as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            cookie = {"cookie": ws.response.headers["set-cookie"].split(";")[0]}
+            for seq in range(1, 501):  # 500 acks: about 12 KB, three times max_outgoing_bytes
+                await ws.send(json.dumps({"kind": "send", "seq": seq, "msg": {"type": "Shout", "fields": {"size": 0}}}))
+            for seq in range(1, 501):
+                assert json.loads(await asyncio.wait_for(ws.recv(), WAIT)) == {"kind": "ack", "seq": seq}
+            ws.transport.abort()  # type: ignore[attr-defined]
+        await eventually(lambda: not server.conns, "lost")
+        async with websockets.connect(f"{url}&resume={hello['resume']}", additional_headers=cookie) as ws:
+            again = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert (again["resumed"], again["ack"]) == (True, 500)
+
+
+async def test_a_held_page_on_a_busy_presence_page_can_still_resume() -> None:
+    import websockets
+
+    app = loud_app(max_outgoing_bytes=2048)
+    async with running(app) as server:
+        url = f"ws://127.0.0.1:{server.port}/_rally/ws?page=/loud&last=0"
+        async with websockets.connect(url) as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            state = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert [e["self"] for e in state["state"]] == [True]
+            cookie = {"cookie": ws.response.headers["set-cookie"].split(";")[0]}
+            ws.transport.abort()  # type: ignore[attr-defined]
+        await eventually(lambda: not server.conns, "held")
+        for _ in range(40):  # others come and go: 80 presence diffs, several times max_outgoing_bytes
+            async with websockets.connect(url) as other:
+                await asyncio.wait_for(other.recv(), WAIT)
+                await asyncio.wait_for(other.recv(), WAIT)
+        last = state["seq"]
+        async with websockets.connect(f"{url[:-1]}{last}&resume={hello['resume']}", additional_headers=cookie) as ws:
+            again = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert again["resumed"] is True
+            fresh = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            assert [e["self"] for e in fresh["state"]] == [True]  # a fresh list: only itself is here
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["N", "N+1"])
+async def test_presence_entries_of_a_page_are_bounded_at_n_and_n_plus_one(
+    extra: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = loud_app(max_presence_entries=2)
+    async with running(app) as server:
+        conns = [await RawWs.open(server, "/loud") for _ in range(2 + extra)]
+        await eventually(lambda: len(server.conns) == 2 + extra, "connected")
+        await eventually(lambda: len(app.presence("/loud")) == 2, "two listed")
+        for ws in conns:
+            ws.writer.close()
+        await eventually(lambda: app.presence("/loud") == [], "all gone")
+    assert ("max_presence_entries=2" in caplog.text) == bool(extra)
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["N", "N+1"])
+async def test_a_presence_meta_is_bounded_at_n_and_n_plus_one(extra: int, caplog: pytest.LogCaptureFixture) -> None:
+    size = len(b'{"shouts":0}')
+    app = loud_app(max_presence_meta_bytes=size - extra)
+    async with running(app) as server:
+        ws = await RawWs.open(server, "/loud")
+        await eventually(lambda: len(server.conns) == 1, "connected")
+        await eventually(lambda: len(app.presence("/loud")) == 1 - extra, "listed, or not")
+        ws.writer.close()
+    assert (f"max_presence_meta_bytes={size - 1}" in caplog.text) == bool(extra)
+
+
+class Subscriber:
+    """A page that subscribes to the topic each send names."""
+
+    @staticmethod
+    def server_init() -> tuple[int, rally.Effect[Echoed]]:
+        return 0, rally.effect.none()
+
+    @staticmethod
+    def server_update(model: int, msg: Echoed) -> tuple[int, rally.Effect[Echoed]]:
+        return model + 1, rally.effect.subscribe(msg.text)
+
+
+async def test_topics_of_a_connection_are_bounded_at_n_and_n_plus_one(caplog: pytest.LogCaptureFixture) -> None:
+    app = rally.App(max_topics_per_connection=2)
+    app.page("/sub", Subscriber)
+    async with running(app) as server:
+        ws = await RawWs.open(server, "/sub")
+        for topic in ("a", "b", "c"):
+            ws.writer.write(ws.send_frame("Echoed", {"text": topic}))
+        await eventually(lambda: "max_topics_per_connection" in caplog.text, "the third refused")
+        assert [await app.broadcast_to_topic(t, Echoed("hi")) for t in ("a", "b", "c")] == [1, 1, 0]
+        ws.writer.close()
