@@ -452,7 +452,7 @@ def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monke
         assert second.locator("#fav").inner_text() == "Favourite"
 
 
-# ==== Delivery across a lost network (SPEC section 10) ========================
+# ==== Delivery across a lost network =========================================
 
 
 class CuttingProxy:
