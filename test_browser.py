@@ -783,3 +783,122 @@ def test_rpc_in_flight_survives_a_network_loss_that_refuses_connections(browser:
         expect(page.locator("#answer")).not_to_be_empty()
         assert page.locator("#answer").inner_text() == '{"ok":true,"value":"answer 1"}'
         assert journal.calls == [1]
+
+
+# ==== A page closed for good ================================================
+
+
+@dataclasses.dataclass
+class Knock:
+    text: str
+    wait: bool = False  # server_update waits for the test's release
+
+
+@dataclasses.dataclass
+class Hold:
+    n: int
+
+
+@dataclasses.dataclass
+class Doorman:
+    """What the door's server did, for the test to read (``server_context.state``)."""
+
+    sessions: list[str] = dataclasses.field(default_factory=list)  # one per server_init
+    knocks: list[str] = dataclasses.field(default_factory=list)  # every Knock server_update took
+    calls: list[int] = dataclasses.field(default_factory=list)  # every Hold RPC run
+    updating: threading.Event = dataclasses.field(default_factory=threading.Event)
+    called: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+DOOR_HTML = """<link rel="icon" href="data:,"><p id="status"></p><p id="info"></p><ul id="outcomes"></ul>
+<script>
+rally.onStatus((s, info) => {
+  document.getElementById('status').textContent = s;
+  document.getElementById('info').textContent = JSON.stringify(info === undefined ? null : info);
+});
+// How a Promise settled, in <li id=name>: "pending", "ok <value>" or "rejected <code>".
+window.track = (name, promise) => {
+  const li = document.createElement('li'); li.id = name; li.textContent = 'pending';
+  document.getElementById('outcomes').append(li);
+  promise.then((v) => { li.textContent = 'ok ' + JSON.stringify(v); },
+               (e) => { li.textContent = 'rejected ' + e.code; });
+};
+</script>"""
+
+
+class Door:
+    @staticmethod
+    def view() -> str:
+        return DOOR_HTML
+
+    @staticmethod
+    def server_init(server_context: rally.ServerContext) -> tuple[PadModel, rally.Effect[Note]]:
+        server_context.state.sessions.append(server_context.session_id)
+        return PadModel([]), rally.effect.none()
+
+    @staticmethod
+    async def server_update(
+        model: PadModel, msg: Knock, server_context: rally.ServerContext
+    ) -> tuple[PadModel, rally.Effect[Note]]:
+        doorman = server_context.state
+        doorman.knocks.append(msg.text)
+        if msg.wait:
+            doorman.updating.set()
+            await asyncio.to_thread(doorman.release.wait, 30)
+        return PadModel([*model.lines, msg.text]), rally.effect.none()
+
+    @staticmethod
+    async def server_hold(msg: Hold, server_context: rally.ServerContext) -> str:
+        doorman = server_context.state
+        doorman.calls.append(msg.n)
+        doorman.called.set()
+        await asyncio.to_thread(doorman.release.wait, 30)
+        return f"held {msg.n}"
+
+
+@contextlib.contextmanager
+def door() -> Iterator[tuple[rally.App, Doorman, str]]:
+    doorman = Doorman()
+    app = rally.App(state=doorman)
+    app.page("/door", Door)
+    with app.run_in_thread(access_log=False) as server:
+        try:
+            yield app, doorman, server.url
+        finally:
+            doorman.release.set()  # a handler still waiting lets the server stop
+
+
+def close_session_of(app: rally.App, doorman: Doorman, page: Page) -> None:
+    """Log the page's session out (close code 4001) and wait until the page says closed."""
+    [session_id] = doorman.sessions
+    assert app.close_session_threadsafe(session_id).result(5) == 1
+    expect(page.locator("#status")).to_have_text("closed")
+
+
+def test_send_and_rpc_after_the_session_closed_reject_at_once(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        close_session_of(app, doorman, page)
+        page.evaluate("track('send', rally.send('Knock', {text: 'after'}))")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 1}))")
+        # Far sooner than the RPC's 30 s time-out; a send used to wait forever.
+        expect(page.locator("#send")).to_have_text("rejected closed")
+        expect(page.locator("#rpc")).to_have_text("rejected closed")
+        assert doorman.knocks == [] and doorman.calls == []  # neither went to the server, over any transport
+        expect(page.locator("#status")).to_have_text("closed")  # and no reconnection
+
+
+def test_sends_and_rpcs_in_flight_when_the_session_closes_are_rejected(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 1}))")
+        assert doorman.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
+        page.evaluate("track('slow', rally.send('Knock', {text: 'slow', wait: true}))")
+        assert doorman.updating.wait(BOUND_MS / 1000), "the send did not reach server_update"
+        page.evaluate("track('next', rally.send('Knock', {text: 'next'}))")  # written, not yet taken
+        for name in ("rpc", "slow", "next"):
+            expect(page.locator(f"#{name}")).to_have_text("pending")
+        close_session_of(app, doorman, page)
+        for name in ("rpc", "slow", "next"):
+            expect(page.locator(f"#{name}")).to_have_text("rejected closed")
