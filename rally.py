@@ -5937,6 +5937,13 @@ _CLIENT_JS: Final = r"""
   var statusHandlers = new Set(), errorHandlers = new Set(), presenceHandlers = new Set();
   var presence = new Map();  // connection id -> {id, tag, self, meta}, in joining order
 
+  function statusInfo() {
+    // What onStatus tells a handler added later about the present status.
+    if (status === "open") return { resumed: false };
+    if (status === "closed") return { code: closed.code, reason: closed.reason };
+    return undefined;
+  }
+
   function setStatus(next, info) {
     if (next === status) return;
     status = next;
@@ -6111,7 +6118,7 @@ _CLIENT_JS: Final = r"""
           call.reject(closedError("before " + call.type + " was answered"));
         });
         pending.clear();
-        setStatus("closed");
+        setStatus("closed", { code: closed.code, reason: closed.reason });
         if (event.code === CLOSE_STALE) reloadOnce();
         return;
       }
@@ -6205,8 +6212,7 @@ _CLIENT_JS: Final = r"""
 
   window.rally = {
     page: boot.page, params: boot.params, rpc: rpc, send: send, on: on,
-    onStatus: function (fn) { return subscribe(statusHandlers, fn, function () {
-      fn(status, status === "open" ? { resumed: false } : undefined); }); },
+    onStatus: function (fn) { return subscribe(statusHandlers, fn, function () { fn(status, statusInfo()); }); },
     onError: function (fn) { return subscribe(errorHandlers, fn); },
     onPresence: function (fn) { return subscribe(presenceHandlers, fn, function () {
       fn(Array.from(presence.values())); }); }

@@ -236,7 +236,9 @@ def test_the_lifespan_runs_the_clock(browser: Browser, tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def page_whose_server_stopped(browser: Browser, tmp_path: Path) -> Iterator[tuple[Page, int, str, rally.App]]:
+def page_whose_server_stopped(
+    browser: Browser, tmp_path: Path, allowed_console: tuple[str, ...] = ()
+) -> Iterator[tuple[Page, int, str, rally.App]]:
     """An article page whose server has just stopped: the page is reconnecting.
     Yields the page, the port and database to restart on, and the old app."""
     db = str(tmp_path / "demo.sqlite3")
@@ -245,7 +247,7 @@ def page_whose_server_stopped(browser: Browser, tmp_path: Path) -> Iterator[tupl
         server = stack.enter_context(app.run_in_thread(access_log=False))
         with tabs(browser, server.url, tmp_path) as t:
             # Chromium logs the refused reconnection attempts as console errors.
-            t.allowed_console = ("WebSocket connection to",)
+            t.allowed_console = ("WebSocket connection to", *allowed_console)
             page = t.open(t.session(), "/articles/1")
             expect(page.locator("#connections")).to_have_text("1")
             stack.close()  # the server stops: the page sees 1001 and starts reconnecting
@@ -279,6 +281,36 @@ def test_stale_contract_reloads_the_page_once(browser: Browser, tmp_path: Path) 
             expect(page.locator("#status")).to_have_text("open", timeout=20_000)
             assert loads == [page.url]
             assert page.evaluate("rally.rpc('Version', {})") == {"ok": True, "value": "2"}
+
+
+def test_stale_page_that_reloaded_a_moment_ago_closes_for_good(browser: Browser, tmp_path: Path) -> None:
+    refused = ("rally: the server's contract differs from this page's; not reloading again",)
+    with page_whose_server_stopped(browser, tmp_path, refused) as (page, port, db, _):
+        loads: list[str] = []
+        page.on("load", lambda p: loads.append(p.url))
+        page.evaluate("""() => {
+          sessionStorage.setItem('rally-reloaded-at', String(Date.now()));  // so it does not reload again
+          const shown = (name) => [(v) => { document.body.dataset[name] = 'ok ' + JSON.stringify(v); },
+                                   (e) => { document.body.dataset[name] = 'rejected ' + e.code; }];
+          window.shown = shown;
+          rally.onStatus((s, info) => { if (s === 'closed') document.body.dataset.closed = JSON.stringify(info); });
+          rally.send('ToggleFavorite', {}).then(...shown('queued'));  // queued while disconnected
+        }""")
+        redeployed = demo.make_app(db)
+
+        @redeployed.rpc
+        def server_version(msg: Version) -> str:  # a new message type: another contract
+            return "2"
+
+        with redeployed.run_in_thread(port=port, access_log=False):
+            expect(page.locator("#status")).to_have_text("closed", timeout=20_000)
+            expect(page.locator("body")).to_have_attribute("data-closed", '{"code":4000,"reason":"stale_contract"}')
+            expect(page.locator("body")).to_have_attribute("data-queued", "rejected closed")
+            page.evaluate("rally.rpc('CheckComment', {author: 'a', body: 'abc'}).then(...shown('rpc'))")
+            page.evaluate("rally.send('ToggleFavorite', {}).then(...shown('send'))")
+            expect(page.locator("body")).to_have_attribute("data-rpc", "rejected closed")
+            expect(page.locator("body")).to_have_attribute("data-send", "rejected closed")
+            assert loads == []
 
 
 @dataclasses.dataclass
@@ -902,3 +934,14 @@ def test_sends_and_rpcs_in_flight_when_the_session_closes_are_rejected(browser: 
         close_session_of(app, doorman, page)
         for name in ("rpc", "slow", "next"):
             expect(page.locator(f"#{name}")).to_have_text("rejected closed")
+
+
+def test_closed_status_carries_the_servers_close_code_and_reason(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        expect(page.locator("#info")).to_have_text('{"resumed":false}')
+        close_session_of(app, doorman, page)
+        expect(page.locator("#info")).to_have_text('{"code":4001,"reason":"session closed"}')
+        # A handler added afterwards is told the same at once.
+        told = page.evaluate("new Promise((resolve) => rally.onStatus((s, info) => resolve([s, info])))")
+        assert told == ["closed", {"code": 4001, "reason": "session closed"}]
