@@ -3036,6 +3036,12 @@ def _typescript(contract: dict[str, Any]) -> str:
         *page_lines,
         "  }",
         '  type Status = "connecting" | "open" | "reconnecting" | "closed";',
+        "  /** A status and what comes with it: whether an open page resumed; the close code",
+        "   * (4000 stale contract, 4001 session closed) and reason a closed page got. */",
+        "  type StatusChange =",
+        '    | [status: "open", info: { resumed: boolean }]',
+        '    | [status: "closed", info: { code: number; reason: string }]',
+        '    | [status: "connecting" | "reconnecting", info: undefined];',
         '  interface PresenceEntry { id: number; tag: string; self: boolean; meta: Pages[keyof Pages]["presence"] }',
         "  interface ProtocolError extends Error { code: string; errors: { path: string; message: string }[] }",
         "  /** A message's fields; they may be left out when every field has a default. */",
@@ -3048,7 +3054,9 @@ def _typescript(contract: dict[str, Any]) -> str:
         "  function send<K extends keyof Send>(type: K, ...fields: Fields<Send[K]>): Promise<void>;",
         "  function on<K extends keyof Push>(type: K, fn: (fields: Push[K], type: K) => void): () => void;",
         "  function onPresence(fn: (entries: PresenceEntry[]) => void): () => void;",
-        "  function onStatus(fn: (status: Status, info?: { resumed: boolean }) => void): () => void;",
+        "  function onStatus(fn: (...change: StatusChange) => void): () => void;",
+        "  /** A handler of the status alone. */",
+        "  function onStatus(fn: (status: Status) => void): () => void;",
         "  function onError(fn: (error: ProtocolError) => void): () => void;",
         "}",
         "interface Window {",
@@ -6282,15 +6290,23 @@ _CLIENT_JS: Final = r"""
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
   var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
-  var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, stopped = false, staleSeen = false;
+  var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, staleSeen = false;
+  var closed = null;  // {code, reason} once the server closed the page for good (4000, 4001): no reconnecting
   var resumeToken = null, lastSeq = 0, ackedSeq = 0, ackTimer = null;  // what this page received, by seq
   var ready = false;  // the current socket's hello arrived: sends go straight out
   var callKey = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);  // RPC idempotency prefix
   var sends = new Map();     // send seq -> {text, type, resolve, reject, sent}: until the server's ack
-  var pending = new Map();   // rpc id -> {resolve, reject, timer, text}: asked again after a reconnect
+  var pending = new Map();   // rpc id -> {resolve, reject, timer, text, type}: asked again after a reconnect
   var handlers = new Map();  // push type -> Set of functions
   var statusHandlers = new Set(), errorHandlers = new Set(), presenceHandlers = new Set();
   var presence = new Map();  // connection id -> {id, tag, self, meta}, in joining order
+
+  function statusInfo() {
+    // What onStatus tells a handler added later about the present status.
+    if (status === "open") return { resumed: false };
+    if (status === "closed") return { code: closed.code, reason: closed.reason };
+    return undefined;
+  }
 
   function setStatus(next, info) {
     if (next === status) return;
@@ -6305,6 +6321,19 @@ _CLIENT_JS: Final = r"""
     err.code = reply.code;
     err.errors = reply.errors || [];
     return err;
+  }
+
+  function clientError(code, message) {
+    // Shaped as protocolError's, for the failures the client finds itself.
+    var err = new Error("rally: " + message);
+    err.code = code;
+    err.errors = [];
+    return err;
+  }
+
+  function closedError(what) {
+    return clientError("closed", "the page was closed (" + closed.code + (closed.reason ? " " + closed.reason : "") +
+      ") " + what);
   }
 
   function reportError(err) {
@@ -6428,7 +6457,7 @@ _CLIENT_JS: Final = r"""
   }
 
   function connect() {
-    if (stopped) return;
+    if (closed) return;
     setStatus(attempt ? "reconnecting" : "connecting");
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
       "/_rally/ws?page=" + encodeURIComponent(boot.page) + "&contract=" + encodeURIComponent(boot.contract) +
@@ -6442,19 +6471,18 @@ _CLIENT_JS: Final = r"""
       if (socket !== ws) return;
       socket = null;
       if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION) {
-        stopped = true;
-        sends.forEach(function (item) {
-          var err = new Error("rally: the page was closed (" + event.code + ") before " + item.type + " was applied");
-          err.code = "closed";
-          item.reject(err);
-        });
+        // For good: every send and RPC waiting, queued or written, is rejected
+        // now, and every later one at once (rpc and send below).
+        closed = { code: event.code, reason: event.reason };
+        clearTimeout(ackTimer);
+        sends.forEach(function (item) { item.reject(closedError("before " + item.type + " was applied")); });
         sends.clear();
         pending.forEach(function (call) {
           clearTimeout(call.timer);
-          call.reject(new Error("rally: the page was closed (" + event.code + ") before the answer came"));
+          call.reject(closedError("before " + call.type + " was answered"));
         });
         pending.clear();
-        setStatus("closed");
+        setStatus("closed", { code: closed.code, reason: closed.reason });
         if (event.code === CLOSE_STALE) reloadOnce();
         return;
       }
@@ -6489,6 +6517,7 @@ _CLIENT_JS: Final = r"""
   }
 
   function rpc(type, fields) {
+    if (closed) return Promise.reject(closedError("before " + type + " was asked"));
     if (!socket || socket.readyState !== WebSocket.OPEN) return httpRpc(type, fields);
     var id = nextId++;
     return new Promise(function (resolve, reject) {
@@ -6498,7 +6527,7 @@ _CLIENT_JS: Final = r"""
       }, RPC_TIMEOUT_MS);
       var msg = { type: type, fields: fields || {} };
       var text = JSON.stringify({ kind: "rpc", id: id, key: callKey + "-" + id, msg: msg });
-      pending.set(id, { resolve: resolve, reject: reject, timer: timer, text: text });
+      pending.set(id, { resolve: resolve, reject: reject, timer: timer, text: text, type: type });
       socket.send(text);
     });
   }
@@ -6509,6 +6538,12 @@ _CLIENT_JS: Final = r"""
                  type: type, sent: false };
     var promise = new Promise(function (resolve, reject) { item.resolve = resolve; item.reject = reject; });
     promise.catch(function () {});  // a send nobody awaits is not an unhandled rejection (it is logged)
+    if (closed) {
+      var refused = closedError("before " + type + " was sent");
+      console.warn(refused.message);
+      item.reject(refused);
+      return promise;
+    }
     var open = ready && socket && socket.readyState === WebSocket.OPEN;
     if (!open) {
       var waiting = 0;
@@ -6541,8 +6576,7 @@ _CLIENT_JS: Final = r"""
 
   window.rally = {
     page: boot.page, params: boot.params, rpc: rpc, send: send, on: on,
-    onStatus: function (fn) { return subscribe(statusHandlers, fn, function () {
-      fn(status, status === "open" ? { resumed: false } : undefined); }); },
+    onStatus: function (fn) { return subscribe(statusHandlers, fn, function () { fn(status, statusInfo()); }); },
     onError: function (fn) { return subscribe(errorHandlers, fn); },
     onPresence: function (fn) { return subscribe(presenceHandlers, fn, function () {
       fn(Array.from(presence.values())); }); }

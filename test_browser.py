@@ -236,7 +236,9 @@ def test_the_lifespan_runs_the_clock(browser: Browser, tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def page_whose_server_stopped(browser: Browser, tmp_path: Path) -> Iterator[tuple[Page, int, str, rally.App]]:
+def page_whose_server_stopped(
+    browser: Browser, tmp_path: Path, allowed_console: tuple[str, ...] = ()
+) -> Iterator[tuple[Page, int, str, rally.App]]:
     """An article page whose server has just stopped: the page is reconnecting.
     Yields the page, the port and database to restart on, and the old app."""
     db = str(tmp_path / "demo.sqlite3")
@@ -245,7 +247,7 @@ def page_whose_server_stopped(browser: Browser, tmp_path: Path) -> Iterator[tupl
         server = stack.enter_context(app.run_in_thread(access_log=False))
         with tabs(browser, server.url, tmp_path) as t:
             # Chromium logs the refused reconnection attempts as console errors.
-            t.allowed_console = ("WebSocket connection to",)
+            t.allowed_console = ("WebSocket connection to", *allowed_console)
             page = t.open(t.session(), "/articles/1")
             expect(page.locator("#connections")).to_have_text("1")
             stack.close()  # the server stops: the page sees 1001 and starts reconnecting
@@ -279,6 +281,36 @@ def test_stale_contract_reloads_the_page_once(browser: Browser, tmp_path: Path) 
             expect(page.locator("#status")).to_have_text("open", timeout=20_000)
             assert loads == [page.url]
             assert page.evaluate("rally.rpc('Version', {})") == {"ok": True, "value": "2"}
+
+
+def test_stale_page_that_reloaded_a_moment_ago_closes_for_good(browser: Browser, tmp_path: Path) -> None:
+    refused = ("rally: the server's contract differs from this page's; not reloading again",)
+    with page_whose_server_stopped(browser, tmp_path, refused) as (page, port, db, _):
+        loads: list[str] = []
+        page.on("load", lambda p: loads.append(p.url))
+        page.evaluate("""() => {
+          sessionStorage.setItem('rally-reloaded-at', String(Date.now()));  // so it does not reload again
+          const shown = (name) => [(v) => { document.body.dataset[name] = 'ok ' + JSON.stringify(v); },
+                                   (e) => { document.body.dataset[name] = 'rejected ' + e.code; }];
+          window.shown = shown;
+          rally.onStatus((s, info) => { if (s === 'closed') document.body.dataset.closed = JSON.stringify(info); });
+          rally.send('ToggleFavorite', {}).then(...shown('queued'));  // queued while disconnected
+        }""")
+        redeployed = demo.make_app(db)
+
+        @redeployed.rpc
+        def server_version(msg: Version) -> str:  # a new message type: another contract
+            return "2"
+
+        with redeployed.run_in_thread(port=port, access_log=False):
+            expect(page.locator("#status")).to_have_text("closed", timeout=20_000)
+            expect(page.locator("body")).to_have_attribute("data-closed", '{"code":4000,"reason":"stale_contract"}')
+            expect(page.locator("body")).to_have_attribute("data-queued", "rejected closed")
+            page.evaluate("rally.rpc('CheckComment', {author: 'a', body: 'abc'}).then(...shown('rpc'))")
+            page.evaluate("rally.send('ToggleFavorite', {}).then(...shown('send'))")
+            expect(page.locator("body")).to_have_attribute("data-rpc", "rejected closed")
+            expect(page.locator("body")).to_have_attribute("data-send", "rejected closed")
+            assert loads == []
 
 
 @dataclasses.dataclass
@@ -452,7 +484,7 @@ def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monke
         assert second.locator("#fav").inner_text() == "Favourite"
 
 
-# ==== Delivery across a lost network (SPEC section 10) ========================
+# ==== Delivery across a lost network =========================================
 
 
 class CuttingProxy:
@@ -783,3 +815,133 @@ def test_rpc_in_flight_survives_a_network_loss_that_refuses_connections(browser:
         expect(page.locator("#answer")).not_to_be_empty()
         assert page.locator("#answer").inner_text() == '{"ok":true,"value":"answer 1"}'
         assert journal.calls == [1]
+
+
+# ==== A page closed for good ================================================
+
+
+@dataclasses.dataclass
+class Knock:
+    text: str
+    wait: bool = False  # server_update waits for the test's release
+
+
+@dataclasses.dataclass
+class Hold:
+    n: int
+
+
+@dataclasses.dataclass
+class Doorman:
+    """What the door's server did, for the test to read (``server_context.state``)."""
+
+    sessions: list[str] = dataclasses.field(default_factory=list)  # one per server_init
+    knocks: list[str] = dataclasses.field(default_factory=list)  # every Knock server_update took
+    calls: list[int] = dataclasses.field(default_factory=list)  # every Hold RPC run
+    updating: threading.Event = dataclasses.field(default_factory=threading.Event)
+    called: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+DOOR_HTML = """<link rel="icon" href="data:,"><p id="status"></p><p id="info"></p><ul id="outcomes"></ul>
+<script>
+rally.onStatus((s, info) => {
+  document.getElementById('status').textContent = s;
+  document.getElementById('info').textContent = JSON.stringify(info === undefined ? null : info);
+});
+// How a Promise settled, in <li id=name>: "pending", "ok <value>" or "rejected <code>".
+window.track = (name, promise) => {
+  const li = document.createElement('li'); li.id = name; li.textContent = 'pending';
+  document.getElementById('outcomes').append(li);
+  promise.then((v) => { li.textContent = 'ok ' + JSON.stringify(v); },
+               (e) => { li.textContent = 'rejected ' + e.code; });
+};
+</script>"""
+
+
+class Door:
+    @staticmethod
+    def view() -> str:
+        return DOOR_HTML
+
+    @staticmethod
+    def server_init(server_context: rally.ServerContext) -> tuple[PadModel, rally.Effect[Note]]:
+        server_context.state.sessions.append(server_context.session_id)
+        return PadModel([]), rally.effect.none()
+
+    @staticmethod
+    async def server_update(
+        model: PadModel, msg: Knock, server_context: rally.ServerContext
+    ) -> tuple[PadModel, rally.Effect[Note]]:
+        doorman = server_context.state
+        doorman.knocks.append(msg.text)
+        if msg.wait:
+            doorman.updating.set()
+            await asyncio.to_thread(doorman.release.wait, 30)
+        return PadModel([*model.lines, msg.text]), rally.effect.none()
+
+    @staticmethod
+    async def server_hold(msg: Hold, server_context: rally.ServerContext) -> str:
+        doorman = server_context.state
+        doorman.calls.append(msg.n)
+        doorman.called.set()
+        await asyncio.to_thread(doorman.release.wait, 30)
+        return f"held {msg.n}"
+
+
+@contextlib.contextmanager
+def door() -> Iterator[tuple[rally.App, Doorman, str]]:
+    doorman = Doorman()
+    app = rally.App(state=doorman)
+    app.page("/door", Door)
+    with app.run_in_thread(access_log=False) as server:
+        try:
+            yield app, doorman, server.url
+        finally:
+            doorman.release.set()  # a handler still waiting lets the server stop
+
+
+def close_session_of(app: rally.App, doorman: Doorman, page: Page) -> None:
+    """Log the page's session out (close code 4001) and wait until the page says closed."""
+    [session_id] = doorman.sessions
+    assert app.close_session_threadsafe(session_id).result(5) == 1
+    expect(page.locator("#status")).to_have_text("closed")
+
+
+def test_send_and_rpc_after_the_session_closed_reject_at_once(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        close_session_of(app, doorman, page)
+        page.evaluate("track('send', rally.send('Knock', {text: 'after'}))")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 1}))")
+        # Far sooner than the RPC's 30 s time-out; a send used to wait forever.
+        expect(page.locator("#send")).to_have_text("rejected closed")
+        expect(page.locator("#rpc")).to_have_text("rejected closed")
+        assert doorman.knocks == [] and doorman.calls == []  # neither went to the server, over any transport
+        expect(page.locator("#status")).to_have_text("closed")  # and no reconnection
+
+
+def test_sends_and_rpcs_in_flight_when_the_session_closes_are_rejected(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 1}))")
+        assert doorman.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
+        page.evaluate("track('slow', rally.send('Knock', {text: 'slow', wait: true}))")
+        assert doorman.updating.wait(BOUND_MS / 1000), "the send did not reach server_update"
+        page.evaluate("track('next', rally.send('Knock', {text: 'next'}))")  # written, not yet taken
+        for name in ("rpc", "slow", "next"):
+            expect(page.locator(f"#{name}")).to_have_text("pending")
+        close_session_of(app, doorman, page)
+        for name in ("rpc", "slow", "next"):
+            expect(page.locator(f"#{name}")).to_have_text("rejected closed")
+
+
+def test_closed_status_carries_the_servers_close_code_and_reason(browser: Browser, tmp_path: Path) -> None:
+    with door() as (app, doorman, url), tabs(browser, url, tmp_path) as t:
+        page = t.open(t.session(), "/door")
+        expect(page.locator("#info")).to_have_text('{"resumed":false}')
+        close_session_of(app, doorman, page)
+        expect(page.locator("#info")).to_have_text('{"code":4001,"reason":"session closed"}')
+        # A handler added afterwards is told the same at once.
+        told = page.evaluate("new Promise((resolve) => rally.onStatus((s, info) => resolve([s, info])))")
+        assert told == ["closed", {"code": 4001, "reason": "session closed"}]

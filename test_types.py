@@ -291,6 +291,8 @@ CORRECT_CALLS = """
   rally.onStatus((status, info) => {
     if (status === "reconnecting" || (status === "open" && info && info.resumed)) console.log(status);
   });
+  rally.onStatus((status, info) => { if (status === "closed") console.log(info.code === 4001, info.reason.length); });
+  rally.onStatus((status) => console.log(status));
   rally.onError((e) => console.log(e.code, e.message, e.errors.map((x) => x.path + x.message)));
   console.log(rally.page, rally.params.id + 1, window.rally.params.name.length);
   /** @type {Rally.Point} */
@@ -380,6 +382,11 @@ MISTAKES = {
         'rally.onStatus((s) => { if (s === "opened") {} });',
         "TS2367",
         "This comparison appears to be unintentional",
+    ),
+    "closed_info_read_as_open": (
+        'rally.onStatus((s, info) => { if (s === "closed") console.log(info.resumed); });',
+        "TS2339",
+        "Property 'resumed' does not exist on type '{ code: number; reason: string; }'.",
     ),
     "unknown_route_parameter": ("console.log(rally.params.slug);", "TS2339", "Property 'slug' does not exist"),
 }
