@@ -6445,7 +6445,9 @@ _CLIENT_JS: Final = r"""
     } else if (reply.kind === "presence") {
       onPresence(reply);
     } else if (reply.kind === "ack") {
-      acked(reply.seq, null);
+      // Sends are applied in order: an ack settles every send up to it
+      // (after a resume the server acks the last one it took, once).
+      sends.forEach(function (item, seq) { if (seq <= reply.seq) acked(seq, null); });
     } else if (reply.id !== null && reply.id !== undefined) {
       settle(reply);
     } else if (reply.kind === "error" && reply.seq !== undefined) {
