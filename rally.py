@@ -2123,6 +2123,15 @@ class _Topics:
         return len(members)
 
 
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled, as opposed to having
+    caught a CancelledError that something it awaited raised of itself (a
+    handler). Before Python 3.11 tasks cannot tell: assume cancelled."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 class _Answers:
     """RPC answers by ``(session id, idempotency key)``, kept for
     ``resume_window`` seconds and at most ``_MAX_ANSWERS`` of them (or
@@ -2546,6 +2555,11 @@ class _Registry:
     async def _rpc_async(self, handler: _Handler, msg_id: Any, args: tuple[Any, ...]) -> _Reply:
         try:
             result = await asyncio.wait_for(handler.fn(*args), self.limits.handler_timeout)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            _logger.error("RPC handler %s raised CancelledError (message %s)", handler.qualname, handler.name)
+            return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
         except asyncio.TimeoutError:
             _logger.error(
                 "RPC handler %s timed out after %s s (message %s)",
@@ -4906,20 +4920,34 @@ class _HttpConn(_Conn):
             self.srv.spawn(self._answer_later(action))  # type: ignore[arg-type]
 
     async def _answer_later(self, action: _SendFile | Awaitable[_Answer]) -> None:
-        if isinstance(action, _SendFile):
-            try:
-                await self._send_file(action)
-            except ConnectionClosed:
-                return
-            finally:
-                action.file.close()
-        else:
-            try:
-                answer = await action
-            except Exception:
-                _logger.exception("answering %s raised", self.request)
-                answer = _Answer(500, b"internal server error\n")
-            self._respond(answer)
+        """Answer with what ``action`` gives, then go on with the next request.
+        Whatever happens, the connection does not stay BUSY: an error is
+        answered 500; a cancellation of this task (shutdown) closes it."""
+        try:
+            if isinstance(action, _SendFile):
+                try:
+                    await self._send_file(action)
+                except ConnectionClosed:
+                    return
+                finally:
+                    action.file.close()
+            else:
+                try:
+                    answer = await action
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                    # Raised by what was awaited (a view), not a cancellation of this task.
+                    _logger.error("answering %s raised CancelledError", self.request)
+                    answer = _Answer(500, b"internal server error\n")
+                except Exception:
+                    _logger.exception("answering %s raised", self.request)
+                    answer = _Answer(500, b"internal server error\n")
+                self._respond(answer)
+        except asyncio.CancelledError:
+            if self.state is not _HttpState.CLOSED:
+                self._close()
+            raise
         self._process()
 
     async def _send_file(self, f: _SendFile) -> None:

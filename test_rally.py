@@ -2938,6 +2938,47 @@ async def test_an_rpc_retried_with_its_key_runs_once() -> None:
         assert journal.asked == ["q", "q"]
 
 
+@dataclass
+class Vanish:
+    pass
+
+
+class VanishingPage:
+    async def view() -> str:
+        raise asyncio.CancelledError
+
+
+@pytest.mark.parametrize(
+    ("first", "status", "body"),
+    [
+        (
+            rpc_request(envelope("Vanish", {}, 1)),
+            500,
+            b'{"kind":"error","id":1,"code":"internal","errors":[{"path":"","message":"internal server error"}]}',
+        ),
+        (b"GET /vanishing HTTP/1.1\r\nhost: localhost\r\n\r\n", 500, b"internal server error\n"),
+    ],
+    ids=["rpc handler", "view"],
+)
+async def test_a_cancelled_error_raised_by_a_handler_is_answered_and_the_connection_goes_on(
+    first: bytes, status: int, body: bytes
+) -> None:
+    """A CancelledError out of what an HTTP answer awaits (the handler raises
+    it; no task was cancelled) is answered 500, and the connection is not
+    left busy: the next request on it is answered."""
+    app = rpc_app()
+    app.page("/vanishing", VanishingPage)
+
+    @app.rpc
+    async def server_vanish(msg: Vanish) -> str:
+        raise asyncio.CancelledError
+
+    async with running(app) as server:
+        then = rpc_request(envelope("ServerLoadTitle", {"slug": "after"}, 2), b"connection: close\r\n")
+        answers = [(r.status_code, b) for r, b in responses(await exchange(server, first + then))]
+        assert answers == [(status, body), (200, b'{"kind":"ok","id":2,"value":"Article: after"}')]
+
+
 async def test_a_send_taken_already_is_ignored() -> None:
     import websockets
 
