@@ -225,7 +225,10 @@ _ACCEPT_BACKOFF_S: Final = 0.5
 _CLIENT_ACK_EVERY: Final = 16
 #: Envelope ids: a safe integer or a string of at most this many characters.
 _MAX_ID_CHARS: Final = 64
-#: RPC answers kept by idempotency key, in number and in bytes, for all sessions.
+#: RPC answers kept by idempotency key, in number and in bytes: per session,
+#: and for all sessions (README, "Delivery across reconnects").
+_MAX_SESSION_ANSWERS: Final = 1_000
+_MAX_SESSION_ANSWER_BYTES: Final = 1024 * 1024
 _MAX_ANSWERS: Final = 10_000
 _MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: Largest integer JavaScript represents exactly (Number.MAX_SAFE_INTEGER).
@@ -1221,7 +1224,9 @@ _ERROR_STATUS: Final = {
     "not_stateful": 400,
     "too_large": 413,
     "stale_contract": 409,
+    "key_reused": 422,
     "internal": 500,
+    "busy": 503,
 }
 
 
@@ -2306,81 +2311,268 @@ class _Topics:
         return len(members)
 
 
-class _Answers:
-    """RPC answers by ``(session id, idempotency key)``, kept for
-    ``resume_window`` seconds and at most ``_MAX_ANSWERS`` of them (or
-    ``_MAX_ANSWER_BYTES``), oldest out first: a call retried over HTTP or
-    after a reconnect gets the first call's answer (SPEC section 10). A
-    call still running is kept as a future its retries wait on."""
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled, as opposed to having
+    caught a CancelledError that something it awaited raised of itself (a
+    handler). Before Python 3.11 tasks cannot tell: assume cancelled."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
-    __slots__ = ("window", "entries", "size")
 
-    def __init__(self, window: float) -> None:
-        self.window = window
-        #: key -> (expiry, id of the first call, its reply or a future of it)
-        self.entries: dict[tuple[str, str], tuple[float, Any, _Reply | asyncio.Future[_Reply]]] = {}
+class _Kept:
+    """One idempotency key's call: its first id, a digest of its message,
+    and its reply once known (``future`` resolves to it for those waiting)."""
+
+    __slots__ = ("first_id", "digest", "reply", "future", "expiry")
+
+    def __init__(self, first_id: Any, digest: bytes) -> None:
+        self.first_id = first_id
+        self.digest = digest
+        self.reply: _Reply | None = None
+        self.future: asyncio.Future[_Reply] | None = None
+        self.expiry = math.inf  # running: kept until it answers
+
+
+class _Shelf:
+    """One session's kept calls, oldest first (a call moves to the end when
+    it answers), and the bytes of their replies."""
+
+    __slots__ = ("calls", "size", "done")
+
+    def __init__(self) -> None:
+        self.calls: dict[str, _Kept] = {}
         self.size = 0
+        self.done = 0  # calls that have answered (the rest are running)
 
-    def get(self, key: tuple[str, str]) -> tuple[float, Any, _Reply | asyncio.Future[_Reply]] | None:
-        kept = self.entries.get(key)
-        if kept is not None and kept[0] < time.monotonic():
-            return None
-        return kept
 
-    def keep(self, key: tuple[str, str], msg_id: Any, reply: _Reply | asyncio.Future[_Reply]) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None and isinstance(old[2], tuple):
-            self.size -= len(old[2][1])
+class _Answers:
+    """RPC answers by session and idempotency key (README, "Delivery across
+    reconnects"): a call retried over HTTP or after a reconnect within
+    ``window`` seconds of the first call's answer gets that answer, and the
+    handler runs once.
+
+    The first call of a key runs in a task of this store, not of the
+    connection or page that made it: every caller of the key (the first
+    and each retry) waits on the call's future, which is always resolved
+    with a reply, whatever happens to the connections. The store owns its
+    tasks (``tasks``) because they belong to no connection and to no one
+    ``Server``; ``Server.close`` waits for them and cancels them with its
+    own. They are bounded with the answers: a running call is a kept
+    answer, never evicted.
+
+    Bounds: at most ``session_count`` calls and ``session_bytes`` bytes of
+    replies per session; past either, that session's oldest answers go
+    (never a running call: a session whose calls all run is answered
+    ``busy``). At most ``total_count`` calls and ``total_bytes`` in all;
+    past either, the oldest answers of the session holding the most (calls,
+    or bytes) go first. A reply larger than ``session_bytes`` reaches its
+    callers and is not kept."""
+
+    __slots__ = (
+        "window",
+        "session_count",
+        "session_bytes",
+        "total_count",
+        "total_bytes",
+        "shelves",
+        "count",
+        "size",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        window: float,
+        *,
+        session_count: int = _MAX_SESSION_ANSWERS,
+        session_bytes: int = _MAX_SESSION_ANSWER_BYTES,
+        total_count: int = _MAX_ANSWERS,
+        total_bytes: int = _MAX_ANSWER_BYTES,
+    ) -> None:
+        self.window = window
+        self.session_count = session_count
+        self.session_bytes = session_bytes
+        self.total_count = total_count
+        self.total_bytes = total_bytes
+        #: session id -> its calls; the session touched last is last
+        self.shelves: dict[str, _Shelf] = {}
+        self.count = 0  # calls kept, running or answered
+        self.size = 0  # bytes of the answered ones
+        self.tasks: set[asyncio.Task[_Reply]] = set()
+
+    def answer(
+        self,
+        session: str,
+        key: str,
+        msg_id: Any,
+        msg: dict[str, Any],
+        run: Callable[[], _Reply | Awaitable[_Reply]],
+    ) -> _Reply | Awaitable[_Reply]:
+        """The reply to one keyed call: the kept one (with this call's id),
+        a wait for the running one, ``key_reused`` for another message under
+        a kept key, ``busy`` when nothing can make room, or ``run()``'s,
+        kept."""
         now = time.monotonic()
-        self.entries[key] = (now + self.window, msg_id, reply)
+        self._sweep(now)
+        digest = hashlib.blake2b(
+            json.dumps(msg, sort_keys=True, separators=(",", ":")).encode(), digest_size=16
+        ).digest()
+        shelf = self.shelves.get(session)
+        if shelf is not None:
+            kept = shelf.calls.get(key)
+            if kept is not None and kept.expiry < now:
+                self._forget(shelf, key)
+                kept = None
+            if kept is not None:
+                if kept.digest != digest:
+                    errors = [{"path": "key", "message": "this key was used for another message in this session"}]
+                    return _ERROR_STATUS["key_reused"], _error_reply(msg_id, "key_reused", errors)
+                return self._again(kept, msg_id)
+        else:
+            shelf = self.shelves[session] = _Shelf()
+        if not self._make_room(shelf):
+            if not shelf.calls:
+                del self.shelves[session]
+            errors = [{"path": "key", "message": "too many calls with a key are running; try again later"}]
+            return _ERROR_STATUS["busy"], _error_reply(msg_id, "busy", errors)
+        kept = shelf.calls[key] = _Kept(msg_id, digest)
+        self.count += 1
+        self.shelves[session] = self.shelves.pop(session)  # touched last
+        reply = run()
         if isinstance(reply, tuple):
-            self.size += len(reply[1])
-        entries = self.entries
-        while entries:  # the oldest first: expired, or past a bound
-            first = next(iter(entries))
-            expiry, _, kept = entries[first]
-            if expiry >= now and len(entries) <= _MAX_ANSWERS and self.size <= _MAX_ANSWER_BYTES:
-                break
-            del entries[first]
-            if isinstance(kept, tuple):
-                self.size -= len(kept[1])
-
-    def keep_later(self, key: tuple[str, str], msg_id: Any, reply: Awaitable[_Reply]) -> Awaitable[_Reply]:
-        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
-        self.keep(key, msg_id, future)
-
-        async def first_call() -> _Reply:
-            try:
-                answer = await reply
-            except BaseException as exc:  # cancelled: a retry runs the handler again
-                if self.entries.get(key, (0, 0, None))[2] is future:
-                    del self.entries[key]
-                future.cancel()
-                raise exc from None
-            future.set_result(answer)
-            if self.entries.get(key, (0, 0, None))[2] is future:
-                self.keep(key, msg_id, answer)
-            return answer
-
-        return first_call()
+            self._answered(session, key, kept, reply)
+            return reply
+        loop = asyncio.get_running_loop()
+        kept.future = loop.create_future()
+        task = loop.create_task(self._run(reply))
+        self.tasks.add(task)
+        task.add_done_callback(lambda task: self._ran(task, session, key, kept, reply))
+        return self._again(kept, msg_id)
 
     @staticmethod
-    def again(kept: tuple[float, Any, _Reply | asyncio.Future[_Reply]], msg_id: Any) -> _Reply | Awaitable[_Reply]:
-        """The kept answer, with this call's id."""
-        first_id, answer = kept[1], kept[2]
+    async def _run(reply: Awaitable[_Reply]) -> _Reply:
+        return await reply
+
+    def _ran(self, task: asyncio.Task[_Reply], session: str, key: str, kept: _Kept, reply: Awaitable[_Reply]) -> None:
+        """The first call's task is over: its callers get its reply, or
+        ``internal`` if it was cancelled (shutdown) before answering; a
+        call without a reply is not kept (a retry runs it again)."""
+        self.tasks.discard(task)
+        future = kept.future
+        assert future is not None
+        if not task.cancelled() and task.exception() is None:
+            answer = task.result()
+            self._answered(session, key, kept, answer)
+            future.set_result(answer)
+            return
+        if inspect.iscoroutine(reply):
+            reply.close()  # cancelled before it started: it never will
+        if not task.cancelled():
+            _logger.error("RPC with key %r raised", key, exc_info=task.exception())
+        shelf = self.shelves.get(session)
+        if shelf is not None and shelf.calls.get(key) is kept:
+            self._forget(shelf, key)
+            if not shelf.calls:
+                del self.shelves[session]
+        future.set_result((500, _error_reply(kept.first_id, "internal", _INTERNAL_ERRORS)))
+
+    def _answered(self, session: str, key: str, kept: _Kept, reply: _Reply) -> None:
+        """Keep a call's reply for ``window`` seconds, within the bounds."""
+        shelf = self.shelves.get(session)
+        if shelf is None or shelf.calls.get(key) is not kept:
+            return
+        kept.reply = reply
+        kept.expiry = time.monotonic() + self.window
+        size = len(reply[1])
+        if size > self.session_bytes or size > self.total_bytes:  # answered, not kept: nothing else goes for it
+            del shelf.calls[key]
+            self.count -= 1
+            if not shelf.calls:
+                del self.shelves[session]
+            return
+        del shelf.calls[key]
+        shelf.calls[key] = kept  # the newest answer: out last
+        shelf.done += 1
+        shelf.size += size
+        self.size += size
+        self.shelves[session] = self.shelves.pop(session)
+        while shelf.size > self.session_bytes and self._evict(shelf):
+            pass
+        while self.size > self.total_bytes and self._evict(max(self.shelves.values(), key=lambda s: s.size)):
+            pass
+        if not shelf.calls:
+            self.shelves.pop(session, None)
+
+    def _make_room(self, shelf: _Shelf) -> bool:
+        """Room for one more call of ``shelf``'s session, evicting answers
+        (its own oldest, then the heaviest session's); False if only
+        running calls are left to evict."""
+        while len(shelf.calls) >= self.session_count:
+            if not self._evict(shelf):
+                return False
+        while self.count >= self.total_count:
+            heaviest = max(self.shelves.values(), key=lambda s: s.done)
+            if not self._evict(heaviest):
+                return False
+        return True
+
+    def _evict(self, shelf: _Shelf) -> bool:
+        """Forget ``shelf``'s oldest answer (a running call stays); False if it has none."""
+        if not shelf.done:
+            return False
+        for key, kept in shelf.calls.items():
+            if kept.reply is not None:
+                self._forget(shelf, key)
+                return True
+        return False  # pragma: no cover (done counts the answered calls)
+
+    def _forget(self, shelf: _Shelf, key: str) -> None:
+        kept = shelf.calls.pop(key)
+        self.count -= 1
+        if kept.reply is not None:
+            shelf.done -= 1
+            size = len(kept.reply[1])
+            shelf.size -= size
+            self.size -= size
+
+    def _sweep(self, now: float) -> None:
+        """Forget the sessions, touched longest ago, whose answers have all expired."""
+        shelves = self.shelves
+        while shelves:
+            session = next(iter(shelves))
+            shelf = shelves[session]
+            if any(kept.expiry >= now for kept in shelf.calls.values()):
+                return
+            while shelf.calls:
+                self._forget(shelf, next(iter(shelf.calls)))
+            del shelves[session]
+
+    @staticmethod
+    def _again(kept: _Kept, msg_id: Any) -> _Reply | Awaitable[_Reply]:
+        """The call's reply, now or once it comes, with this call's id."""
+        first_id = kept.first_id
 
         def with_id(reply: _Reply) -> _Reply:
             if msg_id == first_id and type(msg_id) is type(first_id):
                 return reply
             return reply[0], _dumps({**json.loads(reply[1]), "id": msg_id})
 
-        if isinstance(answer, tuple):
-            return with_id(answer)
+        if kept.reply is not None:
+            return with_id(kept.reply)
+        # A future of its own for each caller, not a coroutine: a caller
+        # cancelled before it awaited leaves nothing unawaited behind, and
+        # cancelling it leaves the call's future alone.
+        future = kept.future
+        assert future is not None
+        mine: asyncio.Future[_Reply] = future.get_loop().create_future()
 
-        async def later() -> _Reply:
-            return with_id(await asyncio.shield(answer))
+        def settle(done: asyncio.Future[_Reply]) -> None:
+            if not mine.done():
+                mine.set_result(with_id(done.result()))
 
-        return later()
+        future.add_done_callback(settle)
+        return mine
 
 
 class _Registry:
@@ -2688,18 +2880,10 @@ class _Registry:
     ) -> _Reply | Awaitable[_Reply]:
         """Answer one ``rpc`` envelope: a reply now, or an awaitable of one.
         A call with an idempotency ``key`` that this session already made
-        gets the first call's answer; the handler runs once."""
+        gets the first call's answer; the handler runs once (see ``_Answers``)."""
         if key is None or not self.answers.window:
             return self._rpc(msg_id, msg, ctx)
-        k = (ctx.session_id, key)
-        kept = self.answers.get(k)
-        if kept is not None:
-            return _Answers.again(kept, msg_id)
-        reply = self._rpc(msg_id, msg, ctx)
-        if isinstance(reply, tuple):
-            self.answers.keep(k, msg_id, reply)
-            return reply
-        return self.answers.keep_later(k, msg_id, reply)
+        return self.answers.answer(ctx.session_id, key, msg_id, msg, lambda: self._rpc(msg_id, msg, ctx))
 
     def _rpc(self, msg_id: Any, msg: dict[str, Any], ctx: ServerContext) -> _Reply | Awaitable[_Reply]:
         handler = self.rpcs.get(msg["type"])
@@ -2724,6 +2908,11 @@ class _Registry:
     async def _rpc_async(self, handler: _Handler, msg_id: Any, args: tuple[Any, ...]) -> _Reply:
         try:
             result = await asyncio.wait_for(handler.fn(*args), self.limits.handler_timeout)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            _logger.error("RPC handler %s raised CancelledError (message %s)", handler.qualname, handler.name)
+            return 500, _error_reply(msg_id, "internal", _INTERNAL_ERRORS)
         except asyncio.TimeoutError:
             _logger.error(
                 "RPC handler %s timed out after %s s (message %s)",
@@ -4171,7 +4360,9 @@ class _Router:
             return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
         page = _header(req, b"rally-page")
         found = reg.match_page(page) if page else None
-        sid = _session_from_cookie(_header(req, b"cookie"), self.secret) or _new_session_id()  # pages set cookies
+        sid = _session_from_cookie(_header(req, b"cookie"), self.secret)  # pages set cookies
+        if sid is None:  # a one-shot session: no retry can be in it, so nothing is kept for one
+            sid, key = _new_session_id(), None
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx, key)
         if isinstance(reply, tuple):
@@ -5250,20 +5441,34 @@ class _HttpConn(_Conn):
             self.srv.spawn(self._answer_later(action))  # type: ignore[arg-type]
 
     async def _answer_later(self, action: _SendFile | Awaitable[_Answer]) -> None:
-        if isinstance(action, _SendFile):
-            try:
-                await self._send_file(action)
-            except ConnectionClosed:
-                return
-            finally:
-                action.file.close()
-        else:
-            try:
-                answer = await action
-            except Exception:
-                _logger.exception("answering %s raised", self.request)
-                answer = _Answer(500, b"internal server error\n")
-            self._respond(answer)
+        """Answer with what ``action`` gives, then go on with the next request.
+        Whatever happens, the connection does not stay BUSY: an error is
+        answered 500; a cancellation of this task (shutdown) closes it."""
+        try:
+            if isinstance(action, _SendFile):
+                try:
+                    await self._send_file(action)
+                except ConnectionClosed:
+                    return
+                finally:
+                    action.file.close()
+            else:
+                try:
+                    answer = await action
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                    # Raised by what was awaited (a view), not a cancellation of this task.
+                    _logger.error("answering %s raised CancelledError", self.request)
+                    answer = _Answer(500, b"internal server error\n")
+                except Exception:
+                    _logger.exception("answering %s raised", self.request)
+                    answer = _Answer(500, b"internal server error\n")
+                self._respond(answer)
+        except asyncio.CancelledError:
+            if self.state is not _HttpState.CLOSED:
+                self._close()
+            raise
         self._process()
 
     async def _send_file(self, f: _SendFile) -> None:
@@ -5887,12 +6092,16 @@ class Server:
         for conn in tuple(self.conns):
             conn.transport.abort()
         await self._wait_drained(self.limits.close_timeout)
-        if self.tasks:  # handlers finishing after their connection ended, terminate hooks
-            await asyncio.wait(tuple(self.tasks), timeout=max(0.0, deadline - loop.time()))
-        for task in tuple(self.tasks):
+        # Handlers finishing after their connection ended, terminate hooks, and
+        # the first calls of idempotency keys (the store's: see _Answers; with
+        # several servers of one App, the first to close ends them all).
+        answers = self.registry.answers.tasks
+        if self.tasks or answers:
+            await asyncio.wait((*self.tasks, *answers), timeout=max(0.0, deadline - loop.time()))
+        for task in (*self.tasks, *answers):
             task.cancel()
-        if self.tasks:
-            _, pending = await asyncio.wait(tuple(self.tasks), timeout=self.limits.close_timeout)
+        if self.tasks or answers:
+            _, pending = await asyncio.wait((*self.tasks, *answers), timeout=self.limits.close_timeout)
             if pending:
                 _logger.error("%d tasks did not finish after being cancelled at shutdown", len(pending))
         if self._server is not None:

@@ -48,6 +48,7 @@ from test_rally import (
     envelope,
     eventually,
     exchange,
+    journal_app,
     json_reader,
     post_rpc,
     responses,
@@ -1764,6 +1765,131 @@ async def test_host_allowed_hosts_admits_the_hosts_it_lists(kind: str, allowed: 
     async with running(article_app(allowed_hosts=allowed)) as server:
         raw = await exchange(server, host_request(kind, host.format(port=server.port).encode()), until_close=False)
     assert status_of(raw) == ADMITTED[kind]
+
+
+# ==== Idempotent RPCs ========================================================
+
+
+async def session_cookie(server: rally.Server, page: str) -> bytes:
+    """A ``cookie:`` header line with the session a GET of ``page`` sets."""
+    head = b"GET %s HTTP/1.1\r\nhost: localhost\r\n\r\n" % page.encode()
+    [(response, _)] = responses(await exchange(server, head, until_close=False))
+    return b"cookie: " + dict(response.headers)[b"set-cookie"].split(b";")[0] + b"\r\n"
+
+
+def keyed_rpc(msg_type: str, fields: dict[str, Any], msg_id: Any, key: str) -> str:
+    return json.dumps({"kind": "rpc", "id": msg_id, "key": key, "msg": {"type": msg_type, "fields": fields}})
+
+
+async def test_a_keyed_rpc_read_with_the_close_frame_runs_once_and_answers_its_retry() -> None:
+    """The RPC frame and the close frame arrive in one read: the page's
+    session ends before the call's task ever ran. The call still runs, once,
+    and a retry over HTTP gets its answer."""
+    app, journal = journal_app()
+    async with running(app) as server:
+        cookie = await session_cookie(server, "/journal")
+        ws = await RawWs.open(server, "/journal", cookie)
+        try:
+            burst = ws.ws.send(wsproto.events.TextMessage(data=keyed_rpc("Ask", {"question": "q"}, 1, "k1")))
+            burst += ws.ws.send(wsproto.events.CloseConnection(1000))
+            ws.writer.write(burst)  # one write: the server reads both at once
+            assert await ws.close_code() == 1000
+        finally:
+            ws.close()
+        await journal.until(lambda: journal.asked == ["q"])  # the first call runs though its page is gone
+        journal.release.set()
+        retry = rpc_request(keyed_rpc("Ask", {"question": "q"}, 2, "k1").encode(), cookie)
+        [(response, body)] = responses(await exchange(server, retry, until_close=False))
+        assert (response.status_code, json.loads(body)) == (200, {"kind": "ok", "id": 2, "value": "answer to q"})
+    assert journal.asked == ["q"]
+
+
+@dataclass
+class Echo:
+    text: str
+
+
+async def test_cookie_less_keyed_rpcs_keep_nothing_and_evict_no_sessions_answer() -> None:
+    """10 001 keyed RPCs without a session cookie (past the 10 000 answers
+    kept in all) leave a session's kept answer alone: its retry runs nothing."""
+    app, journal = journal_app()
+    journal.release.set()
+
+    @app.rpc
+    def server_echo(msg: Echo) -> str:
+        return msg.text
+
+    async with running(app) as server:
+        cookie = await session_cookie(server, "/journal")
+        first = rpc_request(keyed_rpc("Ask", {"question": "q"}, 1, "k1").encode(), cookie)
+        assert json.loads(responses(await exchange(server, first, until_close=False))[0][1])["value"] == "answer to q"
+        flood = b"".join(rpc_request(keyed_rpc("Echo", {"text": "x"}, i, f"k{i}").encode()) for i in range(10_001))
+        flood += rpc_request(keyed_rpc("Echo", {"text": "last"}, 0, "k0").encode(), b"connection: close\r\n")
+        answered = responses(await exchange(server, flood))
+        assert len(answered) == 10_002 and all(r.status_code == 200 for r, _ in answered)
+        retry = rpc_request(keyed_rpc("Ask", {"question": "q"}, 2, "k1").encode(), cookie)
+        [(response, body)] = responses(await exchange(server, retry, until_close=False))
+        assert (response.status_code, json.loads(body)) == (200, {"kind": "ok", "id": 2, "value": "answer to q"})
+        assert journal.asked == ["q"]
+        assert app._registry.answers.count == 1  # the session's one answer; none for one-shot sessions
+
+
+async def test_a_key_reused_with_another_message_is_answered_422_key_reused_over_http_and_the_page() -> None:
+    app, journal = journal_app()
+    journal.release.set()
+    async with running(app) as server:
+        cookie = await session_cookie(server, "/journal")
+        first = rpc_request(keyed_rpc("Ask", {"question": "q"}, 1, "k1").encode(), cookie)
+        assert json.loads(responses(await exchange(server, first, until_close=False))[0][1])["value"] == "answer to q"
+        other = rpc_request(keyed_rpc("Ask", {"question": "other"}, 2, "k1").encode(), cookie)
+        [(response, body)] = responses(await exchange(server, other, until_close=False))
+        assert response.status_code == 422
+        assert json.loads(body) == {
+            "kind": "error",
+            "id": 2,
+            "code": "key_reused",
+            "errors": [{"path": "key", "message": "this key was used for another message in this session"}],
+        }
+        ws = await RawWs.open(server, "/journal", cookie)
+        try:
+            ws.writer.write(ws.ws.send(wsproto.events.TextMessage(data=keyed_rpc("Echo", {"text": "q"}, 3, "k1"))))
+            [text] = await ws.texts(1)
+            assert json.loads(text)["code"] == "key_reused"
+            ws.writer.write(ws.ws.send(wsproto.events.TextMessage(data=keyed_rpc("Ask", {"question": "q"}, 4, "k1"))))
+            assert json.loads((await ws.texts(1))[0]) == {"kind": "ok", "id": 4, "value": "answer to q"}
+        finally:
+            ws.close()
+    assert journal.asked == ["q"]
+
+
+async def test_server_close_awaits_and_cancels_a_keyed_rpc_that_outlived_its_page() -> None:
+    app = article_app(shutdown_timeout=0.2)
+    entered, cancelled, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    @app.rpc
+    async def server_slow(msg: Slow) -> str:
+        entered.set()
+        try:
+            await never.wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    try:
+        cookie = await session_cookie(server, "/articles/a")
+        ws = await RawWs.open(server, "/articles/a", cookie)
+        try:
+            burst = ws.ws.send(wsproto.events.TextMessage(data=keyed_rpc("Slow", {"seconds": 0}, 1, "k1")))
+            ws.writer.write(burst + ws.ws.send(wsproto.events.CloseConnection(1000)))
+            assert await ws.close_code() == 1000
+        finally:
+            ws.close()
+        await asyncio.wait_for(entered.wait(), WAIT)
+        assert app._registry.answers.tasks  # the store's, not the page's: it outlived the page
+    finally:
+        await asyncio.wait_for(server.close(), 15)
+    assert cancelled.is_set() and not app._registry.answers.tasks
 
 
 # ==== Configuration and misuse ===============================================

@@ -2890,8 +2890,8 @@ async def test_client_rpcs_with_a_key_run_once_per_session_over_http_and_the_pag
     async with running(app) as server, bounded_client(server, app) as client, bounded_client(server, app) as other:
         async with client.page("/journal") as page:  # the session's cookie
             assert await page.rpc(Ask("q"), key="k1") == rally.Ok("answer to q")
-            assert await page.rpc(Ask("q again"), key="k1") == rally.Ok("answer to q")  # the kept answer
-        assert await client.rpc(Ask("over http"), key="k1") == rally.Ok("answer to q")  # one session, one store
+            assert await page.rpc(Ask("q"), key="k1") == rally.Ok("answer to q")  # the kept answer
+        assert await client.rpc(Ask("q"), key="k1") == rally.Ok("answer to q")  # one session, one store
         assert await client.rpc(Ask("r"), key="k2") == rally.Ok("answer to r")
         assert await client.rpc(Ask("no key")) == await client.rpc(Ask("no key")) == rally.Ok("answer to no key")
         async with other.page("/journal"):  # another session: its own k1
@@ -2936,6 +2936,70 @@ async def test_an_rpc_retried_with_its_key_runs_once() -> None:
         other = rpc_request(body.encode(), b"")
         assert json.loads(responses(await exchange(server, other, until_close=False))[0][1])["value"] == "answer to q"
         assert journal.asked == ["q", "q"]
+
+
+@dataclass
+class Vanish:
+    pass
+
+
+class VanishingPage:
+    async def view() -> str:
+        raise asyncio.CancelledError
+
+
+@pytest.mark.parametrize(
+    ("first", "status", "body"),
+    [
+        (
+            rpc_request(envelope("Vanish", {}, 1)),
+            500,
+            b'{"kind":"error","id":1,"code":"internal","errors":[{"path":"","message":"internal server error"}]}',
+        ),
+        (b"GET /vanishing HTTP/1.1\r\nhost: localhost\r\n\r\n", 500, b"internal server error\n"),
+    ],
+    ids=["rpc handler", "view"],
+)
+async def test_a_cancelled_error_raised_by_a_handler_is_answered_and_the_connection_goes_on(
+    first: bytes, status: int, body: bytes
+) -> None:
+    """A CancelledError out of what an HTTP answer awaits (the handler raises
+    it; no task was cancelled) is answered 500, and the connection is not
+    left busy: the next request on it is answered."""
+    app = rpc_app()
+    app.page("/vanishing", VanishingPage)
+
+    @app.rpc
+    async def server_vanish(msg: Vanish) -> str:
+        raise asyncio.CancelledError
+
+    async with running(app) as server:
+        then = rpc_request(envelope("ServerLoadTitle", {"slug": "after"}, 2), b"connection: close\r\n")
+        answers = [(r.status_code, b) for r, b in responses(await exchange(server, first + then))]
+        assert answers == [(status, body), (200, b'{"kind":"ok","id":2,"value":"Article: after"}')]
+
+
+def busy_http(server: rally.Server) -> int:
+    """How many of the server's HTTP connections are answering a request."""
+    return sum(isinstance(c, rally._HttpConn) and c.state is rally._HttpState.BUSY for c in server.conns)
+
+
+async def test_a_keyed_rpc_whose_page_closes_while_it_runs_still_answers_the_retry_waiting_for_it() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with client.page("/journal") as page:  # the session's cookie
+            first = asyncio.create_task(page.rpc(Ask("q"), key="k1"))
+            await journal.until(lambda: journal.asked == ["q"])
+            retry = asyncio.create_task(client.rpc(Ask("q"), key="k1"))  # over HTTP: waits for the first call
+            await eventually(lambda: busy_http(server) == 1, "the retry waiting for the first call")
+        # The page closed with a handshake: its session ended and let go of the first call.
+        await journal.until(lambda: journal.terminated == [[]])
+        with pytest.raises(rally.ConnectionClosed):
+            await asyncio.wait_for(first, WAIT)
+        journal.release.set()
+        assert await asyncio.wait_for(retry, WAIT) == rally.Ok("answer to q")
+        assert await client.rpc(Ask("q"), key="k1") == rally.Ok("answer to q")  # kept
+    assert journal.asked == ["q"]  # the handler ran once
 
 
 async def test_a_send_taken_already_is_ignored() -> None:
@@ -3130,31 +3194,173 @@ async def test_resume_window_zero_turns_resume_off() -> None:
             assert journal.inits == 2
 
 
-def test_kept_rpc_answers_are_bounded_in_number_and_bytes_at_n_and_n_plus_one(monkeypatch: Any) -> None:
-    monkeypatch.setattr(rally, "_MAX_ANSWERS", 3)
-    monkeypatch.setattr(rally, "_MAX_ANSWER_BYTES", 30)
-    answers = rally._Answers(window=30)
-    for i in range(3):  # N answers: all kept
-        answers.keep(("s", f"k{i}"), i, (200, b"x" * 5))
-    assert [answers.get(("s", f"k{i}")) is not None for i in range(3)] == [True, True, True]
-    answers.keep(("s", "k3"), 3, (200, b"x" * 5))  # N + 1: the oldest goes
-    assert [answers.get(("s", f"k{i}")) is not None for i in range(4)] == [False, True, True, True]
-    monkeypatch.setattr(rally, "_MAX_ANSWERS", 100)
-    answers = rally._Answers(window=30)
-    answers.keep(("s", "a"), 1, (200, b"x" * 10))
-    answers.keep(("s", "b"), 2, (200, b"x" * 20))  # 30 bytes: N, both kept
-    assert answers.size == 30 and answers.get(("s", "a")) is not None
-    answers.keep(("s", "c"), 3, (200, b"x"))  # 31 bytes: N + 1, the oldest goes
-    assert answers.size == 21 and answers.get(("s", "a")) is None and answers.get(("s", "c")) is not None
+def ask(question: str) -> dict[str, Any]:
+    return {"type": "Ask", "fields": {"question": question}}
+
+
+def kept_keys(answers: rally._Answers) -> dict[str, list[str]]:
+    return {session: list(shelf.calls) for session, shelf in answers.shelves.items() if shelf.calls}
+
+
+@pytest.mark.parametrize(
+    ("bounds", "calls", "kept"),
+    [
+        ({"session_count": 3}, [("s", "k0", 5), ("s", "k1", 5), ("s", "k2", 5)], {"s": ["k0", "k1", "k2"]}),
+        (  # N + 1: the session's oldest goes
+            {"session_count": 3},
+            [("s", "k0", 5), ("s", "k1", 5), ("s", "k2", 5), ("s", "k3", 5)],
+            {"s": ["k1", "k2", "k3"]},
+        ),
+        ({"session_bytes": 30}, [("s", "a", 10), ("s", "b", 20)], {"s": ["a", "b"]}),
+        ({"session_bytes": 30}, [("s", "a", 10), ("s", "b", 20), ("s", "c", 1)], {"s": ["b", "c"]}),
+        ({"session_bytes": 30}, [("s", "a", 10), ("s", "big", 31)], {"s": ["a"]}),  # answered, not kept
+        (
+            {"session_count": 2},  # one session's bound leaves the others alone
+            [("a", "k0", 5), ("b", "k0", 5), ("b", "k1", 5), ("b", "k2", 5)],
+            {"a": ["k0"], "b": ["k1", "k2"]},
+        ),
+        ({"total_count": 3}, [("a", "k0", 5), ("a", "k1", 5), ("b", "k0", 5)], {"a": ["k0", "k1"], "b": ["k0"]}),
+        (  # N + 1 in all: the heaviest session's oldest goes, not the oldest answer
+            {"total_count": 3},
+            [("b", "k0", 5), ("a", "k0", 5), ("a", "k1", 5), ("c", "k0", 5)],
+            {"b": ["k0"], "a": ["k1"], "c": ["k0"]},
+        ),
+        (
+            {"total_bytes": 30},
+            [("a", "k0", 5), ("b", "k0", 10), ("b", "k1", 10), ("c", "k0", 5)],
+            {"a": ["k0"], "b": ["k0", "k1"], "c": ["k0"]},
+        ),
+        (
+            {"total_bytes": 30},
+            [("a", "k0", 5), ("b", "k0", 10), ("b", "k1", 10), ("c", "k0", 6)],
+            {"a": ["k0"], "b": ["k1"], "c": ["k0"]},
+        ),
+    ],
+    ids=[
+        "session count N",
+        "session count N+1",
+        "session bytes N",
+        "session bytes N+1",
+        "reply over session bytes",
+        "other sessions untouched",
+        "total count N",
+        "total count N+1 heaviest first",
+        "total bytes N",
+        "total bytes N+1 heaviest first",
+    ],
+)
+def test_kept_rpc_answers_are_bounded_per_session_and_in_all_at_n_and_n_plus_one(
+    bounds: dict[str, int], calls: list[tuple[str, str, int]], kept: dict[str, list[str]]
+) -> None:
+    answers = rally._Answers(30, **bounds)
+    runs: list[tuple[str, str]] = []
+    for session, key, size in calls:
+        reply = answers.answer(
+            session, key, 1, ask(key), lambda s=session, k=key, n=size: runs.append((s, k)) or (200, b"x" * n)
+        )
+        assert reply == (200, b"x" * size)
+    assert kept_keys(answers) == kept
+    assert answers.count == sum(map(len, kept.values()))
+    assert answers.size == sum(size for session, key, size in calls if key in kept.get(session, ()))
+    runs.clear()
+    for session, key, _ in calls:  # a retry of a kept key runs nothing
+        if key in kept.get(session, ()):
+            answers.answer(session, key, 1, ask(key), lambda s=session, k=key: runs.append((s, k)) or (200, b""))
+    assert runs == []
+    forgotten = [(s, k) for s, k, _ in calls if k not in kept.get(s, ())]
+    if forgotten:  # a retry of a forgotten one runs it again
+        session, key = forgotten[0]
+        answers.answer(session, key, 1, ask(key), lambda: runs.append((session, key)) or (200, b""))
+        assert runs == [forgotten[0]]
+
+
+@pytest.mark.parametrize(
+    ("session", "msg", "answer"),
+    [
+        ("s", ask("q"), (200, b'{"kind":"ok","id":2,"value":"answer 1"}')),
+        ("s", {"fields": {"question": "q"}, "type": "Ask"}, (200, b'{"kind":"ok","id":2,"value":"answer 1"}')),
+        ("s", ask("other"), "key_reused"),
+        ("s", {"type": "Tell", "fields": {"question": "q"}}, "key_reused"),
+        ("s", {"type": "Ask", "fields": {"question": "q", "more": 1}}, "key_reused"),
+        ("t", ask("other"), (200, b'{"kind":"ok","id":2,"value":"answer 2"}')),  # another session: another call
+    ],
+    ids=["same", "same, keys in another order", "other fields", "other type", "more fields", "other session"],
+)
+def test_a_key_reused_with_another_message_is_refused_never_answered_the_first_answer(
+    session: str, msg: dict[str, Any], answer: Any
+) -> None:
+    answers = rally._Answers(30)
+    runs = 0
+
+    def run(msg_id: int) -> tuple[int, bytes]:
+        nonlocal runs
+        runs += 1
+        return 200, json.dumps({"kind": "ok", "id": msg_id, "value": f"answer {runs}"}, separators=(",", ":")).encode()
+
+    assert answers.answer("s", "k", 1, ask("q"), lambda: run(1)) == (200, b'{"kind":"ok","id":1,"value":"answer 1"}')
+    reply = answers.answer(session, "k", 2, msg, lambda: run(2))
+    if answer == "key_reused":
+        status, body = reply  # type: ignore[misc]
+        assert status == 422 and json.loads(body)["code"] == "key_reused" and json.loads(body)["id"] == 2
+        assert runs == 1
+        assert answers.answer("s", "k", 3, ask("q"), lambda: run(3))[1] == b'{"kind":"ok","id":3,"value":"answer 1"}'  # type: ignore[index]
+    else:
+        assert reply == answer
+
+
+async def test_a_keyed_call_runs_in_the_stores_task_and_every_caller_gets_its_answer() -> None:
+    answers = rally._Answers(30, session_count=2)
+    release = asyncio.Event()
+
+    async def handler(msg_id: int, text: str) -> tuple[int, bytes]:
+        await release.wait()
+        return 200, json.dumps({"kind": "ok", "id": msg_id, "value": text}, separators=(",", ":")).encode()
+
+    first = answers.answer("s", "a", 1, ask("a"), lambda: handler(1, "A"))
+    retry = answers.answer("s", "a", 2, ask("a"), lambda: handler(2, "never"))
+    other = answers.answer("s", "b", 3, ask("b"), lambda: handler(3, "B"))
+    assert len(answers.tasks) == 2
+    # N + 1 with the session's two calls both running: nothing to evict.
+    busy = answers.answer("s", "c", 4, ask("c"), lambda: handler(4, "never"))
+    assert busy[0] == 503 and json.loads(busy[1])["code"] == "busy"  # type: ignore[index]
+    assert isinstance(first, asyncio.Future) and isinstance(retry, asyncio.Future)
+    first.cancel()  # a caller going away (its page ended) leaves the call running
+    release.set()
+    assert await asyncio.wait_for(retry, WAIT) == (200, b'{"kind":"ok","id":2,"value":"A"}')
+    assert await asyncio.wait_for(other, WAIT) == (200, b'{"kind":"ok","id":3,"value":"B"}')  # type: ignore[arg-type]
+    assert not answers.tasks and kept_keys(answers) == {"s": ["a", "b"]}
+    # Now there is an answer to evict: the session's oldest goes.
+    assert answers.answer("s", "c", 5, ask("c"), lambda: (200, b"C")) == (200, b"C")
+    assert kept_keys(answers) == {"s": ["b", "c"]}
+
+
+async def test_a_keyed_call_cancelled_before_it_ran_answers_internal_and_is_not_kept() -> None:
+    answers = rally._Answers(30)
+    ran: list[int] = []
+
+    async def handler(msg_id: int) -> tuple[int, bytes]:
+        ran.append(msg_id)
+        return 200, b"{}"
+
+    waiting = answers.answer("s", "k", 1, ask("q"), lambda: handler(1))
+    [task] = answers.tasks
+    task.cancel()  # shutdown, before the call's task ever ran
+    status, body = await asyncio.wait_for(waiting, WAIT)  # type: ignore[misc]
+    assert (status, json.loads(body)["code"], json.loads(body)["id"]) == (500, "internal", 1)
+    assert ran == [] and kept_keys(answers) == {} and answers.count == 0
+    assert await asyncio.wait_for(answers.answer("s", "k", 2, ask("q"), lambda: handler(2)), WAIT) == (200, b"{}")  # type: ignore[arg-type]
+    assert ran == [2]
 
 
 def test_a_kept_rpc_answer_expires_after_the_window() -> None:
     answers = rally._Answers(window=0.001)
-    answers.keep(("s", "k"), 1, (200, b'{"kind":"ok","id":1,"value":2}'))
+    answers.answer("s", "k", 1, ask("q"), lambda: (200, b'{"kind":"ok","id":1,"value":2}'))
     deadline = time.monotonic() + 0.001
     while time.monotonic() <= deadline:  # the window is what is tested: let it pass
         pass
-    assert answers.get(("s", "k")) is None
+    assert answers.answer("s", "k", 1, ask("q"), lambda: (200, b"again")) == (200, b"again")
+    answers.answer("t", "k", 1, ask("q"), lambda: (200, b"t"))  # the expired session is swept
+    assert list(answers.shelves) == ["s", "t"] and answers.count == 2
 
 
 # ==== README =================================================================
