@@ -6839,8 +6839,8 @@ class _Workers:
             limits = self.app._limits
             self.deadline = now + limits.shutdown_timeout + limits.close_timeout + _WORKER_STOP_MARGIN_S
             self.due.clear()
-        timeout = None
-        if self.deadline is not None:
+        timeout = None  # select waits for a signal
+        if self.deadline is not None and self.deadline != math.inf:  # inf: killed, waiting for SIGCHLD
             timeout = max(0.0, self.deadline - now)
         elif self.due:
             timeout = max(0.0, min(self.due.values()) - now)

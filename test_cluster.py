@@ -1170,3 +1170,19 @@ async def test_workers_share_one_port_and_the_session_secret_and_replace_a_kille
         for pid in replaced | {first}:
             assert gone(pid)
         assert "Traceback" not in log and log.count(" ERROR ") == 1, log
+
+
+async def test_a_worker_that_ignores_sigterm_is_killed_and_the_parent_exits(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    # Stopping is bounded by shutdown_timeout + close_timeout + 5 s: 6 s here.
+    limits = {"WORKERS_SHUTDOWN_TIMEOUT": "0.5", "WORKERS_CLOSE_TIMEOUT": "0.5"}
+    async with workers_service(redis_server, tmp_path, **limits) as node:
+        async with rally.Client(node.url, timeout=WAIT) as client:
+            stubborn = (await client.rpc(IgnoreSigterm())).unwrap()
+        node.proc.send_signal(signal.SIGTERM)
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert "1 workers did not stop in time; killing them" in log
+        assert gone(stubborn)
+        assert "Traceback" not in log, log
