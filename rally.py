@@ -6794,6 +6794,7 @@ class _Workers:
         self.stop_signal: int | None = None
         self.deadline: float | None = None  # for the workers to stop, once stopping
         self.code = 0
+        self.served = False  # in a worker (its own copy of this object): whether it has started serving
 
     def run(self) -> int:
         """Serve until a signal stops every worker; returns the exit code."""
@@ -6898,7 +6899,10 @@ class _Workers:
         if pid:
             self.children[pid] = (slot, time.monotonic())
             return
-        code = _WORKER_BOOT_FAILED  # the worker: never returns into the parent's code
+        # The worker: never returns into the parent's code. Its exit code
+        # tells the parent whether it failed before serving (stop them all)
+        # or after (a crash like any other: replace it).
+        code: int | None = None
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -6908,8 +6912,11 @@ class _Workers:
             os.close(pipe[1])
             code = asyncio.run(self._serve(sock))
         except Exception:
-            _logger.exception("worker %d failed", os.getpid())
+            when = "after serving" if self.served else "before serving"
+            _logger.exception("worker %d failed %s", os.getpid(), when)
         finally:
+            if code is None:
+                code = 1 if self.served else _WORKER_BOOT_FAILED
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -6921,6 +6928,7 @@ class _Workers:
         except Exception:
             _logger.exception("worker %d could not start serving", os.getpid())
             return _WORKER_BOOT_FAILED
+        self.served = True  # from here on a failure, a failing shutdown included, is no boot failure
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

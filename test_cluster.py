@@ -1186,3 +1186,24 @@ async def test_a_worker_that_ignores_sigterm_is_killed_and_the_parent_exits(
         assert "1 workers did not stop in time; killing them" in log
         assert gone(stubborn)
         assert "Traceback" not in log, log
+
+
+async def test_a_worker_whose_teardown_fails_after_serving_is_replaced_like_a_crash(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with workers_service(redis_server, tmp_path) as node:
+        async with rally.Client(node.url, timeout=WAIT) as browser:
+            status, _, _ = await browser.request("GET", "/")
+            assert status == 200
+            cookie = browser.session_cookie
+            failing = (await browser.rpc(FailTeardown())).unwrap()
+        os.kill(failing, signal.SIGTERM)  # it stops gracefully, then its lifespan's exit raises
+        await node.wait_line(f"worker {failing} exited with code 1")
+        await node.wait_line("INFO rally.py serving on", 3)  # its replacement serves
+        assert failing not in await two_workers(node, cookie)
+
+        node.proc.send_signal(signal.SIGTERM)
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert f"RuntimeError: worker {failing} teardown failed" in log
+        assert "could not start serving" not in log, log
