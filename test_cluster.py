@@ -1207,3 +1207,43 @@ async def test_a_worker_whose_teardown_fails_after_serving_is_replaced_like_a_cr
         assert node.proc.returncode == 0, log
         assert f"RuntimeError: worker {failing} teardown failed" in log
         assert "could not start serving" not in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+async def test_workers_stop_gracefully_when_the_parent_is_killed_or_hung_up(
+    redis_server: RedisServer, tmp_path: Any, sig: signal.Signals
+) -> None:
+    async with workers_service(redis_server, tmp_path) as node:
+        await node.wait_line("INFO rally.py serving on", 2)
+        workers = worker_pids(node)
+        assert len(workers) == 2, "\n".join(node.lines)
+        port = int(node.url.rpartition(":")[2])
+        async with rally.Client(node.url, timeout=WAIT) as client, client.page("/") as page:
+            node.proc.send_signal(sig)
+            with pytest.raises(rally.ConnectionClosed) as info:
+                await page.receive(timeout=WAIT)
+            assert info.value.code == 1001  # closed as on SIGTERM
+        log = await ended(node)
+        assert node.proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), log
+        await eventually("the workers have exited", lambda: asyncio.sleep(0, all(gone(pid) for pid in workers)))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        if sig == signal.SIGKILL:
+            assert log.count(f"parent {node.proc.pid} is gone; shutting down") == 2, log
+        else:
+            assert "stopping 2 workers (SIGHUP)" in log, log
+        assert "Traceback" not in log and " ERROR " not in log, log
+
+
+async def test_a_parent_started_with_sighup_ignored_keeps_ignoring_it(redis_server: RedisServer, tmp_path: Any) -> None:
+    def ignore_sighup() -> None:  # as nohup starts a command
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    async with workers_service(redis_server, tmp_path, preexec_fn=ignore_sighup) as node:
+        await node.wait_line("INFO rally.py serving on", 2)
+        node.proc.send_signal(signal.SIGHUP)
+        node.proc.send_signal(signal.SIGTERM)  # arrives after SIGHUP: the log names the one that stopped it
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert "stopping 2 workers (SIGTERM)" in log, log
+        assert "Traceback" not in log and " ERROR " not in log, log
