@@ -1235,7 +1235,9 @@ async def test_workers_stop_gracefully_when_the_parent_is_killed_or_hung_up(
         assert "Traceback" not in log and " ERROR " not in log, log
 
 
-async def test_a_parent_started_with_sighup_ignored_keeps_ignoring_it(redis_server: RedisServer, tmp_path: Any) -> None:
+async def test_workers_and_their_parent_started_with_sighup_ignored_keep_ignoring_it(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
     def ignore_sighup() -> None:  # as nohup starts a command
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
