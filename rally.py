@@ -7370,10 +7370,14 @@ class _Workers:
     workers that accept on it, each an ordinary server (its own event loop,
     connections, lifespan and broker connection; the session secret is the
     parent's, inherited). A worker that dies is replaced; one that cannot
-    start serving stops them all. SIGTERM or SIGINT reaches every worker as
+    start serving stops them all. SIGTERM, SIGINT or SIGHUP (unless the
+    parent started with it ignored, as under nohup) reaches every worker as
     SIGTERM, each shuts down gracefully, and those still running after the
-    shutdown bound are killed. The parent runs no event loop: it sleeps in
-    ``select`` on the self-pipe its signal handlers write to."""
+    shutdown bound are killed. A parent that dies without doing so (SIGKILL)
+    takes its workers with it: each watches a pipe whose write end only the
+    parent holds, and shuts down gracefully when the pipe reports EOF. The
+    parent runs no event loop: it sleeps in ``select`` on the self-pipe its
+    signal handlers write to."""
 
     def __init__(self, app: App, host: str, port: int, count: int, access_log: bool) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -7396,6 +7400,10 @@ class _Workers:
         self.stop_signal: int | None = None
         self.deadline: float | None = None  # for the workers to stop, once stopping
         self.code = 0
+        self.served = False  # in a worker (its own copy of this object): whether it has started serving
+        self.stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+        self.parent = 0  # pid
+        self.lifeline = (-1, -1)  # read end, write end: EOF on the read end means the parent is gone
 
     def run(self) -> int:
         """Serve until a signal stops every worker; returns the exit code."""
@@ -7405,7 +7413,12 @@ class _Workers:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        handled = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+        # Not inheritable (neither end is): a program a worker execs holds neither.
+        self.lifeline = os.pipe()
+        self.parent = os.getpid()
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: stays ignored, here and in the workers
+            self.stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        handled = (signal.SIGCHLD, *self.stop_signals)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         previous_fd = signal.set_wakeup_fd(wake_w)
         try:
@@ -7422,6 +7435,8 @@ class _Workers:
                 signal.signal(sig, handler)
             os.close(wake_r)
             os.close(wake_w)
+            os.close(self.lifeline[0])
+            os.close(self.lifeline[1])  # workers still running (the parent failed) now see EOF and stop
             sock.close()
         return self.code
 
@@ -7441,8 +7456,8 @@ class _Workers:
             limits = self.app._limits
             self.deadline = now + limits.shutdown_timeout + limits.close_timeout + _WORKER_STOP_MARGIN_S
             self.due.clear()
-        timeout = None
-        if self.deadline is not None:
+        timeout = None  # select waits for a signal
+        if self.deadline is not None and self.deadline != math.inf:  # inf: killed, waiting for SIGCHLD
             timeout = max(0.0, self.deadline - now)
         elif self.due:
             timeout = max(0.0, min(self.due.values()) - now)
@@ -7500,33 +7515,50 @@ class _Workers:
         if pid:
             self.children[pid] = (slot, time.monotonic())
             return
-        code = _WORKER_BOOT_FAILED  # the worker: never returns into the parent's code
+        # The worker: never returns into the parent's code. Its exit code
+        # tells the parent whether it failed before serving (stop them all)
+        # or after (a crash like any other: replace it).
+        code: int | None = None
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sig in self.stop_signals:
+                signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             os.close(pipe[0])
             os.close(pipe[1])
+            os.close(self.lifeline[1])  # only the parent holds the write end
             code = asyncio.run(self._serve(sock))
         except Exception:
-            _logger.exception("worker %d failed", os.getpid())
+            when = "after serving" if self.served else "before serving"
+            _logger.exception("worker %d failed %s", os.getpid(), when)
         finally:
+            if code is None:
+                code = 1 if self.served else _WORKER_BOOT_FAILED
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
 
     async def _serve(self, sock: socket.socket) -> int:
-        """One worker's life: serve on the shared socket until SIGTERM or SIGINT."""
+        """One worker's life: serve on the shared socket until a stop signal
+        or until the parent is gone."""
         try:
             server = await self.app.start(self.host, self.port, access_log=self.access_log, sock=sock)
         except Exception:
             _logger.exception("worker %d could not start serving", os.getpid())
             return _WORKER_BOOT_FAILED
+        self.served = True  # from here on a failure, a failing shutdown included, is no boot failure
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.stop_signals:
             loop.add_signal_handler(sig, stop.set)
+
+        def parent_gone() -> None:  # EOF stays readable: stop watching
+            loop.remove_reader(self.lifeline[0])
+            _logger.warning("worker %d: parent %d is gone; shutting down", os.getpid(), self.parent)
+            stop.set()
+
+        loop.add_reader(self.lifeline[0], parent_gone)
         await stop.wait()
         await server.close()
         return 0

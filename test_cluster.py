@@ -971,7 +971,9 @@ async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
 
 WORKERS_APP = textwrap.dedent(
     """
+    import contextlib
     import os
+    import signal
     import sys
     import time
     from dataclasses import dataclass
@@ -984,8 +986,33 @@ WORKERS_APP = textwrap.dedent(
         block: float
 
 
+    @dataclass
+    class IgnoreSigterm: ...
+
+
+    @dataclass
+    class FailTeardown: ...
+
+
+    failing_teardown = False
+
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        sys.stderr.write(f"worker {os.getpid()} up\\n")  # one write: whole, between other processes' lines
+        sys.stderr.flush()
+        yield
+        if failing_teardown:
+            raise RuntimeError(f"worker {os.getpid()} teardown failed")
+
+
     # No secret: the workers share the parent's random one.
-    app = rally.App(broker=os.environ["CLUSTER_BROKER"])
+    app = rally.App(
+        broker=os.environ["CLUSTER_BROKER"],
+        lifespan=lifespan,
+        shutdown_timeout=float(os.environ.get("WORKERS_SHUTDOWN_TIMEOUT", "10")),
+        close_timeout=float(os.environ.get("WORKERS_CLOSE_TIMEOUT", "10")),
+    )
 
 
     @app.rpc
@@ -994,6 +1021,19 @@ WORKERS_APP = textwrap.dedent(
             print(f"worker {os.getpid()} blocking", file=sys.stderr, flush=True)
             time.sleep(msg.block)  # holds this worker's loop: the next connection goes to another
         return [str(os.getpid()), server_context.session_id]
+
+
+    @app.rpc
+    def server_ignore_sigterm(msg: IgnoreSigterm) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return os.getpid()
+
+
+    @app.rpc
+    def server_fail_teardown(msg: FailTeardown) -> int:
+        global failing_teardown
+        failing_teardown = True
+        return os.getpid()
 
 
     class Home:
@@ -1033,28 +1073,85 @@ async def two_workers(node: Node, cookie: str | None) -> tuple[int, int]:
     return first, other
 
 
-async def test_workers_share_one_port_and_the_session_secret_and_replace_a_killed_one(
-    redis_server: RedisServer, tmp_path: Any
-) -> None:
+@dataclass
+class IgnoreSigterm: ...
+
+
+@dataclass
+class FailTeardown: ...
+
+
+def worker_pids(node: Node) -> set[int]:
+    """Every worker the service has started (each says ``worker <pid> up``)."""
+    return {int(line.split()[-2]) for line in node.lines if line.startswith("worker ") and line.endswith(" up")}
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended; a zombie not yet reaped by
+    whichever process adopted it counts (seen in /proc where there is one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return os.path.isdir("/proc/self")  # ended since os.kill, if this system has /proc
+
+
+@contextlib.asynccontextmanager
+async def workers_service(
+    redis_server: RedisServer, tmp_path: Any, preexec_fn: Callable[[], Any] | None = None, **env: str
+) -> AsyncIterator[Node]:
+    """``python rally.py workers_app:app --workers 2`` once the parent says it
+    serves (``node.url`` set). Afterwards the parent and every worker it
+    started are killed if still running, whatever the test did."""
     (tmp_path / "workers_app.py").write_text(WORKERS_APP)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)), CLUSTER_BROKER=redis_server.url)
+    env = dict(
+        os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(rally.__file__)), CLUSTER_BROKER=redis_server.url, **env
+    )
     env.pop("RALLY_BROKER", None)
     env.pop("RALLY_SECRET", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, os.path.abspath(rally.__file__), "workers_app:app", "--port", "0", "--workers", "2",
-        "--no-access-log", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE,
+        "--no-access-log", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn,
     )  # fmt: skip
     node = Node(proc)
     try:
-        line = await node.wait_line("serving on ")
-        assert "with 2 workers" in line
+        line = await node.wait_line(" with 2 workers (Ctrl-C stops)")  # the parent's line; a worker's may come first
         node.url = line.split("serving on ")[1].split()[0]
+        yield node
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        for pid in worker_pids(node):
+            if not gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(node._reader, WAIT)
+
+
+async def ended(node: Node) -> str:
+    """The service's whole log once the parent has exited and every worker
+    has too (the last one to go closes the parent's stderr pipe)."""
+    await asyncio.wait_for(node.proc.wait(), WAIT)
+    await asyncio.wait_for(node._reader, WAIT)
+    return "\n".join(node.lines)
+
+
+async def test_workers_share_one_port_and_the_session_secret_and_replace_a_killed_one(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with workers_service(redis_server, tmp_path) as node:
         async with rally.Client(node.url, timeout=WAIT) as browser:
             status, _, _ = await browser.request("GET", "/")
             assert status == 200 and browser.session_cookie is not None
             cookie, session_id = browser.session_cookie, browser.session_id
         first, second = await two_workers(node, cookie)
-        assert proc.pid not in (first, second)
+        assert node.proc.pid not in (first, second)
         assert (await where(node.url, cookie))[1] == session_id  # a cookie one signed is valid in the other
 
         os.kill(first, signal.SIGKILL)
@@ -1064,18 +1161,91 @@ async def test_workers_share_one_port_and_the_session_secret_and_replace_a_kille
         assert first not in replaced and second in replaced and len(replaced) == 2
 
         async with rally.Client(node.url, timeout=WAIT) as client, client.page("/") as page:
-            proc.send_signal(signal.SIGTERM)
+            node.proc.send_signal(signal.SIGTERM)
             with pytest.raises(rally.ConnectionClosed) as info:
                 await page.receive(timeout=WAIT)
             assert info.value.code == 1001
-        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+        log = await ended(node)
+        assert node.proc.returncode == 0
         for pid in replaced | {first}:
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
-        await asyncio.wait_for(node._reader, WAIT)
-        log = "\n".join(node.lines)
+            assert gone(pid)
         assert "Traceback" not in log and log.count(" ERROR ") == 1, log
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+async def test_a_worker_that_ignores_sigterm_is_killed_and_the_parent_exits(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    # Stopping is bounded by shutdown_timeout + close_timeout + 5 s: 6 s here.
+    limits = {"WORKERS_SHUTDOWN_TIMEOUT": "0.5", "WORKERS_CLOSE_TIMEOUT": "0.5"}
+    async with workers_service(redis_server, tmp_path, **limits) as node:
+        async with rally.Client(node.url, timeout=WAIT) as client:
+            stubborn = (await client.rpc(IgnoreSigterm())).unwrap()
+        node.proc.send_signal(signal.SIGTERM)
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert "1 workers did not stop in time; killing them" in log
+        assert gone(stubborn)
+        assert "Traceback" not in log, log
+
+
+async def test_a_worker_whose_teardown_fails_after_serving_is_replaced_like_a_crash(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with workers_service(redis_server, tmp_path) as node:
+        async with rally.Client(node.url, timeout=WAIT) as browser:
+            status, _, _ = await browser.request("GET", "/")
+            assert status == 200
+            cookie = browser.session_cookie
+            failing = (await browser.rpc(FailTeardown())).unwrap()
+        os.kill(failing, signal.SIGTERM)  # it stops gracefully, then its lifespan's exit raises
+        await node.wait_line(f"worker {failing} exited with code 1")
+        await node.wait_line("INFO rally.py serving on", 3)  # its replacement serves
+        assert failing not in await two_workers(node, cookie)
+
+        node.proc.send_signal(signal.SIGTERM)
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert f"RuntimeError: worker {failing} teardown failed" in log
+        assert "could not start serving" not in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+async def test_workers_stop_gracefully_when_the_parent_is_killed_or_hung_up(
+    redis_server: RedisServer, tmp_path: Any, sig: signal.Signals
+) -> None:
+    async with workers_service(redis_server, tmp_path) as node:
+        await node.wait_line("INFO rally.py serving on", 2)
+        workers = worker_pids(node)
+        assert len(workers) == 2, "\n".join(node.lines)
+        port = int(node.url.rpartition(":")[2])
+        async with rally.Client(node.url, timeout=WAIT) as client, client.page("/") as page:
+            node.proc.send_signal(sig)
+            with pytest.raises(rally.ConnectionClosed) as info:
+                await page.receive(timeout=WAIT)
+            assert info.value.code == 1001  # closed as on SIGTERM
+        log = await ended(node)
+        assert node.proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), log
+        await eventually("the workers have exited", lambda: asyncio.sleep(0, all(gone(pid) for pid in workers)))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        if sig == signal.SIGKILL:
+            assert log.count(f"parent {node.proc.pid} is gone; shutting down") == 2, log
+        else:
+            assert "stopping 2 workers (SIGHUP)" in log, log
+        assert "Traceback" not in log and " ERROR " not in log, log
+
+
+async def test_workers_and_their_parent_started_with_sighup_ignored_keep_ignoring_it(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    def ignore_sighup() -> None:  # as nohup starts a command
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    async with workers_service(redis_server, tmp_path, preexec_fn=ignore_sighup) as node:
+        await node.wait_line("INFO rally.py serving on", 2)
+        node.proc.send_signal(signal.SIGHUP)
+        node.proc.send_signal(signal.SIGTERM)  # arrives after SIGHUP: the log names the one that stopped it
+        log = await ended(node)
+        assert node.proc.returncode == 0, log
+        assert "stopping 2 workers (SIGTERM)" in log, log
+        assert "Traceback" not in log and " ERROR " not in log, log
