@@ -3547,8 +3547,7 @@ class _HeldPages:
         for held in tuple(self.timers):
             if self.size <= budget:
                 return
-            if held is not session:
-                held.evict("held pages over max_held_bytes")
+            held.evict("held pages over max_held_bytes")
         if self.size > budget:
             session.evict("held pages over max_held_bytes", self.size - budget)
 
