@@ -4113,10 +4113,16 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
 _BROKER_FIRST_BACKOFF_S: Final = 0.1
 
+#: How a remote push frame starts, as ``_Registry.push_payload`` makes it.
+_BROKER_PUSH_START: Final = b'{"kind":"push","msg":{"type":'
+
+#: Reads a remote push frame as a browser would: JSON with no NaN or Infinity.
+_BROKER_FRAME_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
 
 class RedisBroker:
     """Carries an app's broadcasts to its other processes through Redis
-    pub/sub (SPEC section 8): ``rally.App(broker=rally.RedisBroker(url))``,
+    pub/sub (README, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
     ``rally.App(broker=url)``, or ``RALLY_BROKER`` in the environment when the
     app names none.
 
@@ -4189,6 +4195,7 @@ class RedisBroker:
         self.published = 0
         self.received = 0
         self.dropped = 0
+        self.rejected = 0
         self._errors: tuple[type[BaseException], ...] = (errors.RedisError, OSError, asyncio.TimeoutError)
         self._where = where
         self._app: App | None = None
@@ -4214,6 +4221,9 @@ class RedisBroker:
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
+        self._misfit_said = False  # a push frame from another process that was refused
+        self._oversize_said = False  # a push of this process too large to send the others
+        self._max_frame = DEFAULT_MAX_MESSAGE_BYTES  # the app's max_message_bytes, once bound
 
     def __repr__(self) -> str:
         return f"RedisBroker({self._where!r}, channel={self.channel!r})"
@@ -4224,6 +4234,7 @@ class RedisBroker:
         if self._app is not None and self._app is not app:
             raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
         self._app = app
+        self._max_frame = app._limits.max_message_bytes
         self._registry: _Registry = app._registry
         self._topics = app._registry.topics
 
@@ -4276,7 +4287,21 @@ class RedisBroker:
         self._seen = {}
 
     def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
-        """One PUBLISH for a push, written before this process delivers it."""
+        """One PUBLISH for a push, written before this process delivers it;
+        none (counted as dropped) for one the others would refuse as over
+        ``max_message_bytes``."""
+        if len(frame) > self._max_frame:
+            self.dropped += 1
+            if not self._oversize_said:
+                self._oversize_said = True
+                _logger.warning(
+                    "broker: a %s push of %d bytes is over max_message_bytes (%d): it reaches this process's "
+                    "connections only; said once per process, counted in 'dropped'",
+                    msg_type.__name__,
+                    len(frame),
+                    self._max_frame,
+                )
+            return
         header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
         self._enqueue(_dumps(header) + b"\n" + frame, True)
 
@@ -4310,6 +4335,7 @@ class RedisBroker:
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
+            "rejected": self.rejected,
             "waiting": len(self._waiting),
         }
 
@@ -4549,6 +4575,7 @@ class RedisBroker:
             if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
                 raise TypeError(origin, kind)
         except (ValueError, KeyError, TypeError, RecursionError):
+            self.rejected += 1
             if not self._foreign_said:
                 self._foreign_said = True
                 _logger.warning(
@@ -4563,9 +4590,12 @@ class RedisBroker:
             return
         topic = header.get("t")
         if kind == "push" and type(topic) is str:
-            self.received += 1
             name = header.get("m")
             msg_type = self._types.get(name) if type(name) is str else None
+            if msg_type is not None and self._topics.members.get(topic) and not self._fits(frame, name):
+                self._refused_push(origin, frame)
+                return
+            self.received += 1
             if msg_type is not None:  # a type no page here declares reaches no one
                 self._topics.publish(topic, frame, msg_type)
         elif kind == "close" and type(topic) is str:
@@ -4591,6 +4621,41 @@ class RedisBroker:
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
             self._enqueue(_dumps({"o": self.process_id, "k": "want", "t": origin}) + b"\n", False)
+
+    def _fits(self, frame: bytes, name: str) -> bool:
+        """Whether a push frame from another process may be written to the
+        connections here as it is: at most ``max_message_bytes``, UTF-8 JSON
+        (no NaN or Infinity) shaped as ``_Registry.push_payload`` makes it,
+        of the type its header names. Checked only when it has somewhere to
+        go, so a push for no connection here costs no parse."""
+        if len(frame) > self._max_frame or not frame.startswith(_BROKER_PUSH_START):
+            return False
+        try:
+            envelope = _BROKER_FRAME_JSON.decode(frame.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return False
+        msg = envelope.get("msg") if type(envelope) is dict else None
+        return (
+            len(envelope) == 2
+            and envelope.get("kind") == "push"
+            and type(msg) is dict
+            and len(msg) == 2
+            and msg.get("type") == name
+            and "fields" in msg
+        )
+
+    def _refused_push(self, origin: str, frame: bytes) -> None:
+        self.rejected += 1
+        if not self._misfit_said:
+            self._misfit_said = True
+            _logger.warning(
+                "broker: dropping a push from process %s on %r that is not a push frame or is over "
+                "max_message_bytes (%d bytes): %r; said once per process, counted in 'rejected'",
+                origin,
+                self.channel,
+                len(frame),
+                frame[:80],
+            )
 
 
 def _redacted(url: str) -> str:

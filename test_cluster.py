@@ -925,6 +925,62 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
         await node.stop()
 
 
+# ==== What the channel carries is checked ====================================
+
+
+async def publish_on_channel(redis_server: RedisServer, *messages: bytes) -> None:
+    """PUBLISH ``messages`` on the app's channel straight from a redis client,
+    in order, each answered before the next leaves."""
+    channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        for message in messages:
+            await asyncio.wait_for(channel.publish("rally:broadcast", message), WAIT)
+    finally:
+        await channel.aclose()
+
+
+def push_message(frame: bytes, origin: str = "other.1", msg_type: str = "Heard", topic: str = "page:/room/a") -> bytes:
+    """A push as a process sends it: a one-line header, then the frame."""
+    return json.dumps({"o": origin, "k": "push", "t": topic, "m": msg_type}).encode() + b"\n" + frame
+
+
+async def test_a_remote_push_frame_that_is_not_a_push_reaches_no_browser(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Before a push from the channel is written to any connection it must
+    be at most max_message_bytes (1 MiB here) of UTF-8 JSON shaped as
+    rally.py makes a push, of the type its header names: anything else is
+    dropped, counted in ``rejected`` and warned about once."""
+    async with running_cluster(redis_server, tmp_path, processes=2) as running:
+        n1, n2 = running.nodes
+        async with session(n1) as client, client.page("/room/a") as page:
+            start = b'{"kind":"push","msg":{"type":"Heard","fields":{"text":'
+            bad = [
+                start + b'"\xff\xfe"}}}',  # not UTF-8
+                b'{"kind":"ok","id":1,"value":null}',  # another envelope
+                b'{"kind":"presence","joins":[],"updates":[],"leaves":[1]}',
+                start + b'"x"}},"seq":5}',  # a key too many
+                b'{"kind":"push","msg":{"type":"Shout","fields":{"text":"x"}}}',  # not the header's type
+                start + b'"' + b"x" * (8 << 20) + b'"}}}',  # 8 MiB
+                start + b"NaN}}}",
+                start + b'"cut',
+                b" " + start + b'"x"}}}',
+                b"",
+            ]
+            await publish_on_channel(
+                redis_server, push_message(start + b'"fits"}}}'), *(push_message(frame) for frame in bad)
+            )
+            async with session(n2) as other:
+                assert await other.rpc(Shout("page", "/room/a", "marker")) == rally.Ok(0)
+            assert await page.receive(timeout=WAIT) == heard("fits")
+            assert await page.receive(timeout=WAIT) == heard("marker")  # nothing in between
+            broker = (await n1.health())["broker"]
+            assert broker["state"] == "up" and broker["rejected"] == len(bad)
+        assert n1.count("that is not a push frame") == 1
+        for node in running.nodes:
+            await node.stop()
+
+
 # ==== One process: how a broker is named ======================================
 
 
