@@ -4142,7 +4142,9 @@ class RedisBroker:
     and only when a broker is made; raises ``RegistrationError`` without it or
     for a bad argument. One broker serves one App. Its counters (also in
     ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
-    other processes) and ``dropped`` (broadcasts that never reached Redis).
+    other processes), ``dropped`` (broadcasts that never reached Redis) and
+    ``rejected`` (messages from the channel refused, such as a push frame
+    that is not one or is over ``max_message_bytes``).
     """
 
     def __init__(
