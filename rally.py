@@ -4090,6 +4090,14 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # filtered where it arrives, is the simple correct design; README's "Scaling
 # out" weighs it against a channel per topic, measured by bench/channels.py.
 #
+# Every message is signed: it starts with the HMAC-SHA256 of the rest, keyed
+# with HMAC-SHA256(secret, "rally broker\n" + channel), the app's ``secret``
+# being one that all its processes share (README, "Scaling out"). A message
+# without the right MAC, whoever PUBLISHed it, is dropped before anything in
+# it is read, so Redis access alone cannot push frames to browsers, close
+# sessions or change presence. A push frame from another process is also
+# checked before it is written to any connection (``_fits``).
+#
 # Presence across processes. The registry holds every process's presence
 # entries, each marked with the process it came from. A process PUBLISHes the
 # joins, updates and leaves of its own connections (``presence``: upserts and
@@ -4112,6 +4120,10 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 #: First reconnect delay after a failure; each further failure doubles it, up
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
 _BROKER_FIRST_BACKOFF_S: Final = 0.1
+
+#: Every message on the channel starts with its HMAC-SHA256, keyed from the
+#: app's ``secret`` (see ``RedisBroker._start``).
+_BROKER_MAC_BYTES: Final = 32
 
 #: How a remote push frame starts, as ``_Registry.push_payload`` makes it.
 _BROKER_PUSH_START: Final = b'{"kind":"push","msg":{"type":'
@@ -4143,8 +4155,9 @@ class RedisBroker:
     for a bad argument. One broker serves one App. Its counters (also in
     ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
     other processes), ``dropped`` (broadcasts that never reached Redis) and
-    ``rejected`` (messages from the channel refused, such as a push frame
-    that is not one or is over ``max_message_bytes``).
+    ``rejected`` (messages from the channel refused: without the app's MAC,
+    so not sent by a process with its ``secret``, or a push frame that is
+    not one or is over ``max_message_bytes``).
     """
 
     def __init__(
@@ -4223,6 +4236,8 @@ class RedisBroker:
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
+        self._key = b""  # the MAC key, derived from the app's secret when the broker starts
+        self._unsigned_said = False  # a message without the right MAC
         self._misfit_said = False  # a push frame from another process that was refused
         self._oversize_said = False  # a push of this process too large to send the others
         self._max_frame = DEFAULT_MAX_MESSAGE_BYTES  # the app's max_message_bytes, once bound
@@ -4253,6 +4268,9 @@ class RedisBroker:
         self._loop = loop
         self._types = {t.__name__: t for t in self._app._registry.push_encoders}
         self.process_id = f"{os.getpid()}.{secrets.token_hex(3)}"
+        # Not the cookie key itself, and bound to the channel: a message
+        # signed for one app's channel is refused on another's.
+        self._key = hmac.new(self._app._secret, b"rally broker\n" + self.channel.encode(), hashlib.sha256).digest()
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._seen = {}
@@ -4351,15 +4369,17 @@ class RedisBroker:
         return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
 
     def _enqueue(self, message: bytes, broadcast: bool) -> bool:
-        """Send one PUBLISH: written now if it is the first of this turn of
-        the event loop, else at its end; the reply is read by ``_replies``.
+        """Send one PUBLISH of ``message`` after its MAC: written now if it
+        is the first of this turn of the event loop, else at its end; the
+        reply is read by ``_replies``.
         Dropped (and counted, if a broadcast) while Redis is unreachable or
         ``max_queued`` replies are awaited."""
         writer = self._writer
         if writer is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
             self.dropped += broadcast
             return False
-        command = (self._head, b"$%d\r\n" % len(message), message, b"\r\n")
+        mac = hmac.digest(self._key, message, "sha256")
+        command = (self._head, b"$%d\r\n" % (_BROKER_MAC_BYTES + len(message)), mac, message, b"\r\n")
         if self._batch is None:
             writer.writelines(command)
             self._batch = []
@@ -4569,8 +4589,23 @@ class RedisBroker:
         process for the connections here, a change of its presence, its whole
         presence (``hello``, ``state``), a request for ours (``want``), a page
         held here for resume that came back there (``release``), a
-        heartbeat, or a goodbye."""
-        head, _, frame = data.partition(b"\n")
+        heartbeat, or a goodbye. Dropped unread without the right MAC."""
+        mac = hmac.digest(self._key, memoryview(data)[_BROKER_MAC_BYTES:], "sha256")
+        if len(data) < _BROKER_MAC_BYTES or not hmac.compare_digest(mac, data[:_BROKER_MAC_BYTES]):
+            self.rejected += 1
+            if not self._unsigned_said:
+                self._unsigned_said = True
+                _logger.warning(
+                    "broker: dropping messages on %r without this app's MAC (sent by a process with another "
+                    "secret, or not by rally.py): %r; said once per process, counted in 'rejected'",
+                    self.channel,
+                    data[:80],
+                )
+            return
+        end = data.find(b"\n", _BROKER_MAC_BYTES)
+        if end < 0:
+            end = len(data)
+        head, frame = data[_BROKER_MAC_BYTES:end], data[end + 1 :]
         try:
             header = json.loads(head)
             origin, kind = header["o"], header["k"]

@@ -13,6 +13,8 @@ module is skipped with the reason; CI installs both.
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -898,24 +900,25 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
         [node] = running.nodes
         async with lobby(node, await cookie_of(node)) as a:
             me_a = await joined(a)
-            channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
-            try:
-                for message in (
-                    {"o": "", "k": "bye"},  # "" would be this process's own entries
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[1, "t", {"mood": 1}]], "l": []},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[3, "t", {"mood": 3}]], "l": []},
-                    {"o": "other.2", "k": "presence", "t": "/lobby/x", "e": [[4, "t", {"mood": 4}]], "l": []},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": ["junk", [0, "t", {}], [2, 3, {}]]},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [], "l": ["a", [1], me_a["id"]]},
-                    {"o": "other.1", "k": "presence", "t": ["/lobby/x"], "e": [], "l": []},
-                    {"o": "other.1", "k": "state", "p": {"/lobby/x": [[[1], "t", {}]], "/room/a": [[5, "t", {}]]}},
-                    {"o": "other.1", "k": "state", "p": [["/lobby/x", [6, "t", {"mood": "m"}]]]},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []},
-                    {"o": "other.1", "k": "bye"},
-                ):
-                    await channel.publish("rally:broadcast", json.dumps(message).encode() + b"\n")
-            finally:
-                await channel.aclose()
+            await publish_on_channel(
+                redis_server,
+                *(
+                    json.dumps(message).encode() + b"\n"
+                    for message in (
+                        {"o": "", "k": "bye"},  # "" would be this process's own entries
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[1, "t", {"mood": 1}]], "l": []},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[3, "t", {"mood": 3}]], "l": []},
+                        {"o": "other.2", "k": "presence", "t": "/lobby/x", "e": [[4, "t", {"mood": 4}]], "l": []},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": ["junk", [0, "t", {}], [2, 3, {}]]},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [], "l": ["a", [1], me_a["id"]]},
+                        {"o": "other.1", "k": "presence", "t": ["/lobby/x"], "e": [], "l": []},
+                        {"o": "other.1", "k": "state", "p": {"/lobby/x": [[[1], "t", {}]], "/room/a": [[5, "t", {}]]}},
+                        {"o": "other.1", "k": "state", "p": [["/lobby/x", [6, "t", {"mood": "m"}]]]},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []},
+                        {"o": "other.1", "k": "bye"},
+                    )
+                ),
+            )
             # One publisher's messages arrive in order: the first frame is the valid join.
             assert await frame(a) == diff(joins=[{"id": 7, "tag": "t7", "self": False, "meta": {"mood": "ok"}}])
             assert await frame(a) == diff(leaves=[7])
@@ -928,13 +931,20 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
 # ==== What the channel carries is checked ====================================
 
 
-async def publish_on_channel(redis_server: RedisServer, *messages: bytes) -> None:
-    """PUBLISH ``messages`` on the app's channel straight from a redis client,
-    in order, each answered before the next leaves."""
+def signed(message: bytes, secret: str = SECRET, channel: str = "rally:broadcast") -> bytes:
+    """``message`` after its MAC, as a process of the app with ``secret`` sends it."""
+    key = hmac.new(secret.encode(), b"rally broker\n" + channel.encode(), hashlib.sha256).digest()
+    return hmac.digest(key, message, "sha256") + message
+
+
+async def publish_on_channel(redis_server: RedisServer, *messages: bytes, sign: bool = True) -> None:
+    """PUBLISH ``messages`` on the app's channel straight from a redis client
+    (``signed`` with the app's secret unless ``sign`` is False), in order,
+    each answered before the next leaves."""
     channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     try:
         for message in messages:
-            await asyncio.wait_for(channel.publish("rally:broadcast", message), WAIT)
+            await asyncio.wait_for(channel.publish("rally:broadcast", signed(message) if sign else message), WAIT)
     finally:
         await channel.aclose()
 
@@ -977,6 +987,50 @@ async def test_a_remote_push_frame_that_is_not_a_push_reaches_no_browser(
             broker = (await n1.health())["broker"]
             assert broker["state"] == "up" and broker["rejected"] == len(bad)
         assert n1.count("that is not a push frame") == 1
+        for node in running.nodes:
+            await node.stop()
+
+
+async def test_messages_without_the_apps_mac_reach_no_browser_and_change_nothing(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Whoever can PUBLISH on the channel but lacks the app's secret can
+    neither push to a browser, nor close a session, nor change presence, nor
+    say goodbye for a live process: such messages are dropped unread,
+    counted in ``rejected`` and warned about once."""
+    async with running_cluster(redis_server, tmp_path, processes=2) as running:
+        n1, n2 = running.nodes
+        cookie = await cookie_of(n1)
+        async with session(n1, cookie) as client, client.page("/room/a") as page, lobby(n1, cookie) as a:
+            me_a = await joined(a)
+            assert client.session_id is not None
+            n2_id = (await n2.health())["broker"]["process"]
+            push = push_message(b'{"kind":"push","msg":{"type":"Heard","fields":{"text":"forged"}}}')
+            close = json.dumps({"o": "other.1", "k": "close", "t": f"session:{client.session_id}"}).encode() + b"\n"
+            presence = {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []}
+            join = json.dumps(presence).encode() + b"\n"
+            bye = json.dumps({"o": n2_id, "k": "bye"}).encode() + b"\n"
+            forged = [
+                push,  # no MAC at all
+                close,
+                join,
+                bye,
+                signed(push, secret="another secret"),
+                signed(close, channel="shop:broadcast"),  # the right secret, another app's channel
+                signed(join)[:31] + join,  # a MAC cut short
+                signed(bye)[:32] + bye[:-1] + b" \n",  # a MAC of other bytes
+                signed(b"")[:31],
+                b"",
+            ]
+            await publish_on_channel(redis_server, *forged, sign=False)
+            async with session(n2) as other:
+                assert await other.rpc(Shout("page", "/room/a", "marker")) == rally.Ok(0)
+            assert await page.receive(timeout=WAIT) == heard("marker")  # nothing before it, and not closed
+            assert await listed(n1) == rows(me_a)
+            broker = (await n1.health())["broker"]
+            assert broker["rejected"] == len(forged)
+            assert broker["state"] == "up" and sorted(broker["processes"]) == sorted([broker["process"], n2_id])
+        assert n1.count("without this app's MAC") == 1
         for node in running.nodes:
             await node.stop()
 
