@@ -4176,6 +4176,12 @@ class RedisBroker:
             where = "a value that is not a URL"
         if not where.startswith(("redis://", "rediss://", "unix://")):  # said without credentials
             raise RegistrationError(f"broker: expected a redis://, rediss:// or unix:// URL, got {where}")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        if any(v.strip().upper() not in ("0", "F", "FALSE", "N", "NO") for v in query.get("decode_responses", ())):
+            raise RegistrationError(
+                f"broker URL {where}: decode_responses is not supported (the broker passes frames on as the bytes "
+                "it receives); remove it from the URL"
+            )
         if not isinstance(prefix, str) or not prefix:
             raise RegistrationError(f"RedisBroker(prefix={prefix!r}): expected a non-empty str")
         for name, value in (

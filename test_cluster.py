@@ -1077,6 +1077,21 @@ async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
     return bool(broker["processes"] == [broker["process"]])
 
 
+# ==== One process: a broker URL the broker cannot use =======================
+
+
+@pytest.mark.parametrize("value", ["true", "True", "1", "yes", "y"])
+def test_a_broker_url_asking_for_decoded_responses_is_refused(value: str) -> None:
+    """The broker passes frames on as the bytes it receives; redis-py's
+    ``decode_responses`` would hand it str and fail every message."""
+    with pytest.raises(rally.RegistrationError, match="decode_responses is not supported"):
+        rally.RedisBroker(f"redis://127.0.0.1:6379/0?decode_responses={value}")
+    with pytest.raises(rally.RegistrationError, match="decode_responses"):
+        rally.App(broker=f"redis://127.0.0.1:6379/0?socket_keepalive=1&decode_responses={value}")
+    for off in ("false", "0", "no"):
+        rally.RedisBroker(f"redis://127.0.0.1:6379/0?decode_responses={off}")
+
+
 # ==== Workers: one port, several processes ====================================
 
 WORKERS_APP = textwrap.dedent(
