@@ -4235,7 +4235,9 @@ class RedisBroker:
         self._said: bool | None = None  # the state last logged: up, down, or nothing yet
         self._down_since = 0.0
         self._dropped_then = 0
-        self._failures = 0
+        self._failures = 0  # since the last connection that stayed healthy for a heartbeat interval
+        self._healthy_since: float | None = None  # when this connection heard its own first message back
+        self._causes: set[str] = set()  # the failures logged since the broker went down
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
@@ -4281,6 +4283,8 @@ class RedisBroker:
         self._idle.set()
         self._seen = {}
         self._said = None
+        self._causes = set()
+        self._failures = 0
         self._task = self._loop.create_task(self._run())
         try:
             await asyncio.wait_for(self._tried.wait(), 2 * self.timeout + 1)
@@ -4431,8 +4435,6 @@ class RedisBroker:
             try:
                 await self._connection()
             except Exception as exc:
-                if not isinstance(exc, self._errors):
-                    _logger.exception("broker: unexpected failure of the connection to redis at %s", self._where)
                 self._went_down(exc)
             delay = min(self.max_backoff, _BROKER_FIRST_BACKOFF_S * 2 ** min(self._failures, 30))
             self._failures += 1
@@ -4551,11 +4553,19 @@ class RedisBroker:
         assert loop is not None
         now = loop.time()
         self.up = True
-        self._failures = 0
+        self._healthy_since = None
         self._own_beat = now
         self._next_beat = now + self.heartbeat_interval  # the hello is the first heartbeat
         self._enqueue(self._state("hello"), False)
         self._tried.set()
+
+    def _went_healthy(self, now: float) -> None:
+        """This connection's first message came back: Redis takes its
+        PUBLISHes and delivers the channel to it, so the broker is up (and
+        says so); the backoff is reset once it has stayed so for a
+        heartbeat interval (``_went_down``)."""
+        self._healthy_since = now
+        self._causes = set()
         if self._said is None:
             _logger.info(
                 "broker up: redis at %s, channel %r; this process is %s on %s",
@@ -4574,21 +4584,41 @@ class RedisBroker:
         self._said = True
 
     def _went_down(self, exc: BaseException) -> None:
+        """The connection failed. The backoff starts again from its first
+        delay only if the connection had been healthy for a heartbeat
+        interval, so one that fails soon after connecting (a user without
+        PUBLISH permission, say) is retried ever less often. Each cause of
+        failure is logged once until the broker is healthy again: the first
+        as ``broker down``, any other as ``broker still down``, and one that
+        is not Redis's or the network's with its traceback."""
+        assert self._loop is not None
+        now = self._loop.time()
         self.up = False
         self._writer = None
         self._drop_queue()
         self._tried.set()
+        if self._healthy_since is not None and now - self._healthy_since >= self.heartbeat_interval:
+            self._failures = 0
+        self._healthy_since = None
+        cause = f"{type(exc).__name__}: {exc}"
+        if cause in self._causes:
+            return
+        self._causes.add(cause)
+        if not isinstance(exc, self._errors):
+            _logger.error("broker: unexpected failure of the connection to redis at %s", self._where, exc_info=exc)
+        reason = str(exc) or type(exc).__name__
         if self._said is not False:
-            assert self._loop is not None
-            self._down_since = self._loop.time()
+            self._down_since = now
             self._dropped_then = self.dropped
             _logger.warning(
-                "broker down: redis at %s is unreachable (%s); until it is back, broadcasts reach only "
-                "this process's connections",
+                "broker down: redis at %s is unreachable or refuses the broker (%s); until it is back, "
+                "broadcasts reach only this process's connections",
                 self._where,
-                str(exc) or type(exc).__name__,
+                reason,
             )
             self._said = False
+        else:
+            _logger.warning("broker still down: redis at %s (%s); each cause is said once", self._where, reason)
 
     def _on_message(self, data: bytes) -> None:
         """One message from the channel: a push or a session close from another
@@ -4630,6 +4660,8 @@ class RedisBroker:
         known = self._heard(origin, now)
         if origin == self.process_id:
             self._own_beat = now
+            if self._healthy_since is None:
+                self._went_healthy(now)
             return
         topic = header.get("t")
         if kind == "push" and type(topic) is str:

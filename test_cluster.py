@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import shutil
 import signal
@@ -1075,6 +1076,43 @@ async def broker_report(client: rally.Client) -> dict[str, Any]:
 async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
     broker = await report()
     return bool(broker["processes"] == [broker["process"]])
+
+
+# ==== One process: a connection that fails right after connecting ===========
+
+
+async def test_a_broker_whose_publish_redis_refuses_backs_off_and_says_so_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis user without PUBLISH permission can SUBSCRIBE, then its
+    broker's hello is refused: the connection fails each time right after
+    connecting. It never counted as healthy, so the backoff keeps doubling
+    (delays drawn from [0.05, 0.1], [0.1, 0.2], ... s: the 6th attempt comes
+    at least 1.55 s after the 1st) and the cause is logged once."""
+    admin = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "nopub", "on", ">pw", "~*", "&*", "+@all", "-publish")
+
+        async def refused(n: int) -> bool:
+            return sum(e["count"] for e in await admin.acl_log() if e["object"] == "publish") >= n
+
+        caplog.set_level(logging.INFO, logger="rally")
+        url = f"redis://nopub:pw@127.0.0.1:{redis_server.port}/0"
+        app = rally.App(broker=rally.RedisBroker(url, heartbeat_interval=60, max_backoff=30, timeout=WAIT))
+        app.page("/", Quiet)
+        server = await app.start(access_log=False)
+        try:
+            await eventually("a first PUBLISH refused", lambda: refused(1))
+            first = time.monotonic()
+            await eventually("a 6th PUBLISH refused", lambda: refused(6))
+            assert time.monotonic() - first >= 1.4
+        finally:
+            await asyncio.wait_for(server.close(), WAIT)
+    finally:
+        await admin.aclose()
+    said = [r.getMessage() for r in caplog.records if r.name == "rally" and r.getMessage().startswith("broker")]
+    assert len(said) == 1 and said[0].startswith("broker down: redis at ") and "permission" in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # ==== One process: a broker URL the broker cannot use =======================
