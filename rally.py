@@ -4154,8 +4154,10 @@ class RedisBroker:
     and only when a broker is made; raises ``RegistrationError`` without it or
     for a bad argument. One broker serves one App. Its counters (also in
     ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
-    other processes), ``dropped`` (broadcasts that never reached Redis) and
-    ``rejected`` (messages from the channel refused: without the app's MAC,
+    other processes), ``dropped`` (broadcasts that certainly never reached
+    Redis), ``unconfirmed`` (broadcasts written to Redis whose reply never
+    came: the connection failed first, so Redis may or may not have
+    delivered them) and ``rejected`` (messages from the channel refused: without the app's MAC,
     so not sent by a process with its ``secret``, or a push frame that is
     not one or is over ``max_message_bytes``).
     """
@@ -4216,6 +4218,7 @@ class RedisBroker:
         self.published = 0
         self.received = 0
         self.dropped = 0
+        self.unconfirmed = 0
         self.rejected = 0
         self._errors: tuple[type[BaseException], ...] = (errors.RedisError, OSError, asyncio.TimeoutError)
         self._where = where
@@ -4229,6 +4232,7 @@ class RedisBroker:
         self._head = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(self.channel), self.channel.encode())
         self._waiting: collections.deque[bool] = collections.deque()  # PUBLISHes sent, unanswered: a broadcast?
         self._batch: list[bytes] | None = None  # PUBLISHes to write at the end of this turn of the loop
+        self._unwritten = 0  # broadcasts in _waiting never handed to a connection (in _batch, or it failed first)
         self._wake = asyncio.Event()  # a reply to read
         self._idle = asyncio.Event()  # every reply read
         self._tried = asyncio.Event()  # the first connection attempt is over
@@ -4365,6 +4369,7 @@ class RedisBroker:
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
+            "unconfirmed": self.unconfirmed,
             "rejected": self.rejected,
             "waiting": len(self._waiting),
         }
@@ -4397,6 +4402,7 @@ class RedisBroker:
             self._loop.call_soon(self._flush)
         else:
             self._batch += command
+            self._unwritten += broadcast
         self._waiting.append(broadcast)
         self._idle.clear()
         self._wake.set()
@@ -4406,6 +4412,7 @@ class RedisBroker:
         batch, self._batch = self._batch, None
         if batch and self._writer is not None:
             self._writer.writelines(batch)
+            self._unwritten = 0
 
     def _queue_state(self) -> None:
         """Send this process's whole presence once this turn of the event
@@ -4422,7 +4429,13 @@ class RedisBroker:
             self._enqueue(self._state("state"), False)
 
     def _drop_queue(self) -> None:
-        self.dropped += sum(self._waiting)
+        """The connection is gone: of the broadcasts awaiting Redis's reply,
+        those never written are dropped; the others are unconfirmed (Redis
+        may have run them: a reply that timed out can still be delivered)."""
+        unwritten = self._unwritten
+        self.dropped += unwritten
+        self.unconfirmed += sum(self._waiting) - unwritten
+        self._unwritten = 0
         self._waiting.clear()
         self._batch = None
         self._state_owed = False  # the hello after a reconnect carries it

@@ -625,6 +625,60 @@ async def test_max_queued_publishes_wait_for_a_stalled_redis_then_broadcasts_are
         await asyncio.wait_for(server.close(), WAIT)
 
 
+async def test_a_publish_whose_reply_timed_out_is_unconfirmed_not_dropped(redis_server: RedisServer) -> None:
+    """Two broadcasts are written to a redis-server that is stopped
+    (SIGSTOP); their replies time out and the broker reconnects. They are
+    counted ``unconfirmed``, not ``dropped``: once it runs again, Redis
+    delivers both to a subscriber on the channel."""
+    app = rally.App(broker=rally.RedisBroker(redis_server.url, heartbeat_interval=60, timeout=1.0, max_backoff=0.5))
+    app.page("/", Quiet)
+    listener = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    pubsub = listener.pubsub()
+    server = await app.start(access_log=False)
+    try:
+        async with rally.Client(server.url) as client:
+
+            async def report() -> dict[str, Any]:
+                return await broker_report(client)
+
+            async def settled() -> bool:
+                broker = await report()
+                return bool(broker["waiting"] == 0 and await hears_itself(report))
+
+            await eventually("its own hello came back and was answered", settled)
+            await pubsub.subscribe("rally:broadcast")
+            assert (await pubsub.get_message(timeout=WAIT))["type"] == "subscribe"
+            assert redis_server.proc is not None
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                for text in ("sent 1", "sent 2"):
+                    await app.broadcast_to_app(Heard(text))
+                assert (await report())["waiting"] == 2
+                await eventually("the replies timed out", lambda: state_is_here(report, "down"))
+                broker = await report()
+                assert (broker["dropped"], broker["waiting"]) == (0, 0)  # Redis may have them, and has here
+                assert broker["unconfirmed"] == 2
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            delivered = []
+            while len(delivered) < 2:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAIT)
+                assert message is not None, delivered
+                delivered += [
+                    text for text in ("sent 1", "sent 2") if b'"text":"%s"' % text.encode() in message["data"]
+                ]
+            assert delivered == ["sent 1", "sent 2"]
+            await eventually("back up", lambda: state_is_here(report, "up"))
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await asyncio.wait_for(server.close(), WAIT)
+
+
+async def state_is_here(report: Callable[[], Awaitable[dict[str, Any]]], state: str) -> bool:
+    return bool((await report())["state"] == state)
+
+
 @dataclass
 class Heard:
     text: str
