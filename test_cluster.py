@@ -675,6 +675,38 @@ async def test_a_publish_whose_reply_timed_out_is_unconfirmed_not_dropped(redis_
         await asyncio.wait_for(server.close(), WAIT)
 
 
+async def test_a_push_over_max_message_bytes_stays_in_its_process(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other processes would refuse a push over ``max_message_bytes``,
+    so none is PUBLISHed: it is counted ``dropped`` and warned about once;
+    one within the limit goes out."""
+    app = rally.App(broker=rally.RedisBroker(redis_server.url, heartbeat_interval=60), max_message_bytes=1024)
+    app.page("/", Quiet)
+    server = await app.start(access_log=False)
+    try:
+        async with rally.Client(server.url) as client:
+
+            async def report() -> dict[str, Any]:
+                return await broker_report(client)
+
+            async def settled(published: int) -> bool:
+                broker = await report()
+                return bool(broker["waiting"] == 0 and broker["published"] == published and await hears_itself(report))
+
+            await eventually("its own hello came back and was answered", lambda: settled(0))
+            before = await redis_server.publishes()
+            for _ in range(2):
+                await app.broadcast_to_app(Heard("x" * 1024))
+            await app.broadcast_to_app(Heard("fits"))
+            await eventually("the one that fits was published", lambda: settled(1))
+            assert (await report())["dropped"] == 2
+            assert await redis_server.publishes() == before + 1
+        assert sum("is over max_message_bytes" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await asyncio.wait_for(server.close(), WAIT)
+
+
 async def state_is_here(report: Callable[[], Awaitable[dict[str, Any]]], state: str) -> bool:
     return bool((await report())["state"] == state)
 
