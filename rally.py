@@ -4624,6 +4624,14 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # filtered where it arrives, is the simple correct design; README's "Scaling
 # out" weighs it against a channel per topic, measured by bench/channels.py.
 #
+# Every message is signed: it starts with the HMAC-SHA256 of the rest, keyed
+# with HMAC-SHA256(secret, "rally broker\n" + channel), the app's ``secret``
+# being one that all its processes share (README, "Scaling out"). A message
+# without the right MAC, whoever PUBLISHed it, is dropped before anything in
+# it is read, so Redis access alone cannot push frames to browsers, close
+# sessions or change presence. A push frame from another process is also
+# checked before it is written to any connection (``_fits``).
+#
 # Presence across processes. The registry holds every process's presence
 # entries, each marked with the process it came from. A process PUBLISHes the
 # joins, updates and leaves of its own connections (``presence``: upserts and
@@ -4647,10 +4655,20 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
 _BROKER_FIRST_BACKOFF_S: Final = 0.1
 
+#: Every message on the channel starts with its HMAC-SHA256, keyed from the
+#: app's ``secret`` (see ``RedisBroker._start``).
+_BROKER_MAC_BYTES: Final = 32
+
+#: How a remote push frame starts, as ``_Registry.push_payload`` makes it.
+_BROKER_PUSH_START: Final = b'{"kind":"push","msg":{"type":'
+
+#: Reads a remote push frame as a browser would: JSON with no NaN or Infinity.
+_BROKER_FRAME_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
 
 class RedisBroker:
     """Carries an app's broadcasts to its other processes through Redis
-    pub/sub (SPEC section 8): ``rally.App(broker=rally.RedisBroker(url))``,
+    pub/sub (README, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
     ``rally.App(broker=url)``, or ``RALLY_BROKER`` in the environment when the
     app names none.
 
@@ -4670,7 +4688,12 @@ class RedisBroker:
     and only when a broker is made; raises ``RegistrationError`` without it or
     for a bad argument. One broker serves one App. Its counters (also in
     ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
-    other processes) and ``dropped`` (broadcasts that never reached Redis).
+    other processes), ``dropped`` (broadcasts that certainly never reached
+    Redis), ``unconfirmed`` (broadcasts written to Redis whose reply never
+    came: the connection failed first, so Redis may or may not have
+    delivered them) and ``rejected`` (messages from the channel refused: without the app's MAC,
+    so not sent by a process with its ``secret``, or a push frame that is
+    not one or is over ``max_message_bytes``).
     """
 
     def __init__(
@@ -4689,6 +4712,12 @@ class RedisBroker:
             where = "a value that is not a URL"
         if not where.startswith(("redis://", "rediss://", "unix://")):  # said without credentials
             raise RegistrationError(f"broker: expected a redis://, rediss:// or unix:// URL, got {where}")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        if any(v.strip().upper() not in ("0", "F", "FALSE", "N", "NO") for v in query.get("decode_responses", ())):
+            raise RegistrationError(
+                f"broker URL {where}: decode_responses is not supported (the broker passes frames on as the bytes "
+                "it receives); remove it from the URL"
+            )
         if not isinstance(prefix, str) or not prefix:
             raise RegistrationError(f"RedisBroker(prefix={prefix!r}): expected a non-empty str")
         for name, value in (
@@ -4723,6 +4752,8 @@ class RedisBroker:
         self.published = 0
         self.received = 0
         self.dropped = 0
+        self.unconfirmed = 0
+        self.rejected = 0
         self._errors: tuple[type[BaseException], ...] = (errors.RedisError, OSError, asyncio.TimeoutError)
         self._where = where
         self._app: App | None = None
@@ -4735,19 +4766,27 @@ class RedisBroker:
         self._head = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(self.channel), self.channel.encode())
         self._waiting: collections.deque[bool] = collections.deque()  # PUBLISHes sent, unanswered: a broadcast?
         self._batch: list[bytes] | None = None  # PUBLISHes to write at the end of this turn of the loop
+        self._unwritten = 0  # broadcasts in _waiting never handed to a connection (in _batch, or it failed first)
         self._wake = asyncio.Event()  # a reply to read
         self._idle = asyncio.Event()  # every reply read
         self._tried = asyncio.Event()  # the first connection attempt is over
         self._said: bool | None = None  # the state last logged: up, down, or nothing yet
         self._down_since = 0.0
         self._dropped_then = 0
-        self._failures = 0
+        self._failures = 0  # since the last connection that stayed healthy for a heartbeat interval
+        self._healthy_since: float | None = None  # when this connection heard its own first message back
+        self._causes: set[str] = set()  # the failures logged since the broker went down
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
+        self._key = b""  # the MAC key, derived from the app's secret when the broker starts
+        self._unsigned_said = False  # a message without the right MAC
+        self._misfit_said = False  # a push frame from another process that was refused
+        self._oversize_said = False  # a push of this process too large to send the others
+        self._max_frame = DEFAULT_MAX_MESSAGE_BYTES  # the app's max_message_bytes, once bound
 
     def __repr__(self) -> str:
         return f"RedisBroker({self._where!r}, channel={self.channel!r})"
@@ -4758,6 +4797,7 @@ class RedisBroker:
         if self._app is not None and self._app is not app:
             raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
         self._app = app
+        self._max_frame = app._limits.max_message_bytes
         self._registry: _Registry = app._registry
         self._topics = app._registry.topics
 
@@ -4774,10 +4814,15 @@ class RedisBroker:
         self._loop = loop
         self._types = {t.__name__: t for t in self._app._registry.push_encoders}
         self.process_id = f"{os.getpid()}.{secrets.token_hex(3)}"
+        # Not the cookie key itself, and bound to the channel: a message
+        # signed for one app's channel is refused on another's.
+        self._key = hmac.new(self._app._secret, b"rally broker\n" + self.channel.encode(), hashlib.sha256).digest()
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._seen = {}
         self._said = None
+        self._causes = set()
+        self._failures = 0
         self._task = self._loop.create_task(self._run())
         try:
             await asyncio.wait_for(self._tried.wait(), 2 * self.timeout + 1)
@@ -4810,7 +4855,21 @@ class RedisBroker:
         self._seen = {}
 
     def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
-        """One PUBLISH for a push, written before this process delivers it."""
+        """One PUBLISH for a push, written before this process delivers it;
+        none (counted as dropped) for one the others would refuse as over
+        ``max_message_bytes``."""
+        if len(frame) > self._max_frame:
+            self.dropped += 1
+            if not self._oversize_said:
+                self._oversize_said = True
+                _logger.warning(
+                    "broker: a %s push of %d bytes is over max_message_bytes (%d): it reaches this process's "
+                    "connections only; said once per process, counted in 'dropped'",
+                    msg_type.__name__,
+                    len(frame),
+                    self._max_frame,
+                )
+            return
         header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
         self._enqueue(_dumps(header) + b"\n" + frame, True)
 
@@ -4844,6 +4903,8 @@ class RedisBroker:
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
+            "unconfirmed": self.unconfirmed,
+            "rejected": self.rejected,
             "waiting": len(self._waiting),
         }
 
@@ -4857,15 +4918,17 @@ class RedisBroker:
         return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
 
     def _enqueue(self, message: bytes, broadcast: bool) -> bool:
-        """Send one PUBLISH: written now if it is the first of this turn of
-        the event loop, else at its end; the reply is read by ``_replies``.
+        """Send one PUBLISH of ``message`` after its MAC: written now if it
+        is the first of this turn of the event loop, else at its end; the
+        reply is read by ``_replies``.
         Dropped (and counted, if a broadcast) while Redis is unreachable or
         ``max_queued`` replies are awaited."""
         writer = self._writer
         if writer is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
             self.dropped += broadcast
             return False
-        command = (self._head, b"$%d\r\n" % len(message), message, b"\r\n")
+        mac = hmac.digest(self._key, message, "sha256")
+        command = (self._head, b"$%d\r\n" % (_BROKER_MAC_BYTES + len(message)), mac, message, b"\r\n")
         if self._batch is None:
             writer.writelines(command)
             self._batch = []
@@ -4873,6 +4936,7 @@ class RedisBroker:
             self._loop.call_soon(self._flush)
         else:
             self._batch += command
+            self._unwritten += broadcast
         self._waiting.append(broadcast)
         self._idle.clear()
         self._wake.set()
@@ -4882,6 +4946,7 @@ class RedisBroker:
         batch, self._batch = self._batch, None
         if batch and self._writer is not None:
             self._writer.writelines(batch)
+            self._unwritten = 0
 
     def _queue_state(self) -> None:
         """Send this process's whole presence once this turn of the event
@@ -4898,7 +4963,13 @@ class RedisBroker:
             self._enqueue(self._state("state"), False)
 
     def _drop_queue(self) -> None:
-        self.dropped += sum(self._waiting)
+        """The connection is gone: of the broadcasts awaiting Redis's reply,
+        those never written are dropped; the others are unconfirmed (Redis
+        may have run them: a reply that timed out can still be delivered)."""
+        unwritten = self._unwritten
+        self.dropped += unwritten
+        self.unconfirmed += sum(self._waiting) - unwritten
+        self._unwritten = 0
         self._waiting.clear()
         self._batch = None
         self._state_owed = False  # the hello after a reconnect carries it
@@ -4911,8 +4982,6 @@ class RedisBroker:
             try:
                 await self._connection()
             except Exception as exc:
-                if not isinstance(exc, self._errors):
-                    _logger.exception("broker: unexpected failure of the connection to redis at %s", self._where)
                 self._went_down(exc)
             delay = min(self.max_backoff, _BROKER_FIRST_BACKOFF_S * 2 ** min(self._failures, 30))
             self._failures += 1
@@ -5031,11 +5100,19 @@ class RedisBroker:
         assert loop is not None
         now = loop.time()
         self.up = True
-        self._failures = 0
+        self._healthy_since = None
         self._own_beat = now
         self._next_beat = now + self.heartbeat_interval  # the hello is the first heartbeat
         self._enqueue(self._state("hello"), False)
         self._tried.set()
+
+    def _went_healthy(self, now: float) -> None:
+        """This connection's first message came back: Redis takes its
+        PUBLISHes and delivers the channel to it, so the broker is up (and
+        says so); the backoff is reset once it has stayed so for a
+        heartbeat interval (``_went_down``)."""
+        self._healthy_since = now
+        self._causes = set()
         if self._said is None:
             _logger.info(
                 "broker up: redis at %s, channel %r; this process is %s on %s",
@@ -5054,35 +5131,71 @@ class RedisBroker:
         self._said = True
 
     def _went_down(self, exc: BaseException) -> None:
+        """The connection failed. The backoff starts again from its first
+        delay only if the connection had been healthy for a heartbeat
+        interval, so one that fails soon after connecting (a user without
+        PUBLISH permission, say) is retried ever less often. Each cause of
+        failure is logged once until the broker is healthy again: the first
+        as ``broker down``, any other as ``broker still down``, and one that
+        is not Redis's or the network's with its traceback."""
+        assert self._loop is not None
+        now = self._loop.time()
         self.up = False
         self._writer = None
         self._drop_queue()
         self._tried.set()
+        if self._healthy_since is not None and now - self._healthy_since >= self.heartbeat_interval:
+            self._failures = 0
+        self._healthy_since = None
+        cause = f"{type(exc).__name__}: {exc}"
+        if cause in self._causes:
+            return
+        self._causes.add(cause)
+        if not isinstance(exc, self._errors):
+            _logger.error("broker: unexpected failure of the connection to redis at %s", self._where, exc_info=exc)
+        reason = str(exc) or type(exc).__name__
         if self._said is not False:
-            assert self._loop is not None
-            self._down_since = self._loop.time()
+            self._down_since = now
             self._dropped_then = self.dropped
             _logger.warning(
-                "broker down: redis at %s is unreachable (%s); until it is back, broadcasts reach only "
-                "this process's connections",
+                "broker down: redis at %s is unreachable or refuses the broker (%s); until it is back, "
+                "broadcasts reach only this process's connections",
                 self._where,
-                str(exc) or type(exc).__name__,
+                reason,
             )
             self._said = False
+        else:
+            _logger.warning("broker still down: redis at %s (%s); each cause is said once", self._where, reason)
 
     def _on_message(self, data: bytes) -> None:
         """One message from the channel: a push or a session close from another
         process for the connections here, a change of its presence, its whole
         presence (``hello``, ``state``), a request for ours (``want``), a page
         held here for resume that came back there (``release``), a
-        heartbeat, or a goodbye."""
-        head, _, frame = data.partition(b"\n")
+        heartbeat, or a goodbye. Dropped unread without the right MAC."""
+        mac = hmac.digest(self._key, memoryview(data)[_BROKER_MAC_BYTES:], "sha256")
+        if len(data) < _BROKER_MAC_BYTES or not hmac.compare_digest(mac, data[:_BROKER_MAC_BYTES]):
+            self.rejected += 1
+            if not self._unsigned_said:
+                self._unsigned_said = True
+                _logger.warning(
+                    "broker: dropping messages on %r without this app's MAC (sent by a process with another "
+                    "secret, or not by rally.py): %r; said once per process, counted in 'rejected'",
+                    self.channel,
+                    data[:80],
+                )
+            return
+        end = data.find(b"\n", _BROKER_MAC_BYTES)
+        if end < 0:
+            end = len(data)
+        head, frame = data[_BROKER_MAC_BYTES:end], data[end + 1 :]
         try:
             header = json.loads(head)
             origin, kind = header["o"], header["k"]
             if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
                 raise TypeError(origin, kind)
         except (ValueError, KeyError, TypeError, RecursionError):
+            self.rejected += 1
             if not self._foreign_said:
                 self._foreign_said = True
                 _logger.warning(
@@ -5094,12 +5207,17 @@ class RedisBroker:
         known = self._heard(origin, now)
         if origin == self.process_id:
             self._own_beat = now
+            if self._healthy_since is None:
+                self._went_healthy(now)
             return
         topic = header.get("t")
         if kind == "push" and type(topic) is str:
-            self.received += 1
             name = header.get("m")
             msg_type = self._types.get(name) if type(name) is str else None
+            if msg_type is not None and self._topics.members.get(topic) and not self._fits(frame, name):
+                self._refused_push(origin, frame)
+                return
+            self.received += 1
             if msg_type is not None:  # a type no page here declares reaches no one
                 self._topics.publish(topic, frame, msg_type)
         elif kind == "close" and type(topic) is str:
@@ -5125,6 +5243,41 @@ class RedisBroker:
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
             self._enqueue(_dumps({"o": self.process_id, "k": "want", "t": origin}) + b"\n", False)
+
+    def _fits(self, frame: bytes, name: str) -> bool:
+        """Whether a push frame from another process may be written to the
+        connections here as it is: at most ``max_message_bytes``, UTF-8 JSON
+        (no NaN or Infinity) shaped as ``_Registry.push_payload`` makes it,
+        of the type its header names. Checked only when it has somewhere to
+        go, so a push for no connection here costs no parse."""
+        if len(frame) > self._max_frame or not frame.startswith(_BROKER_PUSH_START):
+            return False
+        try:
+            envelope = _BROKER_FRAME_JSON.decode(frame.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return False
+        msg = envelope.get("msg") if type(envelope) is dict else None
+        return (
+            len(envelope) == 2
+            and envelope.get("kind") == "push"
+            and type(msg) is dict
+            and len(msg) == 2
+            and msg.get("type") == name
+            and "fields" in msg
+        )
+
+    def _refused_push(self, origin: str, frame: bytes) -> None:
+        self.rejected += 1
+        if not self._misfit_said:
+            self._misfit_said = True
+            _logger.warning(
+                "broker: dropping a push from process %s on %r that is not a push frame or is over "
+                "max_message_bytes (%d bytes): %r; said once per process, counted in 'rejected'",
+                origin,
+                self.channel,
+                len(frame),
+                frame[:80],
+            )
 
 
 def _redacted(url: str) -> str:

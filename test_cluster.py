@@ -1,4 +1,4 @@
-"""Tests of rally.py across processes (SPEC section 8): three server processes
+"""Tests of rally.py across processes (README, "Scaling out"): three server processes
 share one real redis-server, which a fixture starts on a free loopback port
 (Debian's redis-server) and a test kills and starts again. Rules as in
 test_rally.py: loopback only, a bound on every wait, no sleep standing in for
@@ -13,7 +13,10 @@ module is skipped with the reason; CI installs both.
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import logging
 import os
 import shutil
 import signal
@@ -622,6 +625,92 @@ async def test_max_queued_publishes_wait_for_a_stalled_redis_then_broadcasts_are
         await asyncio.wait_for(server.close(), WAIT)
 
 
+async def test_a_publish_whose_reply_timed_out_is_unconfirmed_not_dropped(redis_server: RedisServer) -> None:
+    """Two broadcasts are written to a redis-server that is stopped
+    (SIGSTOP); their replies time out and the broker reconnects. They are
+    counted ``unconfirmed``, not ``dropped``: once it runs again, Redis
+    delivers both to a subscriber on the channel."""
+    app = rally.App(broker=rally.RedisBroker(redis_server.url, heartbeat_interval=60, timeout=1.0, max_backoff=0.5))
+    app.page("/", Quiet)
+    listener = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    pubsub = listener.pubsub()
+    server = await app.start(access_log=False)
+    try:
+        async with rally.Client(server.url) as client:
+
+            async def report() -> dict[str, Any]:
+                return await broker_report(client)
+
+            async def settled() -> bool:
+                broker = await report()
+                return bool(broker["waiting"] == 0 and await hears_itself(report))
+
+            await eventually("its own hello came back and was answered", settled)
+            await pubsub.subscribe("rally:broadcast")
+            assert (await pubsub.get_message(timeout=WAIT))["type"] == "subscribe"
+            assert redis_server.proc is not None
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                for text in ("sent 1", "sent 2"):
+                    await app.broadcast_to_app(Heard(text))
+                assert (await report())["waiting"] == 2
+                await eventually("the replies timed out", lambda: state_is_here(report, "down"))
+                broker = await report()
+                assert (broker["dropped"], broker["waiting"]) == (0, 0)  # Redis may have them, and has here
+                assert broker["unconfirmed"] == 2
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            delivered = []
+            while len(delivered) < 2:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAIT)
+                assert message is not None, delivered
+                delivered += [
+                    text for text in ("sent 1", "sent 2") if b'"text":"%s"' % text.encode() in message["data"]
+                ]
+            assert delivered == ["sent 1", "sent 2"]
+            await eventually("back up", lambda: state_is_here(report, "up"))
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await asyncio.wait_for(server.close(), WAIT)
+
+
+async def test_a_push_over_max_message_bytes_stays_in_its_process(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other processes would refuse a push over ``max_message_bytes``,
+    so none is PUBLISHed: it is counted ``dropped`` and warned about once;
+    one within the limit goes out."""
+    app = rally.App(broker=rally.RedisBroker(redis_server.url, heartbeat_interval=60), max_message_bytes=1024)
+    app.page("/", Quiet)
+    server = await app.start(access_log=False)
+    try:
+        async with rally.Client(server.url) as client:
+
+            async def report() -> dict[str, Any]:
+                return await broker_report(client)
+
+            async def settled(published: int) -> bool:
+                broker = await report()
+                return bool(broker["waiting"] == 0 and broker["published"] == published and await hears_itself(report))
+
+            await eventually("its own hello came back and was answered", lambda: settled(0))
+            before = await redis_server.publishes()
+            for _ in range(2):
+                await app.broadcast_to_app(Heard("x" * 1024))
+            await app.broadcast_to_app(Heard("fits"))
+            await eventually("the one that fits was published", lambda: settled(1))
+            assert (await report())["dropped"] == 2
+            assert await redis_server.publishes() == before + 1
+        assert sum("is over max_message_bytes" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await asyncio.wait_for(server.close(), WAIT)
+
+
+async def state_is_here(report: Callable[[], Awaitable[dict[str, Any]]], state: str) -> bool:
+    return bool((await report())["state"] == state)
+
+
 @dataclass
 class Heard:
     text: str
@@ -898,24 +987,25 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
         [node] = running.nodes
         async with lobby(node, await cookie_of(node)) as a:
             me_a = await joined(a)
-            channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
-            try:
-                for message in (
-                    {"o": "", "k": "bye"},  # "" would be this process's own entries
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[1, "t", {"mood": 1}]], "l": []},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[3, "t", {"mood": 3}]], "l": []},
-                    {"o": "other.2", "k": "presence", "t": "/lobby/x", "e": [[4, "t", {"mood": 4}]], "l": []},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": ["junk", [0, "t", {}], [2, 3, {}]]},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [], "l": ["a", [1], me_a["id"]]},
-                    {"o": "other.1", "k": "presence", "t": ["/lobby/x"], "e": [], "l": []},
-                    {"o": "other.1", "k": "state", "p": {"/lobby/x": [[[1], "t", {}]], "/room/a": [[5, "t", {}]]}},
-                    {"o": "other.1", "k": "state", "p": [["/lobby/x", [6, "t", {"mood": "m"}]]]},
-                    {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []},
-                    {"o": "other.1", "k": "bye"},
-                ):
-                    await channel.publish("rally:broadcast", json.dumps(message).encode() + b"\n")
-            finally:
-                await channel.aclose()
+            await publish_on_channel(
+                redis_server,
+                *(
+                    json.dumps(message).encode() + b"\n"
+                    for message in (
+                        {"o": "", "k": "bye"},  # "" would be this process's own entries
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[1, "t", {"mood": 1}]], "l": []},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[3, "t", {"mood": 3}]], "l": []},
+                        {"o": "other.2", "k": "presence", "t": "/lobby/x", "e": [[4, "t", {"mood": 4}]], "l": []},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": ["junk", [0, "t", {}], [2, 3, {}]]},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [], "l": ["a", [1], me_a["id"]]},
+                        {"o": "other.1", "k": "presence", "t": ["/lobby/x"], "e": [], "l": []},
+                        {"o": "other.1", "k": "state", "p": {"/lobby/x": [[[1], "t", {}]], "/room/a": [[5, "t", {}]]}},
+                        {"o": "other.1", "k": "state", "p": [["/lobby/x", [6, "t", {"mood": "m"}]]]},
+                        {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []},
+                        {"o": "other.1", "k": "bye"},
+                    )
+                ),
+            )
             # One publisher's messages arrive in order: the first frame is the valid join.
             assert await frame(a) == diff(joins=[{"id": 7, "tag": "t7", "self": False, "meta": {"mood": "ok"}}])
             assert await frame(a) == diff(leaves=[7])
@@ -923,6 +1013,113 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
         assert node.count("does not fit its type here") == 2  # once per process that sent one
         assert node.count("that rally.py did not send") == 1
         await node.stop()
+
+
+# ==== What the channel carries is checked ====================================
+
+
+def signed(message: bytes, secret: str = SECRET, channel: str = "rally:broadcast") -> bytes:
+    """``message`` after its MAC, as a process of the app with ``secret`` sends it."""
+    key = hmac.new(secret.encode(), b"rally broker\n" + channel.encode(), hashlib.sha256).digest()
+    return hmac.digest(key, message, "sha256") + message
+
+
+async def publish_on_channel(redis_server: RedisServer, *messages: bytes, sign: bool = True) -> None:
+    """PUBLISH ``messages`` on the app's channel straight from a redis client
+    (``signed`` with the app's secret unless ``sign`` is False), in order,
+    each answered before the next leaves."""
+    channel = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        for message in messages:
+            await asyncio.wait_for(channel.publish("rally:broadcast", signed(message) if sign else message), WAIT)
+    finally:
+        await channel.aclose()
+
+
+def push_message(frame: bytes, origin: str = "other.1", msg_type: str = "Heard", topic: str = "page:/room/a") -> bytes:
+    """A push as a process sends it: a one-line header, then the frame."""
+    return json.dumps({"o": origin, "k": "push", "t": topic, "m": msg_type}).encode() + b"\n" + frame
+
+
+async def test_a_remote_push_frame_that_is_not_a_push_reaches_no_browser(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Before a push from the channel is written to any connection it must
+    be at most max_message_bytes (1 MiB here) of UTF-8 JSON shaped as
+    rally.py makes a push, of the type its header names: anything else is
+    dropped, counted in ``rejected`` and warned about once."""
+    async with running_cluster(redis_server, tmp_path, processes=2) as running:
+        n1, n2 = running.nodes
+        async with session(n1) as client, client.page("/room/a") as page:
+            start = b'{"kind":"push","msg":{"type":"Heard","fields":{"text":'
+            bad = [
+                start + b'"\xff\xfe"}}}',  # not UTF-8
+                b'{"kind":"ok","id":1,"value":null}',  # another envelope
+                b'{"kind":"presence","joins":[],"updates":[],"leaves":[1]}',
+                start + b'"x"}},"seq":5}',  # a key too many
+                b'{"kind":"push","msg":{"type":"Shout","fields":{"text":"x"}}}',  # not the header's type
+                start + b'"' + b"x" * (8 << 20) + b'"}}}',  # 8 MiB
+                start + b"NaN}}}",
+                start + b'"cut',
+                b" " + start + b'"x"}}}',
+                b"",
+            ]
+            await publish_on_channel(
+                redis_server, push_message(start + b'"fits"}}}'), *(push_message(frame) for frame in bad)
+            )
+            async with session(n2) as other:
+                assert await other.rpc(Shout("page", "/room/a", "marker")) == rally.Ok(0)
+            assert await page.receive(timeout=WAIT) == heard("fits")
+            assert await page.receive(timeout=WAIT) == heard("marker")  # nothing in between
+            broker = (await n1.health())["broker"]
+            assert broker["state"] == "up" and broker["rejected"] == len(bad)
+        assert n1.count("that is not a push frame") == 1
+        for node in running.nodes:
+            await node.stop()
+
+
+async def test_messages_without_the_apps_mac_reach_no_browser_and_change_nothing(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Whoever can PUBLISH on the channel but lacks the app's secret can
+    neither push to a browser, nor close a session, nor change presence, nor
+    say goodbye for a live process: such messages are dropped unread,
+    counted in ``rejected`` and warned about once."""
+    async with running_cluster(redis_server, tmp_path, processes=2) as running:
+        n1, n2 = running.nodes
+        cookie = await cookie_of(n1)
+        async with session(n1, cookie) as client, client.page("/room/a") as page, lobby(n1, cookie) as a:
+            me_a = await joined(a)
+            assert client.session_id is not None
+            n2_id = (await n2.health())["broker"]["process"]
+            push = push_message(b'{"kind":"push","msg":{"type":"Heard","fields":{"text":"forged"}}}')
+            close = json.dumps({"o": "other.1", "k": "close", "t": f"session:{client.session_id}"}).encode() + b"\n"
+            presence = {"o": "other.1", "k": "presence", "t": "/lobby/x", "e": [[7, "t7", {"mood": "ok"}]], "l": []}
+            join = json.dumps(presence).encode() + b"\n"
+            bye = json.dumps({"o": n2_id, "k": "bye"}).encode() + b"\n"
+            forged = [
+                push,  # no MAC at all
+                close,
+                join,
+                bye,
+                signed(push, secret="another secret"),
+                signed(close, channel="shop:broadcast"),  # the right secret, another app's channel
+                signed(join)[:31] + join,  # a MAC cut short
+                signed(bye)[:32] + bye[:-1] + b" \n",  # a MAC of other bytes
+                signed(b"")[:31],
+                b"",
+            ]
+            await publish_on_channel(redis_server, *forged, sign=False)
+            async with session(n2) as other:
+                assert await other.rpc(Shout("page", "/room/a", "marker")) == rally.Ok(0)
+            assert await page.receive(timeout=WAIT) == heard("marker")  # nothing before it, and not closed
+            assert await listed(n1) == rows(me_a)
+            broker = (await n1.health())["broker"]
+            assert broker["rejected"] == len(forged)
+            assert broker["state"] == "up" and sorted(broker["processes"]) == sorted([broker["process"], n2_id])
+        assert n1.count("without this app's MAC") == 1
+        for node in running.nodes:
+            await node.stop()
 
 
 # ==== One process: how a broker is named ======================================
@@ -965,6 +1162,58 @@ async def broker_report(client: rally.Client) -> dict[str, Any]:
 async def hears_itself(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
     broker = await report()
     return bool(broker["processes"] == [broker["process"]])
+
+
+# ==== One process: a connection that fails right after connecting ===========
+
+
+async def test_a_broker_whose_publish_redis_refuses_backs_off_and_says_so_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis user without PUBLISH permission can SUBSCRIBE, then its
+    broker's hello is refused: the connection fails each time right after
+    connecting. It never counted as healthy, so the backoff keeps doubling
+    (delays drawn from [0.05, 0.1], [0.1, 0.2], ... s: the 6th attempt comes
+    at least 1.55 s after the 1st) and the cause is logged once."""
+    admin = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "nopub", "on", ">pw", "~*", "&*", "+@all", "-publish")
+
+        async def refused(n: int) -> bool:
+            return sum(e["count"] for e in await admin.acl_log() if e["object"] == "publish") >= n
+
+        caplog.set_level(logging.INFO, logger="rally")
+        url = f"redis://nopub:pw@127.0.0.1:{redis_server.port}/0"
+        app = rally.App(broker=rally.RedisBroker(url, heartbeat_interval=60, max_backoff=30, timeout=WAIT))
+        app.page("/", Quiet)
+        server = await app.start(access_log=False)
+        try:
+            await eventually("a first PUBLISH refused", lambda: refused(1))
+            first = time.monotonic()
+            await eventually("a 6th PUBLISH refused", lambda: refused(6))
+            assert time.monotonic() - first >= 1.4
+        finally:
+            await asyncio.wait_for(server.close(), WAIT)
+    finally:
+        await admin.aclose()
+    said = [r.getMessage() for r in caplog.records if r.name == "rally" and r.getMessage().startswith("broker")]
+    assert len(said) == 1 and said[0].startswith("broker down: redis at ") and "permission" in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ==== One process: a broker URL the broker cannot use =======================
+
+
+@pytest.mark.parametrize("value", ["true", "True", "1", "yes", "y"])
+def test_a_broker_url_asking_for_decoded_responses_is_refused(value: str) -> None:
+    """The broker passes frames on as the bytes it receives; redis-py's
+    ``decode_responses`` would hand it str and fail every message."""
+    with pytest.raises(rally.RegistrationError, match="decode_responses is not supported"):
+        rally.RedisBroker(f"redis://127.0.0.1:6379/0?decode_responses={value}")
+    with pytest.raises(rally.RegistrationError, match="decode_responses"):
+        rally.App(broker=f"redis://127.0.0.1:6379/0?socket_keepalive=1&decode_responses={value}")
+    for off in ("false", "0", "no"):
+        rally.RedisBroker(f"redis://127.0.0.1:6379/0?decode_responses={off}")
 
 
 # ==== Workers: one port, several processes ====================================
