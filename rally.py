@@ -198,6 +198,10 @@ _WRITE_HIGH_WATER: Final = 64 * 1024
 _LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
 _READ_BUFFER_BYTES: Final = 256 * 1024
+#: Every frame of a fragmented WebSocket message counts at least this many
+#: bytes against ``max_message_bytes``: a message of empty fragments is bounded
+#: like any other (about what one fragment costs while it is held).
+_MIN_FRAGMENT_BYTES: Final = 64
 #: Events (messages, requests, control frames) one connection handles before
 #: the others get a turn; the rest of what it sent waits for the next turn.
 _EVENTS_PER_TURN: Final = 64
@@ -1424,13 +1428,15 @@ class _WsReader:
     wsproto ``Ping``, ``Pong`` or ``CloseConnection`` (wsproto reports a
     protocol violation as a ``CloseConnection`` with its code). Raises
     ``ProtocolError`` (close code 1009) for a message over
-    ``max_message_bytes``, counted in bytes across fragments. Whole small
+    ``max_message_bytes``, counted in bytes across fragments, where each
+    frame of a fragmented message counts at least ``_MIN_FRAGMENT_BYTES``
+    (so empty fragments cannot go on for ever). Whole small
     text frames are read without wsproto while it holds nothing (the fast
     path); everything else goes through wsproto. ``send(event)`` frames a
     control event (ping, pong, close).
     """
 
-    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size")
+    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
@@ -1440,7 +1446,8 @@ class _WsReader:
         self.at = 0
         self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
         self.parts: list[Any] = []
-        self.size = 0
+        self.size = 0  # the message so far, as counted against max_bytes
+        self.frame_start = 0  # ``size`` where the current frame began
 
     def feed(self, data: bytes) -> None:
         if self.ready is None and self.events is None and self.tracker.clean:
@@ -1473,8 +1480,16 @@ class _WsReader:
         if not isinstance(event, wsproto.events.Message):
             return event
         data = event.data
-        self.size += len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
-        if self.size > self.max_bytes:
+        size = self.size + (len(data) if not isinstance(data, str) or data.isascii() else len(data.encode()))
+        # wsproto reports a frame in pieces as its bytes arrive: the minimum is
+        # charged once the frame is whole, to every frame of a fragmented
+        # message (one that is not finished, or did not begin with this frame).
+        if event.frame_finished:
+            if not event.message_finished or self.frame_start:
+                size = max(size, self.frame_start + _MIN_FRAGMENT_BYTES)
+            self.frame_start = size
+        self.size = size
+        if size > self.max_bytes:
             raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
         if not event.message_finished:
             self.parts.append(data)
@@ -1483,7 +1498,7 @@ class _WsReader:
             self.parts.append(data)
             data = data[:0].join(self.parts)
             self.parts = []
-        self.size = 0
+        self.size = self.frame_start = 0
         return data  # type: ignore[no-any-return]
 
     def send(self, event: wsproto.events.Event) -> bytes:

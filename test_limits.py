@@ -55,6 +55,7 @@ from test_rally import (
     rpc_app,
     rpc_request,
     running,
+    ws_events,
 )
 
 # ==== Helpers ================================================================
@@ -677,6 +678,61 @@ async def test_websocket_message_limit_at_n_and_over_n_across_fragments() -> Non
         for _ in range(3):  # 3 fragments of 400 bytes: each under the limit, together over
             ws.send(wsproto.events.TextMessage(data="y" * 400, message_finished=False))
         assert await ws.close_code() == 1009
+        ws.close()
+
+
+def fragmented(*payloads: str) -> bytes:
+    """The frames of one text message in fragments carrying ``payloads``, as a real client masks them."""
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    *head, last = payloads
+    frames = [client.send(wsproto.events.TextMessage(data=p, message_finished=False)) for p in head]
+    return b"".join(frames) + client.send(wsproto.events.TextMessage(data=last, message_finished=True))
+
+
+FRAGMENT = 64  # the README: each frame of a fragmented message counts at least 64 bytes
+
+
+@pytest.mark.parametrize(
+    ("payloads", "expected"),
+    [
+        ([""] * 10, [""]),
+        ([""] * 11, [("error", 1009)]),
+        (["x" * (10 * FRAGMENT - FRAGMENT), ""], ["x" * (9 * FRAGMENT)]),
+        (["x" * (10 * FRAGMENT - FRAGMENT + 1), ""], [("error", 1009)]),
+    ],
+    ids=["10-empty-at-limit", "11-empty-one-over", "long-and-empty-at-limit", "long-and-empty-one-over"],
+)
+def test_websocket_reader_counts_each_fragment_as_at_least_min_fragment_bytes(
+    payloads: list[str], expected: list[Any]
+) -> None:
+    """With max_message_bytes 10 * 64, a message of 10 empty fragments fits and 11 do not; a
+    fragment counts its bytes or 64, whichever is more, at any split of the bytes."""
+    data = fragmented(*payloads)
+    limit = 10 * FRAGMENT
+    assert ws_events([data], max_message_bytes=limit) == expected
+    assert ws_events([data[i : i + 1] for i in range(len(data))], max_message_bytes=limit) == expected
+    # An unfragmented message is counted in its bytes alone, however it arrives.
+    single = fragmented("y" * limit)
+    assert ws_events([single[i : i + 1] for i in range(len(single))], max_message_bytes=limit) == ["y" * limit]
+
+
+@pytest.mark.parametrize(("empty", "refused"), [(9, False), (10, True)], ids=["at-limit", "one-over"])
+async def test_websocket_message_of_empty_fragments_is_closed_with_1009_past_the_limit(
+    empty: int, refused: bool
+) -> None:
+    """An RPC in one fragment of its own bytes (over 64) and then empty ones, the last
+    finishing it: with room for the RPC and 10 fragments of 64 bytes, 9 empty fragments
+    and the last are answered, one more empty fragment closes with 1009."""
+    text = envelope("ServerLoadTitle", {"slug": "s" * FRAGMENT}, 3).decode()
+    assert len(text) > FRAGMENT
+    async with running(rpc_app(max_message_bytes=len(text) + 10 * FRAGMENT)) as server:
+        ws = await RawWs.open(server)
+        ws.writer.write(fragmented(text, *[""] * empty, ""))
+        if refused:
+            assert await ws.close_code() == 1009
+        else:
+            [reply] = await ws.texts(1)
+            assert json.loads(reply) == {"kind": "ok", "id": 3, "value": "Article: " + "s" * FRAGMENT}
         ws.close()
 
 
