@@ -4700,11 +4700,14 @@ class _Conn(asyncio.BufferedProtocol):
     async def writable(self) -> None:
         """Return once the transport takes bytes, or the connection ends
         (the caller then finds out how); ``ConnectionClosed`` (1006) once
-        the socket is gone."""
+        the socket is gone or going. A transport that failed (the peer
+        reset it) or was aborted is closing before ``connection_lost``
+        comes, and takes nothing more: a writer that never waits must
+        stop there, not write on (asyncio logs every such write)."""
         while self.write_paused and not self.ended and not self.gone:
             self.waiter = self.srv.loop.create_future()
             await self.waiter
-        if self.gone:
+        if self.gone or self.transport.is_closing():
             raise ConnectionClosed(1006, "connection lost")
 
     def _stalled(self) -> None:
@@ -4883,7 +4886,7 @@ class _HttpConn(_Conn):
             action = _Answer(500, b"internal server error\n")
         self.action = action
         if type(action) is _ReadBody:
-            if req.headers.get(b"expect", b"").lower() == b"100-continue":
+            if req.headers.get(b"expect", b"").lower() == b"100-continue" and not self.transport.is_closing():
                 # RFC 9110 section 10.1.1: the client waits for this before the body.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif req.has_body:
@@ -4941,6 +4944,7 @@ class _HttpConn(_Conn):
         req = self.request
         assert req is not None
         keep_alive = self._keep_alive()
+        await self.writable()  # raises once the peer is gone: nothing is written to a closing transport
         self.transport.write(_http_head(200, f.content_type, f.size, f.headers, keep_alive=keep_alive))
         left = 0 if req.method == b"HEAD" else f.size
         while left > 0:
@@ -4956,6 +4960,8 @@ class _HttpConn(_Conn):
 
     def _respond(self, answer: _Answer) -> None:
         if self.state is _HttpState.CLOSED or self.state is _HttpState.DRAINING:
+            return
+        if self.transport.is_closing():  # reset or aborted: connection_lost is on its way
             return
         req = self.request
         keep_alive = self._keep_alive()
@@ -5012,7 +5018,8 @@ class _HttpConn(_Conn):
     def _upgrade(self, up: _Upgrade) -> None:
         """Write the 101 and hand the socket to a ``_WsConn``."""
         out = [b"HTTP/1.1 101 Switching Protocols\r\n"] + [b"%s: %s\r\n" % h for h in up.headers] + [b"\r\n"]
-        self.transport.write(b"".join(out))
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(out))
         self._log(101)
         self.state = _HttpState.CLOSED
         if self.timer is not None:
@@ -5196,6 +5203,8 @@ class _WsConn(_Conn):
     def _write(self, data: bytes) -> None:
         """The one place bytes leave: a slow consumer past the bound is dropped."""
         transport = self.transport
+        if transport.is_closing():  # reset, aborted or closed: asyncio would log each write
+            return
         transport.write(data)
         if self.write_paused and transport.get_write_buffer_size() > self.srv.limits.max_outgoing_bytes:
             _logger.info(
@@ -6590,7 +6599,7 @@ class PageConnection:
                 self._writer.close()
 
     def _write(self, data: bytes) -> None:
-        if self._writer is not None and data:
+        if self._writer is not None and data and not self._writer.is_closing():
             self._writer.write(data)
 
     def _on_text(self, text: str) -> None:

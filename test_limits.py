@@ -18,10 +18,11 @@ import os
 import re
 import resource
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -1143,6 +1144,121 @@ async def test_websocket_close_from_a_non_reading_peer_is_aborted_after_close_ti
             )
         finally:
             ws.writer.transport.abort()
+
+
+FAILED_SEND = "socket.send() raised exception."  # what asyncio logs for each write to a reset socket
+
+
+@contextlib.contextmanager
+def failed_sends() -> Iterator[list[str]]:
+    """The ``socket.send() raised exception.`` records asyncio logs while the block runs."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == FAILED_SEND:
+                seen.append(record.getMessage())
+
+    handler = Keep()
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with SO_LINGER 0: the peer gets a TCP reset, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_then_reset(port: int, request: bytes, count: int) -> None:
+    """In a thread, so the reset lands while the server is writing: send
+    ``request``, read ``count`` bytes of the answer, reset."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        sock.sendall(request)
+        got = 0
+        while got < count:
+            data = sock.recv(1 << 20)
+            assert data, f"closed after {got} bytes"
+            got += len(data)
+    finally:
+        reset(sock)
+
+
+async def test_client_reset_during_static_downloads_logs_no_failed_sends(tmp_path: Any) -> None:
+    """Downloads of a 3 MiB file reset as they start (the request is read, then
+    every write meets the reset: before, asyncio logged 44 failed sends) and
+    after 1 MiB (the reset lands while the file is being written): the server
+    stops writing to a reset socket."""
+    with open(tmp_path / "big", "wb") as f:
+        f.write(os.urandom(3 * 1024 * 1024))
+    app = article_app()
+    app.static("/s/", tmp_path)
+    request = b"GET /s/big HTTP/1.1\r\nhost: localhost\r\n\r\n"
+    async with running(app) as server:
+        with failed_sends() as seen:
+            sock = await connected_socket(server)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, request), WAIT)
+            reset(sock)
+            await eventually(lambda: not server.conns and not server.tasks, "the reset download is over")
+            for _ in range(3):
+                await asyncio.to_thread(read_then_reset, server.port, request, 1024 * 1024)
+                await eventually(lambda: not server.conns and not server.tasks, "the reset download is over")
+        response, _ = await get(server, "/articles/a")
+    assert seen == []
+    assert response.status_code == 200
+
+
+async def test_client_reset_during_a_flood_of_page_pushes_logs_no_failed_sends() -> None:
+    """2000 pushes in one turn of the loop, the page's socket reset after the
+    tenth: none of the rest is written (before, asyncio logged nearly 2000 lines)."""
+    app = room_app()
+    async with running(app) as server:
+        with failed_sends() as seen:
+            sock = await connected_socket(server)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_sendall(sock, upgrade_request("/rooms/1")), WAIT)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            await eventually(lambda: app._registry.topics.members, "the page joined its topics")
+            for i in range(2000):
+                if i == 10:
+                    reset(sock)  # the server's socket gets the reset now: loopback delivers it at once
+                await app.broadcast_to_app(Heard(f"{i} " + "p" * 100))
+            await eventually(lambda: not server.conns, "the reset connection is gone")
+    assert seen == []
+
+
+async def test_client_reset_during_a_websocket_route_flood_ends_the_sender_and_logs_no_failed_sends() -> None:
+    """A route sending as fast as it may, its peer reset after 1 MiB: ``send``
+    raises ConnectionClosed (1006) instead of writing on into the reset socket."""
+    app = rally.App()
+    ended: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/flood")
+    async def flood(ws: rally.WebSocket) -> None:
+        sent = 0
+        try:
+            while sent < 20_000:  # 20 MB: far more than is read before the reset
+                await ws.send("x" * 1000)
+                sent += 1
+        except rally.ConnectionClosed as exc:
+            ended.set_result((exc.code, sent))
+            raise
+        ended.set_result((0, sent))
+
+    async with running(app) as server:
+        with failed_sends() as seen:
+            await asyncio.to_thread(read_then_reset, server.port, upgrade_request(route="/flood"), 1024 * 1024)
+            code, sent = await asyncio.wait_for(ended, WAIT)
+    assert seen == []
+    assert (code, sent < 20_000) == (1006, True)
 
 
 # ==== Handlers ===============================================================
