@@ -522,6 +522,56 @@ async def test_json_array_far_over_max_array_items_is_too_large() -> None:
     assert (status, reply["kind"], reply["code"]) == (413, "error", "too_large")
 
 
+def with_containers(count: int) -> bytes:
+    """A JSON list holding lists of up to 1000 empty objects: ``count`` arrays and objects in all."""
+    items, left = [], count - 1
+    while left:
+        take = min(left, 1001)  # a list and up to 1000 objects
+        items.append("[" + ",".join(["{}"] * (take - 1)) + "]")
+        left -= take
+    return ("[" + ",".join(items) + "]").encode()
+
+
+class NotParsed:
+    def decode(self, text: str) -> Any:
+        raise AssertionError("parsed")
+
+
+@pytest.mark.parametrize(("count", "refused"), [(20_000, False), (20_001, True)], ids=["at-limit", "one-over"])
+def test_json_document_holds_at_most_twice_max_array_items_arrays_and_objects(count: int, refused: bool) -> None:
+    """With the default max_array_items (10 000), a document of 20 000 arrays and
+    objects is read; one more is too_large, refused before it is parsed."""
+    body = with_containers(count)
+    assert body.count(b"[") + body.count(b"{") == count
+    if not refused:
+        assert len(json_reader().loads(body)) == -(-(count - 1) // 1001)
+        return
+    reader = json_reader()
+    reader._decoder = NotParsed()  # type: ignore[assignment]
+    with pytest.raises(rally.ContractError) as info:
+        reader.loads(body)
+    assert info.value.code == "too_large"
+    assert info.value.errors == [{"path": "", "message": "more than 20000 arrays and objects"}]
+
+
+def test_json_brackets_inside_strings_are_not_arrays_or_objects() -> None:
+    """Brackets in strings (escaped quotes included) do not count toward the bound."""
+    text = "[{" * 10_000 + '\\"[{'
+    doc = json.dumps({"a": [text, text], "b": [[], {}]}).encode()
+    assert doc.count(b"[") + doc.count(b"{") > 40_000
+    assert json_reader().loads(doc) == {"a": [text, text], "b": [[], {}]}
+
+
+async def test_json_document_of_too_many_arrays_and_objects_over_http_is_413_too_large() -> None:
+    async with running(article_app()) as server:
+        status, reply = await post_rpc(server, with_containers(20_001))
+    assert (status, reply["code"], reply["errors"][0]["message"]) == (
+        413,
+        "too_large",
+        "more than 20000 arrays and objects",
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
