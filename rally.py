@@ -207,8 +207,11 @@ _MIN_FRAGMENT_BYTES: Final = 64
 _EVENTS_PER_TURN: Final = 64
 #: Static files are read and written in pieces of this size, with backpressure.
 _FILE_CHUNK_BYTES: Final = 64 * 1024
-#: Descriptors kept free for files, logs and listening sockets below RLIMIT_NOFILE.
-_RESERVED_FDS: Final = 32
+#: Descriptors kept free below RLIMIT_NOFILE (``_default_max_connections``):
+#: 32 for files, logs and listening sockets, and one batch of accepts, the
+#: most ``Server._accept`` lets wait to become connections (those refused
+#: with a 503 included, until their socket is closed).
+_RESERVED_FDS: Final = 32 + _EVENTS_PER_TURN
 #: How long accepting pauses when the process runs out of descriptors.
 _ACCEPT_BACKOFF_S: Final = 0.5
 #: rally.Client acknowledges numbered frames after this many, so the server forgets them.
@@ -5464,6 +5467,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None  # loops without add_reader
         self._accept_timer: asyncio.TimerHandle | None = None
         self._starved = False
+        self._accepting = 0  # sockets accepted, not yet a connection (counted in conns)
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         self._closed = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
@@ -5506,7 +5510,10 @@ class Server:
         a second)."""
         sock = self._sock
         assert sock is not None
-        for _ in range(_EVENTS_PER_TURN):
+        # At most one batch of sockets waits to become connections (to be
+        # counted, or answered 503 and closed): the room _RESERVED_FDS keeps
+        # below the descriptor limit.
+        for _ in range(_EVENTS_PER_TURN - self._accepting):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -5531,6 +5538,7 @@ class Server:
                 self._starved = False
                 _logger.warning("accepting connections again")
             conn.setblocking(False)
+            self._accepting += 1
             self.spawn(self._connect(conn))
 
     def _accept_again(self) -> None:
@@ -5543,6 +5551,8 @@ class Server:
             await self.loop.connect_accepted_socket(lambda: _HttpConn(self), conn)
         except OSError:
             conn.close()
+        finally:
+            self._accepting -= 1
 
     def _stop_accepting(self) -> None:
         if self._accept_timer is not None:

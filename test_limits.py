@@ -17,11 +17,13 @@ import logging
 import os
 import re
 import resource
+import select
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1536,6 +1538,109 @@ def test_default_max_connections_stays_below_the_descriptor_limit() -> None:
         """
     )
     assert result["max_connections"] < 128, f"default max_connections {result['max_connections']} with 128 descriptors"
+
+
+def test_default_max_connections_leaves_a_batch_of_accepts_free() -> None:
+    """At the default max_connections, beyond the descriptors already open,
+    there is room for a whole batch of accepted sockets not yet counted as
+    connections (the server accepts _EVENTS_PER_TURN at a time)."""
+    result = run_script(
+        """
+        import json, os, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        import rally
+        print(json.dumps({"max_connections": rally.App()._limits.max_connections,
+                          "batch": rally._EVENTS_PER_TURN, "open": len(os.listdir("/proc/self/fd"))}))
+        """
+    )
+    free = 256 - result["max_connections"] - result["open"]
+    assert free >= result["batch"], f"{free} descriptors free at max_connections: {result}"
+
+
+SERVER_AT_256_DESCRIPTORS = """
+import asyncio, json, logging, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+import rally
+
+messages = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+
+for name in ("rally", "asyncio"):
+    log = logging.getLogger(name)
+    log.addHandler(Keep())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+class P:
+    html = "<p>p</p>"
+
+async def main():
+    app = rally.App(keepalive_timeout=60)
+    app.page("/p", P)
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    print(json.dumps({"port": server.port, "max_connections": app._limits.max_connections}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await asyncio.wait_for(server.close(), 10)
+    print(json.dumps({"messages": messages}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_connection_flood_at_the_default_max_connections_gets_503s_not_out_of_descriptors() -> None:
+    """A server at RLIMIT_NOFILE 256 with the default max_connections, 400
+    connections at once: those past max_connections get 503 and the server
+    never runs out of descriptors (no back-off); once they close, it answers."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with subprocess.Popen(
+        [sys.executable, "-c", SERVER_AT_256_DESCRIPTORS],
+        cwd=here,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as server:
+        clients: list[socket.socket] = []
+        try:
+            assert server.stdout is not None and server.stdin is not None
+            info = json.loads(server.stdout.readline())
+            for _ in range(400):  # the listen backlog (1024) takes them all at once
+                clients.append(socket.create_connection(("127.0.0.1", info["port"]), timeout=WAIT))
+            refused, poll = 0, select.poll()
+            by_fd = {sock.fileno(): sock for sock in clients}
+            for fd in by_fd:
+                poll.register(fd, select.POLLIN)
+            expected = 400 - info["max_connections"]
+            deadline = time.monotonic() + WAIT
+            while refused < expected and time.monotonic() < deadline:
+                for fd, _ in poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    poll.unregister(fd)
+                    refused += by_fd[fd].recv(4096).startswith(b"HTTP/1.1 503 ")
+            assert refused == expected, f"{refused} connections got 503, {expected} expected: {info}"
+            for sock in clients:
+                sock.close()
+            page = socket.create_connection(("127.0.0.1", info["port"]), timeout=WAIT)
+            with page:
+                page.sendall(get_request("/p"))
+                answer = b""
+                while chunk := page.recv(65536):
+                    answer += chunk
+            assert status_of(answer) == 200
+            server.stdin.write("\n")
+            server.stdin.flush()
+            messages = json.loads(server.stdout.readline())["messages"]
+            assert not [m for m in messages if "descriptor" in m], messages
+        finally:
+            for sock in clients:
+                sock.close()
+            server.kill()
+            server.wait(WAIT)
 
 
 def test_server_out_of_descriptors_logs_a_few_lines_and_recovers() -> None:
