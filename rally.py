@@ -212,13 +212,20 @@ _WRITE_HIGH_WATER: Final = 64 * 1024
 _LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
 _READ_BUFFER_BYTES: Final = 256 * 1024
+#: Every frame of a fragmented WebSocket message counts at least this many
+#: bytes against ``max_message_bytes``: a message of empty fragments is bounded
+#: like any other (about what one fragment costs while it is held).
+_MIN_FRAGMENT_BYTES: Final = 64
 #: Events (messages, requests, control frames) one connection handles before
 #: the others get a turn; the rest of what it sent waits for the next turn.
 _EVENTS_PER_TURN: Final = 64
 #: Static files are read and written in pieces of this size, with backpressure.
 _FILE_CHUNK_BYTES: Final = 64 * 1024
-#: Descriptors kept free for files, logs and listening sockets below RLIMIT_NOFILE.
-_RESERVED_FDS: Final = 32
+#: Descriptors kept free below RLIMIT_NOFILE (``_default_max_connections``):
+#: 32 for files, logs and listening sockets, and one batch of accepts, the
+#: most ``Server._accept`` lets wait to become connections (those refused
+#: with a 503 included, until their socket is closed).
+_RESERVED_FDS: Final = 32 + _EVENTS_PER_TURN
 #: How long accepting pauses when the process runs out of descriptors.
 _ACCEPT_BACKOFF_S: Final = 0.5
 #: rally.Client acknowledges numbered frames after this many, so the server forgets them.
@@ -1137,12 +1144,24 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+#: A JSON string, escapes included: what ``_containers`` leaves out.
+_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _containers(text: str) -> int:
+    """Arrays and objects in a JSON document: its brackets outside strings."""
+    bare = _JSON_STRING.sub("", text)
+    return bare.count("[") + bare.count("{")
+
+
 class _Json:
     """JSON reader under one set of limits; raises only ``ContractError``."""
 
     def __init__(self, limits: _Limits) -> None:
         self.max_depth = limits.max_json_depth
         self.max_items = limits.max_array_items
+        # Room for a list of max_items objects and the envelope around it.
+        self.max_containers = 2 * limits.max_array_items
         max_entries = limits.max_object_entries
 
         def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -1167,6 +1186,15 @@ class _Json:
                 ) from None
         else:
             text = data
+        # Parsing costs about a third of a microsecond per array or object, so
+        # a megabyte of ``[],[],...`` is refused before it is parsed. One count
+        # says when there may be too many (it also counts brackets inside
+        # strings); only then are the strings left out to count exactly.
+        brackets = text.count("[") + text.count("{")
+        if brackets > self.max_containers and _containers(text) > self.max_containers:
+            raise ContractError(
+                "too_large", [{"path": "", "message": f"more than {self.max_containers} arrays and objects"}]
+            )
         try:
             value = self._decoder.decode(text)
         except RecursionError:
@@ -1179,7 +1207,7 @@ class _Json:
             raise ContractError("invalid", [{"path": "", "message": f"bad JSON: {str(exc)[:120]}"}]) from None
         # A document cannot nest deeper than its number of brackets; only
         # bracket-heavy input pays for the walk.
-        if text.count("[") + text.count("{") > self.max_depth:
+        if brackets > self.max_depth:
             problem = _too_large(value, self.max_depth, self.max_items)
             if problem:
                 raise ContractError("too_large", [{"path": "", "message": problem}])
@@ -1447,13 +1475,15 @@ class _WsReader:
     wsproto ``Ping``, ``Pong`` or ``CloseConnection`` (wsproto reports a
     protocol violation as a ``CloseConnection`` with its code). Raises
     ``ProtocolError`` (close code 1009) for a message over
-    ``max_message_bytes``, counted in bytes across fragments. Whole small
+    ``max_message_bytes``, counted in bytes across fragments, where each
+    frame of a fragmented message counts at least ``_MIN_FRAGMENT_BYTES``
+    (so empty fragments cannot go on for ever). Whole small
     text frames are read without wsproto while it holds nothing (the fast
     path); everything else goes through wsproto. ``send(event)`` frames a
     control event (ping, pong, close).
     """
 
-    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size")
+    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
@@ -1463,7 +1493,8 @@ class _WsReader:
         self.at = 0
         self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
         self.parts: list[Any] = []
-        self.size = 0
+        self.size = 0  # the message so far, as counted against max_bytes
+        self.frame_start = 0  # ``size`` where the current frame began
 
     def feed(self, data: bytes) -> None:
         if self.ready is None and self.events is None and self.tracker.clean:
@@ -1496,8 +1527,16 @@ class _WsReader:
         if not isinstance(event, wsproto.events.Message):
             return event
         data = event.data
-        self.size += len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
-        if self.size > self.max_bytes:
+        size = self.size + (len(data) if not isinstance(data, str) or data.isascii() else len(data.encode()))
+        # wsproto reports a frame in pieces as its bytes arrive: the minimum is
+        # charged once the frame is whole, to every frame of a fragmented
+        # message (one that is not finished, or did not begin with this frame).
+        if event.frame_finished:
+            if not event.message_finished or self.frame_start:
+                size = max(size, self.frame_start + _MIN_FRAGMENT_BYTES)
+            self.frame_start = size
+        self.size = size
+        if size > self.max_bytes:
             raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
         if not event.message_finished:
             self.parts.append(data)
@@ -1506,7 +1545,7 @@ class _WsReader:
             self.parts.append(data)
             data = data[:0].join(self.parts)
             self.parts = []
-        self.size = 0
+        self.size = self.frame_start = 0
         return data  # type: ignore[no-any-return]
 
     def send(self, event: wsproto.events.Event) -> bytes:
@@ -5372,11 +5411,14 @@ class _Conn(asyncio.BufferedProtocol):
     async def writable(self) -> None:
         """Return once the transport takes bytes, or the connection ends
         (the caller then finds out how); ``ConnectionClosed`` (1006) once
-        the socket is gone."""
+        the socket is gone or going. A transport that failed (the peer
+        reset it) or was aborted is closing before ``connection_lost``
+        comes, and takes nothing more: a writer that never waits must
+        stop there, not write on (asyncio logs every such write)."""
         while self.write_paused and not self.ended and not self.gone:
             self.waiter = self.srv.loop.create_future()
             await self.waiter
-        if self.gone:
+        if self.gone or self.transport.is_closing():
             raise ConnectionClosed(1006, "connection lost")
 
     def _stalled(self) -> None:
@@ -5555,7 +5597,7 @@ class _HttpConn(_Conn):
             action = _Answer(500, b"internal server error\n")
         self.action = action
         if type(action) is _ReadBody:
-            if req.headers.get(b"expect", b"").lower() == b"100-continue":
+            if req.headers.get(b"expect", b"").lower() == b"100-continue" and not self.transport.is_closing():
                 # RFC 9110 section 10.1.1: the client waits for this before the body.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif req.has_body:
@@ -5627,6 +5669,7 @@ class _HttpConn(_Conn):
         req = self.request
         assert req is not None
         keep_alive = self._keep_alive()
+        await self.writable()  # raises once the peer is gone: nothing is written to a closing transport
         self.transport.write(_http_head(200, f.content_type, f.size, f.headers, keep_alive=keep_alive))
         left = 0 if req.method == b"HEAD" else f.size
         while left > 0:
@@ -5642,6 +5685,8 @@ class _HttpConn(_Conn):
 
     def _respond(self, answer: _Answer) -> None:
         if self.state is _HttpState.CLOSED or self.state is _HttpState.DRAINING:
+            return
+        if self.transport.is_closing():  # reset or aborted: connection_lost is on its way
             return
         req = self.request
         keep_alive = self._keep_alive()
@@ -5698,7 +5743,8 @@ class _HttpConn(_Conn):
     def _upgrade(self, up: _Upgrade) -> None:
         """Write the 101 and hand the socket to a ``_WsConn``."""
         out = [b"HTTP/1.1 101 Switching Protocols\r\n"] + [b"%s: %s\r\n" % h for h in up.headers] + [b"\r\n"]
-        self.transport.write(b"".join(out))
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(out))
         self._log(101)
         self.state = _HttpState.CLOSED
         if self.timer is not None:
@@ -5896,6 +5942,8 @@ class _WsConn(_Conn):
         socket is gone (``connection_lost``, on the loop's next step), never
         inside this write, which may be in the middle of an effect."""
         transport = self.transport
+        if transport.is_closing():  # reset, aborted or closed: asyncio would log each write
+            return
         transport.write(data)
         if self.write_paused and transport.get_write_buffer_size() > self.srv.limits.max_outgoing_bytes:
             _logger.info(
@@ -6134,6 +6182,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None  # loops without add_reader
         self._accept_timer: asyncio.TimerHandle | None = None
         self._starved = False
+        self._accepting = 0  # sockets accepted, not yet a connection (counted in conns)
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         self._closed = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
@@ -6176,7 +6225,10 @@ class Server:
         a second)."""
         sock = self._sock
         assert sock is not None
-        for _ in range(_EVENTS_PER_TURN):
+        # At most one batch of sockets waits to become connections (to be
+        # counted, or answered 503 and closed): the room _RESERVED_FDS keeps
+        # below the descriptor limit.
+        for _ in range(_EVENTS_PER_TURN - self._accepting):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -6201,6 +6253,7 @@ class Server:
                 self._starved = False
                 _logger.warning("accepting connections again")
             conn.setblocking(False)
+            self._accepting += 1
             self.spawn(self._connect(conn))
 
     def _accept_again(self) -> None:
@@ -6213,6 +6266,8 @@ class Server:
             await self.loop.connect_accepted_socket(lambda: _HttpConn(self), conn)
         except OSError:
             conn.close()
+        finally:
+            self._accepting -= 1
 
     def _stop_accepting(self) -> None:
         if self._accept_timer is not None:
@@ -7328,7 +7383,7 @@ class PageConnection:
                 self._writer.close()
 
     def _write(self, data: bytes) -> None:
-        if self._writer is not None and data:
+        if self._writer is not None and data and not self._writer.is_closing():
             self._writer.write(data)
 
     def _on_text(self, text: str) -> None:

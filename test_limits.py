@@ -17,11 +17,14 @@ import logging
 import os
 import re
 import resource
+import select
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +59,7 @@ from test_rally import (
     rpc_app,
     rpc_request,
     running,
+    ws_events,
 )
 
 # ==== Helpers ================================================================
@@ -521,6 +525,56 @@ async def test_json_array_far_over_max_array_items_is_too_large() -> None:
     assert (status, reply["kind"], reply["code"]) == (413, "error", "too_large")
 
 
+def with_containers(count: int) -> bytes:
+    """A JSON list holding lists of up to 1000 empty objects: ``count`` arrays and objects in all."""
+    items, left = [], count - 1
+    while left:
+        take = min(left, 1001)  # a list and up to 1000 objects
+        items.append("[" + ",".join(["{}"] * (take - 1)) + "]")
+        left -= take
+    return ("[" + ",".join(items) + "]").encode()
+
+
+class NotParsed:
+    def decode(self, text: str) -> Any:
+        raise AssertionError("parsed")
+
+
+@pytest.mark.parametrize(("count", "refused"), [(20_000, False), (20_001, True)], ids=["at-limit", "one-over"])
+def test_json_document_holds_at_most_twice_max_array_items_arrays_and_objects(count: int, refused: bool) -> None:
+    """With the default max_array_items (10 000), a document of 20 000 arrays and
+    objects is read; one more is too_large, refused before it is parsed."""
+    body = with_containers(count)
+    assert body.count(b"[") + body.count(b"{") == count
+    if not refused:
+        assert len(json_reader().loads(body)) == -(-(count - 1) // 1001)
+        return
+    reader = json_reader()
+    reader._decoder = NotParsed()  # type: ignore[assignment]
+    with pytest.raises(rally.ContractError) as info:
+        reader.loads(body)
+    assert info.value.code == "too_large"
+    assert info.value.errors == [{"path": "", "message": "more than 20000 arrays and objects"}]
+
+
+def test_json_brackets_inside_strings_are_not_arrays_or_objects() -> None:
+    """Brackets in strings (escaped quotes included) do not count toward the bound."""
+    text = "[{" * 10_000 + '\\"[{'
+    doc = json.dumps({"a": [text, text], "b": [[], {}]}).encode()
+    assert doc.count(b"[") + doc.count(b"{") > 40_000
+    assert json_reader().loads(doc) == {"a": [text, text], "b": [[], {}]}
+
+
+async def test_json_document_of_too_many_arrays_and_objects_over_http_is_413_too_large() -> None:
+    async with running(article_app()) as server:
+        status, reply = await post_rpc(server, with_containers(20_001))
+    assert (status, reply["code"], reply["errors"][0]["message"]) == (
+        413,
+        "too_large",
+        "more than 20000 arrays and objects",
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
@@ -678,6 +732,61 @@ async def test_websocket_message_limit_at_n_and_over_n_across_fragments() -> Non
         for _ in range(3):  # 3 fragments of 400 bytes: each under the limit, together over
             ws.send(wsproto.events.TextMessage(data="y" * 400, message_finished=False))
         assert await ws.close_code() == 1009
+        ws.close()
+
+
+def fragmented(*payloads: str) -> bytes:
+    """The frames of one text message in fragments carrying ``payloads``, as a real client masks them."""
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    *head, last = payloads
+    frames = [client.send(wsproto.events.TextMessage(data=p, message_finished=False)) for p in head]
+    return b"".join(frames) + client.send(wsproto.events.TextMessage(data=last, message_finished=True))
+
+
+FRAGMENT = 64  # the README: each frame of a fragmented message counts at least 64 bytes
+
+
+@pytest.mark.parametrize(
+    ("payloads", "expected"),
+    [
+        ([""] * 10, [""]),
+        ([""] * 11, [("error", 1009)]),
+        (["x" * (10 * FRAGMENT - FRAGMENT), ""], ["x" * (9 * FRAGMENT)]),
+        (["x" * (10 * FRAGMENT - FRAGMENT + 1), ""], [("error", 1009)]),
+    ],
+    ids=["10-empty-at-limit", "11-empty-one-over", "long-and-empty-at-limit", "long-and-empty-one-over"],
+)
+def test_websocket_reader_counts_each_fragment_as_at_least_min_fragment_bytes(
+    payloads: list[str], expected: list[Any]
+) -> None:
+    """With max_message_bytes 10 * 64, a message of 10 empty fragments fits and 11 do not; a
+    fragment counts its bytes or 64, whichever is more, at any split of the bytes."""
+    data = fragmented(*payloads)
+    limit = 10 * FRAGMENT
+    assert ws_events([data], max_message_bytes=limit) == expected
+    assert ws_events([data[i : i + 1] for i in range(len(data))], max_message_bytes=limit) == expected
+    # An unfragmented message is counted in its bytes alone, however it arrives.
+    single = fragmented("y" * limit)
+    assert ws_events([single[i : i + 1] for i in range(len(single))], max_message_bytes=limit) == ["y" * limit]
+
+
+@pytest.mark.parametrize(("empty", "refused"), [(9, False), (10, True)], ids=["at-limit", "one-over"])
+async def test_websocket_message_of_empty_fragments_is_closed_with_1009_past_the_limit(
+    empty: int, refused: bool
+) -> None:
+    """An RPC in one fragment of its own bytes (over 64) and then empty ones, the last
+    finishing it: with room for the RPC and 10 fragments of 64 bytes, 9 empty fragments
+    and the last are answered, one more empty fragment closes with 1009."""
+    text = envelope("ServerLoadTitle", {"slug": "s" * FRAGMENT}, 3).decode()
+    assert len(text) > FRAGMENT
+    async with running(rpc_app(max_message_bytes=len(text) + 10 * FRAGMENT)) as server:
+        ws = await RawWs.open(server)
+        ws.writer.write(fragmented(text, *[""] * empty, ""))
+        if refused:
+            assert await ws.close_code() == 1009
+        else:
+            [reply] = await ws.texts(1)
+            assert json.loads(reply) == {"kind": "ok", "id": 3, "value": "Article: " + "s" * FRAGMENT}
         ws.close()
 
 
@@ -1090,6 +1199,121 @@ async def test_websocket_close_from_a_non_reading_peer_is_aborted_after_close_ti
             ws.writer.transport.abort()
 
 
+FAILED_SEND = "socket.send() raised exception."  # what asyncio logs for each write to a reset socket
+
+
+@contextlib.contextmanager
+def failed_sends() -> Iterator[list[str]]:
+    """The ``socket.send() raised exception.`` records asyncio logs while the block runs."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == FAILED_SEND:
+                seen.append(record.getMessage())
+
+    handler = Keep()
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with SO_LINGER 0: the peer gets a TCP reset, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_then_reset(port: int, request: bytes, count: int) -> None:
+    """In a thread, so the reset lands while the server is writing: send
+    ``request``, read ``count`` bytes of the answer, reset."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        sock.sendall(request)
+        got = 0
+        while got < count:
+            data = sock.recv(1 << 20)
+            assert data, f"closed after {got} bytes"
+            got += len(data)
+    finally:
+        reset(sock)
+
+
+async def test_client_reset_during_static_downloads_logs_no_failed_sends(tmp_path: Any) -> None:
+    """Downloads of a 3 MiB file reset as they start (the request is read, then
+    every write meets the reset: before, asyncio logged 44 failed sends) and
+    after 1 MiB (the reset lands while the file is being written): the server
+    stops writing to a reset socket."""
+    with open(tmp_path / "big", "wb") as f:
+        f.write(os.urandom(3 * 1024 * 1024))
+    app = article_app()
+    app.static("/s/", tmp_path)
+    request = b"GET /s/big HTTP/1.1\r\nhost: localhost\r\n\r\n"
+    async with running(app) as server:
+        with failed_sends() as seen:
+            sock = await connected_socket(server)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, request), WAIT)
+            reset(sock)
+            await eventually(lambda: not server.conns and not server.tasks, "the reset download is over")
+            for _ in range(3):
+                await asyncio.to_thread(read_then_reset, server.port, request, 1024 * 1024)
+                await eventually(lambda: not server.conns and not server.tasks, "the reset download is over")
+        response, _ = await get(server, "/articles/a")
+    assert seen == []
+    assert response.status_code == 200
+
+
+async def test_client_reset_during_a_flood_of_page_pushes_logs_no_failed_sends() -> None:
+    """2000 pushes in one turn of the loop, the page's socket reset after the
+    tenth: none of the rest is written (before, asyncio logged nearly 2000 lines)."""
+    app = room_app()
+    async with running(app) as server:
+        with failed_sends() as seen:
+            sock = await connected_socket(server)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_sendall(sock, upgrade_request("/rooms/1")), WAIT)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            await eventually(lambda: app._registry.topics.members, "the page joined its topics")
+            for i in range(2000):
+                if i == 10:
+                    reset(sock)  # the server's socket gets the reset now: loopback delivers it at once
+                await app.broadcast_to_app(Heard(f"{i} " + "p" * 100))
+            await eventually(lambda: not server.conns, "the reset connection is gone")
+    assert seen == []
+
+
+async def test_client_reset_during_a_websocket_route_flood_ends_the_sender_and_logs_no_failed_sends() -> None:
+    """A route sending as fast as it may, its peer reset after 1 MiB: ``send``
+    raises ConnectionClosed (1006) instead of writing on into the reset socket."""
+    app = rally.App()
+    ended: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    @app.websocket("/flood")
+    async def flood(ws: rally.WebSocket) -> None:
+        sent = 0
+        try:
+            while sent < 20_000:  # 20 MB: far more than is read before the reset
+                await ws.send("x" * 1000)
+                sent += 1
+        except rally.ConnectionClosed as exc:
+            ended.set_result((exc.code, sent))
+            raise
+        ended.set_result((0, sent))
+
+    async with running(app) as server:
+        with failed_sends() as seen:
+            await asyncio.to_thread(read_then_reset, server.port, upgrade_request(route="/flood"), 1024 * 1024)
+            code, sent = await asyncio.wait_for(ended, WAIT)
+    assert seen == []
+    assert (code, sent < 20_000) == (1006, True)
+
+
 # ==== Handlers ===============================================================
 
 
@@ -1315,6 +1539,109 @@ def test_default_max_connections_stays_below_the_descriptor_limit() -> None:
         """
     )
     assert result["max_connections"] < 128, f"default max_connections {result['max_connections']} with 128 descriptors"
+
+
+def test_default_max_connections_leaves_a_batch_of_accepts_free() -> None:
+    """At the default max_connections, beyond the descriptors already open,
+    there is room for a whole batch of accepted sockets not yet counted as
+    connections (the server accepts _EVENTS_PER_TURN at a time)."""
+    result = run_script(
+        """
+        import json, os, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        import rally
+        print(json.dumps({"max_connections": rally.App()._limits.max_connections,
+                          "batch": rally._EVENTS_PER_TURN, "open": len(os.listdir("/proc/self/fd"))}))
+        """
+    )
+    free = 256 - result["max_connections"] - result["open"]
+    assert free >= result["batch"], f"{free} descriptors free at max_connections: {result}"
+
+
+SERVER_AT_256_DESCRIPTORS = """
+import asyncio, json, logging, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+import rally
+
+messages = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+
+for name in ("rally", "asyncio"):
+    log = logging.getLogger(name)
+    log.addHandler(Keep())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+class P:
+    html = "<p>p</p>"
+
+async def main():
+    app = rally.App(keepalive_timeout=60)
+    app.page("/p", P)
+    server = await app.start("127.0.0.1", 0, access_log=False)
+    print(json.dumps({"port": server.port, "max_connections": app._limits.max_connections}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await asyncio.wait_for(server.close(), 10)
+    print(json.dumps({"messages": messages}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_connection_flood_at_the_default_max_connections_gets_503s_not_out_of_descriptors() -> None:
+    """A server at RLIMIT_NOFILE 256 with the default max_connections, 400
+    connections at once: those past max_connections get 503 and the server
+    never runs out of descriptors (no back-off); once they close, it answers."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with subprocess.Popen(
+        [sys.executable, "-c", SERVER_AT_256_DESCRIPTORS],
+        cwd=here,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as server:
+        clients: list[socket.socket] = []
+        try:
+            assert server.stdout is not None and server.stdin is not None
+            info = json.loads(server.stdout.readline())
+            for _ in range(400):  # the listen backlog (1024) takes them all at once
+                clients.append(socket.create_connection(("127.0.0.1", info["port"]), timeout=WAIT))
+            refused, poll = 0, select.poll()
+            by_fd = {sock.fileno(): sock for sock in clients}
+            for fd in by_fd:
+                poll.register(fd, select.POLLIN)
+            expected = 400 - info["max_connections"]
+            deadline = time.monotonic() + WAIT
+            while refused < expected and time.monotonic() < deadline:
+                for fd, _ in poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    poll.unregister(fd)
+                    refused += by_fd[fd].recv(4096).startswith(b"HTTP/1.1 503 ")
+            assert refused == expected, f"{refused} connections got 503, {expected} expected: {info}"
+            for sock in clients:
+                sock.close()
+            page = socket.create_connection(("127.0.0.1", info["port"]), timeout=WAIT)
+            with page:
+                page.sendall(get_request("/p"))
+                answer = b""
+                while chunk := page.recv(65536):
+                    answer += chunk
+            assert status_of(answer) == 200
+            server.stdin.write("\n")
+            server.stdin.flush()
+            messages = json.loads(server.stdout.readline())["messages"]
+            assert not [m for m in messages if "descriptor" in m], messages
+        finally:
+            for sock in clients:
+                sock.close()
+            server.kill()
+            server.wait(WAIT)
 
 
 def test_server_out_of_descriptors_logs_a_few_lines_and_recovers() -> None:
