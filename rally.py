@@ -2072,6 +2072,38 @@ class Presence(_Value):
 
 _EMPTY: Final[list[Any]] = []
 
+
+class _Broker(typing.Protocol):
+    """What dispatch and the server ask of a broker that carries an app's
+    broadcasts to its other processes (``RedisBroker``, README "Scaling
+    out"): the whole interface between them. The broker calls back only
+    the registry's public methods and ``_Topics.publish``/``close``."""
+
+    def bind(self, app: App) -> None:
+        """Serve ``app`` (one broker per App)."""
+
+    async def start(self) -> None:
+        """Connect, once per App however many servers run it."""
+
+    async def stop(self) -> None:
+        """Send what waits, say goodbye, disconnect."""
+
+    def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
+        """Deliver a push to ``topic``'s members in the other processes."""
+
+    def close(self, topic: str) -> None:
+        """Close the connections of ``topic`` (a session's) in the other processes."""
+
+    def release(self, token: str, session_id: str) -> None:
+        """A page held elsewhere for resume ``token`` came back here: end it there."""
+
+    def presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
+        """Tell the other processes of this one's presence joins, updates and leaves on ``path``."""
+
+    def health(self) -> dict[str, Any]:
+        """The report of ``GET /_rally/health``."""
+
+
 #: An effect's delivery, checked and encoded: (scope, target, frame, push type).
 _Op = tuple[str, str | None, bytes, type | None]
 
@@ -2269,7 +2301,7 @@ class _Topics:
 
     def __init__(self, presence: _PresenceTable) -> None:
         self.members: dict[str, set[_PageSession]] = {}
-        self.broker: RedisBroker | None = None
+        self.broker: _Broker | None = None
         self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
         self.presence = presence
 
@@ -2339,7 +2371,7 @@ class _Topics:
         (its PUBLISH leaves first, so they deliver while this one does);
         returns the count of this process's connections reached."""
         if self.broker is not None:
-            self.broker._publish(topic, frame, msg_type)
+            self.broker.publish(topic, frame, msg_type)
         return self.publish(topic, frame, msg_type)
 
     def close(self, topic: str) -> int:
@@ -4155,7 +4187,7 @@ class _PageSession:
             topics.publish(self.topics[1], table.diff(updates=[entry]), skip=self)
             self.tell(table.diff(updates=[{**entry, "self": True}]))
         if topics.broker is not None:
-            topics.broker._presence(path, [[cid, self.tag, meta]], _EMPTY)
+            topics.broker.presence(path, [[cid, self.tag, meta]], _EMPTY)
 
     def _unlist(self) -> None:
         path, cid, table = self.topics[1][5:], self.cid, self.reg.presence
@@ -4164,7 +4196,7 @@ class _PageSession:
             topics = self.reg.topics
             topics.publish(self.topics[1], table.diff(leaves=[cid]))
             if topics.broker is not None:
-                topics.broker._presence(path, _EMPTY, [cid])
+                topics.broker.presence(path, _EMPTY, [cid])
 
     def _update_now(self, value: Any, seq: int | None) -> None:
         page = self.page
@@ -4432,7 +4464,7 @@ class _Router:
         pages_held = self.reg.held
         if pages_held.get(token) is None:
             if self.reg.topics.broker is not None:
-                self.reg.topics.broker._release(token, up.ctx.session_id)  # another process may hold it
+                self.reg.topics.broker.release(token, up.ctx.session_id)  # another process may hold it
             return up._replace(resumable=True)
         held = pages_held.take(token, up.ctx.session_id, pages[0], int(last))
         if held is None or stale:
@@ -4473,7 +4505,7 @@ class _Router:
     def _health(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET", b"HEAD")
         broker = self.app.broker
-        report = _NO_BROKER if broker is None else broker._health()
+        report = _NO_BROKER if broker is None else broker.health()
         body = _dumps({"status": "ok", "broker": report})
         return _Answer(200, body, b"application/json", ((b"cache-control", b"no-store"),))
 
@@ -4830,9 +4862,10 @@ class RedisBroker:
     def __repr__(self) -> str:
         return f"RedisBroker({self._where!r}, channel={self.channel!r})"
 
-    # -- the app's side ------------------------------------------------------
+    # -- the app's side: the _Broker calls, made by the App and its servers ----
 
-    def _bind(self, app: App) -> None:
+    def bind(self, app: App) -> None:
+        """Serve ``app``; ``RegistrationError`` if this broker serves another."""
         if self._app is not None and self._app is not app:
             raise RegistrationError(f"{self!r} already serves another App: make one broker per App")
         self._app = app
@@ -4840,7 +4873,7 @@ class RedisBroker:
         self._registry: _Registry = app._registry
         self._topics = app._registry.topics
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         """Connect and subscribe (the first attempt bounded by ``timeout``),
         then keep the connection; once per App however many servers it runs."""
         loop = asyncio.get_running_loop()
@@ -4868,10 +4901,10 @@ class RedisBroker:
         except asyncio.TimeoutError:
             pass  # still trying: the server starts, broadcasts stay local meanwhile
         except BaseException:
-            await self._stop()
+            await self.stop()
             raise
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         """Send what waits (bounded by ``timeout``) and a goodbye, then disconnect."""
         self._users -= 1
         task = self._task
@@ -4893,7 +4926,7 @@ class RedisBroker:
             self._registry.presence_replace(process, {})
         self._seen = {}
 
-    def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
+    def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """One PUBLISH for a push, written before this process delivers it;
         none (counted as dropped) for one the others would refuse as over
         ``max_message_bytes``."""
@@ -4912,17 +4945,17 @@ class RedisBroker:
         header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
         self._enqueue(_dumps(header) + b"\n" + frame, True)
 
-    def _close(self, topic: str) -> None:
+    def close(self, topic: str) -> None:
         """Tell the other processes to close the connections of ``topic`` (a session)."""
         self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
 
-    def _release(self, token: str, session_id: str) -> None:
+    def release(self, token: str, session_id: str) -> None:
         """A page of session ``session_id`` holding resume ``token`` came
         back here, where it cannot resume: the process that holds it ends it
         now (its presence entry leaves) instead of at the window's end."""
         self._enqueue(_dumps({"o": self.process_id, "k": "release", "t": token, "s": session_id}) + b"\n", False)
 
-    def _presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
+    def presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
         """Tell the other processes that connections of this one joined or
         changed (``upserts``, ``[[id, tag, meta], ...]``) or left (``leaves``)
         the presence of page ``path``. If it cannot wait in the queue, the
@@ -4932,7 +4965,7 @@ class RedisBroker:
         if not self._enqueue(message, False) and self.up:
             self._queue_state()
 
-    def _health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         if self._loop is not None:
             self._forget_quiet(self._loop.time())
         return {
@@ -6317,14 +6350,14 @@ class Server:
             await self._exit_lifespan()
         finally:
             if self.app.broker is not None:  # last: terminate hooks and the lifespan may broadcast
-                await self.app.broker._stop()
+                await self.app.broker.stop()
             self._closed.set()
 
     async def _open(self, host: str, port: int, sock: socket.socket | None) -> None:
         """Start the broker, enter the app's lifespan, then listen."""
         broker = self.app.broker
         if broker is not None:
-            await broker._start()
+            await broker.start()
         try:
             lifespan = self.app._lifespan
             if lifespan is not None:
@@ -6338,7 +6371,7 @@ class Server:
                 raise
         except BaseException:
             if broker is not None:
-                await broker._stop()
+                await broker.stop()
             raise
 
     async def _exit_lifespan(self) -> None:
@@ -6485,7 +6518,7 @@ class App:
         elif broker is not None and not isinstance(broker, RedisBroker):
             raise RegistrationError(f"App(broker={broker!r}): expected a redis:// URL or a rally.RedisBroker")
         if broker is not None:
-            broker._bind(self)
+            broker.bind(self)
         #: The ``RedisBroker`` that carries broadcasts to the app's other processes, or None.
         self.broker = broker
         self._registry.topics.broker = broker
@@ -6669,7 +6702,7 @@ class App:
         every process of the app; returns how many were in this one."""
         topic = f"session:{session_id}"
         if self.broker is not None:
-            self.broker._close(topic)
+            self.broker.close(topic)
         return self._registry.topics.close(topic)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:

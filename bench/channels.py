@@ -98,8 +98,8 @@ def topic_broker(rally: Any, url: str, **options: Any) -> Any:
             self.changes: dict[str, bool] = {}  # channel -> subscribe (True) or unsubscribe (False)
             self.changed: asyncio.Event | None = None
 
-        def _bind(self, app: Any) -> None:
-            super()._bind(app)
+        def bind(self, app: Any) -> None:
+            super().bind(app)
             app._registry.topics.__class__ = Topics  # same slots: the App's own instance, now watched
 
         def _of(self, topic: str) -> str:
@@ -111,11 +111,11 @@ def topic_broker(rally: Any, url: str, **options: Any) -> Any:
                     self.changes[self._of(t)] = on
                 self.changed.set()
 
-        def _publish(self, topic: str, frame: bytes, msg_type: type) -> None:
+        def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
             header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
             self._to(topic, rally._dumps(header) + b"\n" + frame)
 
-        def _close(self, topic: str) -> None:
+        def close(self, topic: str) -> None:
             self._to(topic, rally._dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n")
 
         def _to(self, topic: str, message: bytes) -> None:
