@@ -602,7 +602,7 @@ class _Codec:
 
 
 class _Unsupported(Exception):
-    """An annotation outside SPEC section 3, found while building a codec."""
+    """An annotation outside the contract (README "The contract: types on the wire"), found while building a codec."""
 
 
 def _is_dataclass_type(tp: object) -> bool:
@@ -1244,7 +1244,7 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode("ascii")
 
 
-# Envelopes (SPEC section 4).
+# Envelopes (README "Wire protocol").
 
 _ERROR_STATUS: Final = {
     "invalid": 400,
@@ -1279,7 +1279,7 @@ def _ack(seq: int) -> bytes:
 
 
 def _hello(token: str, resumed: bool, ack: int) -> bytes:
-    """The first frame of every page connection (SPEC section 10)."""
+    """The first frame of every page connection (README "Delivery across reconnects")."""
     return _ws_frame(_dumps({"kind": "hello", "resume": token, "resumed": resumed, "ack": ack}))
 
 
@@ -1783,7 +1783,7 @@ _REASONS: Final = {
 }
 
 # Sessions: the cookie carries a random id and its HMAC, so the server
-# accepts only ids it issued (SPEC section 5).
+# accepts only ids it issued (README "Sessions, topics and broadcast").
 
 _SESSION_RE: Final = re.compile(r"(?:^|;)\s*rally_session=([0-9a-f]{32})\.([0-9a-f]{32})\s*(?:;|$)")
 
@@ -3149,7 +3149,7 @@ def _parse_type(text: str) -> _TypeNode:
         rest = [t for t in terms if t != ("scalar", "None")]
         if len(terms) == 1 or not rest:
             return terms[0]
-        # Unions are T | None, or of dataclasses, and those are tagged (SPEC 3).
+        # Unions are T | None, or of dataclasses, and those are tagged (README "The contract: types on the wire").
         node = rest[0] if len(rest) == 1 else ("tagged", tuple(t[1] for t in rest))
         return node if len(rest) == len(terms) else ("optional", node)
 

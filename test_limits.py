@@ -1,5 +1,6 @@
-"""Limits, faults and load: every limit of SPEC section 7 at N and N+1, the
-failure rules of sections 3 to 5, sessions and hosts, shutdown, and the failure
+"""Limits, faults and load: every limit of README "Limits" at N and N+1, the
+failure rules of README "The contract", "Wire protocol" and "Sessions, topics
+and broadcast", sessions and hosts, shutdown, and the failure
 paths of the Python client, against a running server on 127.0.0.1.
 
 Same rules as test_rally.py. Limits and time-outs are configured small so each

@@ -45,7 +45,7 @@ import rally
 WAIT = 5.0  # seconds: the bound on any single wait in these tests
 
 
-# ==== Shared types and the Article app of SPEC section 2 ====================
+# ==== Shared types and the Article app of README "Example" ====================
 
 
 @dataclass
@@ -2633,7 +2633,7 @@ async def test_send_with_a_bad_seq_is_invalid(seq: Any) -> None:
             assert await next_frame(ws) == {"kind": "ack", "seq": 3}
 
 
-# ==== Delivery across reconnects (SPEC section 10) ===========================
+# ==== Delivery across reconnects (README "Delivery across reconnects") ========
 
 
 class CutProxy:

@@ -450,7 +450,7 @@ def test_the_demos_javascript_passes_tsc_against_its_declarations(tmp_path: Path
     assert [d.split(": error ")[1][:6] for d in tsc_demo(tmp_path, declarations, broken)] == ["TS2322"]
 
 
-# README's example, against the Article app of SPEC section 2 (test_rally's).
+# README's example, against the Article app of test_rally.py.
 
 
 @needs_tsc
