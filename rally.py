@@ -3481,18 +3481,26 @@ class _Replay:
         self.size = 0  # bytes held, as written on the wire
         self.floor = 0  # frames up to this seq are no longer held: no resume from before it
 
-    def next(self) -> int:
-        self.out_seq += 1
-        return self.out_seq
+    def push(self, payload: bytes, tail: bytes) -> bytes:
+        """Number a push, frame it and hold it; returns the frame, whose
+        length is what it costs held. ``tail`` is ``payload`` without its ``{``."""
+        seq = self.out_seq = self.out_seq + 1
+        frame = _seq_frame(seq, tail)
+        self.frames.append((seq, payload, True, len(frame)))
+        self.size += len(frame)
+        return frame
 
-    def hold(self, payload: bytes, numbered: bool) -> int:
-        """Keep a frame just written (a numbered one numbered by ``next``); returns its cost."""
-        pos = self.out_seq
-        # A numbered frame goes out as {"seq":N, + the payload after its {.
-        cost = _frame_size(len(payload) + 7 + len(str(pos)) if numbered else len(payload))
-        self.frames.append((pos, payload, numbered, cost))
-        self.size += cost
-        return cost
+    def number(self, payload: bytes) -> bytes:
+        """Number and frame a presence frame, which is not held."""
+        seq = self.out_seq = self.out_seq + 1
+        return _seq_frame(seq, payload[1:])
+
+    def refuse(self, payload: bytes) -> bytes:
+        """Frame and hold the refusal of a send, unnumbered, after the last numbered frame."""
+        frame = _ws_frame(payload)
+        self.frames.append((self.out_seq, payload, False, len(frame)))
+        self.size += len(frame)
+        return frame
 
     def ack(self, last: int) -> int:
         """The page has every numbered frame up to ``last``: stop holding
@@ -3550,15 +3558,18 @@ class _HeldPages:
     ``resume_window`` seconds, at most ``max_connections`` of them;
     ``take`` finds the one a reconnecting page may go on with; ``release``
     stops its timer once it goes on; ``forget`` drops an ended one;
-    ``end_all`` ends every held one (shutdown). ``charge`` counts bytes
-    against ``max_held_bytes``: past it, held sessions give up their
-    frames, the one held longest first, and end on the loop's next step;
+    ``end_all`` ends every held one (shutdown). ``size`` counts the bytes
+    every resumable page holds (each page adds and frees its own); past
+    ``max_held_bytes``, ``make_room`` has held sessions give up their
+    frames, the one held longest first, and end on the loop's next step,
     then the page that wrote trims its own oldest frames."""
 
-    __slots__ = ("limits", "tokens", "timers", "size")
+    __slots__ = ("limits", "tokens", "timers", "size", "budget", "page_budget")
 
     def __init__(self, limits: _Limits) -> None:
         self.limits = limits
+        self.budget = limits.max_held_bytes  # for every page together
+        self.page_budget = limits.max_outgoing_bytes  # for each page
         self.tokens: dict[str, _PageSession] = {}
         self.timers: dict[_PageSession, asyncio.TimerHandle] = {}  # held without a connection, oldest first
         self.size = 0  # bytes held by every resumable page
@@ -3608,13 +3619,12 @@ class _HeldPages:
         for session in tuple(self.timers):
             session.finish(code, reason)
 
-    def charge(self, session: _PageSession, cost: int) -> None:
-        """``session`` holds ``cost`` more bytes (or fewer, if negative);
-        past ``max_held_bytes``, held sessions give theirs up first."""
-        self.size += cost
-        budget = self.limits.max_held_bytes
-        if cost <= 0 or self.size <= budget:
-            return
+    def make_room(self, session: _PageSession) -> None:
+        """Past ``max_held_bytes`` (``size`` counts what every resumable
+        page holds): held sessions give their frames up, the one held
+        longest first, ``session`` too, and end on the next step; then
+        ``session`` forgets its oldest frames."""
+        budget = self.budget
         for held in tuple(self.timers):
             if self.size <= budget:
                 return
@@ -3760,21 +3770,31 @@ class _PageSession:
         self._init()
 
     def push(self, payload: bytes, frame: bytes, tail: bytes, hold: bool = True) -> None:
-        """A frame published to one of this connection's topics: its
-        ``payload``, ``frame`` (the same framed once for every page that does
-        not number frames) and ``tail`` (``payload`` without its ``{``, made
-        once for every page that does); ``hold``: a push, held for a resume,
-        not a presence frame."""
-        if self.state is _PageState.ENDED:
-            return
-        if self.replay is None:
+        """A frame published to one of this connection's topics (an ended
+        session is in none): its ``payload``, ``frame`` (the same framed once
+        for every page that does not number frames) and ``tail``
+        (``payload`` without its ``{``, made once for every page that
+        does); ``hold``: a push, held for a resume, not a presence frame.
+        The hot path of every broadcast."""
+        replay = self.replay
+        if replay is None:
             self.peer.write_frame(frame)
+        elif hold:
+            framed = replay.push(payload, tail)
+            held = self.reg.held
+            held.size += len(framed)
+            if held.size > held.budget or replay.size > held.page_budget:
+                self._over()
+            self.peer.write_frame(framed)
         else:
-            self._emit(payload, tail=tail, hold=hold)
+            self.peer.write_frame(replay.number(payload))
 
     def tell(self, payload: bytes) -> None:
-        """A presence frame for this connection alone."""
-        self._emit(payload, hold=False)
+        """A presence frame for this connection alone: numbered, not held."""
+        if self.state is _PageState.ENDED:
+            return
+        replay = self.replay
+        self.peer.write_frame(_ws_frame(payload) if replay is None else replay.number(payload))
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
@@ -3800,7 +3820,7 @@ class _PageSession:
             self.reg.held.release(self)
         old, self.peer = self.peer, peer
         old.abandon()  # a connection whose loss the server had not noticed yet
-        self.reg.held.charge(self, -replay.ack(last))
+        self.reg.held.size -= replay.ack(last)
         peer.write_frame(_hello(self.token, True, self.in_seq))
         for frame in replay.replay():
             peer.write_frame(frame)
@@ -3829,7 +3849,7 @@ class _PageSession:
         if data.startswith('{"kind":"ack","seq":') and replay is not None:  # what a browser sends most
             ack = _ACK_RE.fullmatch(data)
             if ack is not None and (last := int(ack[1])) <= replay.out_seq:
-                self.reg.held.charge(self, -replay.ack(last))
+                self.reg.held.size -= replay.ack(last)
                 return
         reg = self.reg
         try:
@@ -3850,7 +3870,7 @@ class _PageSession:
                 errors = [{"path": "seq", "message": f"no frame {msg_id} was sent (the last is {out_seq})"}]
                 self._reply(_error_reply(None, "invalid", errors))
             elif replay is not None:
-                self.reg.held.charge(self, -replay.ack(msg_id))
+                self.reg.held.size -= replay.ack(msg_id)
             return
         page, seq = self.page, msg_id
         if seq is not None:
@@ -3899,11 +3919,11 @@ class _PageSession:
         if replay is None or self.state is _PageState.ENDED:
             return
         if self.state is _PageState.DETACHED or over is None:
-            self.reg.held.charge(self, -replay.forget())
+            self.reg.held.size -= replay.forget()
             if self.state is _PageState.DETACHED:
                 asyncio.get_running_loop().call_soon(self.finish, 1006, reason)
         else:
-            self.reg.held.charge(self, -replay.trim(max(0, replay.size - over)))
+            self.reg.held.size -= replay.trim(max(0, replay.size - over))
 
     def finish(self, code: int, reason: str) -> None:
         """End the session, once, whatever ended it: leave the topics and the
@@ -3990,35 +4010,33 @@ class _PageSession:
 
     def _refuse(self, body: bytes, seq: int | None) -> None:
         """An ``error`` refusing a send: held until acknowledged when it has a seq."""
-        if seq is None or self.replay is None:
-            self._reply(body)
-        else:
-            self._emit(body, numbered=False)
-
-    def _emit(self, payload: bytes, numbered: bool = True, tail: bytes | None = None, hold: bool = True) -> None:
-        """Write one frame for the page. To a page that numbers frames, a
-        push or presence frame gets the next ``seq``, and a push or a
-        send's refusal is held until the page acknowledges it, within
-        ``max_outgoing_bytes`` for the page and ``max_held_bytes`` for all;
-        past the first, a held session gives up (it ends on the next step)
-        and a live one forgets its oldest frames (no resume from before
-        them)."""
-        if self.state is _PageState.ENDED:
-            return
         replay = self.replay
-        if replay is None:
-            self.peer.write_frame(_ws_frame(payload))
+        if seq is None or replay is None:
+            self._reply(body)
             return
-        seq = replay.next() if numbered else 0
-        if hold:
-            self.reg.held.charge(self, replay.hold(payload, numbered))
-            over = replay.size - self.reg.limits.max_outgoing_bytes
-            if over > 0:
-                self.evict("resume buffer full", over)
-        if numbered:
-            self.peer.write_frame(_seq_frame(seq, payload[1:] if tail is None else tail))
-        else:
-            self.peer.write_frame(_ws_frame(payload))
+        framed = replay.refuse(body)
+        self.reg.held.size += len(framed)
+        self._over()
+        self.peer.write_frame(framed)
+
+    def _emit(self, payload: bytes) -> None:
+        """A push of this page's own effect to itself (``send_to_client``)."""
+        if self.state is not _PageState.ENDED:
+            self.push(payload, _ws_frame(payload), payload[1:])
+
+    def _over(self) -> None:
+        """After holding a frame: past ``max_outgoing_bytes`` for the page a
+        held session gives up (it ends on the next step) and a live one
+        forgets its oldest frames (no resume from before them); past
+        ``max_held_bytes`` for all, ``_HeldPages`` makes room."""
+        replay = self.replay
+        assert replay is not None
+        held = self.reg.held
+        over = replay.size - held.page_budget
+        if over > 0:
+            self.evict("resume buffer full", over)
+        if held.size > held.budget:
+            held.make_room(self)
 
     def _start_rpc(self, reply: Awaitable[_Reply]) -> None:
         if self.rpcs is None:

@@ -257,19 +257,20 @@ def test_replay_counts_each_held_frame_in_the_bytes_it_takes_on_the_wire() -> No
     replay = rally._Replay()
     for size in (10, 120, 200, 70_000):  # short, 16-bit and 64-bit frame lengths
         payload = b'{"kind":"push","msg":"' + b"x" * size + b'"}'
-        seq = replay.next()
-        cost = replay.hold(payload, True)
-        assert cost == len(rally._seq_frame(seq, payload[1:]))
+        frame = replay.push(payload, payload[1:])
+        assert frame == rally._seq_frame(replay.out_seq, payload[1:])
+        assert replay.frames[-1][3] == len(frame)
+    presence = b'{"kind":"presence","state":[]}'
+    assert unframe(replay.number(presence))["seq"] == 5 and len(replay.frames) == 4  # numbered, not held
     refusal = b'{"kind":"error","seq":3,"code":"invalid","errors":[]}'
-    assert replay.hold(refusal, False) == len(rally._ws_frame(refusal))
+    assert replay.refuse(refusal) == rally._ws_frame(refusal) and replay.frames[-1][:3] == (5, refusal, False)
     assert replay.size == sum(cost for *_, cost in replay.frames)
 
 
 def test_replay_ack_trim_and_forget_move_the_floor() -> None:
     replay = rally._Replay()
     for _ in range(5):
-        replay.next()
-        replay.hold(b'{"kind":"push"}', True)
+        replay.push(b'{"kind":"push"}', b'"kind":"push"}')
     each = replay.frames[0][3]
     assert replay.ack(2) == 2 * each and [p for p, *_ in replay.frames] == [3, 4, 5]
     assert replay.can_resume(2) and not replay.can_resume(1) and not replay.can_resume(6)
