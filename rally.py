@@ -112,6 +112,9 @@ __all__ = [
     "ConnectionClosed",
     "CLOSE_STALE_CONTRACT",
     "CLOSE_SESSION_CLOSED",
+    "CLOSE_REFUSED",
+    "Refuse",
+    "PresenceChanged",
     "main",
     "DEFAULT_MAX_HEAD_BYTES",
     "DEFAULT_MAX_HEADERS",
@@ -247,6 +250,10 @@ _WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: applications): the page's contract changed, and the session was closed.
 CLOSE_STALE_CONTRACT: Final = 4000
 CLOSE_SESSION_CLOSED: Final = 4001
+#: ``server_init`` raised ``rally.Refuse``: the page is refused, the client stops.
+CLOSE_REFUSED: Final = 4003
+#: A close reason the API takes (RFC 6455 allows 123 bytes in a close frame).
+_MAX_CLOSE_REASON_BYTES: Final = 120
 
 
 class _Limits(typing.NamedTuple):
@@ -377,6 +384,27 @@ class ConnectionClosed(RallyError):
         self.reason = reason
 
 
+class Refuse(RallyError):
+    """Raised by a page's ``server_init`` to refuse the page (a banned
+    user, say): the connection closes with code 4003 (``CLOSE_REFUSED``)
+    and ``reason``, no model exists, ``server_terminate`` does not run, and
+    the client stops without reconnecting. ``reason`` is at most 120 bytes
+    of UTF-8 (``UsageError`` otherwise)."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(_close_reason(reason, "rally.Refuse(reason)"))
+        self.reason = reason
+
+
+def _close_reason(reason: object, where: str) -> str:
+    """A close reason as the API takes it: a str of at most 120 bytes of UTF-8."""
+    if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > _MAX_CLOSE_REASON_BYTES:
+        raise UsageError(
+            f"{where}: expected a str of at most {_MAX_CLOSE_REASON_BYTES} bytes of UTF-8, got {reason!r:.60}"
+        )
+    return reason
+
+
 class _Bad(Exception):
     """Decoding or encoding failed; containers prepend their path segment.
     ``code`` is ``invalid``, or ``too_large`` for a value over a limit."""
@@ -497,11 +525,17 @@ class Effect(_Value, Generic[_M]):
     def __init__(
         self, scope: str, msg: Any = None, children: tuple[Effect[_M], ...] = (), target: str | None = None
     ) -> None:
-        # "none", "client", "session", "page", "app", "topic", "subscribe", "unsubscribe" or "batch"
+        # "none", "client", "session", "page", "app", "topic", "subscribe", "unsubscribe", "watch", "unwatch" or "batch"
         self.scope = scope
         self.msg = msg
         self.children = children
         self.target = target  # the topic, or another page's path
+
+
+def _check_watched(page: object) -> str:
+    if not isinstance(page, str) or not page.startswith("/") or len(page) > 1000:
+        raise UsageError(f"watch_presence: expected a page path or route pattern starting with /, got {page!r:.60}")
+    return page
 
 
 def _check_topic(topic: object) -> str:
@@ -555,6 +589,19 @@ class _EffectBuilders:
     def unsubscribe(topic: str) -> Effect[Any]:
         """Leave ``topic``."""
         return Effect("unsubscribe", target=_check_topic(topic))
+
+    @staticmethod
+    def watch_presence(page: str) -> Effect[Any]:
+        """Get ``rally.PresenceChanged`` events of the presence of ``page``,
+        a concrete path (``/rooms/blue``) or a route pattern (``/rooms/{name}``:
+        every page it matches), until the connection ends or unwatches; the
+        page's ``server_event`` must take ``rally.PresenceChanged``."""
+        return Effect("watch", target=_check_watched(page))
+
+    @staticmethod
+    def unwatch_presence(page: str) -> Effect[Any]:
+        """Stop watching ``page`` (as given to ``watch_presence``)."""
+        return Effect("unwatch", target=_check_watched(page))
 
     @staticmethod
     def broadcast_to_app(msg: _M) -> Effect[_M]:
@@ -1992,6 +2039,13 @@ class _Route(typing.NamedTuple):
 _PARAM_RE: Final = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)}")
 
 
+def _route_regex(pattern: str) -> re.Pattern[str]:
+    """The regex of a route pattern such as ``/rooms/{name}``: each parameter one path segment."""
+    return re.compile(
+        "".join(f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part) for i, part in enumerate(_PARAM_RE.split(pattern)))
+    )
+
+
 def _convert_int(s: str) -> int:
     if not re.fullmatch(r"-?[0-9]{1,16}", s):
         raise ValueError(s)
@@ -2036,6 +2090,11 @@ class _Page(typing.NamedTuple):
     presence: Callable[..., Any] | None
     presence_wants_context: bool
     presence_codec: _Codec | None
+    event: Callable[..., Any] | None = None
+    event_is_async: bool = False
+    event_wants_context: bool = False
+    event_types: frozenset[type] = frozenset()  # server events the model takes, PresenceChanged included
+    event_codec: _Codec | None = None  # of the events that are dataclasses, for the contract
 
     @property
     def stateful(self) -> bool:
@@ -2057,17 +2116,38 @@ def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
 
 class Presence(_Value):
     """One connection on a page, as presence reports it: ``id`` (its
-    connection id, unique across the processes of an app), ``tag`` (opaque, the same for every connection of one
-    browser session, never the session id) and ``meta`` (what the page's
-    ``server_presence`` returned)."""
+    connection id, unique across the processes of an app), ``tag`` (opaque,
+    the same for every connection of one browser session, never the session
+    id) and ``meta`` (what the page's ``server_presence`` returned). On the
+    server it also carries ``session_id``, the browser session behind it
+    (for ``app.close_session``), which browsers never see; it takes no part
+    in equality or ``repr``."""
 
-    __slots__ = ("id", "tag", "meta")
+    __slots__ = ("id", "tag", "meta", "session_id")
     __match_args__ = ("id", "tag", "meta")
 
-    def __init__(self, id: int, tag: str, meta: Any) -> None:  # noqa: A002 - the wire's name
+    def __init__(self, id: int, tag: str, meta: Any, session_id: str = "") -> None:  # noqa: A002 - the wire's name
         self.id = id
         self.tag = tag
         self.meta = meta
+        self.session_id = session_id
+
+
+class PresenceChanged(_Value):
+    """A server event (``server_event``) telling a page's model that the
+    presence of ``page`` (its own, or one it watches with
+    ``rally.effect.watch_presence``) changed: who joined, changed their meta,
+    or left, each a ``rally.Presence``; one per page and turn of the event
+    loop. Never sent to a browser."""
+
+    __slots__ = ("page", "joins", "updates", "leaves")
+    __match_args__ = ("page", "joins", "updates", "leaves")
+
+    def __init__(self, page: str, joins: list[Presence], updates: list[Presence], leaves: list[Presence]) -> None:
+        self.page = page
+        self.joins = joins
+        self.updates = updates
+        self.leaves = leaves
 
 
 _EMPTY: Final[list[Any]] = []
@@ -2091,8 +2171,9 @@ class _Broker(typing.Protocol):
     def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """Deliver a push to ``topic``'s members in the other processes."""
 
-    def close(self, topic: str) -> None:
-        """Close the connections of ``topic`` (a session's) in the other processes."""
+    def close(self, target: str, reason: str) -> None:
+        """Close with 4001 and ``reason`` the connections of ``target`` (a
+        session's topic, or ``connection:<id>``) in the other processes."""
 
     def release(self, token: str, session_id: str) -> None:
         """A page held elsewhere for resume ``token`` came back here: end it there."""
@@ -2104,8 +2185,8 @@ class _Broker(typing.Protocol):
         """The report of ``GET /_rally/health``."""
 
 
-#: An effect's delivery, checked and encoded: (scope, target, frame, push type).
-_Op = tuple[str, str | None, bytes, type | None]
+#: An effect's delivery, checked and encoded: (scope, target, frame, push type, message).
+_Op = tuple[str, str | None, bytes, type | None, Any]
 
 
 class _PresenceEntry(typing.NamedTuple):
@@ -2115,6 +2196,10 @@ class _PresenceEntry(typing.NamedTuple):
     meta: Any  # the meta as a JSON value, as it goes on the wire
     value: Any  # the meta as server_presence returned it (decoded, for another process's)
     origin: str  # "" for this process's own connections, else the broker's process id
+    session_id: str  # the browser session behind it: server-side only
+
+    def presence(self, cid: int) -> Presence:
+        return Presence(cid, self.tag, self.value, self.session_id)
 
 
 class _PresenceTable:
@@ -2129,26 +2214,57 @@ class _PresenceTable:
     ``max_entries`` entries and a meta at most ``max_meta_bytes`` encoded:
     ``refusal`` says why a new one does not fit, and ``merge`` leaves such
     entries of another process out, so that a page's whole list always
-    fits one frame a joiner can take."""
+    fits one frame a joiner can take.
 
-    __slots__ = ("pages", "max_entries", "max_meta_bytes", "misfits")
+    With ``track`` on (a page takes ``rally.PresenceChanged``), every
+    change is also noted in ``changes`` as ``rally.Presence`` values,
+    coalesced per page until ``take_changes``: a join then a leave in the
+    same turn cancel out, an update of a join is that join."""
+
+    __slots__ = ("pages", "max_entries", "max_meta_bytes", "misfits", "track", "changes")
 
     def __init__(self, max_entries: int, max_meta_bytes: int) -> None:
         self.pages: dict[str, dict[int, _PresenceEntry]] = {}
         self.max_entries = max_entries
         self.max_meta_bytes = max_meta_bytes
         self.misfits: set[str] = set()  # processes whose entries did not fit here: said once each
+        self.track = False
+        #: page path -> (joins, updates, leaves), each connection id -> its entry
+        self.changes: dict[str, tuple[dict[int, Presence], dict[int, Presence], dict[int, Presence]]] = {}
 
     def of(self, path: str) -> list[Presence]:
         """The entries of the concrete page ``path``, of every process."""
-        return [Presence(cid, e.tag, e.value) for cid, e in self.pages.get(path, {}).items()]
+        return [e.presence(cid) for cid, e in self.pages.get(path, {}).items()]
+
+    def _note(self, path: str, cid: int, kind: int, e: _PresenceEntry) -> None:
+        """Note a join (0), update (1) or leave (2) of ``cid`` on ``path``."""
+        joins, updates, leaves = self.changes.setdefault(path, ({}, {}, {}))
+        if kind == 1 and cid in joins:
+            joins[cid] = e.presence(cid)
+        elif kind == 2 and cid in joins:
+            del joins[cid]
+            updates.pop(cid, None)
+        else:
+            if kind == 2:
+                updates.pop(cid, None)
+            (joins, updates, leaves)[kind][cid] = e.presence(cid)
+        if not (joins or updates or leaves):
+            del self.changes[path]
+
+    def take_changes(self) -> list[PresenceChanged]:
+        """The changes noted since the last call, one event per page."""
+        changes, self.changes = self.changes, {}
+        return [
+            PresenceChanged(path, list(j.values()), list(u.values()), list(gone.values()))
+            for path, (j, u, gone) in changes.items()
+        ]
 
     def own(self) -> dict[str, list[list[Any]]]:
         """This process's own entries, ``{path: [[id, tag, meta], ...]}``:
         the snapshot its broker sends the others."""
         out: dict[str, list[list[Any]]] = {}
         for path, entries in self.pages.items():
-            own = [[cid, e.tag, e.meta] for cid, e in entries.items() if not e.origin]
+            own = [[cid, e.tag, e.meta, e.session_id] for cid, e in entries.items() if not e.origin]
             if own:
                 out[path] = own
         return out
@@ -2163,17 +2279,24 @@ class _PresenceTable:
             return f"the page lists {len(entries)} connections already (max_presence_entries={self.max_entries})"
         return None
 
-    def put(self, path: str, cid: int, tag: str, meta: Any, value: Any) -> None:
+    def put(self, path: str, cid: int, tag: str, meta: Any, value: Any, session_id: str = "") -> None:
         """List or update this process's connection ``cid`` (``refusal`` said yes)."""
-        self.pages.setdefault(path, {})[cid] = _PresenceEntry(tag, meta, value, "")
+        entries = self.pages.setdefault(path, {})
+        joining = cid not in entries
+        entries[cid] = e = _PresenceEntry(tag, meta, value, "", session_id)
+        if self.track:
+            self._note(path, cid, 0 if joining else 1, e)
 
     def drop(self, path: str, cid: int) -> bool:
         """Unlist this process's connection ``cid``; whether it was listed."""
         entries = self.pages.get(path)
-        if entries is None or entries.pop(cid, None) is None:
+        e = entries.pop(cid, None) if entries is not None else None
+        if e is None:
             return False
         if not entries:
             del self.pages[path]
+        if self.track:
+            self._note(path, cid, 2, e)
         return True
 
     def listed(self, path: str, cid: int) -> bool:
@@ -2220,9 +2343,11 @@ class _PresenceTable:
         updates: list[Any] = []
         gone: list[int] = []
         for item in upserts:
-            if type(item) is not list or len(item) != 3:
+            if type(item) is not list or len(item) not in (3, 4):
                 continue
-            cid, tag, meta = item
+            cid, tag, meta, session_id = item if len(item) == 4 else (*item, "")
+            if type(session_id) is not str:
+                continue
             if type(cid) is not int or not 0 < cid <= _MAX_SAFE_INT or type(tag) is not str:
                 continue
             old = entries.get(cid)
@@ -2245,13 +2370,17 @@ class _PresenceTable:
                         bad.message,
                     )
                 continue
-            entries[cid] = e = _PresenceEntry(tag, meta, value, origin)
+            entries[cid] = e = _PresenceEntry(tag, meta, value, origin, session_id)
             (joins if old is None else updates).append(self.entry(cid, e))
+            if self.track:
+                self._note(path, cid, 0 if old is None else 1, e)
         for cid in leaves:
             old = entries.get(cid) if type(cid) is int else None
             if old is not None and old.origin == origin:
                 del entries[cid]
                 gone.append(cid)
+                if self.track:
+                    self._note(path, cid, 2, old)
         if not entries:
             del self.pages[path]
         return self.diff(joins, updates, gone) if joins or updates or gone else None
@@ -2297,13 +2426,18 @@ class _Topics:
     list. A burst of N joins to a page costs a few diffs to each connection
     there, not N."""
 
-    __slots__ = ("members", "broker", "joining", "presence")
+    __slots__ = ("members", "broker", "joining", "presence", "events", "decode", "watchers", "changes_due")
 
-    def __init__(self, presence: _PresenceTable) -> None:
+    def __init__(self, presence: _PresenceTable, events: set[type], decode: Callable[[bytes, type], Any]) -> None:
         self.members: dict[str, set[_PageSession]] = {}
         self.broker: _Broker | None = None
         self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
         self.presence = presence
+        self.events = events  # every page's server event types
+        self.decode = decode  # a push frame from another process -> its message
+        #: watched page path or route pattern -> (its regex, or None for a path; the sessions watching)
+        self.watchers: dict[str, tuple[re.Pattern[str] | None, set[_PageSession]]] = {}
+        self.changes_due = False
 
     def join(self, session: _PageSession, topics: Iterable[str]) -> None:
         if session.state is _PageState.ENDED:
@@ -2322,12 +2456,22 @@ class _Topics:
     def sessions(self, topic: str) -> tuple[_PageSession, ...]:
         return tuple(self.members.get(topic, ()))
 
-    def publish(self, topic: str, frame: bytes, msg_type: type | None = None, skip: _PageSession | None = None) -> int:
+    def publish(
+        self,
+        topic: str,
+        frame: bytes,
+        msg_type: type | None = None,
+        skip: _PageSession | None = None,
+        msg: Any = None,
+    ) -> int:
         """Give one encoded frame to every member of a topic whose page
-        declares ``msg_type``, but ``skip``; returns the count. A presence
-        frame (``msg_type`` None) reaches only members that were sent their
-        presence ``state``: one still in ``server_init`` gets the state when
-        it ends, which holds what the diffs meanwhile said."""
+        declares ``msg_type``, but ``skip``, and the message (``msg``, or
+        decoded from ``frame`` once) to the ``server_event`` of every member
+        whose page takes it; returns the count of members reached either
+        way. A presence frame (``msg_type`` None) reaches only members that
+        were sent their presence ``state``: one still in ``server_init``
+        gets the state when it ends, which holds what the diffs meanwhile
+        said."""
         if self.joining:  # announced first: they came before this frame
             self.flush_joins()
         members = self.members.get(topic)
@@ -2335,13 +2479,68 @@ class _Topics:
             return 0
         n = 0
         framed, tail = _ws_frame(frame), frame[1:]
+        if msg_type not in self.events:  # the hot path: pushes and presence frames only
+            for session in tuple(members):
+                if (
+                    msg_type in session.page.push_types if msg_type is not None else session.listed
+                ) and session is not skip:
+                    session.push(frame, framed, tail, msg_type is not None)
+                    n += 1
+            return n
+        assert msg_type is not None
         for session in tuple(members):
-            if (
-                msg_type in session.page.push_types if msg_type is not None else session.listed
-            ) and session is not skip:
-                session.push(frame, framed, tail, msg_type is not None)
-                n += 1
+            page = session.page
+            pushed = msg_type in page.push_types
+            if pushed:
+                session.push(frame, framed, tail)
+            if msg_type in page.event_types:
+                if msg is None:
+                    msg = self.decode(frame, msg_type)
+                    if msg is None:  # another version of the app sent it: logged
+                        return n
+                session.event(msg)
+            elif not pushed:
+                continue
+            n += 1
         return n
+
+    def presence_changed(self) -> None:
+        """The presence table noted changes: deliver them as
+        ``rally.PresenceChanged`` at the end of this turn of the event loop."""
+        if self.presence.changes and not self.changes_due:
+            self.changes_due = True
+            asyncio.get_running_loop().call_soon(self.flush_changes)
+
+    def flush_changes(self) -> None:
+        """One ``rally.PresenceChanged`` per changed page to the
+        ``server_event`` of each connection on that page that takes it, and
+        of each connection watching the page or a pattern matching it."""
+        self.changes_due = False
+        for change in self.presence.take_changes():
+            path = change.page
+            to = {s for s in self.members.get(f"page:{path}", ()) if PresenceChanged in s.page.event_types}
+            for regex, sessions in self.watchers.values():
+                if regex is None or regex.fullmatch(path):
+                    to.update(sessions)
+            for session in to:
+                session.event(change)
+
+    def watch(self, session: _PageSession, page: str) -> None:
+        if session.state is _PageState.ENDED:
+            return
+        found = self.watchers.get(page)
+        if found is None:
+            regex = _route_regex(page) if _PARAM_RE.search(page) else None
+            found = self.watchers[page] = (regex, set())
+        found[1].add(session)
+
+    def unwatch(self, session: _PageSession, pages: Iterable[str]) -> None:
+        for page in pages:
+            found = self.watchers.get(page)
+            if found is not None:
+                found[1].discard(session)
+                if not found[1]:
+                    del self.watchers[page]
 
     def join_presence(self, path: str, session: _PageSession) -> None:
         """``session`` was listed on page ``path``: announce it and send it
@@ -2366,19 +2565,25 @@ class _Topics:
                 session.listed = True
                 session.tell(state)
 
-    def broadcast(self, topic: str, frame: bytes, msg_type: type) -> int:
-        """``publish`` a push here and, with a broker, in every other process
-        (its PUBLISH leaves first, so they deliver while this one does);
-        returns the count of this process's connections reached."""
+    def broadcast(self, topic: str, frame: bytes, msg_type: type, msg: Any = None) -> int:
+        """``publish`` a push or server event here and, with a broker, in
+        every other process (its PUBLISH leaves first, so they deliver while
+        this one does); returns the count of this process's connections
+        reached."""
         if self.broker is not None:
             self.broker.publish(topic, frame, msg_type)
-        return self.publish(topic, frame, msg_type)
+        return self.publish(topic, frame, msg_type, msg=msg)
 
-    def close(self, topic: str) -> int:
-        """Close every connection of ``topic`` (a session's) with 4001; returns the count."""
-        members = self.sessions(topic)
+    def close(self, target: str, reason: str = "") -> int:
+        """Close with 4001 and ``reason`` every connection of ``target``, a
+        session's topic or ``connection:<id>``; returns the count."""
+        if target.startswith("connection:"):
+            cid = target[11:]
+            members: tuple[_PageSession, ...] = tuple(s for s in self.members.get("app", ()) if str(s.cid) == cid)
+        else:
+            members = self.sessions(target)
         for session in members:
-            session.close(CLOSE_SESSION_CLOSED, "session closed")
+            session.close(CLOSE_SESSION_CLOSED, reason)
         return len(members)
 
 
@@ -2662,10 +2867,11 @@ class _Registry:
         self.pages: list[_Page] = []
         self.raw_routes: dict[str, _RawRoute] = {}
         self.static: list[tuple[str, str]] = []
-        self.push_encoders: dict[type, _Encoder] = {}
+        self.push_encoders: dict[type, _Encoder] = {}  # of every type a broadcast may carry
         #: every process's presence entries (see "Presence across processes")
         self.presence = _PresenceTable(limits.max_presence_entries, limits.max_presence_meta_bytes)
-        self.topics = _Topics(self.presence)
+        self.event_types: set[type] = set()  # of every page's server_event
+        self.topics = _Topics(self.presence, self.event_types, self.decode_event)
         self.held = _HeldPages(limits)
         self.answers = _Answers(limits.resume_window)
         self._contract: tuple[bytes, str] | None = None
@@ -2736,6 +2942,94 @@ class _Registry:
 
     def add_page(self, path: str, namespace: Any) -> _Page:
         owner = getattr(namespace, "__name__", type(namespace).__name__)
+        param_names = self._check_route(path, namespace, owner)
+        members = {k: getattr(namespace, k) for k in dir(namespace) if not k.startswith("__")}
+        init, update = members.get("server_init"), members.get("server_update")
+        view, html = members.get("view"), members.get("html")
+        hooks = {name: members.get(name) for name in ("server_terminate", "server_presence", "server_event")}
+        for name, fn in {"server_update": update, **hooks}.items():
+            if fn is not None and init is None:
+                raise RegistrationError(
+                    f"page {owner}: {name} without server_init; add server_init to create the model"
+                )
+        if html is not None and not isinstance(html, str):
+            raise RegistrationError(f"page {owner}: html must be a str, got {type(html).__name__}")
+        if view is not None and not callable(view):
+            raise RegistrationError(f"page {owner}: view must be a function")
+        view_ctx, init_ctx, param_types, to_client_types, to_client = self._entry_hooks(
+            path, param_names, view, init, owner
+        )
+        update_ctx, to_server, to_server_types = False, None, list[str]()
+        if update is not None:
+            update_ctx, to_server, to_server_types, to_client_types, to_client = self._update_hook(
+                update, owner, to_client_types, to_client
+            )
+        terminate, terminate_ctx = hooks["server_terminate"], False
+        if terminate is not None:
+            where = f"page {owner}: server_terminate"
+            terminate_ctx = self._model_hook(terminate, where)
+            types_t, _ = self._effect_type(hints := self._hints(terminate, where), where, owner, whole=False)
+            if not set(types_t) <= set(to_client_types):
+                names = [c.__name__ for c in to_client_types]
+                raise RegistrationError(f"{where} pushes {_type_name(hints.get('return'))}; the page pushes {names}")
+        presence, presence_ctx, presence_codec = hooks["server_presence"], False, None
+        if presence is not None:
+            where = f"page {owner}: server_presence"
+            presence_ctx = self._model_hook(presence, where)
+            meta_type = self._hints(presence, where).get("return")
+            if not _is_dataclass_type(meta_type):
+                raise RegistrationError(f"{where}: return annotation is {_type_name(meta_type)}; expected a dataclass")
+            presence_codec = self._codec(meta_type, where)
+        event = hooks["server_event"]
+        event_ctx, event_types, event_codec = (
+            self._event_hook(event, owner, to_client_types, to_client) if event is not None else (False, (), None)
+        )
+        converters = {p: _PARAM_CONVERTERS[param_types.get(p, str)] for p in param_names}
+        if html is None and view is None:
+            html = f"<!doctype html><title>{owner}</title>"
+        page = _Page(
+            route=_Route(path, _route_regex(path), converters),
+            name=owner,
+            html=html,
+            view=view,
+            view_wants_context=view_ctx,
+            init=init,
+            init_wants_context=init_ctx,
+            update=update,
+            update_is_async=inspect.iscoroutinefunction(update),
+            update_wants_context=update_ctx,
+            to_server=to_server,
+            to_server_names=frozenset(to_server_types),
+            to_client=to_client,
+            to_client_types=to_client_types,
+            push_types=frozenset(to_client_types),
+            terminate=terminate,
+            terminate_is_async=inspect.iscoroutinefunction(terminate),
+            terminate_wants_context=terminate_ctx,
+            presence=presence,
+            presence_wants_context=presence_ctx,
+            presence_codec=presence_codec,
+            event=event,
+            event_is_async=inspect.iscoroutinefunction(event),
+            event_wants_context=event_ctx,
+            event_types=frozenset(event_types),
+            event_codec=event_codec,
+        )
+        for name, fn in members.items():
+            if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
+                self.add_rpc(fn, f"page {owner}: ")
+        for cls in (*to_client_types, *event_types):
+            if cls is not PresenceChanged:
+                self.push_encoders[cls] = self.codecs.get(cls).encode
+        self.event_types.update(event_types)
+        if PresenceChanged in event_types:
+            self.presence.track = True
+        self.pages.append(page)
+        self._contract = None
+        return page
+
+    def _check_route(self, path: Any, namespace: Any, owner: str) -> list[str]:
+        """Check a page's route; returns its parameter names."""
         if not isinstance(path, str):
             hint = "; the arguments are swapped" if isinstance(namespace, str) else ""
             raise RegistrationError(
@@ -2746,29 +3040,21 @@ class _Registry:
             raise RegistrationError(f"page {owner}: path {path!r} must start with / and not with /_rally/")
         if any(p.route.pattern == path for p in self.pages):
             raise RegistrationError(f"page {owner}: route {path!r} is registered twice")
-        param_names = _PARAM_RE.findall(path)
+        param_names: list[str] = _PARAM_RE.findall(path)
         if len(set(param_names)) != len(param_names):
             raise RegistrationError(f"page {owner}: route {path!r} repeats a parameter")
-        members = {k: getattr(namespace, k) for k in dir(namespace) if not k.startswith("__")}
-        init = members.get("server_init")
-        update = members.get("server_update")
-        hooks = {name: members.get(name) for name in ("server_terminate", "server_presence")}
-        view = members.get("view")
-        html = members.get("html")
-        for name, fn in {"server_update": update, **hooks}.items():
-            if fn is not None and init is None:
-                raise RegistrationError(
-                    f"page {owner}: {name} without server_init; add server_init to create the model"
-                )
-        if html is not None and not isinstance(html, str):
-            raise RegistrationError(f"page {owner}: html must be a str, got {type(html).__name__}")
-        if view is not None and not callable(view):
-            raise RegistrationError(f"page {owner}: view must be a function")
+        return param_names
+
+    def _entry_hooks(
+        self, path: str, param_names: list[str], view: Any, init: Any, owner: str
+    ) -> tuple[str | None, str | None, dict[str, Any], tuple[type, ...], _Codec | None]:
+        """Check ``view`` and ``server_init`` against the route: their
+        context parameters, the route parameters' types, and what
+        ``server_init`` pushes."""
         param_types: dict[str, Any] = {}
         init_ctx = view_ctx = None
         to_client_types: tuple[type, ...] = ()
-        to_client = to_server = None
-        to_server_types: list[str] = []
+        to_client = None
         for fn_name, fn in (("view", view), ("server_init", init)):
             if fn is None:
                 continue
@@ -2794,86 +3080,68 @@ class _Registry:
             else:
                 init_ctx = ctx
                 to_client_types, to_client = self._effect_type(hints, where, owner)
-        update_ctx = False
-        if update is not None:
-            where = f"page {owner}: server_update"
-            hints = self._hints(update, where)
-            ctx = _context_param(update, hints)
-            ps = [p for p in inspect.signature(update).parameters if p != ctx]
-            if len(ps) != 2:
-                raise RegistrationError(f"{where}: expected parameters (model, msg, server_context), got {ps}")
-            msg_type = hints.get(ps[1])
-            members_ = self.codecs.members(msg_type) if msg_type is not None else None
-            if members_ is None:
-                raise RegistrationError(
-                    f"{where}: parameter {ps[1]!r} is annotated {_type_name(msg_type)}; "
-                    "expected a dataclass or a union of dataclasses"
-                )
-            try:
-                to_server = self.codecs.message(members_)
-                to_server_types = [cls.__name__ for cls in members_]
-            except _Unsupported as exc:
-                raise RegistrationError(f"{where}: parameter {ps[1]!r}: {exc}") from None
-            types_u, codec_u = self._effect_type(hints, where, owner)
-            if codec_u is not None and to_client is not None and codec_u.name != to_client.name:
-                raise RegistrationError(
-                    f"{where} pushes {codec_u.name} but server_init pushes {to_client.name}; use one ToClient type"
-                )
-            to_client_types, to_client = types_u or to_client_types, codec_u or to_client
-            update_ctx = ctx is not None
-        terminate, terminate_ctx = hooks["server_terminate"], False
-        if terminate is not None:
-            where = f"page {owner}: server_terminate"
-            terminate_ctx = self._model_hook(terminate, where)
-            types_t, _ = self._effect_type(hints := self._hints(terminate, where), where, owner, whole=False)
-            if not set(types_t) <= set(to_client_types):
-                names = [c.__name__ for c in to_client_types]
-                raise RegistrationError(f"{where} pushes {_type_name(hints.get('return'))}; the page pushes {names}")
-        presence, presence_ctx, presence_codec = hooks["server_presence"], False, None
-        if presence is not None:
-            where = f"page {owner}: server_presence"
-            presence_ctx = self._model_hook(presence, where)
-            meta_type = self._hints(presence, where).get("return")
-            if not _is_dataclass_type(meta_type):
-                raise RegistrationError(f"{where}: return annotation is {_type_name(meta_type)}; expected a dataclass")
-            presence_codec = self._codec(meta_type, where)
-        converters = {p: _PARAM_CONVERTERS[param_types.get(p, str)] for p in param_names}
-        regex = "".join(
-            f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part) for i, part in enumerate(_PARAM_RE.split(path))
-        )
-        if html is None and view is None:
-            html = f"<!doctype html><title>{owner}</title>"
-        page = _Page(
-            route=_Route(path, re.compile(regex), converters),
-            name=owner,
-            html=html,
-            view=view,
-            view_wants_context=view_ctx,
-            init=init,
-            init_wants_context=init_ctx,
-            update=update,
-            update_is_async=inspect.iscoroutinefunction(update),
-            update_wants_context=update_ctx,
-            to_server=to_server,
-            to_server_names=frozenset(to_server_types),
-            to_client=to_client,
-            to_client_types=to_client_types,
-            push_types=frozenset(to_client_types),
-            terminate=terminate,
-            terminate_is_async=inspect.iscoroutinefunction(terminate),
-            terminate_wants_context=terminate_ctx,
-            presence=presence,
-            presence_wants_context=presence_ctx,
-            presence_codec=presence_codec,
-        )
-        for name, fn in members.items():
-            if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
-                self.add_rpc(fn, f"page {owner}: ")
-        for cls in to_client_types:
-            self.push_encoders[cls] = self.codecs.get(cls).encode
-        self.pages.append(page)
-        self._contract = None
-        return page
+        return view_ctx, init_ctx, param_types, to_client_types, to_client
+
+    def _message_hook(self, fn: Any, where: str) -> tuple[bool, str, Any, dict[str, Any]]:
+        """Check a ``(model, msg, server_context)`` hook: whether it wants
+        the context, the message parameter's name and annotation, and its hints."""
+        hints = self._hints(fn, where)
+        ctx = _context_param(fn, hints)
+        ps = [p for p in inspect.signature(fn).parameters if p != ctx]
+        if len(ps) != 2:
+            raise RegistrationError(f"{where}: expected parameters (model, msg, server_context), got {ps}")
+        return ctx is not None, ps[1], hints.get(ps[1]), hints
+
+    def _update_hook(
+        self, update: Any, owner: str, to_client_types: tuple[type, ...], to_client: _Codec | None
+    ) -> tuple[bool, _Codec, list[str], tuple[type, ...], _Codec | None]:
+        """Check ``server_update``: its context, its ToServer codec and names, and what the page pushes."""
+        where = f"page {owner}: server_update"
+        wants_ctx, name, msg_type, hints = self._message_hook(update, where)
+        members_ = self.codecs.members(msg_type) if msg_type is not None else None
+        if members_ is None:
+            raise RegistrationError(
+                f"{where}: parameter {name!r} is annotated {_type_name(msg_type)}; "
+                "expected a dataclass or a union of dataclasses"
+            )
+        try:
+            to_server = self.codecs.message(members_)
+        except _Unsupported as exc:
+            raise RegistrationError(f"{where}: parameter {name!r}: {exc}") from None
+        types_u, codec_u = self._effect_type(hints, where, owner)
+        if codec_u is not None and to_client is not None and codec_u.name != to_client.name:
+            raise RegistrationError(
+                f"{where} pushes {codec_u.name} but server_init pushes {to_client.name}; use one ToClient type"
+            )
+        names = [cls.__name__ for cls in members_]
+        return wants_ctx, to_server, names, types_u or to_client_types, codec_u or to_client
+
+    def _event_hook(
+        self, event: Any, owner: str, to_client_types: tuple[type, ...], to_client: _Codec | None
+    ) -> tuple[bool, tuple[type, ...], _Codec | None]:
+        """Check ``server_event``: its context, the event types (dataclasses
+        and ``rally.PresenceChanged``), their codec, and that it pushes
+        what the page pushes."""
+        where = f"page {owner}: server_event"
+        wants_ctx, name, msg_type, hints = self._message_hook(event, where)
+        args = typing.get_args(msg_type) if _is_union(msg_type) else (msg_type,)
+        others = [self.codecs.members(a) for a in args if a is not PresenceChanged]
+        members_ = tuple(m for found in others if found is not None for m in found)
+        if None in others or msg_type is None:
+            raise RegistrationError(
+                f"{where}: parameter {name!r} is annotated {_type_name(msg_type)}; expected a dataclass, "
+                "rally.PresenceChanged or a union of them"
+            )
+        try:
+            codec = self.codecs.message(members_) if members_ else None
+        except _Unsupported as exc:
+            raise RegistrationError(f"{where}: parameter {name!r}: {exc}") from None
+        types_e, codec_e = self._effect_type(hints, where, owner)
+        if not set(types_e) <= set(to_client_types):
+            names = [c.__name__ for c in to_client_types]
+            raise RegistrationError(f"{where} pushes {codec_e.name if codec_e else None}; the page pushes {names}")
+        events = (*members_, PresenceChanged) if PresenceChanged in args else members_
+        return wants_ctx, events, codec
 
     def _model_hook(self, fn: Callable[..., Any], where: str) -> bool:
         """Check a hook that takes ``(model, server_context)``; whether it wants the context."""
@@ -2928,6 +3196,7 @@ class _Registry:
                         "to_server": p.to_server.name if p.to_server else None,
                         "to_client": p.to_client.name if p.to_client else None,
                         "presence": p.presence_codec.name if p.presence_codec else None,
+                        **({"events": sorted(t.__name__ for t in p.event_types)} if p.event_types else {}),
                     }
                     for p in self.pages
                 },
@@ -3029,9 +3298,12 @@ class _Registry:
     def effect_ops(self, eff: Any, page: _Page, out: list[_Op]) -> list[_Op]:
         """Check and encode every push of an effect of ``page``, in order,
         before any is delivered: ``(scope, target, frame, type)`` appended to
-        ``out`` (a subscription has no frame). Raises ``_Bad`` for a value
-        that is not an Effect, a push type that is not the page's, or a
-        ``broadcast_to_page(page=...)`` to a page that does not declare it."""
+        ``out`` (a subscription or a watch has no frame). A broadcast may
+        carry the page's push types and any page's server event types
+        (README "Server events"). Raises ``_Bad`` for a value that is not an
+        Effect, a type the page may not send, a ``broadcast_to_page(page=...)``
+        to a page that declares neither, or a watch of a page that has
+        ``server_event`` without ``rally.PresenceChanged``."""
         if not isinstance(eff, Effect):
             raise _Bad(f"expected rally.Effect, got {type(eff).__name__}")
         scope = eff.scope
@@ -3039,25 +3311,42 @@ class _Registry:
             for child in eff.children:
                 self.effect_ops(child, page, out)
         elif scope in ("subscribe", "unsubscribe"):
-            out.append((scope, eff.target, b"", None))
+            out.append((scope, eff.target, b"", None, None))
+        elif scope in ("watch", "unwatch"):
+            if PresenceChanged not in page.event_types:
+                raise _Bad("watch_presence needs a server_event that takes rally.PresenceChanged")
+            out.append((scope, eff.target, b"", None, None))
         elif scope != "none":
             msg_type = type(eff.msg)
             if scope == "page" and eff.target is not None:
                 self.check_page_push(eff.target, msg_type, _Bad)
-            elif msg_type not in page.push_types:
+            elif msg_type not in page.push_types and (scope == "client" or msg_type not in self.event_types):
                 names = [c.__name__ for c in page.to_client_types]
-                raise _Bad(f"push {msg_type.__name__} is not in the page's Effect types {names}")
-            out.append((scope, eff.target, self.push_payload(eff.msg, self.push_encoders[msg_type]), msg_type))
+                raise _Bad(f"push {msg_type.__name__} is not in the page's Effect types {names} nor a server event")
+            payload = self.push_payload(eff.msg, self.push_encoders[msg_type])
+            out.append((scope, eff.target, payload, msg_type, eff.msg))
         return out
 
+    def decode_event(self, frame: bytes, msg_type: type) -> Any:
+        """The message of a push frame from another process, for ``server_event``; ``None`` if it does not fit."""
+        try:
+            fields = json.loads(frame)["msg"]["fields"]
+            return self.codecs.get(msg_type).decode(fields)
+        except (ValueError, KeyError, TypeError, _Bad) as exc:
+            _logger.warning("a %s from another process does not fit its type here: %s", msg_type.__name__, exc)
+            return None
+
     def check_page_push(self, path: str, msg_type: type, error: Callable[[str], Exception]) -> None:
-        """Raise ``error`` unless the page at ``path`` declares ``msg_type``."""
+        """Raise ``error`` unless the page at ``path`` pushes ``msg_type`` or takes it as a server event."""
         found = self.match_page(path)
         if found is None:
             raise error(f"no page is at {path[:100]!r}")
-        if msg_type not in found[0].push_types:
+        if msg_type not in found[0].push_types and msg_type not in found[0].event_types:
             names = [c.__name__ for c in found[0].to_client_types]
-            raise error(f"the page at {path[:100]!r} does not push {msg_type.__name__}; it pushes {names}")
+            raise error(
+                f"the page at {path[:100]!r} does not push {msg_type.__name__} nor take it as a server event;"
+                f" it pushes {names}"
+            )
 
     # -- presence -----------------------------------------------------------
     #
@@ -3083,12 +3372,14 @@ class _Registry:
         codec = self._meta_codec(path) if type(path) is str else None
         frame = self.presence.merge(origin, path, upserts, leaves, codec)
         if frame is not None:
+            self.topics.presence_changed()
             self.topics.publish(f"page:{path}", frame)
 
     def presence_replace(self, origin: str, pages: Any) -> None:
         """Process ``origin``'s entries are now exactly ``pages`` (``{}``
         when it has gone); tell this process's connections on each page."""
         for path, frame in self.presence.replace(origin, pages, self._meta_codec):
+            self.topics.presence_changed()
             self.topics.publish(f"page:{path}", frame)
 
     def _meta_codec(self, path: str) -> _Codec | None:
@@ -3096,7 +3387,7 @@ class _Registry:
         return found[0].presence_codec if found is not None else None
 
 
-_PAGE_HOOKS: Final = frozenset(("server_init", "server_update", "server_terminate", "server_presence"))
+_PAGE_HOOKS: Final = frozenset(("server_init", "server_update", "server_terminate", "server_presence", "server_event"))
 _PARAM_NAMES: Final = {str: "str", _convert_int: "int", _convert_float: "float"}
 
 
@@ -3718,6 +4009,7 @@ class _PageSession:
         "token",
         "replay",
         "in_seq",
+        "watching",
     )
 
     def __init__(
@@ -3752,6 +4044,7 @@ class _PageSession:
         self.token = secrets.token_urlsafe(16)  # the resume token, told in hello
         self.replay: _Replay | None = _Replay() if resumable else None  # the page said &last=
         self.in_seq = 0  # the highest send seq taken from the page
+        self.watching: set[str] | None = None  # pages and patterns whose presence changes it gets
 
     def _move(self, to: _PageState) -> None:
         if to not in _PAGE_MOVES[self.state]:
@@ -3795,6 +4088,31 @@ class _PageSession:
             return
         replay = self.replay
         self.peer.write_frame(_ws_frame(payload) if replay is None else replay.number(payload))
+
+    def event(self, msg: Any) -> None:
+        """A server event for the model (README "Server events"): applied
+        by ``server_event`` in order with the sends, never two at once; it
+        waits while ``server_init`` runs. At most ``max_pending_messages``
+        events wait: past that the page ends like a slow consumer (1013)."""
+        if self.state is _PageState.ENDED:
+            return
+        ready = self.state is not _PageState.STARTING
+        if ready and self.worker is None and not self.page.event_is_async:
+            self._event_now(msg)
+            return
+        limit = self.reg.limits.max_pending_messages
+        if sum(type(v) is _Event for v, _ in self.pending) >= limit:
+            _logger.warning(
+                "closing page %s connection %d: more than %d server events wait for its model",
+                self.ctx.page,
+                self.cid,
+                limit,
+            )
+            self.close(1013, "too many server events waiting")
+            return
+        self.pending.append((_Event(msg), None))
+        if ready and self.worker is None:
+            self.worker = self.spawn(self._drain())
 
     def can_resume(self, session_id: str, page: str, last: int) -> bool:
         """Whether a page of session ``session_id`` that received every frame
@@ -3943,6 +4261,9 @@ class _PageSession:
         if self.custom:
             topics.leave(self, self.custom)
             self.custom = None
+        if self.watching:
+            topics.unwatch(self, self.watching)
+            self.watching = None
         if self.meta is not None:
             self._unlist()
         self.pending.clear()
@@ -4069,6 +4390,9 @@ class _PageSession:
             return
         try:
             result = page.init(**kwargs)
+        except Refuse as refused:
+            self._refused(refused.reason)
+            return
         except Exception:
             _logger.exception("server_init of page %s raised (page %s)", page.name, self.ctx.page)
             self._init_failed()
@@ -4078,6 +4402,10 @@ class _PageSession:
     async def _init_async(self, coro: Awaitable[Any]) -> None:
         try:
             result = await asyncio.wait_for(coro, self.reg.limits.handler_timeout)
+        except Refuse as refused:
+            self.worker = None
+            self._refused(refused.reason)
+            return
         except Exception:
             _logger.exception("server_init of page %s failed (page %s)", self.page.name, self.ctx.page)
             self.worker = None
@@ -4095,6 +4423,11 @@ class _PageSession:
             self._init_failed()
             return False
         return self.state is _PageState.LIVE
+
+    def _refused(self, reason: str) -> None:
+        """``server_init`` raised ``rally.Refuse``: close with 4003, no model."""
+        _logger.info("page %s refused connection %d: %s", self.ctx.page, self.cid, reason)
+        self.peer.close(CLOSE_REFUSED, reason)
 
     def _init_failed(self) -> None:
         if self.state is not _PageState.ENDED:
@@ -4127,9 +4460,13 @@ class _PageSession:
         """Carry out an effect's checked deliveries and subscriptions, in
         order; what concerns the page itself only while it has not ended."""
         topics = self.reg.topics
-        for scope, target, frame, msg_type in ops:
+        for scope, target, frame, msg_type, msg in ops:
             if scope == "client":
                 self._emit(frame)
+            elif scope == "watch" or scope == "unwatch":
+                assert target is not None
+                if self.state is not _PageState.ENDED:
+                    self._watch(scope == "watch", target)
             elif scope == "subscribe" or scope == "unsubscribe":
                 assert target is not None
                 if self.state is _PageState.ENDED:
@@ -4142,7 +4479,7 @@ class _PageSession:
                         topics.leave(self, (target,))
                 elif target not in self.custom:
                     limit = self.reg.limits.max_topics_per_connection
-                    if len(self.custom) >= limit:
+                    if len(self.custom) + len(self.watching or ()) >= limit:
                         _logger.error(
                             "page %s: connection %d is in %d topics already (max_topics_per_connection): "
                             "not subscribed to %r",
@@ -4156,10 +4493,37 @@ class _PageSession:
                     topics.join(self, (target,))
             elif target is not None:  # a custom topic, or another page
                 assert msg_type is not None
-                topics.broadcast(target if scope == "topic" else f"page:{target}", frame, msg_type)
+                topics.broadcast(target if scope == "topic" else f"page:{target}", frame, msg_type, msg)
             else:
                 assert msg_type is not None
-                topics.broadcast(self.topics[_OWN_TOPICS[scope]], frame, msg_type)
+                topics.broadcast(self.topics[_OWN_TOPICS[scope]], frame, msg_type, msg)
+
+    def _watch(self, on: bool, page: str) -> None:
+        """Watch or stop watching the presence of ``page`` (a path or pattern),
+        within ``max_topics_per_connection`` with the topics."""
+        watching = self.watching
+        if watching is None:
+            watching = self.watching = set()
+        if not on:
+            if page in watching:
+                watching.discard(page)
+                self.reg.topics.unwatch(self, (page,))
+            return
+        if page in watching:
+            return
+        limit = self.reg.limits.max_topics_per_connection
+        if len(watching) + len(self.custom or ()) >= limit:
+            _logger.error(
+                "page %s: connection %d is in %d topics and watches already (max_topics_per_connection): "
+                "not watching %r",
+                self.ctx.page,
+                self.cid,
+                limit,
+                page[:100],
+            )
+            return
+        watching.add(page)
+        self.reg.topics.watch(self, page)
 
     # -- presence ------------------------------------------------------------------
 
@@ -4196,8 +4560,9 @@ class _PageSession:
             )
             return
         self.meta = meta
-        table.put(path, cid, self.tag, meta, meta_value)
+        table.put(path, cid, self.tag, meta, meta_value, self.ctx.session_id)
         topics = self.reg.topics
+        topics.presence_changed()
         if joining:  # the list holds the other processes' entries too
             topics.join_presence(path, self)
         else:
@@ -4205,13 +4570,14 @@ class _PageSession:
             topics.publish(self.topics[1], table.diff(updates=[entry]), skip=self)
             self.tell(table.diff(updates=[{**entry, "self": True}]))
         if topics.broker is not None:
-            topics.broker.presence(path, [[cid, self.tag, meta]], _EMPTY)
+            topics.broker.presence(path, [[cid, self.tag, meta, self.ctx.session_id]], _EMPTY)
 
     def _unlist(self) -> None:
         path, cid, table = self.topics[1][5:], self.cid, self.reg.presence
         self.meta = None
         if table.drop(path, cid):
             topics = self.reg.topics
+            topics.presence_changed()
             topics.publish(self.topics[1], table.diff(leaves=[cid]))
             if topics.broker is not None:
                 topics.broker.presence(path, _EMPTY, [cid])
@@ -4239,17 +4605,47 @@ class _PageSession:
         else:
             self._refuse(_error_reply(None, "internal", _INTERNAL_ERRORS, seq), seq)
 
-    async def _drain(self) -> None:
-        """Run queued ``send`` messages in order, one ``server_update`` at a time."""
+    def _event_now(self, msg: Any) -> None:
         page = self.page
-        assert page.update is not None
+        assert page.event is not None
+        args = (self.model, msg, self.ctx) if page.event_wants_context else (self.model, msg)
+        try:
+            result = page.event(*args)
+        except Exception:
+            _logger.exception("server_event of page %s raised on %s", page.name, type(msg).__name__)
+            return
+        self._evented(result)
+
+    def _evented(self, result: Any) -> None:
+        """Apply what ``server_event`` returned, unless the page ended meanwhile."""
+        if self.state is not _PageState.ENDED:
+            self._apply(result, "server_event")
+
+    async def _drain(self) -> None:
+        """Run queued ``send`` messages and server events in order, one
+        ``server_update`` or ``server_event`` at a time."""
+        page = self.page
         try:
             while self.pending and self.state is not _PageState.ENDED:
                 value, seq = self.pending.pop(0)
                 self._flow()
+                if type(value) is _Event:
+                    if not page.event_is_async:
+                        self._event_now(value.msg)
+                        continue
+                    assert page.event is not None
+                    args = (self.model, value.msg, self.ctx) if page.event_wants_context else (self.model, value.msg)
+                    try:
+                        result = await asyncio.wait_for(page.event(*args), self.reg.limits.handler_timeout)
+                    except Exception:
+                        _logger.exception("server_event of page %s failed on %s", page.name, type(value.msg).__name__)
+                        continue
+                    self._evented(result)
+                    continue
                 if not page.update_is_async:
                     self._update_now(value, seq)
                     continue
+                assert page.update is not None
                 args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
                 try:
                     result = await asyncio.wait_for(page.update(*args), self.reg.limits.handler_timeout)
@@ -4259,6 +4655,15 @@ class _PageSession:
                 self._updated(result, seq)
         finally:
             self.worker = None
+
+
+class _Event:
+    """A server event waiting in a page session's queue, among its sends."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
 
 
 class Response:
@@ -4963,9 +5368,10 @@ class RedisBroker:
         header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
         self._enqueue(_dumps(header) + b"\n" + frame, True)
 
-    def close(self, topic: str) -> None:
-        """Tell the other processes to close the connections of ``topic`` (a session)."""
-        self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": topic}) + b"\n", True)
+    def close(self, target: str, reason: str) -> None:
+        """Tell the other processes to close the connections of ``target``
+        (a session's topic, or ``connection:<id>``) with ``reason``."""
+        self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": target, "r": reason}) + b"\n", True)
 
     def release(self, token: str, session_id: str) -> None:
         """A page of session ``session_id`` holding resume ``token`` came
@@ -5312,7 +5718,8 @@ class RedisBroker:
                 self._topics.publish(topic, frame, msg_type)
         elif kind == "close" and type(topic) is str:
             self.received += 1
-            self._topics.close(topic)
+            reason = header.get("r")
+            self._topics.close(topic, reason if type(reason) is str and len(reason) <= 120 else "session closed")
         elif kind == "presence":
             self._registry.presence_merge(origin, topic, header.get("e"), header.get("l"))
         elif kind == "hello" or kind == "state":
@@ -6684,7 +7091,7 @@ class App:
             frame = self._registry.push_payload(msg)
         except _Bad as bad:
             raise UsageError(bad.message) from None
-        return self._registry.topics.broadcast(topic, frame, type(msg))
+        return self._registry.topics.broadcast(topic, frame, type(msg), msg)
 
     async def broadcast_to_app(self, msg: Any) -> int:
         """Push ``msg`` to every connection whose page declares its type;
@@ -6715,13 +7122,30 @@ class App:
         from the others)."""
         return self._registry.presence_of(path)
 
-    async def close_session(self, session_id: str) -> int:
-        """Close every WebSocket of a session (code 4001), as on logout, in
-        every process of the app; returns how many were in this one."""
-        topic = f"session:{session_id}"
+    async def close_session(self, session_id: str, reason: str = "") -> int:
+        """Close every page connection of a session with code 4001 and
+        ``reason`` (at most 120 bytes of UTF-8; "session closed" if empty),
+        as on logout, in every process of the app; returns how many were in
+        this one. The browser stops and reports ``onStatus("closed", {code,
+        reason})``."""
+        return self._close(f"session:{session_id}", _close_reason(reason, "close_session") or "session closed")
+
+    async def close_connection(self, connection_id: int, reason: str = "") -> int:
+        """Close one page connection (``rally.Presence.id``,
+        ``server_context.connection_id``) with code 4001 and ``reason``
+        (at most 120 bytes of UTF-8; "connection closed" if empty), in
+        whichever process of the app holds it (a kick); returns 1 if it
+        was in this one, else 0."""
+        if isinstance(connection_id, bool) or not isinstance(connection_id, int):
+            raise UsageError(f"close_connection: expected a connection id (int), got {connection_id!r:.60}")
+        return self._close(
+            f"connection:{connection_id}", _close_reason(reason, "close_connection") or "connection closed"
+        )
+
+    def _close(self, target: str, reason: str) -> int:
         if self.broker is not None:
-            self.broker.close(topic)
-        return self._registry.topics.close(topic)
+            self.broker.close(target, reason)
+        return self._registry.topics.close(target, reason)
 
     def _threadsafe(self, coro: Coroutine[Any, Any, _T]) -> _ThreadFuture[_T]:
         if self._loop is None or self._loop.is_closed():
@@ -6745,9 +7169,13 @@ class App:
         """``broadcast_to_session`` from any thread; returns a concurrent Future."""
         return self._threadsafe(self.broadcast_to_session(session_id, msg))
 
-    def close_session_threadsafe(self, session_id: str) -> _ThreadFuture[int]:
+    def close_session_threadsafe(self, session_id: str, reason: str = "") -> _ThreadFuture[int]:
         """``close_session`` from any thread; returns a concurrent Future."""
-        return self._threadsafe(self.close_session(session_id))
+        return self._threadsafe(self.close_session(session_id, reason))
+
+    def close_connection_threadsafe(self, connection_id: int, reason: str = "") -> _ThreadFuture[int]:
+        """``close_connection`` from any thread; returns a concurrent Future."""
+        return self._threadsafe(self.close_connection(connection_id, reason))
 
 
 _CLIENT_JS: Final = r"""
