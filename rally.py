@@ -7340,7 +7340,6 @@ class PageConnection:
         hello = self._hello.result()
         if not self.resumed:
             self._unacked.clear()
-            self.last_seq = self._acked_seq = 0
             return False
         for seq, text in sorted(self._unacked.items()):
             if seq > hello["ack"]:
@@ -7452,6 +7451,11 @@ class PageConnection:
         seq = reply.get("seq")
         if kind == "hello":
             self.resume_token, self.resumed = reply.get("resume"), bool(reply.get("resumed"))
+            if not self.resumed:
+                # A fresh page numbers its frames from 1 again. Reset here, as
+                # the hello is read: the frames right behind it (server_init's
+                # pushes, the presence list) must not look like old ones.
+                self.last_seq = self._acked_seq = 0
             if self._hello is not None and not self._hello.done():
                 self._hello.set_result(reply)
             return

@@ -2877,6 +2877,55 @@ async def test_a_resume_token_is_worth_nothing_to_another_session() -> None:
             await journal.until(lambda: journal.terminated == [["thief"]])  # only the thief's own page ended
 
 
+@dataclass
+class Applied:
+    sends: int
+
+
+class GreetingJournalPage(JournalPage):
+    """A journal page whose ``server_init`` greets the new connection and
+    whose presence meta is how many sends the model applied."""
+
+    def server_init(server_context: rally.ServerContext) -> tuple[list[str], rally.Effect[Said]]:
+        journal = server_context.state
+        journal.inits += 1
+        journal.note()
+        return [], rally.effect.send_to_client(Said(f"init {journal.inits}"))
+
+    def server_presence(model: list[str]) -> Applied:
+        return Applied(len(model))
+
+
+async def test_client_reconnect_not_resumed_keeps_the_fresh_init_pushes_and_presence() -> None:
+    journal = Journal()
+    app = rally.App(state=journal, resume_window=0)  # no resume: every reconnect starts afresh
+    app.page("/journal", GreetingJournalPage)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            assert await said(page, 1) == ["init 1"]
+            for text in "abc":
+                await page.send(Typed(text))
+            assert await said(page, 3) == list("abc")
+            await eventually(lambda: [p.meta for p in page.presence] == [Applied(3)], "the presence of three sends")
+            old_id, old_seq = page.connection_id, page.last_seq
+            assert old_seq > 2  # more than the fresh page's first frames: they must not look old
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            assert await page.reconnect() is False
+            assert await said(page, 1) == ["init 2"]  # the fresh server_init's push
+            await eventually(
+                lambda: (
+                    page.connection_id != old_id
+                    and [(p.id, p.meta) for p in page.presence] == [(page.connection_id, Applied(0))]
+                ),
+                "the fresh page's presence state",
+            )
+            await page.send(Typed("after"))
+            assert await said(page, 1) == ["after"]
+            assert journal.inits == 2
+
+
 async def test_resume_works_when_the_server_had_sent_nothing_and_after_a_long_quiet() -> None:
     window = 1.0
     app, journal = journal_app(ping_interval=60, resume_window=window)
