@@ -7672,14 +7672,34 @@ class Client:
         return PageConnection(self, path)
 
 
+class _Send:
+    """One numbered ``send`` of a page, from ``send()`` until the server
+    answers it (or the page gives it up)."""
+
+    __slots__ = ("text", "written", "answered")
+
+    def __init__(self, text: str, answered: asyncio.Future[None]) -> None:
+        self.text = text
+        self.written = False  # written to a connection: the server may have taken it
+        self.answered = answered  # what send() awaits: the ack, or the refusal
+
+
 class PageConnection:
     """A page's WebSocket from a ``Client``: ``send``, ``rpc``, ``receive``.
 
+    ``send()`` returns once the server applied the message (its ``ack``)
+    and raises ``RemoteError`` when the server refuses it; while the
+    connection is lost it waits for ``reconnect()`` (see ``send``).
     ``receive()`` returns the next push (a dataclass when the Client knows
-    the app); an ``error`` envelope answering a ``send`` raises
-    ``RemoteError`` from ``receive()``; ``ConnectionClosed`` once closed.
-    ``async for msg in page`` iterates pushes until the connection closes.
+    the app); ``ConnectionClosed`` once closed. ``async for msg in page``
+    iterates pushes until the connection closes.
     """
+
+    #: At most this many sends wait for a connection (sent while it is lost,
+    #: or before the first hello); past that the oldest of them is dropped
+    #: and its ``send()`` raises ``RemoteError("queue_full")``. As the
+    #: browser client's bound; settable per page.
+    max_queued_sends = 1000
 
     def __init__(self, client: Client, path: str, *, headers: Iterable[tuple[str, str]] = ()) -> None:
         self.client = client
@@ -7709,7 +7729,11 @@ class PageConnection:
         self.last_seq = 0  # the last numbered frame received
         self._acked_seq = 0  # the last one acknowledged to the server
         self._next_send = itertools.count(1)
-        self._unacked: dict[int, str] = {}  # numbered sends the server has not answered
+        # Numbered sends the server has not answered, in seq order: written
+        # ones, then (while no connection is ready) the queued ones.
+        self._unacked: dict[int, _Send] = {}
+        self._ready = False  # this connection's hello arrived: sends go straight out
+        self._closed_for_good: ConnectionClosed | None = None  # by close(), or code 4000/4001
 
     async def __aenter__(self) -> PageConnection:
         await self.connect()
@@ -7732,6 +7756,7 @@ class PageConnection:
             writer.close()
             raise
         self._writer = writer
+        self._closed_for_good = None
         self._hello = loop.create_future()
         self._reader_task = loop.create_task(self._read(reader, trailing))
 
@@ -7745,9 +7770,16 @@ class PageConnection:
         """Open the page again after its connection was lost (or closed):
         with the server's resume token, so a page the server still holds
         goes on where it was (missed pushes arrive in order, no
-        ``server_init``) and sends it had not answered are sent again.
-        Returns whether it resumed; if not, the page started afresh and the
-        unanswered sends are dropped (they may or may not have been applied)."""
+        ``server_init``). Returns whether it resumed.
+
+        Resumed, the sends the server had not taken are sent again (it
+        takes each once) and the queued ones follow. Not resumed (a fresh
+        ``server_init``), a send written before and not answered raises
+        ``RemoteError("connection_lost")`` from its ``send()``: it may or
+        may not have been applied to the old model, and it is not applied
+        to the new one; the queued sends, never written, go to the new
+        model."""
+        self._ready = False  # sends wait for the new connection's hello
         if self._reader_task is not None:
             if self._writer is not None:
                 self._writer.transport.abort()
@@ -7765,15 +7797,7 @@ class PageConnection:
         await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), self.client.timeout)
         if not self._hello.done():
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        hello = self._hello.result()
-        if not self.resumed:
-            self._unacked.clear()
-            self.last_seq = self._acked_seq = 0
-            return False
-        for seq, text in sorted(self._unacked.items()):
-            if seq > hello["ack"]:
-                await self.send_raw(text)
-        return True
+        return self.resumed
 
     def _drain_inbox(self) -> list[Any]:
         items = []
@@ -7842,6 +7866,7 @@ class PageConnection:
                     elif isinstance(event, wsproto.events.Ping) and self._ws.state is ConnectionState.OPEN:
                         self._write(self._ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
+                        self._ready = False
                         self.close_code, self.close_reason = event.code, event.reason or ""
                         if self._ws.state is ConnectionState.REMOTE_CLOSING:
                             self._write(self._ws.send(event.response()))
@@ -7851,12 +7876,15 @@ class PageConnection:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._ready = False
             if self.close_code is None:
                 self.close_code = 1006
             closed = ConnectionClosed(self.close_code, self.close_reason)
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(closed)
+            if self.close_code in (CLOSE_STALE_CONTRACT, CLOSE_SESSION_CLOSED):
+                self._close_for_good()  # the browser client stops here too
             self._inbox.put_nowait(closed)
             if self._writer is not None:
                 self._writer.close()
@@ -7880,6 +7908,13 @@ class PageConnection:
         seq = reply.get("seq")
         if kind == "hello":
             self.resume_token, self.resumed = reply.get("resume"), bool(reply.get("resumed"))
+            if not self.resumed:
+                # A fresh page numbers its frames from 1 again. Reset here, as
+                # the hello is read: the frames right behind it (server_init's
+                # pushes, the presence list) must not look like old ones.
+                self.last_seq = self._acked_seq = 0
+            ack = reply.get("ack")
+            self._flush_sends(self.resumed, ack if type(ack) is int else 0)
             if self._hello is not None and not self._hello.done():
                 self._hello.set_result(reply)
             return
@@ -7890,13 +7925,24 @@ class PageConnection:
             if seq - self._acked_seq >= _CLIENT_ACK_EVERY:  # the server may forget what we have
                 self._acked_seq = seq
                 self._write(self._ws.send(wsproto.events.TextMessage(data=f'{{"kind":"ack","seq":{seq}}}')))
-        if kind == "ack":
-            if type(seq) is int:  # sends are applied in order: an ack settles every one up to it
-                for done in [s for s in self._unacked if s <= seq]:
-                    del self._unacked[done]
+        if kind == "ack" or (kind == "error" and type(seq) is int):
+            # A send's answer. An answer nobody waits for (replayed after a
+            # resume, or its send given up) is dropped.
+            if type(seq) is not int:
+                return
+            if kind == "error":
+                send = self._unacked.pop(seq, None)
+                if send is not None and not send.answered.done():
+                    send.answered.set_exception(Client._remote_error(reply))
+                return
+            # Sends are applied in order and a refusal comes before the ack
+            # of any later send: an ack settles every send up to it (after a
+            # resume, the one ack of the sends whose own ack was lost).
+            for done in [s for s in self._unacked if s <= seq]:
+                send = self._unacked.pop(done)
+                if not send.answered.done():
+                    send.answered.set_result(None)
             return
-        if kind == "error" and type(seq) is int and self._unacked.pop(seq, None) is None:
-            return  # the refusal of a send, replayed after a resume: reported already
         if kind == "presence":
             self._on_presence(reply)
             return
@@ -7957,13 +8003,74 @@ class PageConnection:
         assert self._writer is not None
         await self._writer.drain()
 
-    async def send(self, msg: Any) -> None:
-        """Send a message to the page's ``server_update``, numbered, so that
-        ``reconnect`` sends it again if the server had not answered it."""
+    async def send(self, msg: Any, timeout: float | None = None) -> None:
+        """Send a message to the page's ``server_update`` and return once the
+        server applied it (its ``ack``: the pushes of that ``server_update``
+        have arrived by then). A message is never applied twice; once
+        ``send()`` returns, it was applied once.
+
+        Raises ``RemoteError`` when the server refuses it (``code``:
+        ``unknown_type``, ``invalid``, ``internal``, ...) and
+        ``ConnectionClosed`` once the page is closed for good (``close()``,
+        close code 4000 or 4001). While the connection is lost (or before
+        its hello) the message waits, at most ``max_queued_sends`` of them,
+        and goes out after ``reconnect()``; see there for what a page that
+        did not resume does with it. ``TimeoutError`` after ``timeout``
+        seconds (the Client's ``timeout`` by default), or a cancellation,
+        gives the message up: one not written yet is never applied, one
+        written may have been applied (once)."""
+        if self._closed_for_good is not None:
+            raise ConnectionClosed(self._closed_for_good.code, self._closed_for_good.reason)
         seq = next(self._next_send)
         text = json.dumps({"kind": "send", "seq": seq, "msg": self.client.encode_message(msg)})
-        self._unacked[seq] = text
-        await self.send_raw(text)
+        send = _Send(text, asyncio.get_running_loop().create_future())
+        ready = self._ready and self._ws.state is ConnectionState.OPEN
+        if not ready:
+            queued = [s for s, other in self._unacked.items() if not other.written]
+            if len(queued) >= self.max_queued_sends:
+                oldest = self._unacked.pop(queued[0])
+                message = f"more than {self.max_queued_sends} sends waiting for a connection: dropped the oldest"
+                oldest.answered.set_exception(RemoteError("queue_full", [{"path": "", "message": message}]))
+        self._unacked[seq] = send
+        try:
+            if ready:
+                send.written = True
+                self._write(self._ws.send(wsproto.events.TextMessage(data=text)))
+                assert self._writer is not None
+                with contextlib.suppress(ConnectionError, OSError):
+                    await self._writer.drain()  # a lost connection: the answer comes after reconnect()
+            await asyncio.wait_for(send.answered, self.client.timeout if timeout is None else timeout)
+        finally:
+            if self._unacked.get(seq) is send:
+                del self._unacked[seq]  # given up: not written again
+
+    def _flush_sends(self, resumed: bool, ack: int) -> None:
+        """At a connection's hello: settle what the page had sent, write what
+        the server lacks, in seq order (it takes a seq only above the last
+        it took), and let later sends go straight out."""
+        if not resumed:
+            lost = [seq for seq, send in self._unacked.items() if send.written]
+            for seq in lost:
+                send = self._unacked.pop(seq)
+                message = "the connection was lost before the server answered; it may or may not have been applied"
+                send.answered.set_exception(RemoteError("connection_lost", [{"path": "", "message": message}]))
+        if self._ws.state is not ConnectionState.OPEN:
+            return  # close() began meanwhile
+        for seq, send in self._unacked.items():
+            if not resumed or seq > ack:  # resumed: the server took the rest; their answers follow the hello
+                send.written = True
+                self._write(self._ws.send(wsproto.events.TextMessage(data=send.text)))
+        self._ready = True
+
+    def _close_for_good(self) -> None:
+        """No more sends: the waiting ones raise ``ConnectionClosed``."""
+        closed = ConnectionClosed(self.close_code or 1000, self.close_reason)
+        self._closed_for_good = closed
+        self._ready = False
+        sends, self._unacked = self._unacked, {}
+        for send in sends.values():
+            if not send.answered.done():
+                send.answered.set_exception(ConnectionClosed(closed.code, closed.reason))
 
     async def rpc(self, msg: Any, key: str | None = None) -> Ok[Any] | Error[Any]:
         """Call an RPC over this WebSocket; ``TimeoutError`` after the Client's
@@ -8017,7 +8124,9 @@ class PageConnection:
         the Client's ``timeout``). If the calling task is cancelled meanwhile,
         the socket is still closed and the cancellation propagates."""
         writer = self._writer
+        self._ready = False
         if writer is None:
+            self._close_for_good()
             return
         try:
             if self._ws.state is ConnectionState.OPEN:
@@ -8032,6 +8141,7 @@ class PageConnection:
                 self._reader_task.cancel()
             self._writer = None
             writer.close()
+            self._close_for_good()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 

@@ -1341,8 +1341,8 @@ async def test_pending_sends_past_the_bound_pause_reading_and_all_run_in_order()
     app = rally.App(max_pending_messages=8)
     app.page("/gated", Gated)
     async with running(app) as server, rally.Client(server.url, app) as client, client.page("/gated") as page:
-        for i in range(100):
-            await page.send(Say("client", str(i)))
+        # Each send waits for its answer: they run at once, written in order.
+        sends = [asyncio.create_task(page.send(Say("client", str(i)))) for i in range(100)]
         [conn] = [c for c in server.conns if isinstance(c, rally._WsConn)]
         session = conn.session
         assert isinstance(session, rally._PageSession)
@@ -1350,6 +1350,7 @@ async def test_pending_sends_past_the_bound_pause_reading_and_all_run_in_order()
         # The bound stops reading: messages already read wait in the reader.
         assert len(session.pending) == 8
         gate.set()
+        await asyncio.wait_for(asyncio.gather(*sends), WAIT)
         assert [(await page.receive()).text for _ in range(100)] == [str(i) for i in range(100)]
         assert session.model == [str(i) for i in range(100)]
 

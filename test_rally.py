@@ -1516,9 +1516,8 @@ async def test_server_update_raising_keeps_the_model_and_answers_internal(caplog
         async with rally.Client(server.url, app) as client, client.page("/fragile") as page:
             await page.send(Say("client", "one"))
             assert await page.receive() == Count(1, "one")
-            await page.send(Say("client", "boom"))
             with pytest.raises(rally.RemoteError) as info:
-                await page.receive()
+                await page.send(Say("client", "boom"))
             assert info.value.code == "internal"
             await page.send(Say("client", "two"))
             assert await page.receive() == Count(2, "two")
@@ -1537,9 +1536,8 @@ async def test_push_of_a_type_outside_the_page_effect_is_internal(caplog: Any) -
     app.page("/wrong", Wrong)
     async with running(app) as server:
         async with rally.Client(server.url, app) as client, client.page("/wrong") as page:
-            await page.send(Say("client", "x"))
             with pytest.raises(rally.RemoteError) as info:
-                await page.receive()
+                await page.send(Say("client", "x"))
     assert info.value.code == "internal"
     assert any("breaks its annotation" in r.getMessage() for r in caplog.records)
 
@@ -1559,9 +1557,8 @@ async def test_an_effect_is_all_or_nothing(caplog: Any) -> None:
     app.page("/tallied", Tallied)
     async with running(app) as server, rally.Client(server.url, app) as client:
         async with client.page("/tallied") as sender, client.page("/tallied") as other:
-            await sender.send(Say("client", "bad"))
             with pytest.raises(rally.RemoteError) as info:
-                await sender.receive()
+                await sender.send(Say("client", "bad"))
             assert info.value.code == "internal"
             await sender.send(Say("client", "good"))
             # Neither side saw the broadcast of the refused effect, and the model did not advance.
@@ -2356,10 +2353,11 @@ async def test_broadcast_to_another_page_must_be_a_type_that_page_declares(caplo
     ):
         await red.send(Relay("/blue", "over"))
         assert await blue.receive() == Shout("over")
-        await red.send(Relay("/mute", "refused"))
         with pytest.raises(rally.RemoteError) as info:
-            await red.receive()  # the first thing red gets: "over" went to /blue only
+            await red.send(Relay("/mute", "refused"))
         assert info.value.code == "internal"
+        await red.send(Relay("/red", "home"))
+        assert await red.receive() == Shout("home")  # the first thing red gets: "over" went to /blue only
         with pytest.raises(rally.UsageError, match="does not push Shout"):
             await app.broadcast_to_page("/mute", Shout("x"))
         with pytest.raises(rally.UsageError, match="no page"):
@@ -2797,10 +2795,11 @@ async def test_resume_takes_over_a_connection_the_server_still_thinks_open() -> 
         async with client, client.page("/journal") as page:
             await eventually(lambda: page.resume_token, "hello")
             proxy.silence()  # the server sees nothing: no reset, no close
-            await page.send(Typed("lost in the dark"))  # goes nowhere
+            sending = asyncio.create_task(page.send(Typed("lost in the dark")))  # goes nowhere, or waits
             await asyncio.wait_for(page.wait_closed(), WAIT)
             assert await page.reconnect() is True
-            assert await said(page, 1) == ["lost in the dark"]  # sent again, applied once
+            await asyncio.wait_for(sending, WAIT)  # sent again (or at last), answered
+            assert await said(page, 1) == ["lost in the dark"]  # applied once
             assert journal.inits == 1 and journal.terminated == []
 
 
@@ -2812,14 +2811,15 @@ async def test_a_send_whose_ack_was_lost_is_applied_once() -> None:
             async with client.page("/journal") as page:
                 await eventually(lambda: page.resume_token, "hello")
                 proxy.mute()
-                await page.send(Typed("once"))
+                sending = asyncio.create_task(page.send(Typed("once")))
                 assert await said(steady, 1) == ["once"]  # applied; its push and ack are lost
                 proxy.cut()
                 await asyncio.wait_for(page.wait_closed(), WAIT)
-                assert list(page._unacked) == [1]  # the page does not know it was applied
+                assert list(page._unacked) == [1] and not sending.done()  # the page does not know it was applied
                 assert await page.reconnect() is True  # the server says it has send 1: not sent again
-                assert await said(page, 1) == ["once"]  # the lost push, replayed
-                await journal.until(lambda: not page._unacked)  # and the lost ack
+                await asyncio.wait_for(sending, WAIT)  # the lost ack, replayed
+                assert await said(page, 1) == ["once"]  # and the lost push, before it
+                assert not page._unacked
                 await page.send(Typed("after"))
                 assert await said(page, 1) == ["after"]
         await journal.until(lambda: len(journal.terminated) == 2)
@@ -2875,6 +2875,191 @@ async def test_a_resume_token_is_worth_nothing_to_another_session() -> None:
             assert await said(page, 1) == ["thief"]  # what the page said while the owner was away
             assert journal.inits == 2
             await journal.until(lambda: journal.terminated == [["thief"]])  # only the thief's own page ended
+
+
+@dataclass
+class Applied:
+    sends: int
+
+
+class GreetingJournalPage(JournalPage):
+    """A journal page whose ``server_init`` greets the new connection and
+    whose presence meta is how many sends the model applied."""
+
+    def server_init(server_context: rally.ServerContext) -> tuple[list[str], rally.Effect[Said]]:
+        journal = server_context.state
+        journal.inits += 1
+        journal.note()
+        return [], rally.effect.send_to_client(Said(f"init {journal.inits}"))
+
+    def server_presence(model: list[str]) -> Applied:
+        return Applied(len(model))
+
+
+async def test_client_reconnect_not_resumed_keeps_the_fresh_init_pushes_and_presence() -> None:
+    journal = Journal()
+    app = rally.App(state=journal, resume_window=0)  # no resume: every reconnect starts afresh
+    app.page("/journal", GreetingJournalPage)
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            assert await said(page, 1) == ["init 1"]
+            for text in "abc":
+                await page.send(Typed(text))
+            assert await said(page, 3) == list("abc")
+            await eventually(lambda: [p.meta for p in page.presence] == [Applied(3)], "the presence of three sends")
+            old_id, old_seq = page.connection_id, page.last_seq
+            assert old_seq > 2  # more than the fresh page's first frames: they must not look old
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            assert await page.reconnect() is False
+            assert await said(page, 1) == ["init 2"]  # the fresh server_init's push
+            await eventually(
+                lambda: (
+                    page.connection_id != old_id
+                    and [(p.id, p.meta) for p in page.presence] == [(page.connection_id, Applied(0))]
+                ),
+                "the fresh page's presence state",
+            )
+            await page.send(Typed("after"))
+            assert await said(page, 1) == ["after"]
+            assert journal.inits == 2
+
+
+class SlowJournalPage(JournalPage):
+    """A journal page whose ``server_update`` notes each message, then waits
+    for ``journal.release`` before applying it."""
+
+    async def server_update(
+        model: list[str], msg: Typed, server_context: rally.ServerContext
+    ) -> tuple[list[str], rally.Effect[Said]]:
+        journal = server_context.state
+        journal.asked.append(msg.text)
+        journal.note()
+        await journal.release.wait()
+        return [*model, msg.text], rally.effect.broadcast_to_page(Said(msg.text))
+
+
+def slow_journal_app() -> tuple[rally.App, Journal]:
+    journal = Journal()
+    app = rally.App(state=journal)
+    app.page("/journal", SlowJournalPage)
+    return app, journal
+
+
+async def test_client_send_returns_once_applied_and_raises_the_server_refusal() -> None:
+    app, journal = slow_journal_app()
+    async with running(app) as server, bounded_client(server, app) as client, client.page("/journal") as page:
+        sending = asyncio.create_task(page.send(Typed("slow")))
+        await journal.until(lambda: journal.asked == ["slow"])  # server_update is running
+        assert not sending.done()  # no ack yet
+        journal.release.set()
+        await asyncio.wait_for(sending, WAIT)
+        with pytest.raises(rally.RemoteError) as refused:
+            await page.send(Ask("not a message of server_update"))
+        assert refused.value.code == "unknown_type"
+        await page.send(Typed("next"))
+        assert await said(page, 2) == ["slow", "next"]  # the refusal went to its send, not to receive()
+
+
+async def test_client_send_while_away_is_queued_and_applied_once_after_resume() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, bounded_client(server, app) as other, other.page("/journal") as steady:
+            async with client.page("/journal") as page:
+                await page.send(Typed("a"))
+                assert await said(page, 1) == ["a"]
+                proxy.cut()
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+                sending = asyncio.create_task(page.send(Typed("queued")))  # no error: it waits
+                await eventually(lambda: 2 in page._unacked, "the send queued")
+                assert await page.reconnect() is True
+                await asyncio.wait_for(sending, WAIT)  # answered: applied
+                assert await said(page, 1) == ["queued"]
+                assert await said(steady, 2) == ["a", "queued"]
+        await journal.until(lambda: len(journal.terminated) == 2)
+        assert journal.terminated == [["a", "queued"], []]  # the cut page's sends once; the steady page's
+
+
+async def test_client_sends_when_the_page_starts_afresh() -> None:
+    app, journal = journal_app(resume_window=0)  # every reconnect starts afresh
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, bounded_client(server, app) as other, other.page("/journal") as steady:
+            async with client.page("/journal") as page:
+                await eventually(lambda: page.resume_token, "hello")
+                proxy.mute()  # applied, but its push and ack are lost
+                in_flight = asyncio.create_task(page.send(Typed("in flight")))
+                assert await said(steady, 1) == ["in flight"]
+                proxy.cut()
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+                queued = asyncio.create_task(page.send(Typed("queued")))
+                await eventually(lambda: len(page._unacked) == 2, "the second send queued")
+                assert await page.reconnect() is False
+                with pytest.raises(rally.RemoteError) as lost:
+                    await asyncio.wait_for(in_flight, WAIT)  # written before: it may have been applied
+                assert lost.value.code == "connection_lost"
+                await asyncio.wait_for(queued, WAIT)  # never written before: applied to the new model
+                assert await said(page, 1) == ["queued"] and await said(steady, 1) == ["queued"]
+        await journal.until(lambda: len(journal.terminated) == 3)
+        assert journal.terminated == [["in flight"], ["queued"], []]  # the old model, the new one, the steady page
+
+
+async def test_client_queued_sends_are_bounded_and_a_send_given_up_is_not_applied() -> None:
+    app, journal = journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, client.page("/journal") as page:
+            await eventually(lambda: page.resume_token, "hello")
+            page.max_queued_sends = 2
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            with pytest.raises(TimeoutError):
+                await page.send(Typed("given up"), timeout=0.05)  # never written: withdrawn
+            assert not page._unacked
+            sending = [asyncio.create_task(page.send(Typed(text))) for text in ("1", "2", "3")]
+            with pytest.raises(rally.RemoteError) as full:
+                await asyncio.wait_for(sending[0], WAIT)  # the oldest makes room for the third
+            assert full.value.code == "queue_full"
+            assert await page.reconnect() is True
+            await asyncio.wait_for(asyncio.gather(*sending[1:]), WAIT)
+            assert await said(page, 2) == ["2", "3"]
+        await journal.until(lambda: len(journal.terminated) == 1)
+        assert journal.terminated == [["2", "3"]]
+
+
+@pytest.mark.parametrize("how", ["close", "close while away", "close_session"])
+async def test_client_send_raises_connection_closed_once_the_page_is_closed_for_good(how: str) -> None:
+    app, journal = slow_journal_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client:
+            page = client.page("/journal")
+            await page.connect()
+            await eventually(lambda: page.resume_token, "hello")
+            if how == "close while away":
+                proxy.cut()
+                await asyncio.wait_for(page.wait_closed(), WAIT)
+                pending = asyncio.create_task(page.send(Typed("never")))
+                await eventually(lambda: page._unacked, "the send queued")
+                await page.close()
+            else:
+                pending = asyncio.create_task(page.send(Typed("held")))
+                await journal.until(lambda: journal.asked == ["held"])
+                if how == "close":
+                    await page.close()
+                else:
+                    assert client.session_id is not None
+                    assert await app.close_session(client.session_id) == 1
+            with pytest.raises(rally.ConnectionClosed) as info:
+                await asyncio.wait_for(pending, WAIT)
+            with pytest.raises(rally.ConnectionClosed) as again:
+                await page.send(Typed("after"))
+            if how == "close_session":
+                assert info.value.code == again.value.code == rally.CLOSE_SESSION_CLOSED
+            assert not page._unacked
+            journal.release.set()
 
 
 async def test_resume_works_when_the_server_had_sent_nothing_and_after_a_long_quiet() -> None:
@@ -3044,19 +3229,24 @@ def test_every_push_arrives_once_in_order_whatever_the_cuts(ops: list[str]) -> N
                 produced: list[str] = []  # every Said, in the order the page's topic got them
                 sent: list[str] = []  # the cut page's sends
                 for i, op in enumerate(ops):
+                    sending = None
                     if op == "say":
                         await steady.send(Typed(f"say{i}"))
                     elif op in ("send", "cut in flight"):
                         if op == "cut in flight":
                             proxy.mute()  # applied, but neither its push nor its ack gets back
                         sent.append(f"send{i}")
-                        await page.send(Typed(sent[-1]))
+                        sending = asyncio.create_task(page.send(Typed(sent[-1])))
+                        if op == "send":
+                            await asyncio.wait_for(sending, WAIT)
                     if op != "cut":
                         produced += await said(steady, 1)
                     if op in ("cut", "cut in flight"):
                         proxy.cut()
                         await asyncio.wait_for(page.wait_closed(), WAIT)
                         assert await page.reconnect() is True
+                    if sending is not None:
+                        await asyncio.wait_for(sending, WAIT)  # answered once the page resumed
                 await steady.send(Typed("end"))
                 produced += await said(steady, 1)
                 assert await said(page, len(produced)) == produced  # no gap, no duplicate, in order
