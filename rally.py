@@ -7733,7 +7733,7 @@ class PageConnection:
         # ones, then (while no connection is ready) the queued ones.
         self._unacked: dict[int, _Send] = {}
         self._ready = False  # this connection's hello arrived: sends go straight out
-        self._closed_for_good: ConnectionClosed | None = None  # by close(), or code 4000/4001
+        self._closed_for_good: ConnectionClosed | None = None  # by close(), or code 4000/4001/4003
 
     async def __aenter__(self) -> PageConnection:
         await self.connect()
@@ -7883,7 +7883,7 @@ class PageConnection:
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(closed)
-            if self.close_code in (CLOSE_STALE_CONTRACT, CLOSE_SESSION_CLOSED):
+            if self.close_code in (CLOSE_STALE_CONTRACT, CLOSE_SESSION_CLOSED, CLOSE_REFUSED):
                 self._close_for_good()  # the browser client stops here too
             self._inbox.put_nowait(closed)
             if self._writer is not None:
@@ -8012,7 +8012,7 @@ class PageConnection:
         Raises ``RemoteError`` when the server refuses it (``code``:
         ``unknown_type``, ``invalid``, ``internal``, ...) and
         ``ConnectionClosed`` once the page is closed for good (``close()``,
-        close code 4000 or 4001). While the connection is lost (or before
+        close code 4000, 4001 or 4003). While the connection is lost (or before
         its hello) the message waits, at most ``max_queued_sends`` of them,
         and goes out after ``reconnect()``; see there for what a page that
         did not resume does with it. ``TimeoutError`` after ``timeout``
