@@ -176,8 +176,81 @@ APP_MODULE = textwrap.dedent(
     @app.rpc
     async def server_logout(msg: Logout, server_context: rally.ServerContext) -> int:
         return await app.close_session(server_context.session_id)
+
+
+    @dataclass
+    class Renamed:
+        name: str
+
+
+    class Watch:
+        html = "<p>watch</p>"
+
+        def server_init(name: str) -> tuple[str, rally.Effect[Heard]]:
+            return "", rally.effect.watch_presence("/lobby/{name}")
+
+        def server_event(model: str, msg: Renamed | rally.PresenceChanged) -> tuple[str, rally.Effect[Heard]]:
+            if isinstance(msg, Renamed):
+                return msg.name, rally.effect.send_to_client(Heard(f"renamed {msg.name}"))
+            lines = [f"{msg.page} join {p.meta.mood} {bool(p.session_id)}" for p in msg.joins]
+            lines += [f"{msg.page} leave {p.id}" for p in msg.leaves]
+            return model, rally.effect.batch(*(rally.effect.send_to_client(Heard(line)) for line in lines))
+
+
+    app.page("/watch/{name}", Watch)
+
+
+    @dataclass
+    class Rename:
+        path: str
+        name: str
+
+
+    @app.rpc
+    async def server_rename(msg: Rename) -> int:
+        return await app.broadcast_to_page(msg.path, Renamed(msg.name))
+
+
+    @dataclass
+    class Kick:
+        id: int
+        reason: str
+
+
+    @app.rpc
+    async def server_kick(msg: Kick) -> int:
+        return await app.close_connection(msg.id, msg.reason)
+
+
+    @dataclass
+    class Ban:
+        session: str
+        reason: str
+
+
+    @app.rpc
+    async def server_ban(msg: Ban) -> int:
+        return await app.close_session(msg.session, msg.reason)
     """
 )
+
+
+@dataclass
+class Rename:
+    path: str
+    name: str
+
+
+@dataclass
+class Kick:
+    id: int
+    reason: str
+
+
+@dataclass
+class Ban:
+    session: str
+    reason: str
 
 
 @dataclass
@@ -1498,3 +1571,75 @@ async def test_workers_and_their_parent_started_with_sighup_ignored_keep_ignorin
         assert node.proc.returncode == 0, log
         assert "stopping 2 workers (SIGTERM)" in log, log
         assert "Traceback" not in log and " ERROR " not in log, log
+
+
+# ==== Pages that react to the server, across processes ========================
+
+
+async def watch(node: Node) -> AsyncIterator[Any]:
+    url = node.url.replace("http://", "ws://") + "/_rally/ws?page=/watch/w"
+    return websockets.connect(url, open_timeout=WAIT)
+
+
+async def pushed(ws: Any) -> str:
+    got = await frame(ws)
+    assert got["kind"] == "push", got
+    return str(got["msg"]["fields"]["text"])
+
+
+async def test_server_events_and_presence_changes_cross_processes_and_a_killed_process_leaves(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    heartbeat = 1.0
+    async with running_cluster(redis_server, tmp_path, heartbeat=heartbeat) as running:
+        n1, n2, n3 = running.nodes
+        async with contextlib.AsyncExitStack() as stack:
+            watcher = await stack.enter_async_context(await watch(n1))
+            far = await stack.enter_async_context(lobby(n3, await cookie_of(n3)))
+            me = await joined(far)
+            # The join of a connection of another process reaches the watcher's model, with its session id.
+            assert await pushed(watcher) == "/lobby/x join here True"
+            async with session(n2) as client:
+                reply = await client.request(
+                    "POST",
+                    "/_rally/rpc",
+                    json.dumps(
+                        {
+                            "kind": "rpc",
+                            "id": 1,
+                            "msg": {"type": "Rename", "fields": {"path": "/watch/w", "name": "Ann"}},
+                        }
+                    ).encode(),
+                    headers=[("content-type", "application/json")],
+                )
+                assert reply[0] == 200
+            assert await pushed(watcher) == "renamed Ann"  # a server event from another process, into the model
+            n3.proc.kill()  # SIGKILL: only its heartbeats stop
+            assert await pushed(watcher) == f"/lobby/x leave {me['id']}"  # within three heartbeats
+        await n1.stop()
+        await n2.stop()
+
+
+async def test_close_connection_and_close_session_with_a_reason_cross_processes(cluster: list[Node]) -> None:
+    n1, n2, _ = cluster
+    cookie = await cookie_of(n2)
+    async with lobby(n2, cookie) as kicked, lobby(n2, cookie, "y") as banned:
+        me = await joined(kicked)
+        await joined(banned)
+        async with session(n1) as client:
+            for msg in (
+                {"type": "Kick", "fields": {"id": me["id"], "reason": "kicked by a moderator"}},
+                {"type": "Ban", "fields": {"session": cookie.split(".")[0], "reason": "banned"}},
+            ):
+                status, _, body = await client.request(
+                    "POST",
+                    "/_rally/rpc",
+                    json.dumps({"kind": "rpc", "id": 1, "msg": msg}).encode(),
+                    headers=[("content-type", "application/json")],
+                )
+                assert (status, json.loads(body)["value"]) == (200, 0)  # none of them in n1
+        for ws, reason in ((kicked, "kicked by a moderator"), (banned, "banned")):
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await frame(ws)
+            assert (ws.close_code, ws.close_reason) == (4001, reason)

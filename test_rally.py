@@ -3609,3 +3609,271 @@ def test_cli_refuses_a_module_that_starts_a_server_when_imported(tmp_path: Any) 
         'started a server while python rally.py was importing it; put its app.run() under if __name__ == "__main__"'
         in run.stderr
     )
+
+
+# ==== Pages that react to the server (README "Server events") ================
+
+
+@dataclass
+class Renamed:
+    name: str
+
+
+@dataclass
+class Nudged: ...
+
+
+@dataclass
+class NameShown:
+    name: str
+
+
+@dataclass
+class SetName:
+    name: str
+
+
+@dataclass
+class WhoIsHere:
+    name: str
+
+
+class EventJournal:
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0  # server_update and server_event of one model at once, at most
+        self.order: list[str] = []
+        self.changes: list[rally.PresenceChanged] = []
+        self.terminated: list[str] = []
+        self.inits = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.app: rally.App | None = None
+
+
+class ProfilePage:
+    """Every tab of a profile shows the name; a rename reaches the models by server_event."""
+
+    @staticmethod
+    def server_init(id: int, server_context: rally.ServerContext) -> tuple[dict[str, Any], rally.Effect[NameShown]]:
+        journal: EventJournal = server_context.state
+        journal.inits += 1
+        name = server_context.headers.get("x-name", "anon")
+        if name == "banned":
+            raise rally.Refuse("you are banned")
+        return {"name": name}, rally.effect.none()
+
+    @staticmethod
+    async def server_update(
+        model: dict[str, Any], msg: SetName, server_context: rally.ServerContext
+    ) -> tuple[dict[str, Any], rally.Effect[NameShown]]:
+        journal: EventJournal = server_context.state
+        journal.running += 1
+        journal.most = max(journal.most, journal.running)
+        journal.order.append(f"update {msg.name}")
+        await journal.gate.wait()
+        journal.running -= 1
+        # Every tab of the session learns the name: by server_event, not by echo.
+        return model, rally.effect.broadcast_to_session(Renamed(msg.name))
+
+    @staticmethod
+    async def server_event(
+        model: dict[str, Any], msg: Renamed | Nudged | rally.PresenceChanged, server_context: rally.ServerContext
+    ) -> tuple[dict[str, Any], rally.Effect[NameShown]]:
+        journal: EventJournal = server_context.state
+        if isinstance(msg, rally.PresenceChanged):
+            journal.changes.append(msg)
+            return model, rally.effect.none()
+        journal.running += 1
+        journal.most = max(journal.most, journal.running)
+        journal.order.append(f"event {type(msg).__name__}")
+        await journal.gate.wait()
+        journal.running -= 1
+        if isinstance(msg, Nudged):
+            return model, rally.effect.none()
+        return {**model, "name": msg.name}, rally.effect.send_to_client(NameShown(msg.name))
+
+    @staticmethod
+    def server_presence(model: dict[str, Any]) -> WhoIsHere:
+        return WhoIsHere(model["name"])
+
+    @staticmethod
+    def server_terminate(model: dict[str, Any], server_context: rally.ServerContext) -> rally.Effect[NameShown]:
+        server_context.state.terminated.append(model["name"])
+        return rally.effect.none()
+
+
+class LobbyPage:
+    """Watches the presence of every profile page."""
+
+    @staticmethod
+    def server_init() -> tuple[list[str], rally.Effect[NameShown]]:
+        return [], rally.effect.watch_presence("/profiles/{id}")
+
+    @staticmethod
+    def server_event(
+        model: list[str], msg: rally.PresenceChanged, server_context: rally.ServerContext
+    ) -> tuple[list[str], rally.Effect[NameShown]]:
+        server_context.state.changes.append(msg)
+        joined = [f"{msg.page} +{p.meta.name}" for p in msg.joins]
+        left = [f"{msg.page} -{p.meta.name}" for p in msg.leaves]
+        return model, rally.effect.batch(*(rally.effect.send_to_client(NameShown(x)) for x in joined + left))
+
+
+def profile_app(**options: Any) -> tuple[rally.App, EventJournal]:
+    journal = EventJournal()
+    app = rally.App(state=journal, **options)
+    app.page("/profiles/{id}", ProfilePage)
+    app.page("/lobby", LobbyPage)
+    journal.app = app
+    return app, journal
+
+
+def named(client: rally.Client, path: str, name: str) -> rally.PageConnection:
+    return rally.PageConnection(client, path, headers=[("x-name", name)])
+
+
+async def test_a_broadcast_to_a_session_of_an_event_type_updates_every_tab_model() -> None:
+    app, journal = profile_app()
+    async with running(app) as server:
+        ann, other = bounded_client(server, app), bounded_client(server, app)
+        async with ann, other:
+            await ann.request("GET", "/lobby")  # the session cookie, shared by Ann's tabs
+            async with named(ann, "/profiles/1", "a") as tab1, named(ann, "/profiles/2", "a") as tab2:
+                async with named(other, "/profiles/1", "o") as stranger:
+                    assert ann.session_id is not None
+                    assert await app.broadcast_to_session(ann.session_id, Renamed("Ann")) == 2
+                    assert await tab1.receive() == NameShown("Ann")
+                    assert await tab2.receive() == NameShown("Ann")
+                    # The models changed: their presence says so.
+                    await eventually(
+                        lambda: sorted(p.meta.name for p in app.presence("/profiles/1")) == ["Ann", "o"], "renamed"
+                    )
+                    # A send's effect reaches the models of the session's tabs too.
+                    await tab2.send(SetName("Annie"))
+                    assert await tab1.receive() == NameShown("Annie")
+                    assert await tab2.receive() == NameShown("Annie")
+                    assert await app.broadcast_to_page("/profiles/1", Nudged()) == 2
+                    await stranger.send(SetName("x"))  # renames its own session
+                    # Frames come in order: neither Ann's names nor the nudge pushed anything to it first.
+                    assert await stranger.receive() == NameShown("x")
+
+
+async def test_server_events_run_in_order_with_the_sends_never_two_at_once() -> None:
+    app, journal = profile_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with named(client, "/profiles/1", "a") as page:
+            journal.gate.clear()
+            sending = asyncio.ensure_future(page.send(SetName("one")))
+            await eventually(lambda: journal.order == ["update one"], "the update runs")
+            for _ in range(3):
+                await app.broadcast_to_page("/profiles/1", Nudged())
+            journal.gate.set()
+            await sending
+            await eventually(lambda: len(journal.order) == 5, "all ran")
+            # The session's own Renamed came after the update, behind the nudges.
+            assert journal.order == ["update one", "event Nudged", "event Nudged", "event Nudged", "event Renamed"]
+            assert journal.most == 1
+            assert await page.receive() == NameShown("one")
+
+
+async def test_server_events_waiting_for_a_model_are_bounded_at_n_and_n_plus_one() -> None:
+    app, journal = profile_app(max_pending_messages=4)
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with named(client, "/profiles/1", "a") as page:
+            journal.gate.clear()
+            assert await app.broadcast_to_page("/profiles/1", Nudged()) == 1  # running
+            for _ in range(4):  # waiting: N
+                await app.broadcast_to_page("/profiles/1", Nudged())
+            await app.broadcast_to_page("/profiles/1", Nudged())  # N + 1: the page ends
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await page.receive()
+            assert closed.value.code == 1013
+            journal.gate.set()
+
+
+async def test_a_page_held_for_resume_still_takes_events_and_gets_their_pushes() -> None:
+    app, journal = profile_app()
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with client, named(client, "/profiles/1", "a") as page:
+            await eventually(lambda: page.resume_token, "hello")
+            proxy.cut()
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+            await eventually(lambda: not server.conns, "held")
+            assert await app.broadcast_to_page("/profiles/1", Renamed("while away")) == 1
+            await eventually(lambda: [p.meta.name for p in app.presence("/profiles/1")] == ["while away"], "applied")
+            assert await page.reconnect() is True
+            assert await page.receive() == NameShown("while away")  # numbered, held, replayed
+
+
+async def test_presence_changes_reach_the_page_and_its_watchers_with_session_ids() -> None:
+    app, journal = profile_app()
+    async with running(app) as server, bounded_client(server, app) as watcher, bounded_client(server, app) as ann:
+        async with watcher.page("/lobby") as lobby:
+            async with named(ann, "/profiles/7", "ann"):
+                assert await lobby.receive() == NameShown("/profiles/7 +ann")
+                [entry] = app.presence("/profiles/7")
+                assert entry.session_id == ann.session_id and entry.meta == WhoIsHere("ann")
+                assert "session_id" not in repr(entry)
+            assert await lobby.receive() == NameShown("/profiles/7 -ann")
+            # Each change once to the lobby, and the page's own change to the page itself.
+            await eventually(lambda: len(journal.changes) == 3, "joined: the page and the lobby; left: the lobby")
+            own = [c for c in journal.changes if c.joins and c.joins[0].id == entry.id]
+            assert [c.page for c in own] == ["/profiles/7", "/profiles/7"]
+            assert own[0].joins[0].session_id == ann.session_id
+
+
+async def test_close_connection_and_close_session_close_with_4001_and_their_reason() -> None:
+    app, journal = profile_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        async with named(client, "/profiles/1", "a") as kicked, named(client, "/profiles/2", "a") as kept:
+            [entry] = app.presence("/profiles/1")
+            assert await app.close_connection(entry.id, "kicked by a moderator") == 1
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await kicked.receive()
+            assert (closed.value.code, closed.value.reason) == (4001, "kicked by a moderator")
+            with pytest.raises(rally.ConnectionClosed):
+                await kicked.send(SetName("after"))  # closed for good
+            assert await app.close_connection(entry.id) == 0  # gone already
+            assert client.session_id is not None
+            assert await app.close_session(client.session_id, "logged out") == 1
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await kept.receive()
+            assert (closed.value.code, closed.value.reason) == (4001, "logged out")
+            await eventually(lambda: sorted(journal.terminated) == ["a", "a"], "both models ended")
+    for bad in ("x" * 121, "é" * 61):
+        with pytest.raises(rally.UsageError, match="120 bytes"):
+            await app.close_session("s", bad)
+        with pytest.raises(rally.UsageError, match="120 bytes"):
+            rally.Refuse(bad)
+
+
+async def test_a_page_refused_by_server_init_closes_with_4003_and_no_model() -> None:
+    app, journal = profile_app()
+    async with running(app) as server, bounded_client(server, app) as client:
+        page = named(client, "/profiles/1", "banned")
+        with pytest.raises(rally.ConnectionClosed) as closed:
+            await page.connect()
+            await page.receive()
+        assert (closed.value.code, closed.value.reason) == (4003, "you are banned")
+        await eventually(lambda: not server.conns, "closed")
+        assert journal.inits == 1 and journal.terminated == [] and app.presence("/profiles/1") == []
+        assert not app._registry.topics.members
+
+
+def test_server_event_types_are_part_of_the_contract_and_checked_at_registration() -> None:
+    app, _ = profile_app()
+    pages = app.contract["pages"]
+    assert pages["/profiles/{id}"]["events"] == ["Nudged", "PresenceChanged", "Renamed"]
+    assert "Renamed" in app.contract["types"] and "PresenceChanged" not in app.contract["types"]
+
+    class Bad:
+        def server_init() -> tuple[int, rally.Effect[NameShown]]:
+            return 0, rally.effect.none()
+
+        def server_event(model: int, msg: int) -> tuple[int, rally.Effect[NameShown]]:
+            return model, rally.effect.none()
+
+    with pytest.raises(rally.RegistrationError, match="server_event: parameter 'msg' is annotated int"):
+        rally.App().page("/bad", Bad)
