@@ -3634,7 +3634,7 @@ class SetName:
 
 
 @dataclass
-class WhoIsHere:
+class ProfileMeta:
     name: str
 
 
@@ -3694,8 +3694,8 @@ class ProfilePage:
         return {**model, "name": msg.name}, rally.effect.send_to_client(NameShown(msg.name))
 
     @staticmethod
-    def server_presence(model: dict[str, Any]) -> WhoIsHere:
-        return WhoIsHere(model["name"])
+    def server_presence(model: dict[str, Any]) -> ProfileMeta:
+        return ProfileMeta(model["name"])
 
     @staticmethod
     def server_terminate(model: dict[str, Any], server_context: rally.ServerContext) -> rally.Effect[NameShown]:
@@ -3814,7 +3814,7 @@ async def test_presence_changes_reach_the_page_and_its_watchers_with_session_ids
             async with named(ann, "/profiles/7", "ann"):
                 assert await lobby.receive() == NameShown("/profiles/7 +ann")
                 [entry] = app.presence("/profiles/7")
-                assert entry.session_id == ann.session_id and entry.meta == WhoIsHere("ann")
+                assert entry.session_id == ann.session_id and entry.meta == ProfileMeta("ann")
                 assert "session_id" not in repr(entry)
             assert await lobby.receive() == NameShown("/profiles/7 -ann")
             # Each change once to the lobby, and the page's own change to the page itself.
