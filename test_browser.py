@@ -789,7 +789,7 @@ def test_rpc_whose_answer_was_lost_is_retried_and_runs_once(browser: Browser, tm
           (e) => { document.getElementById('answer').textContent = 'rejected: ' + e.message; }); }""")
         assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
         proxy.cut()  # the call's WebSocket is gone: its answer cannot come back on it
-        expect(page.locator("#status")).to_have_text("reconnecting")  # the client retries over HTTP now
+        expect(page.locator("#status")).to_have_text("reconnecting")  # the call waits for the next connection
         proxy.wait(lambda p: p.turned_away >= 1, "a connection attempt while down")
         proxy.restore()
         journal.release.set()
@@ -809,12 +809,56 @@ def test_rpc_in_flight_survives_a_network_loss_that_refuses_connections(browser:
         assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
         proxy.cut()
         expect(page.locator("#status")).to_have_text("reconnecting")
-        proxy.wait(lambda p: p.turned_away >= 2, "the retry and a reconnection refused while down")
+        proxy.wait(lambda p: p.turned_away >= 2, "two reconnections refused while down")
         proxy.restore()
         journal.release.set()
         expect(page.locator("#answer")).not_to_be_empty()
         assert page.locator("#answer").inner_text() == '{"ok":true,"value":"answer 1"}'
         assert journal.calls == [1]
+
+
+ANSWER_JS = """(n) => { rally.rpc('Slow', {n}).then(
+  (r) => { document.getElementById('answer').textContent = JSON.stringify(r); },
+  (e) => { document.getElementById('answer').textContent = 'rejected ' + e.code; }); }"""
+
+
+def test_rpc_made_while_disconnected_waits_for_the_reconnect_and_runs_once(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy() as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "net::ERR_")
+        page = t.open(t.session(), "/pad")
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate(ANSWER_JS, 2)  # made while down: no HTTP request that would fail now
+        proxy.wait(lambda p: p.turned_away >= 1, "a connection refused while down")
+        proxy.restore()
+        # Asked over the new WebSocket; then that one is lost too while the handler runs.
+        assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler after the reconnect"
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        proxy.restore()
+        expect(page.locator("#status")).to_have_text("open", timeout=20_000)  # asked again, with the same key
+        journal.release.set()
+        expect(page.locator("#answer")).to_have_text('{"ok":true,"value":"answer 2"}')
+        assert journal.calls == [2]  # the handler ran once
+        assert len(journal.inits) == 1  # both reconnections resumed the page
+
+
+def test_rpc_made_while_disconnected_rejects_only_at_its_time_out(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy() as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "net::ERR_")
+        context = t.session()
+        context.clock.install()  # the page's timers: the backoff and the RPC's 30 s time-out
+        page = t.open(context, "/pad")
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate(ANSWER_JS, 3)
+        page.clock.run_for(29_000)  # reconnection attempts come and are refused
+        proxy.wait(lambda p: p.turned_away >= 1, "a connection refused while down")
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        assert page.locator("#answer").inner_text() == ""  # still waiting, now, not eventually
+        page.clock.run_for(2_000)
+        expect(page.locator("#answer")).to_have_text("rejected timeout")
+        assert journal.calls == []
 
 
 # ==== A page closed for good ================================================
