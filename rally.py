@@ -3297,7 +3297,8 @@ def _typescript(contract: dict[str, Any]) -> str:
         "  }",
         '  type Status = "connecting" | "open" | "reconnecting" | "closed";',
         "  /** A status and what comes with it: whether an open page resumed; the close code",
-        "   * (4000 stale contract, 4001 session closed) and reason a closed page got. */",
+        "   * (4000 stale contract, 4001 session closed, 4003 refused by server_init) and",
+        "   * reason a closed page got. */",
         "  type StatusChange =",
         '    | [status: "open", info: { resumed: boolean }]',
         '    | [status: "closed", info: { code: number; reason: string }]',
@@ -6756,9 +6757,9 @@ _CLIENT_JS: Final = r"""
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
-  var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
+  var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001, CLOSE_REFUSED = 4003;
   var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, staleSeen = false;
-  var closed = null;  // {code, reason} once the server closed the page for good (4000, 4001): no reconnecting
+  var closed = null;  // {code, reason} once the server closed the page for good (4000, 4001, 4003): no reconnecting
   var resumeToken = null, lastSeq = 0, ackedSeq = 0, ackTimer = null;  // what this page received, by seq
   var ready = false;  // the current socket's hello arrived: sends and RPCs go straight out
   var callKey = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);  // RPC idempotency prefix
@@ -6940,7 +6941,7 @@ _CLIENT_JS: Final = r"""
       clearTimeout(stable.timer);
       if (socket !== ws) return;
       socket = null;
-      if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION) {
+      if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION || event.code === CLOSE_REFUSED) {
         // For good: every send and RPC waiting, queued or written, is rejected
         // now, and every later one at once (rpc and send below).
         closed = { code: event.code, reason: event.reason };

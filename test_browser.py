@@ -989,3 +989,39 @@ def test_closed_status_carries_the_servers_close_code_and_reason(browser: Browse
         # A handler added afterwards is told the same at once.
         told = page.evaluate("new Promise((resolve) => rally.onStatus((s, info) => resolve([s, info])))")
         assert told == ["closed", {"code": 4001, "reason": "session closed"}]
+
+
+def test_close_4003_refused_is_for_good(browser: Browser, tmp_path: Path) -> None:
+    # A stand-in for a server_init that raises rally.Refuse("banned"): the
+    # test closes the page's second connection with 4003 itself.
+    with door() as (_, doorman, url), tabs(browser, url, tmp_path) as t:
+        context = t.session()
+        context.clock.install()  # the page's timers: its backoff, its RPC time-out
+        routes: list[Any] = []
+
+        def route(ws: Any) -> None:
+            routes.append(ws)
+            if len(routes) == 1:
+                ws.connect_to_server()
+            else:
+                ws.close(code=4003, reason="banned")
+
+        context.route_web_socket(re.compile(r"/_rally/ws\?"), route)
+        page = t.open(context, "/door")
+        routes[0].close(code=1012, reason="restart")  # a lost connection: the page reconnects
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate("track('queued', rally.send('Knock', {text: 'queued'}))")
+        page.evaluate("track('waiting', rally.rpc('Hold', {n: 1}))")
+        page.clock.run_for(1_000)  # the first retry comes within 375 ms
+        expect(page.locator("#status")).to_have_text("closed")
+        expect(page.locator("#info")).to_have_text('{"code":4003,"reason":"banned"}')
+        expect(page.locator("#queued")).to_have_text("rejected closed")
+        expect(page.locator("#waiting")).to_have_text("rejected closed")
+        page.evaluate("track('send', rally.send('Knock', {text: 'after'}))")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 2}))")
+        expect(page.locator("#send")).to_have_text("rejected closed")
+        expect(page.locator("#rpc")).to_have_text("rejected closed")
+        page.clock.run_for(60_000)  # a reconnection loop would have tried again by now
+        expect(page.locator("#status")).to_have_text("closed")
+        assert len(routes) == 2
+        assert doorman.knocks == [] and doorman.calls == []
