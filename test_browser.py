@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -311,6 +312,71 @@ def test_stale_page_that_reloaded_a_moment_ago_closes_for_good(browser: Browser,
             expect(page.locator("body")).to_have_attribute("data-rpc", "rejected closed")
             expect(page.locator("body")).to_have_attribute("data-send", "rejected closed")
             assert loads == []
+
+
+def test_pages_load_again_after_a_fresh_reconnect_and_show_each_item_once(browser: Browser, tmp_path: Path) -> None:
+    db = str(tmp_path / "demo.sqlite3")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(demo.make_app(db, clock=False).run_in_thread(access_log=False))
+        with tabs(browser, server.url, tmp_path) as t:
+            t.allowed_console = ("WebSocket connection to",)  # the refused reconnections
+            session = t.session()
+            page, home = t.open(session, "/articles/1"), t.open(session, "/")
+            comment(page, "Ann", "Before the restart")
+            expect(page.locator("#comments li")).to_have_text(["AnnBefore the restart"])
+            stack.close()  # the server stops: the new one will not know these pages
+            expect(page.locator("#status")).not_to_have_text("open")
+            expect(home.locator("#status")).not_to_have_text("open")
+            with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:  # written while away
+                other.execute("insert into comment (article_id, author, body) values (1, 'Bob', 'While away')")
+                other.execute("insert into announcement (text) values ('Lunch is ready')")
+                other.execute("insert into favorite values (2, 'someone else')")
+            page.fill("#announce input", "Back soon")
+            page.click("#announce button")  # waits for a connection; the text stays until it is applied
+            assert page.locator("#announce input").input_value() == "Back soon"  # now, not eventually
+            with demo.make_app(db, clock=False).run_in_thread(port=server.port, access_log=False):
+                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+                expect(page.locator("#connections")).to_have_text("2")  # a fresh server_init: not resumed
+                expect(page.locator("#comments li")).to_have_text(["AnnBefore the restart", "BobWhile away"])
+                expect(page.locator("#announce input")).to_have_value("")
+                for p in (page, home):
+                    expect(p.locator("#announcements li")).to_have_text(["Back soon", "Lunch is ready"])
+                expect(home.locator("#stats-2")).to_have_text("★ 1 · 0 reading now")  # no push says so
+                comment(page, "Ann", "After")  # a push after the load is shown once too
+                expect(page.locator("#comments li")).to_have_text(
+                    ["AnnBefore the restart", "BobWhile away", "AnnAfter"]
+                )
+
+
+def session_id(context: BrowserContext) -> str:
+    [cookie] = [c for c in context.cookies() if c["name"] == rally._SESSION_COOKIE]
+    return cookie["value"].split(".")[0]
+
+
+def test_a_form_whose_send_fails_keeps_the_text_and_says_why(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    app, url = served
+    with tabs(browser, url, tmp_path) as t:
+        session = t.session()
+        page = t.open(session, "/articles/1")
+        page.fill("#announce input", "Hello")
+        page.click("#announce button")
+        expect(page.locator("#announcements li")).to_have_text(["Hello"])
+        expect(page.locator("#announce input")).to_have_value("")  # cleared once it was applied
+        assert app.close_session_threadsafe(session_id(session)).result(5) == 1  # logged out: sends fail now
+        expect(page.locator("#status")).to_have_text("closed")
+        page.fill("#announce input", "Are you there?")
+        page.click("#announce button")
+        expect(page.locator("#announce-error")).to_have_text(re.compile(r"^Not sent: the page was closed \(4001"))
+        expect(page.locator("#announce input")).to_have_value("Are you there?")
+        comment(page, "Ann", "Typed with care")
+        expect(page.locator("#comment-form-error")).to_have_text(re.compile(r"^Not sent: the page was closed"))
+        expect(page.locator("#comment-form textarea")).to_have_value("Typed with care")
+        page.fill("#name-form input", "Ann")
+        page.press("#name-form input", "Enter")
+        expect(page.locator("#name-form-error")).to_have_text(re.compile(r"^Not sent: the page was closed"))
+        expect(page.locator("#name-form input")).to_have_value("Ann")
 
 
 @dataclasses.dataclass
