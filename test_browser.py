@@ -535,19 +535,38 @@ def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     import readme_example
 
-    with readme_example.app.run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
-        session = t.session()
-        first, second = (session.new_page() for _ in range(2))
-        for page in (first, second):
-            page.on("pageerror", lambda exc: t.errors.append(str(exc)))
-            page.goto(server.url + "/articles/hello")
-        expect(first.locator("#title")).to_have_text("Article: hello")  # rally.rpc
-        first.fill("#say input", "hi there")
-        first.press("#say input", "Enter")
-        expect(second.locator("#comments li")).to_have_text(["hi there"])  # broadcast_to_page
-        first.click("#fav")
-        expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
-        assert second.locator("#fav").inner_text() == "Favourite"
+    with contextlib.ExitStack() as running:
+        server = running.enter_context(readme_example.app.run_in_thread(access_log=False))
+        with tabs(browser, server.url, tmp_path) as t:
+            t.allowed_console = ("WebSocket connection to",)  # the refused reconnections
+            session = t.session()
+            first, second = (session.new_page() for _ in range(2))
+            for page in (first, second):
+                page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+                page.goto(server.url + "/articles/hello")
+                page.evaluate("() => { rally.onStatus((s) => { document.body.dataset.status = s; }); }")
+            expect(first.locator("#title")).to_have_text("Article: hello")  # rally.rpc
+            first.fill("#say input", "hi there")
+            first.press("#say input", "Enter")
+            expect(second.locator("#comments li")).to_have_text(["hi there"])  # broadcast_to_page
+            expect(first.locator("#say input")).to_have_value("")  # cleared once it was applied
+            first.click("#fav")
+            expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
+            assert second.locator("#fav").inner_text() == "Favourite"
+
+            # The server restarts and forgets the pages: they open afresh and load the comments again.
+            running.close()
+            for page in (first, second):
+                expect(page.locator("body")).to_have_attribute("data-status", "reconnecting")
+            readme_example.comments["hello"].append("while away")  # written while the pages were away
+            with readme_example.app.run_in_thread(port=server.port, access_log=False):
+                for page in (first, second):
+                    expect(page.locator("body")).to_have_attribute("data-status", "open", timeout=20_000)
+                    expect(page.locator("#comments li")).to_have_text(["hi there", "while away"])
+                second.fill("#say input", "back")
+                second.press("#say input", "Enter")
+                for page in (first, second):
+                    expect(page.locator("#comments li")).to_have_text(["hi there", "while away", "back"])
 
 
 # ==== Delivery across a lost network =========================================
