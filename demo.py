@@ -11,6 +11,11 @@ scopes, a custom topic (the home page's live counts), presence (who is
 reading an article, one person's tabs grouped), ``server_terminate`` (a
 reader leaving updates the home page), a lifespan (the database and the
 clock), and ``rally.Response`` (a missing article is a 404).
+
+The pages load what they show (the article and its comments, the counts,
+the latest announcements) on every connection that did not resume, and show
+each item once by its id, however it arrived; a form keeps what the user
+typed until its send was applied, and says why when it was not.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ create table if not exists comment (id integer primary key, article_id integer n
 create table if not exists favorite (article_id integer not null, session_id text not null,
                                      primary key (article_id, session_id));
 create table if not exists reader (session_id text primary key, name text not null);
+create table if not exists announcement (id integer primary key, text text not null);
 """
 SEED = [
     ("Typed RPC without a schema", "The type hints of a Python function are the whole contract."),
@@ -40,6 +46,7 @@ SEED = [
     ("Slow readers are not your problem", "Each connection has a bounded buffer; laggards are dropped."),
 ]
 HOME_TOPIC = "home"  # the home page's live counts: a custom topic
+ANNOUNCEMENTS_SHOWN = 20  # the latest announcements a page loads
 
 
 def open_db(path: str) -> sqlite3.Connection:
@@ -61,6 +68,7 @@ class LoadArticle:
 
 @dataclass
 class Comment:
+    id: int  # the page shows each comment once, by id, in id order
     author: str
     body: str
 
@@ -100,6 +108,14 @@ class Announce:
 
 
 @dataclass
+class LoadAnnouncements: ...
+
+
+@dataclass
+class LoadStats: ...
+
+
+@dataclass
 class Joined:  # to the new connection, from server_init
     favorites: int
     mine: bool
@@ -128,6 +144,7 @@ class Notice:  # to every tab of the visitor's browser
 
 @dataclass
 class Announcement:  # to every connection of the app
+    id: int
     text: str
 
 
@@ -185,18 +202,34 @@ class Home:
             f"{stats_html(favorites(db, id, '')[0], len(server_context.presence(f'/articles/{id}')))}</span></li>"
             for id, title in db.execute("select id, title from article order by id")
         )
-        return layout(
-            "Articles",
+        body = (
             f"<section class='box'><h1>Articles</h1><ul class='articles'>{items}</ul>"
             "<p class='how'>Counts change live: article pages publish to the <b>home</b> topic "
-            "(broadcast_to_topic); a reader leaving is told by server_terminate.</p></section>",
+            "(broadcast_to_topic); a reader leaving is told by server_terminate.</p></section>"
         )
+        return layout("Articles", body, HOME_JS)
+
+    def server_load_stats(msg: LoadStats, server_context: rally.ServerContext) -> list[ArticleStats]:
+        """What the home page shows, loaded again after a fresh connection."""
+        db: sqlite3.Connection = server_context.state
+        return [
+            ArticleStats(id, favorites(db, id, "")[0], len(server_context.presence(f"/articles/{id}")))
+            for (id,) in db.execute("select id from article order by id")
+        ]
+
+    def server_load_announcements(msg: LoadAnnouncements, server_context: rally.ServerContext) -> list[Announcement]:
+        """The latest announcements, oldest first (every page shows them)."""
+        db: sqlite3.Connection = server_context.state
+        rows = db.execute("select id, text from announcement order by id desc limit ?", (ANNOUNCEMENTS_SHOWN,))
+        return [Announcement(id, text) for id, text in reversed(rows.fetchall())]
 
     def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[HomeToClient]]:
         return None, rally.effect.subscribe(HOME_TOPIC)
 
-    def server_update(model: None, msg: Announce) -> tuple[None, rally.Effect[HomeToClient]]:
-        return model, rally.effect.broadcast_to_app(Announcement(msg.text[:200]))
+    def server_update(
+        model: None, msg: Announce, server_context: rally.ServerContext
+    ) -> tuple[None, rally.Effect[HomeToClient]]:
+        return model, rally.effect.broadcast_to_app(announcement(server_context.state, msg.text))
 
 
 class ArticlePage:
@@ -213,8 +246,8 @@ class ArticlePage:
         if row is None:
             return rally.Error(f"There is no article {msg.id}.")
         comments = [
-            Comment(a, b)
-            for a, b in db.execute("select author, body from comment where article_id = ? order by id", (msg.id,))
+            Comment(*c)
+            for c in db.execute("select id, author, body from comment where article_id = ? order by id", (msg.id,))
         ]
         return rally.Ok(ArticleView(row[0], row[1], row[2], comments))
 
@@ -259,15 +292,16 @@ class ArticlePage:
             case AddComment(author, body):
                 if comment_errors(author, body):  # the client checked; the server decides
                     return model, rally.effect.send_to_client(Notice("That comment was not saved."))
-                db.execute("insert into comment (article_id, author, body) values (?, ?, ?)",
-                           (model.article_id, author.strip(), body.strip()))  # fmt: skip
-                return model, rally.effect.broadcast_to_page(CommentAdded(Comment(author.strip(), body.strip())))
+                row = db.execute("insert into comment (article_id, author, body) values (?, ?, ?)",
+                                 (model.article_id, author.strip(), body.strip()))  # fmt: skip
+                comment = Comment(row.lastrowid or 0, author.strip(), body.strip())
+                return model, rally.effect.broadcast_to_page(CommentAdded(comment))
             case SetName(name):
                 name = name.strip()[:40]
                 db.execute("insert or replace into reader values (?, ?)", (session, name))
                 return ArticleModel(model.article_id, model.title, name), rally.effect.none()
             case Announce(text):
-                return model, rally.effect.broadcast_to_app(Announcement(text[:200]))
+                return model, rally.effect.broadcast_to_app(announcement(db, text))
 
     def server_presence(model: ArticleModel) -> Reader:
         return Reader(model.name)
@@ -278,6 +312,13 @@ class ArticlePage:
         count = favorites(db, model.article_id, "")[0]
         readers = len(server_context.presence())
         return rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(model.article_id, count, readers))
+
+
+def announcement(db: sqlite3.Connection, text: str) -> Announcement:
+    """A new announcement, kept: a page that was away when it was pushed loads it."""
+    text = text[:200]
+    row = db.execute("insert into announcement (text) values (?)", (text,))
+    return Announcement(row.lastrowid or 0, text)
 
 
 def favorites(db: sqlite3.Connection, article_id: int, session_id: str) -> tuple[int, bool]:
@@ -347,7 +388,7 @@ def layout(title: str, body: str, script: str = "", *, live: bool = True) -> str
 
 ANNOUNCE_HTML = """<section class="box"><h2>Announce to everyone</h2>
 <form id="announce"><input name="text" maxlength="200" placeholder="Hello, everyone" required>
-<button>Announce</button></form>
+<button>Announce</button><div class="error" id="announce-error"></div></form>
 <p class="how">send → server_update → <b>broadcast_to_app</b>: every tab of every browser, on every page.</p>
 <ul id="announcements"></ul></section>"""
 
@@ -384,24 +425,60 @@ COMMON_JS = """
 // tsc checks these scripts against GET /_rally/types.d.ts (test_types.py).
 /** An element of this page (any: these scripts check rally's calls, not the DOM's). @type {(s: string) => any} */
 const $ = (s) => document.querySelector(s);
-/** Call fn with the form's elements when it is submitted. @type {(s: string, fn: (f: any) => void) => void} */
+/** When the form is submitted, call fn with its elements, one call at a time. What the user typed
+ * stays until fn's Promise resolved (fn clears it then); if it rejects, the text stays and the
+ * error shows in the form's "#<id>-error" line. @type {(s: string, fn: (f: any) => Promise<void>) => void} */
 const onSubmit = (s, fn) => $(s).addEventListener('submit', (/** @type {Event} */ e) => {
-  e.preventDefault(); fn($(s).elements);
+  e.preventDefault();
+  const form = $(s), error = $(s + '-error');
+  if (form.dataset.busy) return;  // the last submit is still on its way
+  form.dataset.busy = 'yes'; error.textContent = '';
+  fn(form.elements)
+    .catch((/** @type {Error} */ err) => { error.textContent = 'Not sent: ' + err.message.replace(/^rally: /, ''); })
+    .finally(() => { delete form.dataset.busy; });
 });
+/** Empty an input, unless the user typed on since its text was sent. @type {(input: any, sent: string) => void} */
+const clear = (input, sent) => { if (input.value === sent) input.value = ''; };
 /** A new element with text. @type {(tag: string, text: string) => HTMLElement} */
 const element = (tag, text) => { const e = document.createElement(tag); e.textContent = text; return e; };
+/** Run load now if the page is open, and after every connection that did not resume: the first
+ * one, and one after the server forgot this page (a restart, a long outage, a sleeping tab). A
+ * resumed connection got every push it missed, so nothing is loaded again then.
+ * @type {(load: () => void) => void} */
+const onFresh = (load) => rally.onStatus((...change) => { if (change[0] === 'open' && !change[1].resumed) load(); });
 rally.onStatus((s) => { $('#status').textContent = s; $('#status').className = s; });
 rally.on('Tick', (m) => { $('#clock').textContent = m.time; });
-rally.on('Announcement', (m) => $('#announcements').prepend(element('li', m.text)));
+/** @type {Map<number, HTMLElement>} */
+const announcements = new Map();  // by id: each one shown once, newest first, however it arrived
+/** @type {(a: Rally.Announcement) => void} */
+const announcement = (a) => {
+  if (announcements.has(a.id)) return;
+  announcements.set(a.id, element('li', a.text));
+  $('#announcements').replaceChildren(...[...announcements].sort((x, y) => y[0] - x[0]).map((e) => e[1]));
+};
+rally.on('Announcement', announcement);
+onFresh(() => rally.rpc('LoadAnnouncements').then((r) => { if (r.ok) r.value.forEach(announcement); }));
 rally.on('Notice', (m) => {
   const div = element('div', m.text); div.className = 'notice';
   $('#notices').append(div); setTimeout(() => div.remove(), 4000);
 });
-rally.on('ArticleStats', (m) => {
+/** @type {(m: Rally.ArticleStats) => void} */
+const stats = (m) => {
   const span = $('#stats-' + m.article_id);
   if (span) span.textContent = '★ ' + m.favorites + ' · ' + m.readers + ' reading now';
+};
+rally.on('ArticleStats', stats);
+onSubmit('#announce', async (f) => {
+  const text = f.text.value;
+  await rally.send('Announce', {text});
+  clear(f.text, text);
 });
-onSubmit('#announce', (f) => { rally.send('Announce', {text: f.text.value}); f.text.value = ''; });
+"""
+
+# The counts of the home page, loaded again after a fresh connection (pushes
+# that arrive after the answer are newer than it).
+HOME_JS = """
+onFresh(() => rally.rpc('LoadStats').then((r) => { if (r.ok) r.value.forEach(stats); }));
 """
 
 ARTICLE_HTML = """
@@ -412,28 +489,36 @@ ARTICLE_HTML = """
 <b>broadcast_to_session</b> (a notice in each of your tabs), <b>broadcast_to_page</b> (the count here) and
 <b>broadcast_to_topic</b> (the home page).</p></article>
 <section class="box"><h2>Reading now</h2><ul class="readers" id="readers"></ul>
-<form id="name-form"><input name="name" maxlength="40" placeholder="Your name, as others see it"></form>
+<form id="name-form"><input name="name" maxlength="40" placeholder="Your name, as others see it">
+<div class="error" id="name-form-error"></div></form>
 <p class="how"><b>Presence</b>: server_presence(model) → Reader; one entry per tab, grouped by its session's tag.
 Leaving runs <b>server_terminate</b>, which updates the home page.</p></section>
 <section class="box"><h2>Comments</h2><ul class="comments" id="comments"></ul>
 <form id="comment-form" novalidate>
 <input name="author" placeholder="Your name"><div class="error" id="author-error"></div>
 <textarea name="body" placeholder="Your comment"></textarea><div class="error" id="body-error"></div>
-<button>Add comment</button></form>
+<button>Add comment</button><div class="error" id="comment-form-error"></div></form>
 <p class="how">Checked by <b>RPC</b> (field errors), then send → <b>broadcast_to_page</b>.</p></section>
 """
 
 ARTICLE_JS = """
+/** @type {Map<number, HTMLElement>} */
+const comments = new Map();  // by id: each comment shown once, in id order, from the load or a push
 /** @type {(c: Rally.Comment) => void} */
 const show = (c) => {
-  const li = element('li', c.body); li.prepend(element('b', c.author)); $('#comments').append(li);
+  if (comments.has(c.id)) return;
+  const li = element('li', c.body); li.prepend(element('b', c.author)); comments.set(c.id, li);
+  $('#comments').replaceChildren(...[...comments].sort((x, y) => x[0] - y[0]).map((e) => e[1]));
 };
-rally.rpc('LoadArticle', {id: rally.params.id}).then((r) => {
+// Loaded on the first connection and again after one that did not resume: the
+// comments written while this page was away come with the answer, and those
+// it has already are not shown twice.
+onFresh(() => rally.rpc('LoadArticle', {id: rally.params.id}).then((r) => {
   if (!r.ok) { $('#title').textContent = r.error; return; }
   $('#title').textContent = r.value.title;
   $('#body').textContent = r.value.body;
   r.value.comments.forEach(show);
-});
+}));
 let connections = 0;
 /** @type {(n: number) => void} */
 const count = (n) => {
@@ -444,6 +529,7 @@ const mine = (m) => {
   $('#fav').classList.toggle('mine', m); $('#fav').textContent = m ? '★ Favourite' : '☆ Favourite';
 };
 const author = $('#comment-form [name=author]');
+// server_init runs on every fresh connection: Joined brings the count, the star and the name again.
 rally.on('Joined', (m) => { $('#connections').textContent = ++connections; count(m.favorites); mine(m.mine);
   if (m.name) { $('#name-form [name=name]').value = m.name; author.value = author.value || m.name; } });
 rally.on('FavoriteCount', (m) => count(m.favorites));
@@ -459,9 +545,10 @@ rally.onPresence((entries) => {
     const li = element('li', (p.names[0] || 'Someone') + tabs + (p.me ? ' · you' : ''));
     li.className = p.me ? 'me' : ''; return li; }));
 });
-onSubmit('#name-form', (f) => {
+onSubmit('#name-form', async (f) => {
   const name = f.name.value;
-  rally.send('SetName', {name}).then(() => { author.value = author.value || name; });
+  await rally.send('SetName', {name});
+  author.value = author.value || name;
 });
 $('#fav').addEventListener('click', () => rally.send('ToggleFavorite', {}));
 onSubmit('#comment-form', async (f) => {
@@ -469,7 +556,9 @@ onSubmit('#comment-form', async (f) => {
   const r = await rally.rpc('CheckComment', fields);
   $('#author-error').textContent = r.ok ? '' : (r.error.author || '');
   $('#body-error').textContent = r.ok ? '' : (r.error.body || '');
-  if (r.ok) { rally.send('AddComment', fields); f.body.value = ''; }
+  if (!r.ok) return;
+  await rally.send('AddComment', fields);
+  clear(f.body, fields.body);
 });
 """
 

@@ -3588,7 +3588,8 @@ def _typescript(contract: dict[str, Any]) -> str:
         "  }",
         '  type Status = "connecting" | "open" | "reconnecting" | "closed";',
         "  /** A status and what comes with it: whether an open page resumed; the close code",
-        "   * (4000 stale contract, 4001 session closed) and reason a closed page got. */",
+        "   * (4000 stale contract, 4001 session closed, 4003 refused by server_init) and",
+        "   * reason a closed page got. */",
         "  type StatusChange =",
         '    | [status: "open", info: { resumed: boolean }]',
         '    | [status: "closed", info: { code: number; reason: string }]',
@@ -7184,14 +7185,14 @@ _CLIENT_JS: Final = r"""
   "use strict";
   var boot = JSON.parse(document.getElementById("rally-boot").textContent);
   var RPC_TIMEOUT_MS = 30000, MAX_QUEUE = 1000, BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 10000, STABLE_MS = 5000;
-  var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001;
+  var ACK_EVERY = 32, ACK_AFTER_MS = 5000, CLOSE_STALE = 4000, CLOSE_SESSION = 4001, CLOSE_REFUSED = 4003;
   var socket = null, status = "connecting", attempt = 0, nextId = 1, nextSeq = 1, staleSeen = false;
-  var closed = null;  // {code, reason} once the server closed the page for good (4000, 4001): no reconnecting
+  var closed = null;  // {code, reason} once the server closed the page for good (4000, 4001, 4003): no reconnecting
   var resumeToken = null, lastSeq = 0, ackedSeq = 0, ackTimer = null;  // what this page received, by seq
-  var ready = false;  // the current socket's hello arrived: sends go straight out
+  var ready = false;  // the current socket's hello arrived: sends and RPCs go straight out
   var callKey = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);  // RPC idempotency prefix
   var sends = new Map();     // send seq -> {text, type, resolve, reject, sent}: until the server's ack
-  var pending = new Map();   // rpc id -> {resolve, reject, timer, text, type}: asked again after a reconnect
+  var pending = new Map();   // rpc id -> {resolve, reject, timer, text, type}: (again) on each hello
   var handlers = new Map();  // push type -> Set of functions
   var statusHandlers = new Set(), errorHandlers = new Set(), presenceHandlers = new Set();
   var presence = new Map();  // connection id -> {id, tag, self, meta}, in joining order
@@ -7315,7 +7316,8 @@ _CLIENT_JS: Final = r"""
       if (!reply.resumed || seq > reply.ack) { item.sent = true; ws.send(item.text); }
     });
     // RPCs in flight when the last connection dropped are asked again with
-    // their id and idempotency key: the server answers a call it ran once.
+    // their id and idempotency key (the server answers a call it ran once),
+    // and those made while disconnected are asked for the first time.
     pending.forEach(function (call) { ws.send(call.text); });
     // The backoff starts again only once this connection has stayed open a
     // while: a server_init that fails every time must not make a tight loop.
@@ -7367,7 +7369,7 @@ _CLIENT_JS: Final = r"""
       clearTimeout(stable.timer);
       if (socket !== ws) return;
       socket = null;
-      if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION) {
+      if (event.code === CLOSE_STALE || event.code === CLOSE_SESSION || event.code === CLOSE_REFUSED) {
         // For good: every send and RPC waiting, queued or written, is rejected
         // now, and every later one at once (rpc and send below).
         closed = { code: event.code, reason: event.reason };
@@ -7389,43 +7391,22 @@ _CLIENT_JS: Final = r"""
     };
   }
 
-  function httpRpc(type, fields) {
-    var id = nextId++;
-    var controller = new AbortController();
-    var timer = setTimeout(function () { controller.abort(); }, RPC_TIMEOUT_MS);
-    return fetch("/_rally/rpc", {
-      method: "POST",
-      credentials: "same-origin",
-      signal: controller.signal,
-      headers: { "Content-Type": "application/json", "Rally-Contract": boot.contract, "Rally-Page": boot.page },
-      body: JSON.stringify({ kind: "rpc", id: id, key: callKey + "-" + id, msg: { type: type, fields: fields || {} } })
-    }).then(function (response) {
-      return response.json();
-    }).then(function (reply) {
-      clearTimeout(timer);
-      if (reply.kind === "ok") return { ok: true, value: reply.value };
-      if (reply.kind === "err") return { ok: false, error: reply.error };
-      if (reply.code === "stale_contract") reloadOnce();
-      throw protocolError(reply);
-    }, function (error) {
-      clearTimeout(timer);
-      throw error.name === "AbortError" ? new Error("rally: " + type + " timed out") : error;
-    });
-  }
-
   function rpc(type, fields) {
     if (closed) return Promise.reject(closedError("before " + type + " was asked"));
-    if (!socket || socket.readyState !== WebSocket.OPEN) return httpRpc(type, fields);
     var id = nextId++;
     return new Promise(function (resolve, reject) {
       var timer = setTimeout(function () {
         pending.delete(id);
-        reject(new Error("rally: " + type + " timed out"));
+        reject(clientError("timeout", type + " timed out"));
       }, RPC_TIMEOUT_MS);
       var msg = { type: type, fields: fields || {} };
       var text = JSON.stringify({ kind: "rpc", id: id, key: callKey + "-" + id, msg: msg });
       pending.set(id, { resolve: resolve, reject: reject, timer: timer, text: text, type: type });
-      socket.send(text);
+      // Not connected (connecting, or a lost connection): the call waits, and
+      // the next connection's hello writes it with the others in pending,
+      // with its idempotency key. It fails only at its time-out or a close
+      // for good, never because the network is down now.
+      if (ready && socket && socket.readyState === WebSocket.OPEN) socket.send(text);
     });
   }
 

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -313,6 +314,71 @@ def test_stale_page_that_reloaded_a_moment_ago_closes_for_good(browser: Browser,
             assert loads == []
 
 
+def test_pages_load_again_after_a_fresh_reconnect_and_show_each_item_once(browser: Browser, tmp_path: Path) -> None:
+    db = str(tmp_path / "demo.sqlite3")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(demo.make_app(db, clock=False).run_in_thread(access_log=False))
+        with tabs(browser, server.url, tmp_path) as t:
+            t.allowed_console = ("WebSocket connection to",)  # the refused reconnections
+            session = t.session()
+            page, home = t.open(session, "/articles/1"), t.open(session, "/")
+            comment(page, "Ann", "Before the restart")
+            expect(page.locator("#comments li")).to_have_text(["AnnBefore the restart"])
+            stack.close()  # the server stops: the new one will not know these pages
+            expect(page.locator("#status")).not_to_have_text("open")
+            expect(home.locator("#status")).not_to_have_text("open")
+            with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:  # written while away
+                other.execute("insert into comment (article_id, author, body) values (1, 'Bob', 'While away')")
+                other.execute("insert into announcement (text) values ('Lunch is ready')")
+                other.execute("insert into favorite values (2, 'someone else')")
+            page.fill("#announce input", "Back soon")
+            page.click("#announce button")  # waits for a connection; the text stays until it is applied
+            assert page.locator("#announce input").input_value() == "Back soon"  # now, not eventually
+            with demo.make_app(db, clock=False).run_in_thread(port=server.port, access_log=False):
+                expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+                expect(page.locator("#connections")).to_have_text("2")  # a fresh server_init: not resumed
+                expect(page.locator("#comments li")).to_have_text(["AnnBefore the restart", "BobWhile away"])
+                expect(page.locator("#announce input")).to_have_value("")
+                for p in (page, home):
+                    expect(p.locator("#announcements li")).to_have_text(["Back soon", "Lunch is ready"])
+                expect(home.locator("#stats-2")).to_have_text("★ 1 · 0 reading now")  # no push says so
+                comment(page, "Ann", "After")  # a push after the load is shown once too
+                expect(page.locator("#comments li")).to_have_text(
+                    ["AnnBefore the restart", "BobWhile away", "AnnAfter"]
+                )
+
+
+def session_id(context: BrowserContext) -> str:
+    [cookie] = [c for c in context.cookies() if c["name"] == rally._SESSION_COOKIE]
+    return cookie["value"].split(".")[0]
+
+
+def test_a_form_whose_send_fails_keeps_the_text_and_says_why(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    app, url = served
+    with tabs(browser, url, tmp_path) as t:
+        session = t.session()
+        page = t.open(session, "/articles/1")
+        page.fill("#announce input", "Hello")
+        page.click("#announce button")
+        expect(page.locator("#announcements li")).to_have_text(["Hello"])
+        expect(page.locator("#announce input")).to_have_value("")  # cleared once it was applied
+        assert app.close_session_threadsafe(session_id(session)).result(5) == 1  # logged out: sends fail now
+        expect(page.locator("#status")).to_have_text("closed")
+        page.fill("#announce input", "Are you there?")
+        page.click("#announce button")
+        expect(page.locator("#announce-error")).to_have_text(re.compile(r"^Not sent: the page was closed \(4001"))
+        expect(page.locator("#announce input")).to_have_value("Are you there?")
+        comment(page, "Ann", "Typed with care")
+        expect(page.locator("#comment-form-error")).to_have_text(re.compile(r"^Not sent: the page was closed"))
+        expect(page.locator("#comment-form textarea")).to_have_value("Typed with care")
+        page.fill("#name-form input", "Ann")
+        page.press("#name-form input", "Enter")
+        expect(page.locator("#name-form-error")).to_have_text(re.compile(r"^Not sent: the page was closed"))
+        expect(page.locator("#name-form input")).to_have_value("Ann")
+
+
 @dataclasses.dataclass
 class Version:
     pass
@@ -469,19 +535,38 @@ def test_readme_example_page_comes_alive(browser: Browser, tmp_path: Path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     import readme_example
 
-    with readme_example.app.run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
-        session = t.session()
-        first, second = (session.new_page() for _ in range(2))
-        for page in (first, second):
-            page.on("pageerror", lambda exc: t.errors.append(str(exc)))
-            page.goto(server.url + "/articles/hello")
-        expect(first.locator("#title")).to_have_text("Article: hello")  # rally.rpc
-        first.fill("#say input", "hi there")
-        first.press("#say input", "Enter")
-        expect(second.locator("#comments li")).to_have_text(["hi there"])  # broadcast_to_page
-        first.click("#fav")
-        expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
-        assert second.locator("#fav").inner_text() == "Favourite"
+    with contextlib.ExitStack() as running:
+        server = running.enter_context(readme_example.app.run_in_thread(access_log=False))
+        with tabs(browser, server.url, tmp_path) as t:
+            t.allowed_console = ("WebSocket connection to",)  # the refused reconnections
+            session = t.session()
+            first, second = (session.new_page() for _ in range(2))
+            for page in (first, second):
+                page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+                page.goto(server.url + "/articles/hello")
+                page.evaluate("() => { rally.onStatus((s) => { document.body.dataset.status = s; }); }")
+            expect(first.locator("#title")).to_have_text("Article: hello")  # rally.rpc
+            first.fill("#say input", "hi there")
+            first.press("#say input", "Enter")
+            expect(second.locator("#comments li")).to_have_text(["hi there"])  # broadcast_to_page
+            expect(first.locator("#say input")).to_have_value("")  # cleared once it was applied
+            first.click("#fav")
+            expect(first.locator("#fav")).to_have_text("Favourited 5")  # send_to_client
+            assert second.locator("#fav").inner_text() == "Favourite"
+
+            # The server restarts and forgets the pages: they open afresh and load the comments again.
+            running.close()
+            for page in (first, second):
+                expect(page.locator("body")).to_have_attribute("data-status", "reconnecting")
+            readme_example.comments["hello"].append("while away")  # written while the pages were away
+            with readme_example.app.run_in_thread(port=server.port, access_log=False):
+                for page in (first, second):
+                    expect(page.locator("body")).to_have_attribute("data-status", "open", timeout=20_000)
+                    expect(page.locator("#comments li")).to_have_text(["hi there", "while away"])
+                second.fill("#say input", "back")
+                second.press("#say input", "Enter")
+                for page in (first, second):
+                    expect(page.locator("#comments li")).to_have_text(["hi there", "while away", "back"])
 
 
 # ==== Delivery across a lost network =========================================
@@ -789,7 +874,7 @@ def test_rpc_whose_answer_was_lost_is_retried_and_runs_once(browser: Browser, tm
           (e) => { document.getElementById('answer').textContent = 'rejected: ' + e.message; }); }""")
         assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
         proxy.cut()  # the call's WebSocket is gone: its answer cannot come back on it
-        expect(page.locator("#status")).to_have_text("reconnecting")  # the client retries over HTTP now
+        expect(page.locator("#status")).to_have_text("reconnecting")  # the call waits for the next connection
         proxy.wait(lambda p: p.turned_away >= 1, "a connection attempt while down")
         proxy.restore()
         journal.release.set()
@@ -809,12 +894,56 @@ def test_rpc_in_flight_survives_a_network_loss_that_refuses_connections(browser:
         assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler"
         proxy.cut()
         expect(page.locator("#status")).to_have_text("reconnecting")
-        proxy.wait(lambda p: p.turned_away >= 2, "the retry and a reconnection refused while down")
+        proxy.wait(lambda p: p.turned_away >= 2, "two reconnections refused while down")
         proxy.restore()
         journal.release.set()
         expect(page.locator("#answer")).not_to_be_empty()
         assert page.locator("#answer").inner_text() == '{"ok":true,"value":"answer 1"}'
         assert journal.calls == [1]
+
+
+ANSWER_JS = """(n) => { rally.rpc('Slow', {n}).then(
+  (r) => { document.getElementById('answer').textContent = JSON.stringify(r); },
+  (e) => { document.getElementById('answer').textContent = 'rejected ' + e.code; }); }"""
+
+
+def test_rpc_made_while_disconnected_waits_for_the_reconnect_and_runs_once(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy() as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "net::ERR_")
+        page = t.open(t.session(), "/pad")
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate(ANSWER_JS, 2)  # made while down: no HTTP request that would fail now
+        proxy.wait(lambda p: p.turned_away >= 1, "a connection refused while down")
+        proxy.restore()
+        # Asked over the new WebSocket; then that one is lost too while the handler runs.
+        assert journal.called.wait(BOUND_MS / 1000), "the RPC did not reach its handler after the reconnect"
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        proxy.restore()
+        expect(page.locator("#status")).to_have_text("open", timeout=20_000)  # asked again, with the same key
+        journal.release.set()
+        expect(page.locator("#answer")).to_have_text('{"ok":true,"value":"answer 2"}')
+        assert journal.calls == [2]  # the handler ran once
+        assert len(journal.inits) == 1  # both reconnections resumed the page
+
+
+def test_rpc_made_while_disconnected_rejects_only_at_its_time_out(browser: Browser, tmp_path: Path) -> None:
+    with pad_behind_proxy() as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "net::ERR_")
+        context = t.session()
+        context.clock.install()  # the page's timers: the backoff and the RPC's 30 s time-out
+        page = t.open(context, "/pad")
+        proxy.cut()
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate(ANSWER_JS, 3)
+        page.clock.run_for(29_000)  # reconnection attempts come and are refused
+        proxy.wait(lambda p: p.turned_away >= 1, "a connection refused while down")
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        assert page.locator("#answer").inner_text() == ""  # still waiting, now, not eventually
+        page.clock.run_for(2_000)
+        expect(page.locator("#answer")).to_have_text("rejected timeout")
+        assert journal.calls == []
 
 
 # ==== A page closed for good ================================================
@@ -945,3 +1074,39 @@ def test_closed_status_carries_the_servers_close_code_and_reason(browser: Browse
         # A handler added afterwards is told the same at once.
         told = page.evaluate("new Promise((resolve) => rally.onStatus((s, info) => resolve([s, info])))")
         assert told == ["closed", {"code": 4001, "reason": "session closed"}]
+
+
+def test_close_4003_refused_is_for_good(browser: Browser, tmp_path: Path) -> None:
+    # A stand-in for a server_init that raises rally.Refuse("banned"): the
+    # test closes the page's second connection with 4003 itself.
+    with door() as (_, doorman, url), tabs(browser, url, tmp_path) as t:
+        context = t.session()
+        context.clock.install()  # the page's timers: its backoff, its RPC time-out
+        routes: list[Any] = []
+
+        def route(ws: Any) -> None:
+            routes.append(ws)
+            if len(routes) == 1:
+                ws.connect_to_server()
+            else:
+                ws.close(code=4003, reason="banned")
+
+        context.route_web_socket(re.compile(r"/_rally/ws\?"), route)
+        page = t.open(context, "/door")
+        routes[0].close(code=1012, reason="restart")  # a lost connection: the page reconnects
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate("track('queued', rally.send('Knock', {text: 'queued'}))")
+        page.evaluate("track('waiting', rally.rpc('Hold', {n: 1}))")
+        page.clock.run_for(1_000)  # the first retry comes within 375 ms
+        expect(page.locator("#status")).to_have_text("closed")
+        expect(page.locator("#info")).to_have_text('{"code":4003,"reason":"banned"}')
+        expect(page.locator("#queued")).to_have_text("rejected closed")
+        expect(page.locator("#waiting")).to_have_text("rejected closed")
+        page.evaluate("track('send', rally.send('Knock', {text: 'after'}))")
+        page.evaluate("track('rpc', rally.rpc('Hold', {n: 2}))")
+        expect(page.locator("#send")).to_have_text("rejected closed")
+        expect(page.locator("#rpc")).to_have_text("rejected closed")
+        page.clock.run_for(60_000)  # a reconnection loop would have tried again by now
+        expect(page.locator("#status")).to_have_text("closed")
+        assert len(routes) == 2
+        assert doorman.knocks == [] and doorman.calls == []
