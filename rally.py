@@ -1724,10 +1724,14 @@ def _http_response(
 ) -> bytes:
     """A complete response: head, and the body unless it answers a HEAD
     (``length`` for a head whose body follows apart)."""
-    out = [
-        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, len(body) if length is None else length)
-    ]
+    if status == 204:  # RFC 9110 section 8.6: no Content-Length in a 204, and it has no content
+        out = [b"HTTP/1.1 204 No Content\r\ndate: %s\r\n" % _http_date()]
+    else:
+        size = len(body) if length is None else length
+        out = [
+            b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, size)
+        ]
     if extra:
         out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
     out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
@@ -4361,6 +4365,15 @@ def _refusal(exc: ProtocolError, req: _Request | None) -> _Answer:
     return _Answer(exc.status, str(exc).encode() + b"\n", headers=exc.headers)
 
 
+#: What a cross-origin RPC may send: every request header of the browser
+#: client's and the docs page's ``fetch`` (Content-Type, Rally-Contract, Rally-Page).
+_CORS_ALLOW_HEADERS: Final = b"content-type, rally-contract, rally-page"
+#: Seconds a browser may keep a preflight's answer: a change of
+#: ``allowed_origins`` reaches browsers within ten minutes.
+_CORS_MAX_AGE: Final = b"600"
+_RPC_METHODS: Final = (b"OPTIONS", b"POST")
+
+
 def _allow(req: _Request, *methods: bytes) -> None:
     if req.method not in methods:
         raise ProtocolError("method not allowed", 405, headers=((b"allow", b", ".join(methods)),))
@@ -4424,7 +4437,9 @@ class _Router:
 
     def _rpc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         if req.method != b"POST":
-            _allow(req, b"POST")
+            if req.method == b"OPTIONS":
+                return self._preflight(req, client)
+            _allow(req, *_RPC_METHODS)
         self._check_origin(req, client)
         ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -4432,8 +4447,26 @@ class _Router:
         expected = _header(req, b"rally-contract")
         if expected is not None and expected != self.reg.contract()[1]:
             errors = [{"path": "", "message": "the server's contract changed; reload"}]
-            return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json")
+            return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json", self._cors(req))
         return _READ_RPC
+
+    def _preflight(self, req: _Request, client: tuple[str, int] | None) -> _Answer:
+        """``OPTIONS /_rally/rpc``: the CORS preflight a browser sends before
+        a cross-origin ``fetch`` with a JSON body. For an Origin in
+        ``allowed_origins``, 204 allowing POST with the client's headers and
+        credentials; a foreign (or repeated) Origin is refused 403 like its
+        POST would be; without an Origin, or from the page's own, it is no
+        preflight and the answer says which methods the route takes."""
+        self._check_origin(req, client)
+        cors = self._cors(req)
+        if not cors:
+            return _Answer(204, b"", headers=((b"allow", b", ".join(_RPC_METHODS)),))
+        cors += [
+            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-headers", _CORS_ALLOW_HEADERS),
+            (b"access-control-max-age", _CORS_MAX_AGE),
+        ]
+        return _Answer(204, b"", headers=cors)
 
     def _rpc_body(self, req: _Request, client: tuple[str, int] | None, body: bytes) -> _Answer | Awaitable[_Answer]:
         reg = self.reg
@@ -4445,7 +4478,8 @@ class _Router:
                     [{"path": "kind", "message": f'POST /_rally/rpc takes "rpc" envelopes, not "{kind}"'}],
                 )
         except ContractError as exc:
-            return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
+            status, body = _ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors)
+            return _Answer(status, body, b"application/json", self._cors(req))
         page = _header(req, b"rally-page")
         found = reg.match_page(page) if page else None
         sid = _session_from_cookie(_header(req, b"cookie"), self.secret)  # pages set cookies
@@ -4453,9 +4487,10 @@ class _Router:
             sid, key = _new_session_id(), None
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx, key)
+        cors = self._cors(req) if b"origin" in req.headers else ()
         if isinstance(reply, tuple):
-            return _Answer(reply[0], reply[1], b"application/json")
-        return _json_answer(reply)
+            return _Answer(reply[0], reply[1], b"application/json", cors)
+        return _json_answer(reply, cors)
 
     def _socket(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET")
@@ -4550,6 +4585,33 @@ class _Router:
             return sid, []
         sid = _new_session_id()
         return sid, [(b"set-cookie", _session_cookie(sid, self.secret, self.app.secure_cookies))]
+
+    def refusal(self, exc: ProtocolError, req: _Request | None) -> _Answer:
+        """The answer refusing ``req``: an answer to an RPC from an Origin in
+        ``allowed_origins`` carries the CORS headers, so the page that sent
+        it can read why (a 413 ``too_large``, a 415)."""
+        answer = _refusal(exc, req)
+        if req is not None and req.path == "/_rally/rpc" and b"origin" in req.headers:
+            cors = self._cors(req)
+            if cors:
+                return answer._replace(headers=[*answer.headers, *cors])
+        return answer
+
+    def _cors(self, req: _Request) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of an answer to an RPC from ``req``'s Origin:
+        for one listed in ``allowed_origins`` that is not the page's own,
+        that origin (one of the app's own values, never the request's bytes),
+        with credentials; none for any other, or a repeated Origin."""
+        origin = _header(req, b"origin")
+        if origin is None or origin not in self.app.allowed_origins or b"origin" in req.repeated:
+            return []
+        if _origin_allowed(origin, _header(req, b"host"), frozenset()):
+            return []  # the page's own origin: same-origin, nothing to allow
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"origin"),
+        ]
 
     def _check_origin(self, req: _Request, client: tuple[str, int] | None) -> None:
         if b"origin" not in req.headers:  # not a browser: it holds no victim's cookie
@@ -4678,9 +4740,9 @@ def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _An
     return _Answer(200, body, content_type, headers)
 
 
-async def _json_answer(reply: Awaitable[_Reply]) -> _Answer:
+async def _json_answer(reply: Awaitable[_Reply], headers: Sequence[tuple[bytes, bytes]] = ()) -> _Answer:
     status, body = await reply
-    return _Answer(status, body, b"application/json")
+    return _Answer(status, body, b"application/json", headers)
 
 
 _READ_RPC: Final = _ReadBody(_Router._rpc_body)
@@ -5623,7 +5685,7 @@ class _HttpConn(_Conn):
                 event = self.reader.next_event()
             except ProtocolError as exc:
                 self.request = self.reader.request
-                self._respond(_refusal(exc, self.request))
+                self._respond(self.srv.router.refusal(exc, self.request))
                 continue
             if event is None:
                 return
@@ -5642,7 +5704,7 @@ class _HttpConn(_Conn):
         try:
             action = self.srv.router.route(req, self.client)
         except ProtocolError as exc:
-            action = _refusal(exc, req)
+            action = self.srv.router.refusal(exc, req)
         except Exception:
             _logger.exception("unexpected error routing %s %s", req.method, req.target[:200])
             action = _Answer(500, b"internal server error\n")
