@@ -4559,7 +4559,7 @@ class _Router:
         _allow(req, b"GET", b"HEAD")
         broker = self.app.broker
         report = _NO_BROKER if broker is None else broker.health()
-        body = _dumps({"status": "ok", "broker": report})
+        body = _dumps({"status": "ok", "connections": self.app.connections(), "broker": report})
         return _Answer(200, body, b"application/json", ((b"cache-control", b"no-store"),))
 
     # -- checks -------------------------------------------------------------------
@@ -4755,7 +4755,19 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/docs": _Router._docs,
     "/_rally/health": _Router._health,
 }
-_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0}
+#: The health report's ``broker`` without one: ``RedisBroker.health``'s keys, nothing in them.
+_NO_BROKER: Final = {
+    "state": "none",
+    "process": "",
+    "processes": [],
+    "connections": {},
+    "published": 0,
+    "received": 0,
+    "dropped": 0,
+    "unconfirmed": 0,
+    "rejected": 0,
+    "waiting": 0,
+}
 
 
 # ==== Broker: broadcasts across processes (Redis pub/sub) ===================
@@ -4930,6 +4942,7 @@ class RedisBroker:
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
+        self._counts: dict[str, int] = {}  # process id -> its page connections, as its last beat, hello or state said
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
@@ -4972,6 +4985,7 @@ class RedisBroker:
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._seen = {}
+        self._counts = {}
         self._said = None
         self._causes = set()
         self._failures = 0
@@ -5005,6 +5019,7 @@ class RedisBroker:
         for process in self._seen:  # the others' presence entries go with the connection
             self._registry.presence_replace(process, {})
         self._seen = {}
+        self._counts = {}
 
     def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """One PUBLISH for a push, written before this process delivers it;
@@ -5046,12 +5061,23 @@ class RedisBroker:
             self._queue_state()
 
     def health(self) -> dict[str, Any]:
+        """The ``broker`` part of ``GET /_rally/health`` (README "Scaling
+        out"). ``connections`` maps each process of ``processes`` to its page
+        connections: this one's now, another's as its last heartbeat,
+        ``hello`` or ``state`` said (a process whose count has not come yet
+        is left out)."""
         if self._loop is not None:
             self._forget_quiet(self._loop.time())
+        processes = sorted(self._seen)
+        counts = self._counts
+        own = self.process_id
         return {
             "state": "up" if self.up else "down",
-            "process": self.process_id,
-            "processes": sorted(self._seen),
+            "process": own,
+            "processes": processes,
+            "connections": {
+                p: self._connections() if p == own else counts[p] for p in processes if p == own or p in counts
+            },
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
@@ -5066,8 +5092,14 @@ class RedisBroker:
         return _dumps({"o": self.process_id, "k": kind}) + b"\n"
 
     def _state(self, kind: str) -> bytes:
-        """A ``hello`` or ``state``: this process's whole presence, as it is now."""
-        return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
+        """A ``hello`` or ``state``: this process's whole presence and its
+        count of page connections, as they are now."""
+        presence = self._registry.presence_own()
+        return _dumps({"o": self.process_id, "k": kind, "p": presence, "n": self._connections()}) + b"\n"
+
+    def _connections(self) -> int:
+        """This process's page connections (``App.connections``), told the others in beats and snapshots."""
+        return self._app.connections() if self._app is not None else 0
 
     def _enqueue(self, message: bytes, broadcast: bool) -> bool:
         """Send one PUBLISH of ``message`` after its MAC: written now if it
@@ -5219,7 +5251,7 @@ class RedisBroker:
 
     def _beat(self, now: float) -> None:
         self._next_beat = now + self.heartbeat_interval
-        self._enqueue(self._control("beat"), False)
+        self._enqueue(_dumps({"o": self.process_id, "k": "beat", "n": self._connections()}) + b"\n", False)
 
     def _heard(self, process: str, now: float) -> bool:
         """Note a message from ``process``; whether it was known (heard
@@ -5239,6 +5271,7 @@ class RedisBroker:
         for process, heard in list(self._seen.items()):
             if heard + quiet <= now:
                 del self._seen[process]
+                self._counts.pop(process, None)
                 self._registry.presence_replace(process, {})
         if self._quiet is not None:
             self._quiet.cancel()
@@ -5362,6 +5395,9 @@ class RedisBroker:
             if self._healthy_since is None:
                 self._went_healthy(now)
             return
+        count = header.get("n")  # in a beat, hello or state: the sender's page connections
+        if type(count) is int and count >= 0:
+            self._counts[origin] = count
         topic = header.get("t")
         if kind == "push" and type(topic) is str:
             name = header.get("m")
@@ -5391,6 +5427,7 @@ class RedisBroker:
                 held.close(1000, "replaced by a new connection")
         elif kind == "bye":
             self._seen.pop(origin, None)
+            self._counts.pop(origin, None)
             self._registry.presence_replace(origin, {})
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
@@ -6776,6 +6813,29 @@ class App:
         in every process of the app (with a broker: as this process last heard
         from the others)."""
         return self._registry.presence_of(path)
+
+    def connections(self, path: str | None = None) -> int:
+        """How many page WebSockets this process serves now, or those on
+        the concrete page ``path`` (``"/articles/hello"``, not a route
+        pattern). A page from the moment its connection opens (during
+        ``server_init`` too) until it closes; one whose connection was lost
+        and is held for a resume counts again once it resumes, and not while
+        it waits. Raw ``@app.websocket`` connections are not pages. With a
+        broker, the other processes' counts are in ``GET /_rally/health``."""
+        if path is not None and not isinstance(path, str):
+            raise UsageError(f"connections(path) takes a page path str or None, got {type(path).__name__}")
+        reg = self._registry
+        members = reg.topics.members.get("app" if path is None else f"page:{path}")
+        if not members:
+            return 0
+        held = reg.held.timers  # the sessions held without a connection, each still in its topics
+        if not held:
+            return len(members)
+        if path is None:
+            return len(members) - len(held)
+        if len(held) < len(members):
+            return len(members) - sum(1 for session in held if session.ctx.page == path)
+        return sum(1 for session in members if session not in held)
 
     async def close_session(self, session_id: str) -> int:
         """Close every WebSocket of a session (code 4001), as on logout, in

@@ -1051,7 +1051,19 @@ async def test_health_endpoint_without_a_broker() -> None:
     assert response.status_code == 200 and (b"cache-control", b"no-store") in response.headers
     assert json.loads(body) == {
         "status": "ok",
-        "broker": {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0},
+        "connections": 0,
+        "broker": {
+            "state": "none",
+            "process": "",
+            "processes": [],
+            "connections": {},
+            "published": 0,
+            "received": 0,
+            "dropped": 0,
+            "unconfirmed": 0,
+            "rejected": 0,
+            "waiting": 0,
+        },
     }
     assert refused.status_code == 405
 
@@ -3497,6 +3509,52 @@ def test_a_kept_rpc_answer_expires_after_the_window() -> None:
     assert answers.answer("s", "k", 1, ask("q"), lambda: (200, b"again")) == (200, b"again")
     answers.answer("t", "k", 1, ask("q"), lambda: (200, b"t"))  # the expired session is swept
     assert list(answers.shelves) == ["s", "t"] and answers.count == 2
+
+
+# ==== Counting connections (app.connections, GET /_rally/health) ==============
+
+
+async def health_of(client: rally.Client) -> dict[str, Any]:
+    status, _, body = await client.request("GET", "/_rally/health")
+    assert status == 200
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def test_connections_counts_this_processs_pages_by_path_and_not_those_held_for_resume() -> None:
+    app, journal = journal_app()
+    app.page("/articles/{slug}", Article)
+    assert app.connections() == 0 and app.connections("/journal") == 0  # not serving yet
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        cut_client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with cut_client, bounded_client(server, app) as other:
+            async with (
+                cut_client.page("/journal") as held,
+                other.page("/journal") as steady,
+                other.page("/articles/a") as a,
+                other.page("/articles/b") as b,
+            ):
+                await held.send(Typed("hi"))  # each connection's session has started: it heard back
+                assert await said(held, 1) == ["hi"] and await said(steady, 1) == ["hi"]
+                for article in (a, b):
+                    await article.send(ToggleFavorite())
+                    await article.receive()
+                assert app.connections() == 4 and (await health_of(other))["connections"] == 4
+                assert app.connections("/journal") == 2 and app.connections("/articles/a") == 1
+                assert app.connections("/articles/{slug}") == 0 and app.connections("/nowhere") == 0
+                proxy.cut()  # held's connection is lost: its page is kept for a resume, not counted
+                await eventually(lambda: app.connections() == 3, "the lost connection uncounted")
+                assert app.connections("/journal") == 1 and len(app._registry.held.timers) == 1
+                assert journal.terminated == []  # held, not ended
+                assert (await health_of(other))["connections"] == 3
+                assert await held.reconnect() is True
+                await eventually(lambda: app.connections() == 4, "the resumed page counted again")
+                assert app.connections("/journal") == 2
+                await a.close()
+                await eventually(lambda: app.connections("/articles/a") == 0, "the closed page uncounted")
+                assert app.connections() == 3
+        await eventually(lambda: app.connections() == 0, "every page closed")
+    with pytest.raises(rally.UsageError, match="connections"):
+        app.connections(42)  # type: ignore[arg-type]
 
 
 # ==== README =================================================================
