@@ -4384,8 +4384,10 @@ class _Router:
     RPC, a file to stream, or an accepted WebSocket upgrade. The fixed
     ``/_rally/*`` routes are a table; then raw WebSocket routes, static
     prefixes and pages. The host allowlist, the origin rule and the signed
-    session cookie are checked here, before any page or upgrade. Refusals
-    raise ``ProtocolError``; no sockets.
+    session cookie are checked here, before any page or upgrade, and the
+    CORS headers of an RPC from an origin of ``allowed_origins`` are made
+    here (``_cors``, ``_preflight``, ``refusal``). Refusals raise
+    ``ProtocolError``; no sockets.
     """
 
     def __init__(self, app: App, loopback: bool) -> None:
@@ -4813,6 +4815,11 @@ _NO_BROKER: Final = {
 # for three heartbeat intervals (killed, machine gone, or Redis unreachable
 # from here) is forgotten by a timer, and its entries leave every page; one
 # that stops says ``bye`` and its entries leave at once.
+#
+# Counts. Every heartbeat (``beat``) and snapshot (``hello``, ``state``)
+# also carries the sender's count of page connections (``n``, as
+# ``App.connections``); the health report gives each process heard its last
+# count, which leaves with the process.
 
 #: First reconnect delay after a failure; each further failure doubles it, up
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
