@@ -6815,12 +6815,6 @@ class App:
         ``rally.effect.subscribe``) whose page declares its type."""
         return self._publish(_check_topic(topic), msg)
 
-    def presence(self, path: str) -> list[Presence]:
-        """Who is on the concrete page ``path`` (pages with ``server_presence``),
-        in every process of the app (with a broker: as this process last heard
-        from the others)."""
-        return self._registry.presence_of(path)
-
     def connections(self, path: str | None = None) -> int:
         """How many page WebSockets this process serves now, or those on
         the concrete page ``path`` (``"/articles/hello"``, not a route
@@ -6843,6 +6837,12 @@ class App:
         if len(held) < len(members):
             return len(members) - sum(1 for session in held if session.ctx.page == path)
         return sum(1 for session in members if session not in held)
+
+    def presence(self, path: str) -> list[Presence]:
+        """Who is on the concrete page ``path`` (pages with ``server_presence``),
+        in every process of the app (with a broker: as this process last heard
+        from the others)."""
+        return self._registry.presence_of(path)
 
     async def close_session(self, session_id: str) -> int:
         """Close every WebSocket of a session (code 4001), as on logout, in
