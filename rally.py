@@ -1771,10 +1771,14 @@ def _http_response(
 ) -> bytes:
     """A complete response: head, and the body unless it answers a HEAD
     (``length`` for a head whose body follows apart)."""
-    out = [
-        b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-        % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, len(body) if length is None else length)
-    ]
+    if status == 204:  # RFC 9110 section 8.6: no Content-Length in a 204, and it has no content
+        out = [b"HTTP/1.1 204 No Content\r\ndate: %s\r\n" % _http_date()]
+    else:
+        size = len(body) if length is None else length
+        out = [
+            b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, size)
+        ]
     if extra:
         out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
     out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
@@ -4767,6 +4771,15 @@ def _refusal(exc: ProtocolError, req: _Request | None) -> _Answer:
     return _Answer(exc.status, str(exc).encode() + b"\n", headers=exc.headers)
 
 
+#: What a cross-origin RPC may send: every request header of the browser
+#: client's and the docs page's ``fetch`` (Content-Type, Rally-Contract, Rally-Page).
+_CORS_ALLOW_HEADERS: Final = b"content-type, rally-contract, rally-page"
+#: Seconds a browser may keep a preflight's answer: a change of
+#: ``allowed_origins`` reaches browsers within ten minutes.
+_CORS_MAX_AGE: Final = b"600"
+_RPC_METHODS: Final = (b"OPTIONS", b"POST")
+
+
 def _allow(req: _Request, *methods: bytes) -> None:
     if req.method not in methods:
         raise ProtocolError("method not allowed", 405, headers=((b"allow", b", ".join(methods)),))
@@ -4777,8 +4790,10 @@ class _Router:
     RPC, a file to stream, or an accepted WebSocket upgrade. The fixed
     ``/_rally/*`` routes are a table; then raw WebSocket routes, static
     prefixes and pages. The host allowlist, the origin rule and the signed
-    session cookie are checked here, before any page or upgrade. Refusals
-    raise ``ProtocolError``; no sockets.
+    session cookie are checked here, before any page or upgrade, and the
+    CORS headers of an RPC from an origin of ``allowed_origins`` are made
+    here (``_cors``, ``_preflight``, ``refusal``). Refusals raise
+    ``ProtocolError``; no sockets.
     """
 
     def __init__(self, app: App, loopback: bool) -> None:
@@ -4830,7 +4845,9 @@ class _Router:
 
     def _rpc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         if req.method != b"POST":
-            _allow(req, b"POST")
+            if req.method == b"OPTIONS":
+                return self._preflight(req, client)
+            _allow(req, *_RPC_METHODS)
         self._check_origin(req, client)
         ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -4838,8 +4855,26 @@ class _Router:
         expected = _header(req, b"rally-contract")
         if expected is not None and expected != self.reg.contract()[1]:
             errors = [{"path": "", "message": "the server's contract changed; reload"}]
-            return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json")
+            return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json", self._cors(req))
         return _READ_RPC
+
+    def _preflight(self, req: _Request, client: tuple[str, int] | None) -> _Answer:
+        """``OPTIONS /_rally/rpc``: the CORS preflight a browser sends before
+        a cross-origin ``fetch`` with a JSON body. For an Origin in
+        ``allowed_origins``, 204 allowing POST with the client's headers and
+        credentials; a foreign (or repeated) Origin is refused 403 like its
+        POST would be; without an Origin, or from the page's own, it is no
+        preflight and the answer says which methods the route takes."""
+        self._check_origin(req, client)
+        cors = self._cors(req)
+        if not cors:
+            return _Answer(204, b"", headers=((b"allow", b", ".join(_RPC_METHODS)),))
+        cors += [
+            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-headers", _CORS_ALLOW_HEADERS),
+            (b"access-control-max-age", _CORS_MAX_AGE),
+        ]
+        return _Answer(204, b"", headers=cors)
 
     def _rpc_body(self, req: _Request, client: tuple[str, int] | None, body: bytes) -> _Answer | Awaitable[_Answer]:
         reg = self.reg
@@ -4851,7 +4886,8 @@ class _Router:
                     [{"path": "kind", "message": f'POST /_rally/rpc takes "rpc" envelopes, not "{kind}"'}],
                 )
         except ContractError as exc:
-            return _Answer(_ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors), b"application/json")
+            status, body = _ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors)
+            return _Answer(status, body, b"application/json", self._cors(req))
         page = _header(req, b"rally-page")
         found = reg.match_page(page) if page else None
         sid = _session_from_cookie(_header(req, b"cookie"), self.secret)  # pages set cookies
@@ -4859,9 +4895,10 @@ class _Router:
             sid, key = _new_session_id(), None
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx, key)
+        cors = self._cors(req) if b"origin" in req.headers else ()
         if isinstance(reply, tuple):
-            return _Answer(reply[0], reply[1], b"application/json")
-        return _json_answer(reply)
+            return _Answer(reply[0], reply[1], b"application/json", cors)
+        return _json_answer(reply, cors)
 
     def _socket(self, req: _Request, client: tuple[str, int] | None) -> _Action:
         _allow(req, b"GET")
@@ -4930,7 +4967,7 @@ class _Router:
         _allow(req, b"GET", b"HEAD")
         broker = self.app.broker
         report = _NO_BROKER if broker is None else broker.health()
-        body = _dumps({"status": "ok", "broker": report})
+        body = _dumps({"status": "ok", "connections": self.app.connections(), "broker": report})
         return _Answer(200, body, b"application/json", ((b"cache-control", b"no-store"),))
 
     # -- checks -------------------------------------------------------------------
@@ -4956,6 +4993,33 @@ class _Router:
             return sid, []
         sid = _new_session_id()
         return sid, [(b"set-cookie", _session_cookie(sid, self.secret, self.app.secure_cookies))]
+
+    def refusal(self, exc: ProtocolError, req: _Request | None) -> _Answer:
+        """The answer refusing ``req``: an answer to an RPC from an Origin in
+        ``allowed_origins`` carries the CORS headers, so the page that sent
+        it can read why (a 413 ``too_large``, a 415)."""
+        answer = _refusal(exc, req)
+        if req is not None and req.path == "/_rally/rpc" and b"origin" in req.headers:
+            cors = self._cors(req)
+            if cors:
+                return answer._replace(headers=[*answer.headers, *cors])
+        return answer
+
+    def _cors(self, req: _Request) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of an answer to an RPC from ``req``'s Origin:
+        for one listed in ``allowed_origins`` that is not the page's own,
+        that origin (one of the app's own values, never the request's bytes),
+        with credentials; none for any other, or a repeated Origin."""
+        origin = _header(req, b"origin")
+        if origin is None or origin not in self.app.allowed_origins or b"origin" in req.repeated:
+            return []
+        if _origin_allowed(origin, _header(req, b"host"), frozenset()):
+            return []  # the page's own origin: same-origin, nothing to allow
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"origin"),
+        ]
 
     def _check_origin(self, req: _Request, client: tuple[str, int] | None) -> None:
         if b"origin" not in req.headers:  # not a browser: it holds no victim's cookie
@@ -5084,9 +5148,9 @@ def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _An
     return _Answer(200, body, content_type, headers)
 
 
-async def _json_answer(reply: Awaitable[_Reply]) -> _Answer:
+async def _json_answer(reply: Awaitable[_Reply], headers: Sequence[tuple[bytes, bytes]] = ()) -> _Answer:
     status, body = await reply
-    return _Answer(status, body, b"application/json")
+    return _Answer(status, body, b"application/json", headers)
 
 
 _READ_RPC: Final = _ReadBody(_Router._rpc_body)
@@ -5099,7 +5163,19 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/docs": _Router._docs,
     "/_rally/health": _Router._health,
 }
-_NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0}
+#: The health report's ``broker`` without one: ``RedisBroker.health``'s keys, nothing in them.
+_NO_BROKER: Final = {
+    "state": "none",
+    "process": "",
+    "processes": [],
+    "connections": {},
+    "published": 0,
+    "received": 0,
+    "dropped": 0,
+    "unconfirmed": 0,
+    "rejected": 0,
+    "waiting": 0,
+}
 
 
 # ==== Broker: broadcasts across processes (Redis pub/sub) ===================
@@ -5145,6 +5221,11 @@ _NO_BROKER: Final = {"state": "none", "processes": [], "published": 0, "received
 # for three heartbeat intervals (killed, machine gone, or Redis unreachable
 # from here) is forgotten by a timer, and its entries leave every page; one
 # that stops says ``bye`` and its entries leave at once.
+#
+# Counts. Every heartbeat (``beat``) and snapshot (``hello``, ``state``)
+# also carries the sender's count of page connections (``n``, as
+# ``App.connections``); the health report gives each process heard its last
+# count, which leaves with the process.
 
 #: First reconnect delay after a failure; each further failure doubles it, up
 #: to ``RedisBroker(max_backoff=...)``, and every delay is drawn from [d/2, d].
@@ -5274,6 +5355,7 @@ class RedisBroker:
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
         self._seen: dict[str, float] = {}  # process id -> when last heard
+        self._counts: dict[str, int] = {}  # process id -> its page connections, as its last beat, hello or state said
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
@@ -5316,6 +5398,7 @@ class RedisBroker:
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._seen = {}
+        self._counts = {}
         self._said = None
         self._causes = set()
         self._failures = 0
@@ -5349,6 +5432,7 @@ class RedisBroker:
         for process in self._seen:  # the others' presence entries go with the connection
             self._registry.presence_replace(process, {})
         self._seen = {}
+        self._counts = {}
 
     def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """One PUBLISH for a push, written before this process delivers it;
@@ -5391,12 +5475,23 @@ class RedisBroker:
             self._queue_state()
 
     def health(self) -> dict[str, Any]:
+        """The ``broker`` part of ``GET /_rally/health`` (README "Scaling
+        out"). ``connections`` maps each process of ``processes`` to its page
+        connections: this one's now, another's as its last heartbeat,
+        ``hello`` or ``state`` said (a process whose count has not come yet
+        is left out)."""
         if self._loop is not None:
             self._forget_quiet(self._loop.time())
+        processes = sorted(self._seen)
+        counts = self._counts
+        own = self.process_id
         return {
             "state": "up" if self.up else "down",
-            "process": self.process_id,
-            "processes": sorted(self._seen),
+            "process": own,
+            "processes": processes,
+            "connections": {
+                p: self._connections() if p == own else counts[p] for p in processes if p == own or p in counts
+            },
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
@@ -5411,8 +5506,14 @@ class RedisBroker:
         return _dumps({"o": self.process_id, "k": kind}) + b"\n"
 
     def _state(self, kind: str) -> bytes:
-        """A ``hello`` or ``state``: this process's whole presence, as it is now."""
-        return _dumps({"o": self.process_id, "k": kind, "p": self._registry.presence_own()}) + b"\n"
+        """A ``hello`` or ``state``: this process's whole presence and its
+        count of page connections, as they are now."""
+        presence = self._registry.presence_own()
+        return _dumps({"o": self.process_id, "k": kind, "p": presence, "n": self._connections()}) + b"\n"
+
+    def _connections(self) -> int:
+        """This process's page connections (``App.connections``), told the others in beats and snapshots."""
+        return self._app.connections() if self._app is not None else 0
 
     def _enqueue(self, message: bytes, broadcast: bool) -> bool:
         """Send one PUBLISH of ``message`` after its MAC: written now if it
@@ -5564,7 +5665,7 @@ class RedisBroker:
 
     def _beat(self, now: float) -> None:
         self._next_beat = now + self.heartbeat_interval
-        self._enqueue(self._control("beat"), False)
+        self._enqueue(_dumps({"o": self.process_id, "k": "beat", "n": self._connections()}) + b"\n", False)
 
     def _heard(self, process: str, now: float) -> bool:
         """Note a message from ``process``; whether it was known (heard
@@ -5584,6 +5685,7 @@ class RedisBroker:
         for process, heard in list(self._seen.items()):
             if heard + quiet <= now:
                 del self._seen[process]
+                self._counts.pop(process, None)
                 self._registry.presence_replace(process, {})
         if self._quiet is not None:
             self._quiet.cancel()
@@ -5707,6 +5809,9 @@ class RedisBroker:
             if self._healthy_since is None:
                 self._went_healthy(now)
             return
+        count = header.get("n")  # in a beat, hello or state: the sender's page connections
+        if type(count) is int and count >= 0:
+            self._counts[origin] = count
         topic = header.get("t")
         if kind == "push" and type(topic) is str:
             name = header.get("m")
@@ -5737,6 +5842,7 @@ class RedisBroker:
                 held.close(1000, "replaced by a new connection")
         elif kind == "bye":
             self._seen.pop(origin, None)
+            self._counts.pop(origin, None)
             self._registry.presence_replace(origin, {})
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
@@ -6031,7 +6137,7 @@ class _HttpConn(_Conn):
                 event = self.reader.next_event()
             except ProtocolError as exc:
                 self.request = self.reader.request
-                self._respond(_refusal(exc, self.request))
+                self._respond(self.srv.router.refusal(exc, self.request))
                 continue
             if event is None:
                 return
@@ -6050,7 +6156,7 @@ class _HttpConn(_Conn):
         try:
             action = self.srv.router.route(req, self.client)
         except ProtocolError as exc:
-            action = _refusal(exc, req)
+            action = self.srv.router.refusal(exc, req)
         except Exception:
             _logger.exception("unexpected error routing %s %s", req.method, req.target[:200])
             action = _Answer(500, b"internal server error\n")
@@ -7116,6 +7222,29 @@ class App:
         """Push ``msg`` to every connection subscribed to ``topic`` (by
         ``rally.effect.subscribe``) whose page declares its type."""
         return self._publish(_check_topic(topic), msg)
+
+    def connections(self, path: str | None = None) -> int:
+        """How many page WebSockets this process serves now, or those on
+        the concrete page ``path`` (``"/articles/hello"``, not a route
+        pattern). A page from the moment its connection opens (during
+        ``server_init`` too) until it closes; one whose connection was lost
+        and is held for a resume counts again once it resumes, and not while
+        it waits. Raw ``@app.websocket`` connections are not pages. With a
+        broker, the other processes' counts are in ``GET /_rally/health``."""
+        if path is not None and not isinstance(path, str):
+            raise UsageError(f"connections(path) takes a page path str or None, got {type(path).__name__}")
+        reg = self._registry
+        members = reg.topics.members.get("app" if path is None else f"page:{path}")
+        if not members:
+            return 0
+        held = reg.held.timers  # the sessions held without a connection, each still in its topics
+        if not held:
+            return len(members)
+        if path is None:
+            return len(members) - len(held)
+        if len(held) < len(members):
+            return len(members) - sum(1 for session in held if session.ctx.page == path)
+        return sum(1 for session in members if session not in held)
 
     def presence(self, path: str) -> list[Presence]:
         """Who is on the concrete page ``path`` (pages with ``server_presence``),

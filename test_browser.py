@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -1110,3 +1111,85 @@ def test_close_4003_refused_is_for_good(browser: Browser, tmp_path: Path) -> Non
         expect(page.locator("#status")).to_have_text("closed")
         assert len(routes) == 2
         assert doorman.knocks == [] and doorman.calls == []
+
+
+# ==== Cross-origin RPC ========================================================
+
+
+@dataclasses.dataclass
+class WhoAmI:
+    greeting: str
+
+
+class Front:
+    """The page of the other origin: it only calls the API's RPC with fetch."""
+
+    html = "<html><head><title>front</title></head><body><p id='status'>static</p></body></html>"
+
+
+CROSS_ORIGIN_FETCH = """async (url) => {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), 10000);
+  try {
+    const response = await fetch(url + "/_rally/rpc", {
+      method: "POST",
+      credentials: "include",
+      signal: controller.signal,
+      headers: {"content-type": "application/json"},
+      body: JSON.stringify({kind: "rpc", id: 1, msg: {type: "WhoAmI", fields: {greeting: "hi"}}}),
+    });
+    return {status: response.status, reply: await response.json()};
+  } catch (error) {
+    return {error: error.name + ": " + error.message};
+  } finally {
+    clearTimeout(timer);
+  }
+}"""
+
+
+def test_a_page_of_an_allowed_origin_calls_rpc_with_credentials_and_others_are_blocked(
+    browser: Browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A page on http://127.0.0.1:<front> calls the API app on
+    http://127.0.0.1:<api> (another origin of the same site, so its
+    SameSite=Lax session cookie goes along with credentials: "include");
+    its JSON body makes Chromium send a preflight first. The same page
+    reached as http://localhost:<front> is an origin the API does not list:
+    the preflight is refused and fetch fails before the POST is sent."""
+    caplog.set_level(logging.INFO, logger="rally.access")
+    secret = "one secret for both apps, so the API reads the front's session cookie"
+    front = rally.App(secret=secret)
+    front.page("/", Front)
+    with front.run_in_thread(access_log=False) as front_server:
+        own = front_server.url  # http://127.0.0.1:<port>
+        api = rally.App(secret=secret, allowed_origins=[own])
+
+        @api.rpc
+        def server_who_am_i(msg: WhoAmI, server_context: rally.ServerContext) -> str:
+            return f"{msg.greeting} {server_context.session_id}"
+
+        with api.run_in_thread() as api_server, tabs(browser, own, tmp_path) as t:
+            t.allowed_console = ("CORS policy", "Failed to load resource")  # the blocked call's own report
+            context = t.session()
+            page = context.new_page()
+            page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+            page.on("console", lambda msg: t._console("/", msg))
+            page.goto(own + "/")
+            [cookie] = [c for c in context.cookies() if c["name"] == "rally_session"]
+            session_id = cookie["value"].split(".")[0]
+            answer = page.evaluate(CROSS_ORIGIN_FETCH, api_server.url)
+            assert answer == {"status": 200, "reply": {"kind": "ok", "id": 1, "value": f"hi {session_id}"}}
+
+            foreign = own.replace("127.0.0.1", "localhost")
+            page.goto(foreign + "/")
+            blocked = page.evaluate(CROSS_ORIGIN_FETCH, api_server.url)
+            assert blocked == {"error": "TypeError: Failed to fetch"}
+    access = [r.getMessage() for r in caplog.records if r.name == "rally.access"]
+    rpc_lines = [line.split('"')[1] + line.split('"')[2] for line in access if "/_rally/rpc" in line]
+    # Allowed: a preflight, then the POST. Foreign: the preflight only, refused.
+    assert rpc_lines == [
+        "OPTIONS /_rally/rpc HTTP/1.1 204",
+        "POST /_rally/rpc HTTP/1.1 200",
+        "OPTIONS /_rally/rpc HTTP/1.1 403",
+    ]
+    assert f"Origin '{foreign}'" in caplog.text

@@ -1088,6 +1088,49 @@ async def test_presence_messages_not_as_rally_sends_them_change_nothing(
         await node.stop()
 
 
+# ==== Each process's page connections in the health report ===================
+
+
+async def counts(node: Node, expected: dict[Node, int]) -> bool:
+    """``node``'s health report gives each process's page connections as ``expected``."""
+    health = await node.health()
+    ids = {n: (await n.health())["broker"]["process"] for n in expected}
+    own = health["broker"]["process"]
+    want = {ids[n]: c for n, c in expected.items()}
+    return bool(health["broker"]["connections"] == want and health["connections"] == want[own])
+
+
+async def test_hello_and_state_carry_each_processs_connections_to_a_process_started_later(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """With heartbeats a minute apart, only snapshots can carry the counts:
+    the late process's ``hello`` is answered by every other's ``state``."""
+    async with running_cluster(redis_server, tmp_path, processes=2) as running:
+        n1, n2 = running.nodes
+        async with session(n1) as c1, pages({"a": (n1, c1, "/room/a"), "b": (n1, c1, "/lobby/x")}):
+            await eventually("n1 counts its pages", lambda: counts(n1, {n1: 2, n2: 0}))
+            n3 = await running.start()
+            await eventually("n3 heard every count", lambda: counts(n3, {n1: 2, n2: 0, n3: 0}))
+            await n3.stop()  # its goodbye takes it out of the others' reports at once
+            await eventually("n3 left n1's report", lambda: counts(n1, {n1: 2, n2: 0}))
+        await eventually("n1's pages closed", lambda: counts(n1, {n1: 0, n2: 0}))
+        for node in (n1, n2):
+            await node.stop()
+
+
+async def test_heartbeats_carry_each_processs_connections_as_they_change(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    async with running_cluster(redis_server, tmp_path, processes=2, heartbeat=0.5) as running:
+        n1, n2 = running.nodes
+        await eventually("n1 hears n2's count", lambda: counts(n1, {n1: 0, n2: 0}))
+        async with session(n2) as c2, pages({"a": (n2, c2, "/room/a")}):
+            await eventually("n1 hears n2's page by a heartbeat", lambda: counts(n1, {n1: 0, n2: 1}))
+        await eventually("n1 hears n2's page closed by a heartbeat", lambda: counts(n1, {n1: 0, n2: 0}))
+        for node in (n1, n2):
+            await node.stop()
+
+
 # ==== What the channel carries is checked ====================================
 
 

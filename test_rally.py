@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -982,7 +983,7 @@ async def test_int_route_param_converts_and_non_integer_is_404() -> None:
     ("request_bytes", "status", "header"),
     [
         (b"GET /nowhere HTTP/1.1\r\nhost: localhost\r\n\r\n", 404, None),
-        (b"GET /_rally/rpc HTTP/1.1\r\nhost: localhost\r\n\r\n", 405, (b"allow", b"POST")),
+        (b"GET /_rally/rpc HTTP/1.1\r\nhost: localhost\r\n\r\n", 405, (b"allow", b"OPTIONS, POST")),
         (b"POST /articles/x HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n\r\n", 405, (b"allow", b"GET, HEAD")),
         (
             b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}",
@@ -1050,7 +1051,19 @@ async def test_health_endpoint_without_a_broker() -> None:
     assert response.status_code == 200 and (b"cache-control", b"no-store") in response.headers
     assert json.loads(body) == {
         "status": "ok",
-        "broker": {"state": "none", "processes": [], "published": 0, "received": 0, "dropped": 0, "waiting": 0},
+        "connections": 0,
+        "broker": {
+            "state": "none",
+            "process": "",
+            "processes": [],
+            "connections": {},
+            "published": 0,
+            "received": 0,
+            "dropped": 0,
+            "unconfirmed": 0,
+            "rejected": 0,
+            "waiting": 0,
+        },
     }
     assert refused.status_code == 405
 
@@ -1359,6 +1372,129 @@ async def test_websocket_foreign_origin_is_403_and_allowed_origins_admits_it() -
         async with websockets.connect(url, origin="http://evil.test") as ws:  # type: ignore[arg-type]
             await ws.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
             assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["kind"] == "push"
+
+
+# ==== Cross-origin RPC (CORS) =================================================
+
+CORS_ORIGIN = "http://app.test:5173"
+CORS_HEADER_NAMES = (
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-max-age",
+)
+
+
+async def rpc_call(
+    server: rally.Server, method: bytes, headers: dict[bytes, bytes] | list[tuple[bytes, bytes]], body: bytes = b""
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One request to ``/_rally/rpc`` on its own connection: status, header list, body."""
+    items = list(headers.items()) if isinstance(headers, dict) else headers
+    head = b"%s /_rally/rpc HTTP/1.1\r\nhost: localhost:%d\r\n" % (method, server.port)
+    head += b"".join(b"%s: %s\r\n" % item for item in items)
+    if body or method == b"POST":
+        head += b"content-length: %d\r\n" % len(body)
+    [(response, answer)] = responses(await exchange(server, head + b"connection: close\r\n\r\n" + body))
+    return response.status_code, list(response.headers), answer
+
+
+def cors_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    return {name: value for name, value in headers if name.startswith(b"access-control-") or name == b"vary"}
+
+
+def client_rpc_header_names() -> set[str]:
+    """The request headers the browser client sends with its HTTP RPC (read from its source)."""
+    match = re.search(r'fetch\("/_rally/rpc".*?headers: \{(.*?)\}', rally._CLIENT_JS, re.S)
+    assert match is not None
+    return {name.lower() for name in re.findall(r'"([A-Za-z-]+)":', match.group(1))}
+
+
+async def test_preflight_from_an_allowed_origin_is_204_with_the_cors_headers() -> None:
+    async with running(article_app(allowed_origins=[CORS_ORIGIN])) as server:
+        status, headers, body = await rpc_call(
+            server,
+            b"OPTIONS",
+            {
+                b"origin": CORS_ORIGIN.encode(),
+                b"access-control-request-method": b"POST",
+                b"access-control-request-headers": b"content-type,rally-contract,rally-page",
+            },
+        )
+    assert (status, body) == (204, b"")
+    assert all(name != b"content-length" for name, _ in headers)  # RFC 9110 section 8.6: none in a 204
+    cors = cors_headers(headers)
+    assert cors == {
+        b"access-control-allow-origin": CORS_ORIGIN.encode(),
+        b"access-control-allow-credentials": b"true",
+        b"access-control-allow-methods": b"POST",
+        b"access-control-allow-headers": b"content-type, rally-contract, rally-page",
+        b"access-control-max-age": b"600",
+        b"vary": b"origin",
+    }
+    allowed = {h.strip() for h in cors[b"access-control-allow-headers"].decode().split(",")}
+    assert client_rpc_header_names() == {"content-type", "rally-contract", "rally-page"}
+    assert client_rpc_header_names() <= allowed
+
+
+async def test_post_from_an_allowed_origin_carries_the_origin_headers_on_every_answer() -> None:
+    app = article_app(allowed_origins=[CORS_ORIGIN], max_body_bytes=1000)
+    origin = {b"origin": CORS_ORIGIN.encode(), b"content-type": b"application/json"}
+    expected = {
+        b"access-control-allow-origin": CORS_ORIGIN.encode(),
+        b"access-control-allow-credentials": b"true",
+        b"vary": b"origin",
+    }
+    async with running(app) as server:
+        ok = await rpc_call(server, b"POST", origin, envelope("ServerLoadTitle", {"slug": "x"}))
+        invalid = await rpc_call(server, b"POST", origin, b"{")
+        stale = await rpc_call(server, b"POST", {**origin, b"rally-contract": b"0" * 16}, b"{}")
+        too_large = await rpc_call(server, b"POST", origin, b"[" * 1001)
+        not_json = await rpc_call(server, b"POST", {**origin, b"content-type": b"text/plain"}, b"{}")
+    assert ok[0] == 200 and json.loads(ok[2]) == {"kind": "ok", "id": 1, "value": "Article: x"}
+    assert [invalid[0], stale[0], too_large[0], not_json[0]] == [400, 409, 413, 415]
+    assert json.loads(too_large[2])["code"] == "too_large"  # readable by the page
+    for status, headers, _ in (ok, invalid, stale, too_large, not_json):
+        assert cors_headers(headers) == expected, status
+
+
+async def test_a_foreign_origin_is_refused_without_cors_headers_before_and_after_a_preflight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(article_app(allowed_origins=[CORS_ORIGIN])) as server:
+        for origin in (b"http://evil.test", b"null", CORS_ORIGIN.encode() + b"/", b"http://app.test:5174"):
+            preflight = await rpc_call(
+                server, b"OPTIONS", {b"origin": origin, b"access-control-request-method": b"POST"}
+            )
+            post = await rpc_call(
+                server,
+                b"POST",
+                {b"origin": origin, b"content-type": b"application/json"},
+                envelope("ServerLoadTitle", {"slug": "x"}),
+            )
+            for status, headers, _ in (preflight, post):
+                assert status == 403, origin
+                assert cors_headers(headers) == {}, origin
+        # Two Origin headers, even both allowed, are refused (README "Threat model").
+        twice = [(b"origin", CORS_ORIGIN.encode()), (b"origin", CORS_ORIGIN.encode())]
+        repeated = await rpc_call(server, b"OPTIONS", [*twice, (b"access-control-request-method", b"POST")])
+        assert repeated[0] == 403 and cors_headers(repeated[1]) == {}
+    assert "refused cross-origin request" in caplog.text
+
+
+async def test_same_origin_and_originless_rpc_get_no_cors_headers() -> None:
+    async with running(article_app(allowed_origins=[CORS_ORIGIN])) as server:
+        own = b"http://localhost:%d" % server.port
+        body = envelope("ServerLoadTitle", {"slug": "x"})
+        same = await rpc_call(server, b"POST", {b"origin": own, b"content-type": b"application/json"}, body)
+        originless = await rpc_call(server, b"POST", {b"content-type": b"application/json"}, body)
+        options = await rpc_call(server, b"OPTIONS", {})
+        get = await rpc_call(server, b"GET", {b"origin": CORS_ORIGIN.encode()})
+    for status, headers, _ in (same, originless):
+        assert status == 200 and cors_headers(headers) == {}
+    # An OPTIONS that is no preflight says what the route takes, as RFC 9110 section 9.3.7 has it.
+    assert options[0] == 204 and cors_headers(options[1]) == {} and (b"allow", b"OPTIONS, POST") in options[1]
+    assert get[0] == 405 and (b"allow", b"OPTIONS, POST") in get[1]
 
 
 # ==== End to end: stateful pages and broadcast ================================
@@ -3563,6 +3699,52 @@ def test_a_kept_rpc_answer_expires_after_the_window() -> None:
     assert answers.answer("s", "k", 1, ask("q"), lambda: (200, b"again")) == (200, b"again")
     answers.answer("t", "k", 1, ask("q"), lambda: (200, b"t"))  # the expired session is swept
     assert list(answers.shelves) == ["s", "t"] and answers.count == 2
+
+
+# ==== Counting connections (app.connections, GET /_rally/health) ==============
+
+
+async def health_of(client: rally.Client) -> dict[str, Any]:
+    status, _, body = await client.request("GET", "/_rally/health")
+    assert status == 200
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def test_connections_counts_this_processs_pages_by_path_and_not_those_held_for_resume() -> None:
+    app, journal = journal_app()
+    app.page("/articles/{slug}", Article)
+    assert app.connections() == 0 and app.connections("/journal") == 0  # not serving yet
+    async with running(app) as server, CutProxy(server.port) as proxy:
+        cut_client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        async with cut_client, bounded_client(server, app) as other:
+            async with (
+                cut_client.page("/journal") as held,
+                other.page("/journal") as steady,
+                other.page("/articles/a") as a,
+                other.page("/articles/b") as b,
+            ):
+                await held.send(Typed("hi"))  # each connection's session has started: it heard back
+                assert await said(held, 1) == ["hi"] and await said(steady, 1) == ["hi"]
+                for article in (a, b):
+                    await article.send(ToggleFavorite())
+                    await article.receive()
+                assert app.connections() == 4 and (await health_of(other))["connections"] == 4
+                assert app.connections("/journal") == 2 and app.connections("/articles/a") == 1
+                assert app.connections("/articles/{slug}") == 0 and app.connections("/nowhere") == 0
+                proxy.cut()  # held's connection is lost: its page is kept for a resume, not counted
+                await eventually(lambda: app.connections() == 3, "the lost connection uncounted")
+                assert app.connections("/journal") == 1 and len(app._registry.held.timers) == 1
+                assert journal.terminated == []  # held, not ended
+                assert (await health_of(other))["connections"] == 3
+                assert await held.reconnect() is True
+                await eventually(lambda: app.connections() == 4, "the resumed page counted again")
+                assert app.connections("/journal") == 2
+                await a.close()
+                await eventually(lambda: app.connections("/articles/a") == 0, "the closed page uncounted")
+                assert app.connections() == 3
+        await eventually(lambda: app.connections() == 0, "every page closed")
+    with pytest.raises(rally.UsageError, match="connections"):
+        app.connections(42)  # type: ignore[arg-type]
 
 
 # ==== README =================================================================
