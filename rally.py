@@ -5260,7 +5260,7 @@ class RedisBroker:
     connecting and every command; ``max_queued`` messages may wait for
     Redis's reply before more broadcasts are dropped.
 
-    Needs the ``redis`` package (``pip install 'rally[redis]'``), imported here
+    Needs the ``redis`` package (``pip install 'rally-py[redis]'``), imported here
     and only when a broker is made; raises ``RegistrationError`` without it or
     for a bad argument. One broker serves one App. Its counters (also in
     ``GET /_rally/health``): ``published``, ``received`` (broadcasts from
@@ -5314,7 +5314,7 @@ class RedisBroker:
             errors = importlib.import_module("redis.exceptions")
         except ImportError:
             raise RegistrationError(
-                "a broker needs the redis package: pip install 'rally[redis]' (or 'redis>=5.0.1')"
+                "a broker needs the redis package: pip install 'rally-py[redis]' (or 'redis>=5.0.1')"
             ) from None
         self.url = url
         self.channel = prefix + ":broadcast"

@@ -874,7 +874,7 @@ def test_registration_broker_option_is_checked(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(rally.RegistrationError, match="expected a redis:// URL or a rally.RedisBroker"):
         rally.App(broker=6379)  # type: ignore[arg-type]
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # as if the redis package were not installed
-    with pytest.raises(rally.RegistrationError, match=r"pip install 'rally\[redis\]'"):
+    with pytest.raises(rally.RegistrationError, match=r"pip install 'rally-py\[redis\]'"):
         rally.App(broker="redis://localhost:6379/0")
     monkeypatch.setenv("RALLY_BROKER", "redis://localhost:6379/0")
     with pytest.raises(rally.RegistrationError, match="needs the redis package"):
@@ -4061,3 +4061,36 @@ def test_server_event_types_are_part_of_the_contract_and_checked_at_registration
 
     with pytest.raises(rally.RegistrationError, match="server_event: parameter 'msg' is annotated int"):
         rally.App().page("/bad", Bad)
+
+
+# ==== Packaging ================================================================
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_installs_under_its_distribution_name_into_a_fresh_venv(tmp_path: Any) -> None:
+    """``pip install rally-py`` gives ``import rally``: the wheel built from this
+    checkout, installed with its dependencies into a new virtual environment."""
+    root = os.path.dirname(os.path.abspath(rally.__file__))
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), root],
+        check=True,
+        timeout=240,
+    )
+    [wheel] = list(wheels.iterdir())
+    assert wheel.name.startswith("rally_py-") and wheel.name.endswith(".whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=240)
+    shown = subprocess.run([python, "-m", "pip", "show", "rally-py"], capture_output=True, text=True, check=True)
+    assert "Name: rally-py" in shown.stdout
+    imported = subprocess.run(
+        [python, "-c", "import rally, sys; print(rally.__version__, rally.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,  # not the checkout: the installed module
+    )
+    version, where = imported.stdout.split()
+    assert version == rally.__version__ and str(venv) in where
