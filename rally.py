@@ -5242,6 +5242,84 @@ _BROKER_PUSH_START: Final = b'{"kind":"push","msg":{"type":'
 _BROKER_FRAME_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+class _BrokerMessage(typing.NamedTuple):
+    """One message from the channel whose MAC was right: its sender, kind,
+    JSON header and, for a push, the frame after it."""
+
+    origin: str
+    kind: str
+    header: dict[str, Any]
+    frame: bytes
+
+
+class _BrokerWire:
+    """The broker's messages, sans-IO: what ``RedisBroker`` PUBLISHes and
+    what it makes of what it receives. Each message is an HMAC-SHA256 of the
+    rest (keyed from the app's secret and the channel: a message signed for
+    another app's channel is refused), a one-line JSON header (sender
+    ``o``, kind ``k``, then the kind's fields) and, for a push, the frame.
+    ``read`` returns a ``_BrokerMessage`` or why it refused the bytes:
+    ``"unsigned"`` (no MAC of this app) or ``"foreign"`` (a header rally.py
+    does not send). ``fits`` checks a push frame of another process before
+    it goes to any connection."""
+
+    __slots__ = ("process_id", "key", "max_frame")
+
+    def __init__(self, secret: bytes, channel: str, process_id: str, max_frame: int) -> None:
+        self.process_id = process_id
+        # Not the cookie key itself, and bound to the channel.
+        self.key = hmac.new(secret, b"rally broker\n" + channel.encode(), hashlib.sha256).digest()
+        self.max_frame = max_frame
+
+    def message(self, kind: str, frame: bytes = b"", **fields: Any) -> bytes:
+        """One message of this process, unsigned (``signed`` adds the MAC)."""
+        return _dumps({"o": self.process_id, "k": kind, **fields}) + b"\n" + frame
+
+    def mac(self, message: bytes) -> bytes:
+        return hmac.digest(self.key, message, "sha256")
+
+    def signed(self, message: bytes) -> bytes:
+        return self.mac(message) + message
+
+    def read(self, data: bytes) -> _BrokerMessage | str:
+        mac = hmac.digest(self.key, memoryview(data)[_BROKER_MAC_BYTES:], "sha256")
+        if len(data) < _BROKER_MAC_BYTES or not hmac.compare_digest(mac, data[:_BROKER_MAC_BYTES]):
+            return "unsigned"
+        end = data.find(b"\n", _BROKER_MAC_BYTES)
+        if end < 0:
+            end = len(data)
+        head, frame = data[_BROKER_MAC_BYTES:end], data[end + 1 :]
+        try:
+            header = json.loads(head)
+            origin, kind = header["o"], header["k"]
+            if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
+                raise TypeError(origin, kind)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return "foreign"
+        return _BrokerMessage(origin, kind, header, frame)
+
+    def fits(self, frame: bytes, name: str) -> bool:
+        """Whether a push frame from another process may be written to the
+        connections here as it is: at most ``max_message_bytes``, UTF-8 JSON
+        (no NaN or Infinity) shaped as ``_Registry.push_payload`` makes it,
+        of the type its header names."""
+        if len(frame) > self.max_frame or not frame.startswith(_BROKER_PUSH_START):
+            return False
+        try:
+            envelope = _BROKER_FRAME_JSON.decode(frame.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return False
+        msg = envelope.get("msg") if type(envelope) is dict else None
+        return (
+            len(envelope) == 2
+            and envelope.get("kind") == "push"
+            and type(msg) is dict
+            and len(msg) == 2
+            and msg.get("type") == name
+            and "fields" in msg
+        )
+
+
 class RedisBroker:
     """Carries an app's broadcasts to its other processes through Redis
     pub/sub (README, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
@@ -5359,7 +5437,7 @@ class RedisBroker:
         self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
-        self._key = b""  # the MAC key, derived from the app's secret when the broker starts
+        self._wire: _BrokerWire | None = None  # made when the broker starts: this process's name and key
         self._unsigned_said = False  # a message without the right MAC
         self._misfit_said = False  # a push frame from another process that was refused
         self._oversize_said = False  # a push of this process too large to send the others
@@ -5392,9 +5470,7 @@ class RedisBroker:
         self._loop = loop
         self._types = {t.__name__: t for t in self._app._registry.push_encoders}
         self.process_id = f"{os.getpid()}.{secrets.token_hex(3)}"
-        # Not the cookie key itself, and bound to the channel: a message
-        # signed for one app's channel is refused on another's.
-        self._key = hmac.new(self._app._secret, b"rally broker\n" + self.channel.encode(), hashlib.sha256).digest()
+        self._wire = _BrokerWire(self._app._secret, self.channel, self.process_id, self._max_frame)
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._seen = {}
@@ -5450,19 +5526,21 @@ class RedisBroker:
                     self._max_frame,
                 )
             return
-        header = {"o": self.process_id, "k": "push", "t": topic, "m": msg_type.__name__}
-        self._enqueue(_dumps(header) + b"\n" + frame, True)
+        if self._wire is not None:
+            self._enqueue(self._wire.message("push", frame, t=topic, m=msg_type.__name__), True)
 
     def close(self, target: str, reason: str) -> None:
         """Tell the other processes to close the connections of ``target``
         (a session's topic, or ``connection:<id>``) with ``reason``."""
-        self._enqueue(_dumps({"o": self.process_id, "k": "close", "t": target, "r": reason}) + b"\n", True)
+        if self._wire is not None:
+            self._enqueue(self._wire.message("close", t=target, r=reason), True)
 
     def release(self, token: str, session_id: str) -> None:
         """A page of session ``session_id`` holding resume ``token`` came
         back here, where it cannot resume: the process that holds it ends it
         now (its presence entry leaves) instead of at the window's end."""
-        self._enqueue(_dumps({"o": self.process_id, "k": "release", "t": token, "s": session_id}) + b"\n", False)
+        if self._wire is not None:
+            self._enqueue(self._wire.message("release", t=token, s=session_id), False)
 
     def presence(self, path: str, upserts: list[list[Any]], leaves: list[int]) -> None:
         """Tell the other processes that connections of this one joined or
@@ -5470,9 +5548,11 @@ class RedisBroker:
         the presence of page ``path``. If it cannot wait in the queue, the
         whole list follows instead; while Redis is down, the hello after it
         is back carries it."""
-        message = _dumps({"o": self.process_id, "k": "presence", "t": path, "e": upserts, "l": leaves}) + b"\n"
-        if not self._enqueue(message, False) and self.up:
-            self._queue_state()
+        if self._wire is not None and not self._enqueue(
+            self._wire.message("presence", t=path, e=upserts, l=leaves), False
+        ):
+            if self.up:
+                self._queue_state()
 
     def health(self) -> dict[str, Any]:
         """The ``broker`` part of ``GET /_rally/health`` (README "Scaling
@@ -5503,13 +5583,14 @@ class RedisBroker:
     # -- the connection ------------------------------------------------------
 
     def _control(self, kind: str) -> bytes:
-        return _dumps({"o": self.process_id, "k": kind}) + b"\n"
+        assert self._wire is not None
+        return self._wire.message(kind)
 
     def _state(self, kind: str) -> bytes:
         """A ``hello`` or ``state``: this process's whole presence and its
         count of page connections, as they are now."""
-        presence = self._registry.presence_own()
-        return _dumps({"o": self.process_id, "k": kind, "p": presence, "n": self._connections()}) + b"\n"
+        assert self._wire is not None
+        return self._wire.message(kind, p=self._registry.presence_own(), n=self._connections())
 
     def _connections(self) -> int:
         """This process's page connections (``App.connections``), told the others in beats and snapshots."""
@@ -5521,11 +5602,11 @@ class RedisBroker:
         reply is read by ``_replies``.
         Dropped (and counted, if a broadcast) while Redis is unreachable or
         ``max_queued`` replies are awaited."""
-        writer = self._writer
-        if writer is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
+        writer, wire = self._writer, self._wire
+        if writer is None or wire is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
             self.dropped += broadcast
             return False
-        mac = hmac.digest(self._key, message, "sha256")
+        mac = wire.mac(message)
         command = (self._head, b"$%d\r\n" % (_BROKER_MAC_BYTES + len(message)), mac, message, b"\r\n")
         if self._batch is None:
             writer.writelines(command)
@@ -5772,8 +5853,9 @@ class RedisBroker:
         presence (``hello``, ``state``), a request for ours (``want``), a page
         held here for resume that came back there (``release``), a
         heartbeat, or a goodbye. Dropped unread without the right MAC."""
-        mac = hmac.digest(self._key, memoryview(data)[_BROKER_MAC_BYTES:], "sha256")
-        if len(data) < _BROKER_MAC_BYTES or not hmac.compare_digest(mac, data[:_BROKER_MAC_BYTES]):
+        assert self._wire is not None
+        read = self._wire.read(data)
+        if read == "unsigned":
             self.rejected += 1
             if not self._unsigned_said:
                 self._unsigned_said = True
@@ -5784,16 +5866,7 @@ class RedisBroker:
                     data[:80],
                 )
             return
-        end = data.find(b"\n", _BROKER_MAC_BYTES)
-        if end < 0:
-            end = len(data)
-        head, frame = data[_BROKER_MAC_BYTES:end], data[end + 1 :]
-        try:
-            header = json.loads(head)
-            origin, kind = header["o"], header["k"]
-            if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
-                raise TypeError(origin, kind)
-        except (ValueError, KeyError, TypeError, RecursionError):
+        if isinstance(read, str):
             self.rejected += 1
             if not self._foreign_said:
                 self._foreign_said = True
@@ -5801,6 +5874,7 @@ class RedisBroker:
                     "broker: ignoring messages on %r that rally.py did not send: %r", self.channel, data[:80]
                 )
             return
+        origin, kind, header, frame = read
         assert self._loop is not None and self._topics is not None
         now = self._loop.time()
         known = self._heard(origin, now)
@@ -5816,7 +5890,11 @@ class RedisBroker:
         if kind == "push" and type(topic) is str:
             name = header.get("m")
             msg_type = self._types.get(name) if type(name) is str else None
-            if msg_type is not None and self._topics.members.get(topic) and not self._fits(frame, name):
+            if (
+                msg_type is not None
+                and self._topics.members.get(topic)
+                and not self._wire.fits(frame, msg_type.__name__)
+            ):
                 self._refused_push(origin, frame)
                 return
             self.received += 1
@@ -5846,29 +5924,7 @@ class RedisBroker:
             self._registry.presence_replace(origin, {})
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
-            self._enqueue(_dumps({"o": self.process_id, "k": "want", "t": origin}) + b"\n", False)
-
-    def _fits(self, frame: bytes, name: str) -> bool:
-        """Whether a push frame from another process may be written to the
-        connections here as it is: at most ``max_message_bytes``, UTF-8 JSON
-        (no NaN or Infinity) shaped as ``_Registry.push_payload`` makes it,
-        of the type its header names. Checked only when it has somewhere to
-        go, so a push for no connection here costs no parse."""
-        if len(frame) > self._max_frame or not frame.startswith(_BROKER_PUSH_START):
-            return False
-        try:
-            envelope = _BROKER_FRAME_JSON.decode(frame.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            return False
-        msg = envelope.get("msg") if type(envelope) is dict else None
-        return (
-            len(envelope) == 2
-            and envelope.get("kind") == "push"
-            and type(msg) is dict
-            and len(msg) == 2
-            and msg.get("type") == name
-            and "fields" in msg
-        )
+            self._enqueue(self._wire.message("want", t=origin), False)
 
     def _refused_push(self, origin: str, frame: bytes) -> None:
         self.rejected += 1

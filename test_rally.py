@@ -4094,3 +4094,41 @@ def test_the_wheel_installs_under_its_distribution_name_into_a_fresh_venv(tmp_pa
     )
     version, where = imported.stdout.split()
     assert version == rally.__version__ and str(venv) in where
+
+
+# ==== The broker's messages, without Redis (README "Scaling out") ============
+
+
+def test_broker_wire_signs_reads_and_refuses_what_another_secret_or_channel_signed() -> None:
+    wire = rally._BrokerWire(b"secret", "rally:broadcast", "p1", 1024)
+    frame = b'{"kind":"push","msg":{"type":"Heard","fields":{"text":"hi"}}}'
+    data = wire.signed(wire.message("push", frame, t="app", m="Heard"))
+    assert wire.read(data) == rally._BrokerMessage(
+        "p1", "push", {"o": "p1", "k": "push", "t": "app", "m": "Heard"}, frame
+    )
+    for other in (
+        rally._BrokerWire(b"another secret", "rally:broadcast", "p2", 1024),
+        rally._BrokerWire(b"secret", "shop:broadcast", "p2", 1024),
+    ):
+        assert other.read(data) == "unsigned"
+    assert wire.read(data[:-1]) == "unsigned"  # cut short
+    assert wire.read(b"x" * 10) == "unsigned"
+    assert wire.read(wire.signed(b'{"k":"push"}\n')) == "foreign"  # no sender
+    assert wire.read(wire.signed(b"not json\n")) == "foreign"
+
+
+@pytest.mark.parametrize(
+    ("frame", "fits"),
+    [
+        (b'{"kind":"push","msg":{"type":"Heard","fields":{"text":"hi"}}}', True),
+        (b'{"kind":"push","msg":{"type":"Other","fields":{}}}', False),  # not the type its header names
+        (b'{"kind":"push","msg":{"type":"Heard","fields":{}},"x":1}', False),
+        (b'{"kind":"push","msg":{"type":"Heard","fields":NaN}}', False),
+        (b'{"kind":"push","msg":{"type":"Heard","fields":"\xff"}}', False),  # not UTF-8
+        (b' {"kind":"push","msg":{"type":"Heard","fields":{}}}', False),
+        (b'{"kind":"push","msg":{"type":"Heard","fields":"' + b"x" * 1000 + b'"}}', False),  # over max_frame
+    ],
+    ids=["push", "another-type", "extra-key", "nan", "not-utf8", "leading-space", "too-large"],
+)
+def test_broker_wire_checks_a_push_frame_of_another_process(frame: bytes, fits: bool) -> None:
+    assert rally._BrokerWire(b"s", "c", "p", 1000).fits(frame, "Heard") is fits
