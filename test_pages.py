@@ -645,3 +645,30 @@ def send_text(seq: int, n: int) -> str:
 
 TestPageLifecycle = PageLifecycle.TestCase
 TestPageLifecycle.settings = settings(max_examples=1000, stateful_step_count=25, deadline=None)
+
+
+def test_held_pages_take_only_a_page_that_can_go_on_and_end_a_stale_one_of_the_same_session(pair: PagePair) -> None:
+    session, peer = pair.open("s1")
+    pair.run(peer.cut)
+    held = pair.reg.held
+    assert list(held.timers) == [session] and held.get(session.token) is session
+    assert pair.run(lambda: held.take(session.token, "another session", "/board", 0)) is None
+    assert session.state is rally._PageState.DETACHED  # another session's page does not end it
+    assert pair.run(lambda: held.take(session.token, "s1", "/elsewhere", 0)) is None
+    assert session.state is rally._PageState.ENDED  # its own session came back elsewhere: it cannot go on
+    assert held.tokens == {} and held.timers == {} and pair.world.terminated == [1]
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["N", "N+1"])
+def test_held_pages_are_at_most_max_connections_at_n_and_n_plus_one(extra: int) -> None:
+    pair = PagePair(max_connections=2)
+    try:
+        pages = [pair.open(f"s{i}") for i in range(2 + extra)]
+        for _, peer in pages:
+            pair.run(peer.cut)
+        assert len(pair.reg.held.timers) == 2
+        assert [s.state for s, _ in pages].count(rally._PageState.ENDED) == extra  # one more ends at once
+        pair.run(lambda: pair.reg.held.end_all(1001, "server shutting down"))
+        assert pair.leftovers() == {} and sorted(pair.world.terminated) == sorted(pair.world.models)
+    finally:
+        pair.close()
