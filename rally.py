@@ -5320,6 +5320,58 @@ class _BrokerWire:
         )
 
 
+class _Processes:
+    """The app's other processes as the broker hears them: when each was
+    last heard and how many page connections its last beat, ``hello`` or
+    ``state`` said it has. One unheard of for ``quiet`` seconds (three
+    heartbeat intervals) is forgotten by a timer and ``gone(process)`` is
+    called (its presence entries leave every page)."""
+
+    __slots__ = ("quiet", "gone", "seen", "counts", "timer")
+
+    def __init__(self, quiet: float, gone: Callable[[str], None]) -> None:
+        self.quiet = quiet
+        self.gone = gone
+        self.seen: dict[str, float] = {}  # process id -> when last heard
+        self.counts: dict[str, int] = {}  # process id -> its page connections
+        self.timer: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
+
+    def heard(self, process: str, now: float) -> bool:
+        """Note a message from ``process``; whether it was known."""
+        known = process in self.seen
+        self.seen[process] = now
+        if self.timer is None:
+            self.forget_quiet(now)
+        return known
+
+    def forget_quiet(self, now: float) -> None:
+        """Forget the processes quiet for ``quiet`` seconds at ``now`` and set
+        the timer for the next one: it fires when that one has been quiet that long."""
+        for process, heard in list(self.seen.items()):
+            if heard + self.quiet <= now:
+                self.left(process)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.seen:
+            when = min(self.seen.values()) + self.quiet
+            self.timer = asyncio.get_running_loop().call_at(when, self.forget_quiet, when)
+
+    def left(self, process: str) -> None:
+        """``process`` said goodbye, or has been quiet too long."""
+        self.seen.pop(process, None)
+        self.counts.pop(process, None)
+        self.gone(process)
+
+    def clear(self) -> None:
+        """The broker stops: every other process leaves."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for process in list(self.seen):
+            self.left(process)
+
+
 class RedisBroker:
     """Carries an app's broadcasts to its other processes through Redis
     pub/sub (README, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
@@ -5432,9 +5484,7 @@ class RedisBroker:
         self._causes: set[str] = set()  # the failures logged since the broker went down
         self._next_beat = 0.0
         self._own_beat = 0.0  # when this process last heard its own message back
-        self._seen: dict[str, float] = {}  # process id -> when last heard
-        self._counts: dict[str, int] = {}  # process id -> its page connections, as its last beat, hello or state said
-        self._quiet: asyncio.TimerHandle | None = None  # when the first of them will have been quiet too long
+        self._processes = _Processes(3 * self.heartbeat_interval, self._gone)
         self._state_owed = False  # a presence snapshot is to be sent
         self._foreign_said = False
         self._wire: _BrokerWire | None = None  # made when the broker starts: this process's name and key
@@ -5473,8 +5523,7 @@ class RedisBroker:
         self._wire = _BrokerWire(self._app._secret, self.channel, self.process_id, self._max_frame)
         self._wake, self._idle, self._tried = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._idle.set()
-        self._seen = {}
-        self._counts = {}
+        self._processes = _Processes(3 * self.heartbeat_interval, self._gone)
         self._said = None
         self._causes = set()
         self._failures = 0
@@ -5502,13 +5551,7 @@ class RedisBroker:
         await asyncio.wait((task,))
         self.up = False
         self._drop_queue()
-        if self._quiet is not None:
-            self._quiet.cancel()
-            self._quiet = None
-        for process in self._seen:  # the others' presence entries go with the connection
-            self._registry.presence_replace(process, {})
-        self._seen = {}
-        self._counts = {}
+        self._processes.clear()  # the others' presence entries go with the connection
 
     def publish(self, topic: str, frame: bytes, msg_type: type) -> None:
         """One PUBLISH for a push, written before this process delivers it;
@@ -5561,9 +5604,9 @@ class RedisBroker:
         ``hello`` or ``state`` said (a process whose count has not come yet
         is left out)."""
         if self._loop is not None:
-            self._forget_quiet(self._loop.time())
-        processes = sorted(self._seen)
-        counts = self._counts
+            self._processes.forget_quiet(self._loop.time())
+        processes = sorted(self._processes.seen)
+        counts = self._processes.counts
         own = self.process_id
         return {
             "state": "up" if self.up else "down",
@@ -5746,34 +5789,12 @@ class RedisBroker:
 
     def _beat(self, now: float) -> None:
         self._next_beat = now + self.heartbeat_interval
-        self._enqueue(_dumps({"o": self.process_id, "k": "beat", "n": self._connections()}) + b"\n", False)
+        assert self._wire is not None
+        self._enqueue(self._wire.message("beat", n=self._connections()), False)
 
-    def _heard(self, process: str, now: float) -> bool:
-        """Note a message from ``process``; whether it was known (heard
-        within three heartbeat intervals)."""
-        known = process in self._seen
-        self._seen[process] = now
-        if self._quiet is None:
-            self._forget_quiet(now)
-        return known
-
-    def _forget_quiet(self, now: float) -> None:
-        """Forget the processes unheard of for three heartbeat intervals at
-        ``now`` (their presence entries leave) and set the timer for the
-        next one: it fires when that process has been quiet that long."""
-        assert self._loop is not None
-        quiet = 3 * self.heartbeat_interval
-        for process, heard in list(self._seen.items()):
-            if heard + quiet <= now:
-                del self._seen[process]
-                self._counts.pop(process, None)
-                self._registry.presence_replace(process, {})
-        if self._quiet is not None:
-            self._quiet.cancel()
-            self._quiet = None
-        if self._seen:
-            when = min(self._seen.values()) + quiet
-            self._quiet = self._loop.call_at(when, self._forget_quiet, when)
+    def _gone(self, process: str) -> None:
+        """Another process has gone: its presence entries leave every page."""
+        self._registry.presence_replace(process, {})
 
     def _went_up(self) -> None:
         loop = self._loop
@@ -5877,7 +5898,7 @@ class RedisBroker:
         origin, kind, header, frame = read
         assert self._loop is not None and self._topics is not None
         now = self._loop.time()
-        known = self._heard(origin, now)
+        known = self._processes.heard(origin, now)
         if origin == self.process_id:
             self._own_beat = now
             if self._healthy_since is None:
@@ -5885,7 +5906,7 @@ class RedisBroker:
             return
         count = header.get("n")  # in a beat, hello or state: the sender's page connections
         if type(count) is int and count >= 0:
-            self._counts[origin] = count
+            self._processes.counts[origin] = count
         topic = header.get("t")
         if kind == "push" and type(topic) is str:
             name = header.get("m")
@@ -5919,9 +5940,7 @@ class RedisBroker:
             if held is not None and held.ctx.session_id == header.get("s"):
                 held.close(1000, "replaced by a new connection")
         elif kind == "bye":
-            self._seen.pop(origin, None)
-            self._counts.pop(origin, None)
-            self._registry.presence_replace(origin, {})
+            self._processes.left(origin)
             return
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
             self._enqueue(self._wire.message("want", t=origin), False)
