@@ -4717,6 +4717,426 @@ _OWN_TOPICS: Final = {"session": 0, "page": 1, "app": 2}
 _FAILED: Final = object()  # a handler raised
 
 
+# API descriptions: OpenAPI 3.1 of POST /_rally/rpc and AsyncAPI 3.0 of the
+# page sockets, two more views made from the very dict GET /_rally/contract
+# serves (README "API descriptions"). Their schemas are JSON Schema: 2020-12
+# in OpenAPI 3.1, draft 07 in AsyncAPI 3.0 (its default schema format).
+
+#: The JSON Schema of each contract scalar.
+_JSON_SCALARS: Final[dict[str, dict[str, Any]]] = {
+    "str": {"type": "string"},
+    "int": {"type": "integer", "minimum": -_MAX_SAFE_INT, "maximum": _MAX_SAFE_INT},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "None": {"type": "null"},
+    "bytes": {"type": "string", "contentEncoding": "base64"},
+    # datetime.isoformat: no offset for a naive value, so no "date-time" format (RFC 3339 wants one)
+    "datetime": {"type": "string", "description": "ISO 8601 date and time, with an offset if the value has one"},
+    "date": {"type": "string", "format": "date"},
+}
+_REF: Final = "#/components/schemas/"
+_COMPONENT_KEY_RE: Final = re.compile(r"[A-Za-z0-9_]+")
+_NOT_KEY_RE: Final = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def _component_key(name: str) -> str:
+    """A type name as a key of ``components`` (``[A-Za-z0-9._-]`` only):
+    any other character as ``-<hex>-``. No type name has a ``-`` or a
+    ``.``, so neither a name so written nor a key of rally.py's own
+    (``rally.Id``, ``Name.Message``, ...) can be another type's key."""
+    if _COMPONENT_KEY_RE.fullmatch(name):
+        return name
+    return "".join(c if _COMPONENT_KEY_RE.fullmatch(c) else f"-{ord(c):x}-" for c in name)
+
+
+def _description(entry: Any, text: str = "") -> dict[str, str]:
+    """``{"description": ...}`` of an entry's ``doc`` (if the contract has
+    one) and ``text``; ``{}`` for neither."""
+    doc = entry.get("doc") if isinstance(entry, dict) else None
+    parts = [p for p in (doc if isinstance(doc, str) else "", text) if p]
+    return {"description": "\n\n".join(parts)} if parts else {}
+
+
+class _Schemas:
+    """JSON Schemas of a contract's types and envelopes, for ``components``
+    of an OpenAPI 3.1 (``draft07=False``: JSON Schema 2020-12, OpenAPI's
+    discriminators) or an AsyncAPI 3.0 document (draft 07). Every dataclass
+    and enum is a component named by ``_component_key``; a dataclass that
+    travels as a message (``{"type", "fields"}``: tagged in a union, or an
+    RPC, send or push) is also ``Name.Message``."""
+
+    def __init__(self, contract: dict[str, Any], draft07: bool) -> None:
+        self.contract = contract
+        self.draft07 = draft07
+        self.messages: set[str] = set()
+
+    @staticmethod
+    def ref(key: str) -> dict[str, Any]:
+        return {"$ref": _REF + key}
+
+    def message(self, name: str) -> dict[str, Any]:
+        self.messages.add(name)
+        return self.ref(_component_key(name) + ".Message")
+
+    def of(self, text: str) -> dict[str, Any]:
+        """The schema of a contract type name, such as ``list[Point | None]``."""
+        return self.node(_parse_type(text))
+
+    def node(self, node: _TypeNode) -> dict[str, Any]:
+        kind, arg = node
+        if kind == "scalar":
+            return dict(_JSON_SCALARS[arg])
+        if kind == "ref":
+            return self.ref(_component_key(arg))
+        if kind == "tagged":
+            schema: dict[str, Any] = {"oneOf": [self.message(n) for n in arg]}
+            if not self.draft07:
+                mapping = {n: self.message(n)["$ref"] for n in arg}
+                schema["discriminator"] = {"propertyName": "type", "mapping": mapping}
+            return schema
+        if kind == "literal":
+            return {"enum": list(arg)}
+        if kind == "optional":
+            return {"anyOf": [self.node(arg), {"type": "null"}]}
+        if kind == "list":
+            return {"type": "array", "items": self.node(arg)}
+        if kind == "tuple":
+            items = [self.node(a) for a in arg]
+            if self.draft07:
+                return {"type": "array", "items": items, "additionalItems": False, "minItems": len(items)}
+            return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
+        return {"type": "object", "additionalProperties": self.node(arg)}  # dict[str, T]
+
+    def obj(self, properties: dict[str, Any], optional: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
+        """A closed object schema; every property required but ``optional``."""
+        schema: dict[str, Any] = {**extra, "type": "object", "properties": properties}
+        required = [p for p in properties if p not in set(optional)]
+        if required:
+            schema["required"] = required
+        schema["additionalProperties"] = False
+        return schema
+
+    def components(self) -> dict[str, Any]:
+        """Every type of the contract, rally.py's own schemas, and the
+        ``Name.Message`` of each message type asked for so far (call it
+        last)."""
+        out: dict[str, Any] = {}
+        for name, t in self.contract["types"].items():
+            if "enum" in t:
+                kinds = sorted({"string" if isinstance(v, str) else "integer" for v in t["enum"]})
+                out[_component_key(name)] = {
+                    **_description(t),
+                    "type": kinds[0] if len(kinds) == 1 else kinds,
+                    "enum": t["enum"],
+                }
+                continue
+            defaults = t.get("defaults", {})
+            props: dict[str, Any] = {}
+            for field, text in t["fields"].items():
+                props[field] = self.of(text)
+                if field in defaults:
+                    if self.draft07 and "$ref" in props[field]:  # draft 07 ignores what stands beside $ref
+                        props[field] = {"allOf": [props[field]]}
+                    props[field]["default"] = defaults[field]
+            out[_component_key(name)] = self.obj(props, defaults, **_description(t))
+        int_ = _JSON_SCALARS["int"]
+        out["rally.Id"] = {
+            "description": "The id the client chose for a call, echoed in its answer",
+            "oneOf": [int_, {"type": "string", "maxLength": _MAX_ID_CHARS}],
+        }
+        out["rally.ErrorItem"] = self.obj({"path": {"type": "string"}, "message": {"type": "string"}})
+        seq = {"type": "integer", "minimum": 1, "maximum": _MAX_SAFE_INT}
+        out["rally.Error"] = self.obj(
+            {
+                "kind": {"const": "error"},
+                "id": {"anyOf": [self.ref("rally.Id"), {"type": "null"}]},
+                "seq": seq,
+                "code": {"enum": list(_ERROR_STATUS)},
+                "errors": {"type": "array", "items": self.ref("rally.ErrorItem")},
+            },
+            ["seq"],
+            description='An error envelope (README "Wire protocol"): null id for an answer to a send or to '
+            "a frame without an id; seq of a refused numbered send",
+        )
+        for name, rpc in self.contract["rpc"].items():
+            key = "rpc." + _component_key(name)
+            out[key] = self.obj(
+                {
+                    "kind": {"const": "rpc"},
+                    "id": self.ref("rally.Id"),
+                    "key": {"type": "string", "minLength": 1, "maxLength": _MAX_ID_CHARS},
+                    "msg": self.message(name),
+                },
+                ["key"],
+                **_description(rpc, f"Call {name}; answered by {key}.Answer"),
+            )
+            ok = self.obj({"kind": {"const": "ok"}, "id": self.ref("rally.Id"), "value": self.of(rpc["result"])})
+            if rpc["error"] is None:
+                out[key + ".Answer"] = {"description": f"The answer of {name}: its result", **ok}
+            else:
+                err = self.obj({"kind": {"const": "err"}, "id": self.ref("rally.Id"), "error": self.of(rpc["error"])})
+                out[key + ".Answer"] = {"description": f"The answer of {name}: its result or error", "oneOf": [ok, err]}
+        for name in sorted(self.messages):
+            key = _component_key(name)
+            out[key + ".Message"] = self.obj({"type": {"const": name}, "fields": self.ref(key)})
+        return out
+
+
+def _openapi(contract: dict[str, Any]) -> str:
+    """An OpenAPI 3.1 document of a contract: ``POST /_rally/rpc`` taking
+    each RPC's envelope (``rpc.Name``, one of them by its ``msg.type``) and
+    answering each one's ``rpc.Name.Answer`` (which one for which call is
+    ``x-rally-rpc``, and the operation's description), the error envelope
+    by status; every type under ``components/schemas``."""
+    s = _Schemas(contract, draft07=False)
+    rpcs = contract["rpc"]
+    #: each RPC's request and answer schemas, by message type
+    calls = {
+        n: {"request": f"{_REF}rpc.{_component_key(n)}", "answer": f"{_REF}rpc.{_component_key(n)}.Answer"}
+        for n in rpcs
+    }
+    listing = "".join(
+        f"\n- `{n}` answers `{r['result']}`" + (f", or the error `{r['error']}`" if r["error"] else "")
+        for n, r in rpcs.items()
+    )
+    request: dict[str, Any] = {"oneOf": [{"$ref": c["request"]} for c in calls.values()]}
+    if not calls:  # every call is unknown_type: any envelope
+        request = {"type": "object"}
+
+    def error(what: str, *codes: str) -> dict[str, Any]:
+        schema = {"allOf": [s.ref("rally.Error"), {"properties": {"code": {"enum": list(codes)}}}]}
+        return {"description": what, "content": {"application/json": {"schema": schema}}}
+
+    def refused(what: str) -> dict[str, Any]:
+        return {"description": what, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    responses: dict[str, Any] = {}
+    if calls:
+        responses["200"] = {
+            "description": "The handler's answer: an ok envelope with its result, or an err envelope with its "
+            "error (for a handler that returns rally.Result)",
+            "content": {"application/json": {"schema": {"anyOf": [{"$ref": c["answer"]} for c in calls.values()]}}},
+        }
+    responses |= {
+        "400": error(
+            "Bad JSON, a bad envelope, a value that breaks the contract (invalid), or no RPC handles "
+            "that message type (unknown_type)",
+            "invalid",
+            "unknown_type",
+        ),
+        "403": refused("A cross-origin request from an Origin not in allowed_origins"),
+        "409": error("The Rally-Contract header names another contract (stale_contract)", "stale_contract"),
+        "413": error("The body, a string, an array or an object is over its limit (too_large)", "too_large"),
+        "415": refused("The Content-Type is not application/json"),
+        "422": error("The idempotency key was used for another message (key_reused)", "key_reused"),
+        "500": error(
+            "The handler raised, timed out, or returned a value that breaks its annotation (internal)", "internal"
+        ),
+        "503": {
+            "description": "This session has as many keyed calls running as it may keep answers (busy, an error "
+            "envelope); or the server is at max_connections (plain text, connection closed)",
+            "content": {
+                "application/json": error("", "busy")["content"]["application/json"],
+                "text/plain": {"schema": {"type": "string"}},
+            },
+        },
+    }
+    header = {"schema": {"type": "string"}, "required": False}
+    operation = {
+        "operationId": "rpc",
+        "summary": "Call an RPC",
+        "description": "One rpc envelope per request, msg.type naming the RPC:" + (listing or " (this app has none)"),
+        "parameters": [
+            {
+                "name": "Rally-Contract",
+                "in": "header",
+                **header,
+                "description": "The contract hash the client was made for; another one is answered 409 stale_contract",
+            },
+            {
+                "name": "Rally-Page",
+                "in": "header",
+                **header,
+                "description": "The page path the call comes from: fills server_context.page and params",
+            },
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": responses,
+        "x-rally-rpc": calls,
+    }
+    doc = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rally.py app",
+            "version": contract["hash"],
+            "description": "The RPCs of a rally.py app, made from its contract (GET /_rally/contract); "
+            "version is the contract hash",
+        },
+        "paths": {"/_rally/rpc": {"post": operation}},
+    }
+    doc["components"] = {"schemas": s.components()}
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def _asyncapi(contract: dict[str, Any]) -> str:
+    """An AsyncAPI 3.0 document of a contract, from the server's side: one
+    channel per page, addressed ``/_rally/ws?page=<route>`` with the route's
+    parameters (AsyncAPI parameters are strings: the type of each is in its
+    description); an operation ``receive`` of what the client sends (its
+    ToServer types in send envelopes, RPCs, acks) and one ``send`` of what
+    the server sends (its ToClient types in push envelopes, answers, errors,
+    acks, hello, presence); every type under ``components/schemas``."""
+    s = _Schemas(contract, draft07=True)
+    seq = {"type": "integer", "minimum": 1, "maximum": _MAX_SAFE_INT}
+    messages: dict[str, Any] = {}
+
+    def message(key: str, title: str, payload: dict[str, Any], summary: str) -> dict[str, Any]:
+        messages.setdefault(key, {"name": key, "title": title, "summary": summary, "payload": payload})
+        return {"$ref": "#/components/messages/" + key}
+
+    def common(kind: str) -> dict[str, dict[str, Any]]:
+        """The protocol's own messages of every page, by who sends them."""
+        out: dict[str, dict[str, Any]] = {}
+        if kind == "receive":
+            out["rally.ack"] = message(
+                "rally.ack",
+                "ack",
+                s.obj({"kind": {"const": "ack"}, "seq": {**seq, "minimum": 0}}),
+                'The page has every numbered frame up to seq (README "Delivery across reconnects")',
+            )
+            if contract["rpc"]:
+                out["rally.rpc"] = message(
+                    "rally.rpc",
+                    "rpc",
+                    {"oneOf": [s.ref("rpc." + _component_key(n)) for n in contract["rpc"]]},
+                    "An RPC call, answered on this socket as over POST /_rally/rpc",
+                )
+            return out
+        if contract["rpc"]:
+            out["rally.answer"] = message(
+                "rally.answer",
+                "answer",
+                {"anyOf": [s.ref(f"rpc.{_component_key(n)}.Answer") for n in contract["rpc"]]},
+                "The answer to an RPC call: its id, and its result or error",
+            )
+        out["rally.error"] = message("rally.error", "error", s.ref("rally.Error"), "An error envelope")
+        out["rally.ack.applied"] = message(
+            "rally.ack.applied",
+            "ack",
+            s.obj({"kind": {"const": "ack"}, "seq": seq}),
+            "The send with this seq was applied",
+        )
+        out["rally.hello"] = message(
+            "rally.hello",
+            "hello",
+            s.obj(
+                {
+                    "kind": {"const": "hello"},
+                    "resume": {"type": "string"},
+                    "resumed": {"type": "boolean"},
+                    "ack": {**seq, "minimum": 0},
+                }
+            ),
+            'First frame to a page that said &last= (README "Delivery across reconnects")',
+        )
+        return out
+
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for route, page in contract["pages"].items():
+        cid = _NOT_KEY_RE.sub("_", route).strip("_") or "root"
+        while cid in channels:
+            cid += "_"
+        params = page["params"]
+        channel_messages: dict[str, dict[str, Any]] = {}
+        sends = common("receive")
+        for name in _message_names(page["to_server"]):
+            sends["send." + _component_key(name)] = message(
+                "send." + _component_key(name),
+                name,
+                s.obj({"kind": {"const": "send"}, "seq": seq, "msg": s.message(name)}, ["seq"]),
+                f"Send {name} to the page's server_update",
+            )
+        pushes = common("send")
+        for name in _message_names(page["to_client"]):
+            pushes["push." + _component_key(name)] = message(
+                "push." + _component_key(name),
+                name,
+                s.obj({"seq": seq, "kind": {"const": "push"}, "msg": s.message(name)}, ["seq"]),
+                f"Push {name} from the page's server",
+            )
+        if page["presence"] is not None:
+            entry = s.obj(
+                {
+                    "id": _JSON_SCALARS["int"],
+                    "tag": {"type": "string"},
+                    "self": {"type": "boolean"},
+                    "meta": s.of(page["presence"]),
+                }
+            )
+            entries = {"type": "array", "items": entry}
+            key = "presence." + _component_key(page["presence"])
+            pushes[key] = message(
+                key,
+                "presence",
+                {
+                    "oneOf": [
+                        s.obj({"seq": seq, "kind": {"const": "presence"}, "state": entries}, ["seq"]),
+                        s.obj(
+                            {
+                                "seq": seq,
+                                "kind": {"const": "presence"},
+                                "joins": entries,
+                                "updates": entries,
+                                "leaves": {"type": "array", "items": _JSON_SCALARS["int"]},
+                            },
+                            ["seq"],
+                        ),
+                    ]
+                },
+                f"Who is on the page: the whole list (state), then changes; meta is {page['presence']}",
+            )
+        for k, ref in (*sends.items(), *pushes.items()):
+            channel_messages[k] = ref
+        kinds = ", ".join(f"{p}: {t}" for p, t in params.items())
+        channels[cid] = {
+            "address": "/_rally/ws?page=" + route,
+            "title": route,
+            **_description(
+                page,
+                f"The WebSocket of the page {route}"
+                + (f" (route parameters {kinds}: AsyncAPI parameters are strings)" if params else "")
+                + ("" if page["stateful"] else "; the page has no server_update, so a send is not_stateful"),
+            ),
+            "messages": channel_messages,
+        }
+        if params:
+            channels[cid]["parameters"] = {p: {"description": f"route parameter {p}, {t}"} for p, t in params.items()}
+        for action, sent in (("receive", sends), ("send", pushes)):
+            operations[f"{cid}.{action}"] = {
+                "action": action,
+                "channel": {"$ref": f"#/channels/{cid}"},
+                "summary": ("What the client sends to " if action == "receive" else "What the server sends on ")
+                + route,
+                "messages": [{"$ref": f"#/channels/{cid}/messages/{k}"} for k in sent],
+            }
+    doc = {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "rally.py app",
+            "version": contract["hash"],
+            "description": "The page WebSockets of a rally.py app, made from its contract (GET /_rally/contract), "
+            "from the server's side: receive is what a client sends, send what the server sends; "
+            "version is the contract hash",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+    }
+    doc["components"] = {"schemas": s.components(), "messages": messages}
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
 # Routing: a request head becomes one of these actions.
 
 
@@ -4809,7 +5229,7 @@ class _Router:
         # unless two ranges overlap (for two servers of n connections each, a
         # chance of about 2n in 2**52), and below 2**53, exact in JavaScript.
         self.ids = itertools.count(secrets.randbelow(2**52) + 1)
-        #: declarations and docs page: (contract hash, body, ETag), made once per contract
+        #: declarations, docs page, OpenAPI and AsyncAPI documents: (contract hash, body, ETag), made once per contract
         self.views: dict[Callable[[dict[str, Any]], str], tuple[str, bytes, bytes]] = {}
 
     def route(self, req: _Request, client: tuple[str, int] | None) -> _Action:
@@ -4953,6 +5373,18 @@ class _Router:
         _allow(req, b"GET", b"HEAD")
         answer = self._view(req, _docs_html, b"text/html; charset=utf-8")
         return answer._replace(headers=[*answer.headers, (b"content-security-policy", _DOCS_CSP)])
+
+    def _openapi_doc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        if not self.app.docs:
+            raise ProtocolError("not found", 404)
+        _allow(req, b"GET", b"HEAD")
+        return self._view(req, _openapi, b"application/json")
+
+    def _asyncapi_doc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        if not self.app.docs:
+            raise ProtocolError("not found", 404)
+        _allow(req, b"GET", b"HEAD")
+        return self._view(req, _asyncapi, b"application/json")
 
     def _view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
         """A document made from the contract, with an ETag of its bytes."""
@@ -5161,6 +5593,8 @@ _FIXED_ROUTES: Final[dict[str, Callable[[_Router, _Request, tuple[str, int] | No
     "/_rally/contract": _Router._contract,
     "/_rally/types.d.ts": _Router._types,
     "/_rally/docs": _Router._docs,
+    "/_rally/openapi.json": _Router._openapi_doc,
+    "/_rally/asyncapi.json": _Router._asyncapi_doc,
     "/_rally/health": _Router._health,
 }
 #: The health report's ``broker`` without one: ``RedisBroker.health``'s keys, nothing in them.
@@ -8576,7 +9010,8 @@ def _load_app(target: str) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P] [--workers N] [--types FILE]``."""
+    """``python rally.py module:app [--host H] [--port P] [--workers N] [--types FILE] [--openapi FILE]
+    [--asyncapi FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -8587,15 +9022,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--types", metavar="FILE", help="write the app's TypeScript declarations to FILE (- for stdout) and exit"
     )
+    parser.add_argument(
+        "--openapi", metavar="FILE", help="write the app's OpenAPI 3.1 document to FILE (- for stdout) and exit"
+    )
+    parser.add_argument(
+        "--asyncapi", metavar="FILE", help="write the app's AsyncAPI 3.0 document to FILE (- for stdout) and exit"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (above 1 needs a broker)")
     args = parser.parse_args(argv)
     app = _load_app(args.app)
-    if args.types == "-":
-        sys.stdout.write(_typescript(app.contract))
-    elif args.types is not None:
-        with open(args.types, "w", encoding="utf-8") as f:
-            f.write(_typescript(app.contract))
-    else:
+    views = [(args.types, _typescript), (args.openapi, _openapi), (args.asyncapi, _asyncapi)]
+    wanted = [(file, make) for file, make in views if file is not None]
+    for file, make in wanted:
+        if file == "-":
+            sys.stdout.write(make(app.contract))
+        else:
+            with open(file, "w", encoding="utf-8") as f:
+                f.write(make(app.contract))
+    if not wanted:
         try:
             app.run(args.host, args.port, access_log=not args.no_access_log, workers=args.workers)
         except UsageError as exc:
