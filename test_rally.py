@@ -4070,10 +4070,16 @@ def test_server_event_types_are_part_of_the_contract_and_checked_at_registration
 def test_the_wheel_installs_under_its_distribution_name_into_a_fresh_venv(tmp_path: Any) -> None:
     """``pip install rally-py`` gives ``import rally``: the wheel built from this
     checkout, installed with its dependencies into a new virtual environment."""
+    import shutil
+
     root = os.path.dirname(os.path.abspath(rally.__file__))
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("rally.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(root, name), source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), root],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
         check=True,
         timeout=240,
     )
