@@ -1771,8 +1771,10 @@ def _http_response(
 ) -> bytes:
     """A complete response: head, and the body unless it answers a HEAD
     (``length`` for a head whose body follows apart)."""
-    if status == 204:  # RFC 9110 section 8.6: no Content-Length in a 204, and it has no content
-        out = [b"HTTP/1.1 204 No Content\r\ndate: %s\r\n" % _http_date()]
+    if status == 204 or status == 304:
+        # RFC 9110 sections 8.6 and 15.4.5: neither has content, so no Content-Length (a
+        # 304's could only repeat the 200's) and no Content-Type describing none.
+        out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())]
     else:
         size = len(body) if length is None else length
         out = [
@@ -1796,13 +1798,36 @@ def _http_date() -> bytes:
     """The Date header (RFC 9110 section 6.6.1), formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        t = time.gmtime(now)
-        _date_cache[:] = [
-            now,
-            b"%s, %02d %s %d %02d:%02d:%02d GMT"
-            % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec),
-        ]
+        _date_cache[:] = [now, _imf_fixdate(now)]
     return _date_cache[1]  # type: ignore[no-any-return]
+
+
+def _imf_fixdate(seconds: int) -> bytes:
+    """``seconds`` since the epoch as an IMF-fixdate (RFC 9110 section 5.6.7)."""
+    t = time.gmtime(seconds)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday],
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+def _parse_http_date(value: str) -> int | None:
+    """An HTTP-date in any of its three formats (RFC 9110 section 5.6.7), as
+    seconds since the epoch; None when it is not one."""
+    import email.utils  # only conditional requests with a date pay for it
+
+    parts = email.utils.parsedate_tz(value)
+    if parts is None:
+        return None
+    try:
+        return int(email.utils.mktime_tz(parts))
+    except (OverflowError, ValueError):
+        return None
 
 
 _REASONS: Final = {
@@ -5096,14 +5121,18 @@ class _Router:
         if not stat.S_ISREG(st.st_mode):
             f.close()
             raise ProtocolError("not found", 404)
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
+        size = st.st_size
+        etag = f'"{st.st_mtime_ns:x}-{size:x}"'.encode()
+        # RFC 9110 section 8.8.2.1: never a Last-Modified later than the Date.
+        modified = min(int(st.st_mtime), int(time.time()))
+        headers = [(b"etag", etag), (b"last-modified", _imf_fixdate(modified)), (b"cache-control", b"no-cache")]
+        if _not_modified(req, etag, modified):
+            f.close()
+            return _Answer(304, b"", b"", headers)
         ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
-        if _header(req, b"if-none-match") == etag.decode():
-            f.close()
-            return _Answer(304, b"", ctype.encode(), [(b"etag", etag)])
-        return _SendFile(f, st.st_size, ctype.encode(), [(b"etag", etag), (b"cache-control", b"no-cache")])
+        return _SendFile(f, size, ctype.encode(), headers)
 
     def _page(self, req: _Request, client: tuple[str, int] | None, page: _Page, params: dict[str, Any]) -> _Action:
         sid, cookie = self._session(req)
@@ -5141,10 +5170,55 @@ def _header(req: _Request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def _header_list(req: _Request, name: bytes) -> str | None:
+    """A list-valued header: its lines joined by ", " when it came more than
+    once (RFC 9110 section 5.3)."""
+    if name in req.repeated:
+        return ", ".join(v.decode("latin-1") for k, v in req.raw_headers if k == name)
+    return _header(req, name)
+
+
+_ENTITY_TAG_RE: Final = re.compile(r'[ \t]*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
+_LIST_GAP_RE: Final = re.compile(r"[ \t]*(?:,|$)")
+
+
+def _etag_matches(value: str, etag: bytes) -> bool:
+    """Whether an If-None-Match value matches ``etag``: ``*``, or a list of
+    entity-tags one of which matches by the weak comparison (``W/"x"``
+    matches ``"x"``; RFC 9110 sections 8.8.3.2 and 13.1.2). A value that is
+    not a list of entity-tags matches nothing."""
+    if value.strip(" \t") == "*":
+        return True
+    opaque = etag.decode("latin-1").removeprefix("W/")
+    pos, end, found = 0, len(value), False
+    while pos < end:
+        m = _ENTITY_TAG_RE.match(value, pos) or _LIST_GAP_RE.match(value, pos)  # empty elements are allowed
+        if m is None or m.end() == pos:
+            return False
+        found = found or (m.lastindex == 1 and m.group(1) == opaque)
+        pos = m.end()
+    return found
+
+
+def _not_modified(req: _Request, etag: bytes, modified: int | None = None) -> bool:
+    """Whether a GET or HEAD is answered 304 (RFC 9110 section 13.2.2):
+    If-None-Match decides when present; otherwise If-Modified-Since, for an
+    answer with a Last-Modified of ``modified`` (seconds since the epoch).
+    An If-Modified-Since that is not one HTTP-date is ignored."""
+    none_match = _header_list(req, b"if-none-match")
+    if none_match is not None:
+        return _etag_matches(none_match, etag)
+    since = _header(req, b"if-modified-since")
+    if modified is None or since is None or b"if-modified-since" in req.repeated:
+        return False
+    date = _parse_http_date(since)
+    return date is not None and modified <= date
+
+
 def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _Answer:
     headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
-    if _header(req, b"if-none-match") == etag.decode():
-        return _Answer(304, b"", content_type, headers)
+    if _not_modified(req, etag):
+        return _Answer(304, b"", b"", headers)
     return _Answer(200, body, content_type, headers)
 
 

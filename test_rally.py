@@ -1030,6 +1030,104 @@ async def test_client_js_has_etag_and_answers_304() -> None:
     assert second.status_code == 304 and empty == b""
 
 
+# ==== End to end: conditional requests (RFC 9110) =============================
+
+ETAGGED = ["/_rally/client.js", "/_rally/contract", "/_rally/types.d.ts", "/_rally/docs", "/s/hello.txt"]
+OLD = 1_000_000_000  # an mtime: Sun, 09 Sep 2001 01:46:40 GMT
+OLD_DATE = b"Sun, 09 Sep 2001 01:46:40 GMT"
+
+
+def static_app(directory: Any) -> rally.App:
+    """The Article app, with the files of ``directory`` at /s/."""
+    app = article_app()
+    app.static("/s/", directory)
+    return app
+
+
+def head_lines(*lines: bytes) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+async def fetch(server: rally.Server, path: str, *lines: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """GET ``path`` with header ``lines``, on a connection the server closes after."""
+    request = b"GET %s HTTP/1.1\r\nhost: localhost\r\n%sconnection: close\r\n\r\n" % (path.encode(), head_lines(*lines))
+    [(response, body)] = responses(await exchange(server, request))
+    return response.status_code, dict(response.headers), body
+
+
+@pytest.mark.parametrize("path", ETAGGED)
+@pytest.mark.parametrize(
+    "form",
+    ["exact", "weak", "list", "weak-in-list", "two-lines", "star", "other", "weak-other", "malformed"],
+)
+async def test_if_none_match_compares_weakly_against_a_list_or_star(tmp_path: Any, path: str, form: str) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    async with running(static_app(tmp_path)) as server:
+        status, headers, _ = await fetch(server, path)
+        etag = headers[b"etag"]
+        lines = {
+            "exact": [b"if-none-match: " + etag],
+            "weak": [b"if-none-match: W/" + etag],
+            "list": [b'if-none-match: "nope", ' + etag + b' ,"other"'],
+            "weak-in-list": [b'if-none-match: "nope",W/' + etag],
+            "two-lines": [b"if-none-match: " + etag, b'if-none-match: "nope"'],
+            "star": [b"if-none-match: *"],
+            "other": [b'if-none-match: "nope", W/"other"'],
+            "weak-other": [b"if-none-match: W/" + etag[:-1] + b'x"'],
+            "malformed": [b"if-none-match: " + etag[1:-1]],
+        }[form]
+        again, _, body = await fetch(server, path, *lines)
+    assert status == 200
+    assert again == (200 if form in ("other", "weak-other", "malformed") else 304)
+
+
+@pytest.mark.parametrize("path", ETAGGED)
+async def test_304_has_no_content_length_and_carries_the_200s_validators(tmp_path: Any, path: str) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    async with running(static_app(tmp_path)) as server:
+        _, first, _ = await fetch(server, path)
+        request = b"GET %s HTTP/1.1\r\nhost: localhost\r\nif-none-match: %s\r\n" % (path.encode(), first[b"etag"])
+        # Two on one connection: the first 304 ends where its head does.
+        raw = await exchange(server, request + b"\r\n" + request + b"connection: close\r\n\r\n")
+    (second, body), (third, _) = responses(raw)
+    headers = dict(second.headers)
+    assert (second.status_code, third.status_code, body) == (304, 304, b"")
+    assert b"content-length" not in headers and b"content-type" not in headers
+    kept = [b"etag", b"cache-control"] + ([b"last-modified"] if path.startswith("/s/") else [])
+    assert {k: headers.get(k) for k in kept} == {k: first[k] for k in kept}
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"if-modified-since: " + OLD_DATE, 304),
+        (b"if-modified-since: Sun, 09 Sep 2001 01:46:41 GMT", 304),
+        (b"if-modified-since: Sunday, 09-Sep-01 01:46:40 GMT", 304),  # RFC 850, obsolete but accepted
+        (b"if-modified-since: Sun Sep  9 01:46:40 2001", 304),  # asctime, obsolete but accepted
+        (b"if-modified-since: Sun, 09 Sep 2001 01:46:39 GMT", 200),
+        (b"if-modified-since: yesterday", 200),
+        (b'if-none-match: "nope"\r\nif-modified-since: ' + OLD_DATE, 200),  # If-None-Match decides
+    ],
+)
+async def test_static_last_modified_and_if_modified_since(tmp_path: Any, line: bytes, status: int) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    os.utime(tmp_path / "hello.txt", (OLD, OLD))
+    async with running(static_app(tmp_path)) as server:
+        first, headers, _ = await fetch(server, "/s/hello.txt")
+        again, again_headers, _ = await fetch(server, "/s/hello.txt", line)
+    assert (first, headers[b"last-modified"]) == (200, OLD_DATE)
+    assert again == status and again_headers[b"last-modified"] == OLD_DATE
+
+
+async def test_last_modified_is_never_later_than_date(tmp_path: Any) -> None:
+    (tmp_path / "future.txt").write_text("later")
+    future = time.time() + 86400
+    os.utime(tmp_path / "future.txt", (future, future))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/future.txt")
+    assert headers[b"last-modified"] == headers[b"date"]
+
+
 async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
     app = article_app()
     async with running(app) as server:
