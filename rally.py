@@ -1834,6 +1834,7 @@ _REASONS: Final = {
     200: b"OK",
     201: b"Created",
     204: b"No Content",
+    206: b"Partial Content",
     301: b"Moved Permanently",
     302: b"Found",
     303: b"See Other",
@@ -1849,6 +1850,7 @@ _REASONS: Final = {
     408: b"Request Timeout",
     409: b"Conflict",
     413: b"Content Too Large",
+    416: b"Range Not Satisfiable",
     101: b"Switching Protocols",
     415: b"Unsupported Media Type",
     426: b"Upgrade Required",
@@ -4763,12 +4765,15 @@ class _ReadBody(typing.NamedTuple):
 
 
 class _SendFile(typing.NamedTuple):
-    """Stream an open file as a 200 response, with backpressure."""
+    """Stream an open file as a 200 response (or the ``size`` bytes from
+    ``offset`` as a 206), with backpressure."""
 
     file: typing.BinaryIO
-    size: int
+    size: int  # the bytes sent: the Content-Length
     content_type: bytes
     headers: Sequence[tuple[bytes, bytes]]
+    status: int = 200
+    offset: int = 0
 
 
 class _Upgrade(typing.NamedTuple):
@@ -5132,7 +5137,17 @@ class _Router:
         ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
-        return _SendFile(f, size, ctype.encode(), headers)
+        headers.append((b"accept-ranges", b"bytes"))
+        span = _byte_range(req, size, etag, modified)
+        if span is True:
+            return _SendFile(f, size, ctype.encode(), headers)
+        if span is False:
+            f.close()
+            headers.append((b"content-range", b"bytes */%d" % size))
+            return _Answer(416, b"range not satisfiable\n", headers=headers)
+        first, last = span
+        headers.append((b"content-range", b"bytes %d-%d/%d" % (first, last, size)))
+        return _SendFile(f, last - first + 1, ctype.encode(), headers, 206, first)
 
     def _page(self, req: _Request, client: tuple[str, int] | None, page: _Page, params: dict[str, Any]) -> _Action:
         sid, cookie = self._session(req)
@@ -5220,6 +5235,47 @@ def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _An
     if _not_modified(req, etag):
         return _Answer(304, b"", b"", headers)
     return _Answer(200, body, content_type, headers)
+
+
+_RANGE_RE: Final = re.compile(r"bytes=[ \t]*([0-9]*)-([0-9]*)[ \t]*", re.IGNORECASE)
+
+
+def _byte_range(req: _Request, size: int, etag: bytes, modified: int) -> tuple[int, int] | bool:
+    """What a static file's Range asks for (RFC 9110 sections 13.1.5, 14.1.2,
+    14.2): ``(first, last)`` byte positions; ``True`` for the whole file (no
+    Range, a HEAD, several ranges, a malformed or repeated Range, or an
+    If-Range that does not match); ``False`` when unsatisfiable (416)."""
+    value = _header(req, b"range")
+    if value is None or req.method != b"GET" or b"range" in req.repeated:
+        return True
+    m = _RANGE_RE.fullmatch(value)
+    if m is None:  # several ranges, another unit, not a range: served whole, as section 14.2 allows
+        return True
+    first, last = m.groups()
+    if (not first and not last) or (first and last and int(last) < int(first)):
+        return True  # not a valid range-spec
+    if_range = _header(req, b"if-range")
+    if if_range is not None and not _if_range_matches(if_range.strip(" \t"), etag, modified):
+        return True
+    if not first:  # the last n bytes
+        n = int(last)
+        if n == 0:
+            return False
+        return (max(0, size - n), size - 1) if size else True
+    start = int(first)
+    if start >= size:
+        return False
+    return start, size - 1 if not last else min(int(last), size - 1)
+
+
+def _if_range_matches(value: str, etag: bytes, modified: int) -> bool:
+    """If-Range (RFC 9110 section 13.1.5): an entity-tag matches by the strong
+    comparison (never a weak one); a date matches when it is exactly the
+    Last-Modified and that is a strong validator (a second or more older than
+    now, section 8.8.2.2)."""
+    if value.startswith(('"', "W/")):
+        return value == etag.decode("latin-1")
+    return _parse_http_date(value) == modified and modified <= time.time() - 1
 
 
 async def _json_answer(reply: Awaitable[_Reply], headers: Sequence[tuple[bytes, bytes]] = ()) -> _Answer:
@@ -6309,8 +6365,10 @@ class _HttpConn(_Conn):
         assert req is not None
         keep_alive = self._keep_alive()
         await self.writable()  # raises once the peer is gone: nothing is written to a closing transport
-        self.transport.write(_http_head(200, f.content_type, f.size, f.headers, keep_alive=keep_alive))
+        self.transport.write(_http_head(f.status, f.content_type, f.size, f.headers, keep_alive=keep_alive))
         left = 0 if req.method == b"HEAD" else f.size
+        if left and f.offset:
+            f.file.seek(f.offset)
         while left > 0:
             await self.writable()
             chunk = f.file.read(min(_FILE_CHUNK_BYTES, left))
@@ -6319,7 +6377,7 @@ class _HttpConn(_Conn):
                 raise ConnectionClosed(1006, "file shrank")
             self.transport.write(chunk)
             left -= len(chunk)
-        self._log(200)
+        self._log(f.status)
         self._finish_cycle(keep_alive)
 
     def _respond(self, answer: _Answer) -> None:

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -1030,7 +1031,7 @@ async def test_client_js_has_etag_and_answers_304() -> None:
     assert second.status_code == 304 and empty == b""
 
 
-# ==== End to end: conditional requests (RFC 9110) =============================
+# ==== End to end: conditional and range requests (RFC 9110) ===================
 
 ETAGGED = ["/_rally/client.js", "/_rally/contract", "/_rally/types.d.ts", "/_rally/docs", "/s/hello.txt"]
 OLD = 1_000_000_000  # an mtime: Sun, 09 Sep 2001 01:46:40 GMT
@@ -1126,6 +1127,187 @@ async def test_last_modified_is_never_later_than_date(tmp_path: Any) -> None:
     async with running(static_app(tmp_path)) as server:
         _, headers, _ = await fetch(server, "/s/future.txt")
     assert headers[b"last-modified"] == headers[b"date"]
+
+
+DATA = bytes(random.Random(5).randrange(256) for _ in range(100_000))  # more than one 64 KiB piece
+SIZE = len(DATA)
+
+
+@pytest.mark.parametrize(
+    ("value", "first", "last"),
+    [
+        (b"bytes=0-9", 0, 9),
+        (b"bytes=70000-", 70000, SIZE - 1),  # from the second piece on: the slice starts mid-file
+        (b"bytes=60000-70000", 60000, 70000),
+        (b"bytes=-100", SIZE - 100, SIZE - 1),
+        (b"bytes=-200000", 0, SIZE - 1),  # longer than the file: all of it
+        (b"bytes=99990-200000", 99990, SIZE - 1),  # past the end: up to it
+        (b"bytes=5-5", 5, 5),
+        (b"Bytes= 7-8 ", 7, 8),
+    ],
+)
+async def test_range_is_answered_206_with_content_range_and_the_slice(
+    tmp_path: Any, value: bytes, first: int, last: int
+) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", b"range: " + value)
+    assert status == 206
+    assert headers[b"content-range"] == b"bytes %d-%d/%d" % (first, last, SIZE)
+    assert int(headers[b"content-length"]) == last - first + 1 and body == DATA[first : last + 1]
+
+
+@pytest.mark.parametrize("value", [b"bytes=100000-", b"bytes=200000-300000", b"bytes=-0"])
+async def test_unsatisfiable_range_is_answered_416_with_the_size(tmp_path: Any, value: bytes) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", b"range: " + value)
+    assert status == 416 and headers[b"content-range"] == b"bytes */%d" % SIZE and DATA[:10] not in body
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [],
+        [b"range: bytes=0-1,5-6"],  # several ranges: served whole, as RFC 9110 section 14.2 allows
+        [b"range: bytes=0-1, 5-6"],
+        [b"range: bytes=5-1"],  # last before first: not a range
+        [b"range: bytes=-"],
+        [b"range: bytes=abc"],
+        [b"range: bytes=1-2-3"],
+        [b"range: items=0-1"],
+        [b"range: bytes=0-1", b"range: bytes=2-3"],  # repeated
+        [b"range: bytes=+1-2"],
+    ],
+    ids=["none", "several", "several-spaced", "backwards", "empty", "letters", "three", "unit", "repeated", "sign"],
+)
+async def test_no_or_ignored_range_is_answered_200_with_accept_ranges(tmp_path: Any, lines: list[bytes]) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", *lines)
+    assert (status, body) == (200, DATA)
+    assert headers[b"accept-ranges"] == b"bytes" and b"content-range" not in headers
+
+
+@pytest.mark.parametrize(
+    ("if_range", "status"),
+    [
+        ("etag", 206),
+        ("weak-etag", 200),  # If-Range compares strongly: a weak tag never matches
+        ("other-etag", 200),
+        ("date", 206),
+        ("other-date", 200),
+        ("not-a-date", 200),
+    ],
+)
+async def test_if_range_serves_the_range_only_when_it_matches(tmp_path: Any, if_range: str, status: int) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    os.utime(tmp_path / "data.bin", (OLD, OLD))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        value = {
+            "etag": headers[b"etag"],
+            "weak-etag": b"W/" + headers[b"etag"],
+            "other-etag": b'"other"',
+            "date": OLD_DATE,
+            "other-date": b"Sun, 09 Sep 2001 01:46:41 GMT",
+            "not-a-date": b"soon",
+        }[if_range]
+        got, _, body = await fetch(server, "/s/data.bin", b"range: bytes=10-19", b"if-range: " + value)
+        # The range is unsatisfiable; a failed If-Range makes it a 200 all the same.
+        unsatisfiable, _, _ = await fetch(server, "/s/data.bin", b"range: bytes=900000-", b"if-range: " + value)
+    assert (got, body) == ((206, DATA[10:20]) if status == 206 else (200, DATA))
+    assert unsatisfiable == (416 if status == 206 else 200)
+
+
+async def test_if_range_date_of_a_file_modified_this_second_does_not_match(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    now = int(time.time()) + 1  # the next second: never a second older than the Date
+    os.utime(tmp_path / "data.bin", (now, now))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        status, _, _ = await fetch(
+            server, "/s/data.bin", b"range: bytes=0-1", b"if-range: " + headers[b"last-modified"]
+        )
+    assert status == 200
+
+
+async def test_range_on_head_and_matching_if_none_match_are_not_206(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        head = await exchange(
+            server, b"HEAD /s/data.bin HTTP/1.1\r\nhost: localhost\r\nrange: bytes=0-9\r\nconnection: close\r\n\r\n"
+        )
+        cached, _, _ = await fetch(server, "/s/data.bin", b"range: bytes=0-9", b"if-none-match: " + headers[b"etag"])
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\ncontent-length: %d\r\n" % SIZE in head
+    assert head.endswith(b"\r\n\r\n") and b"content-range" not in head
+    assert cached == 304
+
+
+@pytest.mark.parametrize(("value", "status", "body"), [(b"bytes=-5", 200, b""), (b"bytes=0-", 416, b"")])
+async def test_range_on_an_empty_file(tmp_path: Any, value: bytes, status: int, body: bytes) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    async with running(static_app(tmp_path)) as server:
+        got, headers, got_body = await fetch(server, "/s/empty.txt", b"range: " + value)
+    assert got == status
+    if status == 200:
+        assert got_body == body
+    else:
+        assert headers[b"content-range"] == b"bytes */0"
+
+
+async def test_ranges_keep_a_keep_alive_connection_framed(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    get = b"GET /s/data.bin HTTP/1.1\r\nhost: localhost\r\n%s\r\n"
+    requests = [
+        b"range: bytes=70000-70009\r\n",
+        b"range: bytes=900000-\r\n",
+        b"range: bytes=-3\r\n",
+        b"connection: close\r\n",
+    ]
+    async with running(static_app(tmp_path)) as server:
+        raw = await exchange(server, b"".join(get % r for r in requests))
+    got = [(r.status_code, body) for r, body in responses(raw)]
+    assert got == [(206, DATA[70000:70010]), (416, b"range not satisfiable\n"), (206, DATA[-3:]), (200, DATA)]
+
+
+async def test_range_on_generated_documents_is_ignored() -> None:
+    async with running(article_app()) as server:
+        _, _, whole = await fetch(server, "/_rally/client.js")
+        status, headers, body = await fetch(server, "/_rally/client.js", b"range: bytes=0-9")
+    assert (status, body) == (200, whole) and b"accept-ranges" not in headers
+
+
+CURL = shutil.which("curl")
+
+
+async def test_curl_resumes_a_partial_download(tmp_path: Any) -> None:
+    if CURL is None:
+        pytest.skip("curl is not installed: the resumed-download test needs it (apt-get install -y curl)")
+    served = tmp_path / "served"
+    served.mkdir()
+    data = DATA * 3
+    (served / "big.bin").write_bytes(data)
+    out = tmp_path / "big.bin"
+    out.write_bytes(data[:123_457])  # an interrupted download
+    async with running(static_app(served)) as server:
+        curl = await asyncio.create_subprocess_exec(
+            CURL,
+            "-sS",
+            "-C",
+            "-",
+            "-o",
+            str(out),
+            "-w",
+            "%{http_code}",
+            f"{server.url}/s/big.bin",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(curl.communicate(), WAIT)
+    assert curl.returncode == 0, stderr
+    assert stdout == b"206" and out.read_bytes() == data
 
 
 async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
