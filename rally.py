@@ -2135,6 +2135,7 @@ class _Page(typing.NamedTuple):
 class _RawRoute(typing.NamedTuple):
     path: str
     handler: Callable[[WebSocket], Awaitable[None]]
+    subprotocols: tuple[str, ...] = ()  # the server's, in its order
 
 
 def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
@@ -4788,6 +4789,7 @@ class _Upgrade(typing.NamedTuple):
     resumable: bool = False  # the page numbers what it receives (it sent &last=)
     resume: _PageSession | None = None  # the held session this connection goes on with
     last: int = 0  # the last frame the page received of it
+    subprotocol: str | None = None  # a raw route's, agreed in the handshake
 
 
 _Action = _Answer | _ReadBody | _SendFile | _Upgrade | Awaitable[_Answer]
@@ -5096,6 +5098,7 @@ class _Router:
         stale: bool = False,
     ) -> _Upgrade:
         key = self._check_handshake(req)
+        subprotocol = None if raw is None or not raw.subprotocols else _pick_subprotocol(req, raw.subprotocols)
         sid, cookie = self._session(req)
         ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg)
         headers = [
@@ -5104,8 +5107,10 @@ class _Router:
             (b"sec-websocket-accept", _ws_accept(key.encode())),
             *cookie,
         ]
+        if subprotocol is not None:
+            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
         tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
-        return _Upgrade(headers, ctx, page, raw, stale, tag)
+        return _Upgrade(headers, ctx, page, raw, stale, tag, subprotocol=subprotocol)
 
     def _static(self, req: _Request, rel: str, directory: str) -> _Action:
         parts = rel.split("/")
@@ -5183,6 +5188,22 @@ class _Router:
 def _header(req: _Request, name: bytes) -> str | None:
     value = req.headers.get(name)
     return None if value is None else value.decode("latin-1")
+
+
+def _pick_subprotocol(req: _Request, supported: tuple[str, ...]) -> str | None:
+    """The subprotocol of a raw route's handshake (RFC 6455 section 4.2.2): the
+    first of the client's Sec-WebSocket-Protocol offers that the route
+    supports, in the client's order (section 4.1: its offers are "ordered by
+    preference"); None when it offers none. A client offering only others is
+    refused 400: a browser would fail a 101 without one of its offers."""
+    offers = [o.strip(" \t") for o in (_header_list(req, b"sec-websocket-protocol") or "").split(",")]
+    offers = [o for o in offers if o]
+    if not offers:
+        return None
+    for offer in offers:
+        if offer in supported:
+            return offer
+    raise ProtocolError("no supported WebSocket subprotocol; this route speaks " + ", ".join(supported), 400)
 
 
 def _header_list(req: _Request, name: bytes) -> str | None:
@@ -6514,7 +6535,7 @@ class _WsConn(_Conn):
             self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
         else:
             assert up.raw is not None
-            self.session = _RawSession(up.raw, up.ctx, self, srv)
+            self.session = _RawSession(up.raw, up.ctx, self, srv, up.subprotocol)
         self.state = _WsState.OPEN
         self.ping_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
@@ -6733,11 +6754,13 @@ class _RawSession:
 
     __slots__ = ("route", "peer", "srv", "socket", "inbox", "waiter", "closed", "task")
 
-    def __init__(self, route: _RawRoute, ctx: ServerContext, peer: _WsConn, srv: Server) -> None:
+    def __init__(
+        self, route: _RawRoute, ctx: ServerContext, peer: _WsConn, srv: Server, subprotocol: str | None = None
+    ) -> None:
         self.route = route
         self.peer = peer
         self.srv = srv
-        self.socket = WebSocket(self, ctx)
+        self.socket = WebSocket(self, ctx, subprotocol)
         self.inbox: collections.deque[str | bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.closed: ConnectionClosed | None = None
@@ -6792,16 +6815,23 @@ class WebSocket:
     check of every WebSocket apply.
     """
 
-    __slots__ = ("_session", "_ctx")
+    __slots__ = ("_session", "_ctx", "_subprotocol")
 
-    def __init__(self, session: _RawSession, ctx: ServerContext) -> None:
+    def __init__(self, session: _RawSession, ctx: ServerContext, subprotocol: str | None = None) -> None:
         self._session = session
         self._ctx = ctx
+        self._subprotocol = subprotocol
 
     @property
     def context(self) -> ServerContext:
         """The connection's ServerContext (session, headers, client, state)."""
         return self._ctx
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol agreed in the handshake (one of the route's
+        ``subprotocols``), or None when the client offered none."""
+        return self._subprotocol
 
     async def receive(self) -> str | bytes:
         """The next message; raises ``ConnectionClosed`` when there is none to come."""
@@ -7213,18 +7243,27 @@ class App:
         return fn
 
     def websocket(
-        self, path: str
+        self, path: str, *, subprotocols: Sequence[str] = ()
     ) -> Callable[[Callable[[WebSocket], Awaitable[None]]], Callable[[WebSocket], Awaitable[None]]]:
-        """Decorator: serve a raw WebSocket at ``path``; see ``WebSocket``."""
+        """Decorator: serve a raw WebSocket at ``path``; see ``WebSocket``.
+        ``subprotocols``: the ones it speaks; the handshake agrees on the
+        first of the client's offers among them (``ws.subprotocol``)."""
         if not path.startswith("/") or path.startswith("/_rally/"):
             raise RegistrationError(f"websocket route {path!r} must start with / and not with /_rally/")
+        if isinstance(subprotocols, (str, bytes)) or not all(
+            isinstance(p, str) and _TOKEN_RE.fullmatch(p) for p in subprotocols
+        ):
+            raise RegistrationError(
+                f"websocket route {path!r}: subprotocols must be a list of tokens (RFC 6455 section 4.1), "
+                f"got {subprotocols!r}"
+            )
 
         def register(fn: Callable[[WebSocket], Awaitable[None]]) -> Callable[[WebSocket], Awaitable[None]]:
             if not inspect.iscoroutinefunction(fn):
                 raise RegistrationError(f"websocket handler {fn.__name__} must be async def")
             if path in self._registry.raw_routes:
                 raise RegistrationError(f"websocket route {path!r} is registered twice")
-            self._registry.raw_routes[path] = _RawRoute(path, fn)
+            self._registry.raw_routes[path] = _RawRoute(path, fn, tuple(subprotocols))
             return fn
 
         return register

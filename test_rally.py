@@ -1654,6 +1654,133 @@ async def test_websocket_foreign_origin_is_403_and_allowed_origins_admits_it() -
             assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["kind"] == "push"
 
 
+# ---- Raw WebSocket routes: subprotocols (RFC 6455 section 4.2.2) -------------
+
+
+def subprotocol_app() -> rally.App:
+    """/chat speaks chat.v2 and chat.v1 (in that order); /plain speaks none.
+    Each handler sends what it sees as ``ws.subprotocol``."""
+    app = rally.App()
+
+    @app.websocket("/chat", subprotocols=["chat.v2", "chat.v1"])
+    async def chat(ws: rally.WebSocket) -> None:
+        await ws.send(repr(ws.subprotocol))
+        await ws.receive()
+
+    @app.websocket("/plain")
+    async def plain(ws: rally.WebSocket) -> None:
+        await ws.send(repr(ws.subprotocol))
+        await ws.receive()
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("route", "offers", "agreed"),
+    [
+        ("/chat", ["chat.v1", "chat.v2"], "chat.v1"),  # the client's order of preference decides
+        ("/chat", ["chat.v2", "chat.v1"], "chat.v2"),
+        ("/chat", ["x.unknown", "chat.v1"], "chat.v1"),
+        ("/chat", None, None),  # no offer: no subprotocol
+        ("/plain", ["chat.v1"], None),  # a route without subprotocols agrees on none, as before
+    ],
+)
+async def test_raw_route_agrees_on_the_clients_first_supported_subprotocol(
+    route: str, offers: list[str] | None, agreed: str | None
+) -> None:
+    import websockets
+
+    async with running(subprotocol_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}{route}"
+        async with websockets.connect(url, subprotocols=offers) as ws:  # type: ignore[arg-type]
+            seen = await asyncio.wait_for(ws.recv(), WAIT)
+            assert ws.response is not None
+            answered = ws.response.headers.get("Sec-WebSocket-Protocol")
+    assert (ws.subprotocol, answered, seen) == (agreed, agreed, repr(agreed))
+
+
+async def test_raw_route_refuses_400_a_client_offering_only_unsupported_subprotocols() -> None:
+    import websockets
+
+    async with running(subprotocol_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/chat"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, subprotocols=["chat.v3", "CHAT.V1"]):  # type: ignore[list-item]
+                pass
+    assert info.value.response.status_code == 400
+    assert b"chat.v2, chat.v1" in info.value.response.body
+
+
+async def test_subprotocol_offers_in_several_lines_and_with_spaces_are_one_list() -> None:
+    offers = b"sec-websocket-protocol: , x.one ,\tchat.v1\r\nsec-websocket-protocol: chat.v2\r\n"
+    handshake = (
+        b"GET /chat HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n%s\r\n" % offers
+    )
+    async with running(subprotocol_app()) as server:
+        raw = await exchange(server, handshake, until_close=False)
+    head = raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert [h for h in head if h.lower().startswith(b"sec-websocket-protocol")] == [b"sec-websocket-protocol: chat.v1"]
+
+
+@pytest.mark.parametrize("subprotocols", ["chat.v1", ["chat v1"], [""], ["chat.v1", 1], ["chat/1"]])
+def test_websocket_subprotocols_must_be_a_list_of_tokens(subprotocols: Any) -> None:
+    app = rally.App()
+    with pytest.raises(rally.RegistrationError, match="subprotocols must be a list of tokens"):
+        app.websocket("/chat", subprotocols=subprotocols)
+
+
+NODE = shutil.which("node")
+NODE_CLIENT = """
+const ws = new WebSocket(process.argv[1], JSON.parse(process.argv[2]));
+ws.onopen = () => console.log("open " + JSON.stringify(ws.protocol));
+ws.onmessage = (event) => { console.log("message " + event.data); ws.close(); };
+ws.onerror = () => { console.log("error"); process.exit(0); };
+ws.onclose = () => process.exit(0);
+"""
+
+
+def node_websocket_flags() -> list[str] | None:
+    """The flags that give Node its built-in WebSocket (none from Node 22, one
+    on Node 20), or None when there is no Node or no WebSocket in it."""
+    if NODE is None:
+        return None
+    for flags in ([], ["--experimental-websocket"]):
+        probe = [NODE, *flags, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]
+        if subprocess.run(probe, capture_output=True, timeout=WAIT).returncode == 0:
+            return flags
+    return None
+
+
+@pytest.mark.parametrize(
+    ("offers", "expected"),
+    [
+        (["x.unknown", "chat.v1"], ['open "chat.v1"', "message 'chat.v1'"]),
+        (["chat.v3"], ["error"]),  # refused 400: the browser's WebSocket fails
+    ],
+)
+async def test_node_websocket_agrees_on_a_subprotocol(offers: list[str], expected: list[str]) -> None:
+    flags = node_websocket_flags()
+    if flags is None:
+        pytest.skip("Node with a built-in WebSocket (Node 20 with --experimental-websocket, or 22+) is not installed")
+    assert NODE is not None
+    async with running(subprotocol_app()) as server:
+        node = await asyncio.create_subprocess_exec(
+            NODE,
+            *flags,
+            "-e",
+            NODE_CLIENT,
+            f"ws://127.0.0.1:{server.port}/chat",
+            json.dumps(offers),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(node.communicate(), WAIT)
+    assert node.returncode == 0, stderr
+    assert stdout.decode().split("\n")[:-1] == expected
+
+
 # ==== Cross-origin RPC (CORS) =================================================
 
 CORS_ORIGIN = "http://app.test:5173"
