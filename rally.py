@@ -5202,7 +5202,7 @@ def _pick_subprotocol(req: _Request, supported: tuple[str, ...]) -> str | None:
         return None
     for offer in offers:
         if offer in supported:
-            return offer
+            return supported[supported.index(offer)]  # the route's own string goes into the 101
     raise ProtocolError("no supported WebSocket subprotocol; this route speaks " + ", ".join(supported), 400)
 
 
