@@ -1771,8 +1771,10 @@ def _http_response(
 ) -> bytes:
     """A complete response: head, and the body unless it answers a HEAD
     (``length`` for a head whose body follows apart)."""
-    if status == 204:  # RFC 9110 section 8.6: no Content-Length in a 204, and it has no content
-        out = [b"HTTP/1.1 204 No Content\r\ndate: %s\r\n" % _http_date()]
+    if status == 204 or status == 304:
+        # RFC 9110 sections 8.6 and 15.4.5: neither has content, so no Content-Length (a
+        # 304's could only repeat the 200's) and no Content-Type describing none.
+        out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())]
     else:
         size = len(body) if length is None else length
         out = [
@@ -1796,19 +1798,43 @@ def _http_date() -> bytes:
     """The Date header (RFC 9110 section 6.6.1), formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        t = time.gmtime(now)
-        _date_cache[:] = [
-            now,
-            b"%s, %02d %s %d %02d:%02d:%02d GMT"
-            % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec),
-        ]
+        _date_cache[:] = [now, _imf_fixdate(now)]
     return _date_cache[1]  # type: ignore[no-any-return]
+
+
+def _imf_fixdate(seconds: int) -> bytes:
+    """``seconds`` since the epoch as an IMF-fixdate (RFC 9110 section 5.6.7)."""
+    t = time.gmtime(seconds)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday],
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+def _parse_http_date(value: str) -> int | None:
+    """An HTTP-date in any of its three formats (RFC 9110 section 5.6.7), as
+    seconds since the epoch; None when it is not one."""
+    import email.utils  # only conditional requests with a date pay for it
+
+    parts = email.utils.parsedate_tz(value)
+    if parts is None:
+        return None
+    try:
+        return int(email.utils.mktime_tz(parts))
+    except (OverflowError, ValueError):
+        return None
 
 
 _REASONS: Final = {
     200: b"OK",
     201: b"Created",
     204: b"No Content",
+    206: b"Partial Content",
     301: b"Moved Permanently",
     302: b"Found",
     303: b"See Other",
@@ -1824,6 +1850,7 @@ _REASONS: Final = {
     408: b"Request Timeout",
     409: b"Conflict",
     413: b"Content Too Large",
+    416: b"Range Not Satisfiable",
     101: b"Switching Protocols",
     415: b"Unsupported Media Type",
     426: b"Upgrade Required",
@@ -2108,6 +2135,7 @@ class _Page(typing.NamedTuple):
 class _RawRoute(typing.NamedTuple):
     path: str
     handler: Callable[[WebSocket], Awaitable[None]]
+    subprotocols: tuple[str, ...] = ()  # the server's, in its order
 
 
 def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
@@ -5158,12 +5186,15 @@ class _ReadBody(typing.NamedTuple):
 
 
 class _SendFile(typing.NamedTuple):
-    """Stream an open file as a 200 response, with backpressure."""
+    """Stream an open file as a 200 response (or the ``size`` bytes from
+    ``offset`` as a 206), with backpressure."""
 
     file: typing.BinaryIO
-    size: int
+    size: int  # the bytes sent: the Content-Length
     content_type: bytes
     headers: Sequence[tuple[bytes, bytes]]
+    status: int = 200
+    offset: int = 0
 
 
 class _Upgrade(typing.NamedTuple):
@@ -5178,6 +5209,7 @@ class _Upgrade(typing.NamedTuple):
     resumable: bool = False  # the page numbers what it receives (it sent &last=)
     resume: _PageSession | None = None  # the held session this connection goes on with
     last: int = 0  # the last frame the page received of it
+    subprotocol: str | None = None  # a raw route's, agreed in the handshake
 
 
 _Action = _Answer | _ReadBody | _SendFile | _Upgrade | Awaitable[_Answer]
@@ -5498,6 +5530,7 @@ class _Router:
         stale: bool = False,
     ) -> _Upgrade:
         key = self._check_handshake(req)
+        subprotocol = None if raw is None or not raw.subprotocols else _pick_subprotocol(req, raw.subprotocols)
         sid, cookie = self._session(req)
         ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg)
         headers = [
@@ -5506,8 +5539,10 @@ class _Router:
             (b"sec-websocket-accept", _ws_accept(key.encode())),
             *cookie,
         ]
+        if subprotocol is not None:
+            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
         tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
-        return _Upgrade(headers, ctx, page, raw, stale, tag)
+        return _Upgrade(headers, ctx, page, raw, stale, tag, subprotocol=subprotocol)
 
     def _static(self, req: _Request, rel: str, directory: str) -> _Action:
         parts = rel.split("/")
@@ -5528,14 +5563,28 @@ class _Router:
         if not stat.S_ISREG(st.st_mode):
             f.close()
             raise ProtocolError("not found", 404)
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
+        size = st.st_size
+        etag = f'"{st.st_mtime_ns:x}-{size:x}"'.encode()
+        # RFC 9110 section 8.8.2.1: never a Last-Modified later than the Date.
+        modified = min(int(st.st_mtime), int(time.time()))
+        headers = [(b"etag", etag), (b"last-modified", _imf_fixdate(modified)), (b"cache-control", b"no-cache")]
+        if _not_modified(req, etag, modified):
+            f.close()
+            return _Answer(304, b"", b"", headers)
         ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
-        if _header(req, b"if-none-match") == etag.decode():
+        headers.append((b"accept-ranges", b"bytes"))
+        span = _byte_range(req, size, etag, modified)
+        if span is True:
+            return _SendFile(f, size, ctype.encode(), headers)
+        if span is False:
             f.close()
-            return _Answer(304, b"", ctype.encode(), [(b"etag", etag)])
-        return _SendFile(f, st.st_size, ctype.encode(), [(b"etag", etag), (b"cache-control", b"no-cache")])
+            headers.append((b"content-range", b"bytes */%d" % size))
+            return _Answer(416, b"range not satisfiable\n", headers=headers)
+        first, last = span
+        headers.append((b"content-range", b"bytes %d-%d/%d" % (first, last, size)))
+        return _SendFile(f, last - first + 1, ctype.encode(), headers, 206, first)
 
     def _page(self, req: _Request, client: tuple[str, int] | None, page: _Page, params: dict[str, Any]) -> _Action:
         sid, cookie = self._session(req)
@@ -5573,11 +5622,113 @@ def _header(req: _Request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def _pick_subprotocol(req: _Request, supported: tuple[str, ...]) -> str | None:
+    """The subprotocol of a raw route's handshake (RFC 6455 section 4.2.2): the
+    first of the client's Sec-WebSocket-Protocol offers that the route
+    supports, in the client's order (section 4.1: its offers are "ordered by
+    preference"); None when it offers none. A client offering only others is
+    refused 400: a browser would fail a 101 without one of its offers."""
+    offers = [o.strip(" \t") for o in (_header_list(req, b"sec-websocket-protocol") or "").split(",")]
+    offers = [o for o in offers if o]
+    if not offers:
+        return None
+    for offer in offers:
+        if offer in supported:
+            return supported[supported.index(offer)]  # the route's own string goes into the 101
+    raise ProtocolError("no supported WebSocket subprotocol; this route speaks " + ", ".join(supported), 400)
+
+
+def _header_list(req: _Request, name: bytes) -> str | None:
+    """A list-valued header: its lines joined by ", " when it came more than
+    once (RFC 9110 section 5.3)."""
+    if name in req.repeated:
+        return ", ".join(v.decode("latin-1") for k, v in req.raw_headers if k == name)
+    return _header(req, name)
+
+
+_ENTITY_TAG_RE: Final = re.compile(r'[ \t]*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
+_LIST_GAP_RE: Final = re.compile(r"[ \t]*(?:,|$)")
+
+
+def _etag_matches(value: str, etag: bytes) -> bool:
+    """Whether an If-None-Match value matches ``etag``: ``*``, or a list of
+    entity-tags one of which matches by the weak comparison (``W/"x"``
+    matches ``"x"``; RFC 9110 sections 8.8.3.2 and 13.1.2). A value that is
+    not a list of entity-tags matches nothing."""
+    if value.strip(" \t") == "*":
+        return True
+    opaque = etag.decode("latin-1").removeprefix("W/")
+    pos, end, found = 0, len(value), False
+    while pos < end:
+        m = _ENTITY_TAG_RE.match(value, pos) or _LIST_GAP_RE.match(value, pos)  # empty elements are allowed
+        if m is None or m.end() == pos:
+            return False
+        found = found or (m.lastindex == 1 and m.group(1) == opaque)
+        pos = m.end()
+    return found
+
+
+def _not_modified(req: _Request, etag: bytes, modified: int | None = None) -> bool:
+    """Whether a GET or HEAD is answered 304 (RFC 9110 section 13.2.2):
+    If-None-Match decides when present; otherwise If-Modified-Since, for an
+    answer with a Last-Modified of ``modified`` (seconds since the epoch).
+    An If-Modified-Since that is not one HTTP-date is ignored."""
+    none_match = _header_list(req, b"if-none-match")
+    if none_match is not None:
+        return _etag_matches(none_match, etag)
+    since = _header(req, b"if-modified-since")
+    if modified is None or since is None or b"if-modified-since" in req.repeated:
+        return False
+    date = _parse_http_date(since)
+    return date is not None and modified <= date
+
+
 def _cached(req: _Request, body: bytes, content_type: bytes, etag: bytes) -> _Answer:
     headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
-    if _header(req, b"if-none-match") == etag.decode():
-        return _Answer(304, b"", content_type, headers)
+    if _not_modified(req, etag):
+        return _Answer(304, b"", b"", headers)
     return _Answer(200, body, content_type, headers)
+
+
+_RANGE_RE: Final = re.compile(r"bytes=[ \t]*([0-9]*)-([0-9]*)[ \t]*", re.IGNORECASE)
+
+
+def _byte_range(req: _Request, size: int, etag: bytes, modified: int) -> tuple[int, int] | bool:
+    """What a static file's Range asks for (RFC 9110 sections 13.1.5, 14.1.2,
+    14.2): ``(first, last)`` byte positions; ``True`` for the whole file (no
+    Range, a HEAD, several ranges, a malformed or repeated Range, or an
+    If-Range that does not match); ``False`` when unsatisfiable (416)."""
+    value = _header(req, b"range")
+    if value is None or req.method != b"GET" or b"range" in req.repeated:
+        return True
+    m = _RANGE_RE.fullmatch(value)
+    if m is None:  # several ranges, another unit, not a range: served whole, as section 14.2 allows
+        return True
+    first, last = m.groups()
+    if (not first and not last) or (first and last and int(last) < int(first)):
+        return True  # not a valid range-spec
+    if_range = _header(req, b"if-range")
+    if if_range is not None and not _if_range_matches(if_range.strip(" \t"), etag, modified):
+        return True
+    if not first:  # the last n bytes
+        n = int(last)
+        if n == 0:
+            return False
+        return (max(0, size - n), size - 1) if size else True
+    start = int(first)
+    if start >= size:
+        return False
+    return start, size - 1 if not last else min(int(last), size - 1)
+
+
+def _if_range_matches(value: str, etag: bytes, modified: int) -> bool:
+    """If-Range (RFC 9110 section 13.1.5): an entity-tag matches by the strong
+    comparison (never a weak one); a date matches when it is exactly the
+    Last-Modified and that is a strong validator (a second or more older than
+    now, section 8.8.2.2)."""
+    if value.startswith(('"', "W/")):
+        return value == etag.decode("latin-1")
+    return _parse_http_date(value) == modified and modified <= time.time() - 1
 
 
 async def _json_answer(reply: Awaitable[_Reply], headers: Sequence[tuple[bytes, bytes]] = ()) -> _Answer:
@@ -6744,8 +6895,10 @@ class _HttpConn(_Conn):
         assert req is not None
         keep_alive = self._keep_alive()
         await self.writable()  # raises once the peer is gone: nothing is written to a closing transport
-        self.transport.write(_http_head(200, f.content_type, f.size, f.headers, keep_alive=keep_alive))
+        self.transport.write(_http_head(f.status, f.content_type, f.size, f.headers, keep_alive=keep_alive))
         left = 0 if req.method == b"HEAD" else f.size
+        if left and f.offset:
+            f.file.seek(f.offset)
         while left > 0:
             await self.writable()
             chunk = f.file.read(min(_FILE_CHUNK_BYTES, left))
@@ -6754,7 +6907,7 @@ class _HttpConn(_Conn):
                 raise ConnectionClosed(1006, "file shrank")
             self.transport.write(chunk)
             left -= len(chunk)
-        self._log(200)
+        self._log(f.status)
         self._finish_cycle(keep_alive)
 
     def _respond(self, answer: _Answer) -> None:
@@ -6891,7 +7044,7 @@ class _WsConn(_Conn):
             self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
         else:
             assert up.raw is not None
-            self.session = _RawSession(up.raw, up.ctx, self, srv)
+            self.session = _RawSession(up.raw, up.ctx, self, srv, up.subprotocol)
         self.state = _WsState.OPEN
         self.ping_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
@@ -7110,11 +7263,13 @@ class _RawSession:
 
     __slots__ = ("route", "peer", "srv", "socket", "inbox", "waiter", "closed", "task")
 
-    def __init__(self, route: _RawRoute, ctx: ServerContext, peer: _WsConn, srv: Server) -> None:
+    def __init__(
+        self, route: _RawRoute, ctx: ServerContext, peer: _WsConn, srv: Server, subprotocol: str | None = None
+    ) -> None:
         self.route = route
         self.peer = peer
         self.srv = srv
-        self.socket = WebSocket(self, ctx)
+        self.socket = WebSocket(self, ctx, subprotocol)
         self.inbox: collections.deque[str | bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.closed: ConnectionClosed | None = None
@@ -7169,16 +7324,23 @@ class WebSocket:
     check of every WebSocket apply.
     """
 
-    __slots__ = ("_session", "_ctx")
+    __slots__ = ("_session", "_ctx", "_subprotocol")
 
-    def __init__(self, session: _RawSession, ctx: ServerContext) -> None:
+    def __init__(self, session: _RawSession, ctx: ServerContext, subprotocol: str | None = None) -> None:
         self._session = session
         self._ctx = ctx
+        self._subprotocol = subprotocol
 
     @property
     def context(self) -> ServerContext:
         """The connection's ServerContext (session, headers, client, state)."""
         return self._ctx
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol agreed in the handshake (one of the route's
+        ``subprotocols``), or None when the client offered none."""
+        return self._subprotocol
 
     async def receive(self) -> str | bytes:
         """The next message; raises ``ConnectionClosed`` when there is none to come."""
@@ -7590,18 +7752,27 @@ class App:
         return fn
 
     def websocket(
-        self, path: str
+        self, path: str, *, subprotocols: Sequence[str] = ()
     ) -> Callable[[Callable[[WebSocket], Awaitable[None]]], Callable[[WebSocket], Awaitable[None]]]:
-        """Decorator: serve a raw WebSocket at ``path``; see ``WebSocket``."""
+        """Decorator: serve a raw WebSocket at ``path``; see ``WebSocket``.
+        ``subprotocols``: the ones it speaks; the handshake agrees on the
+        first of the client's offers among them (``ws.subprotocol``)."""
         if not path.startswith("/") or path.startswith("/_rally/"):
             raise RegistrationError(f"websocket route {path!r} must start with / and not with /_rally/")
+        if isinstance(subprotocols, (str, bytes)) or not all(
+            isinstance(p, str) and _TOKEN_RE.fullmatch(p) for p in subprotocols
+        ):
+            raise RegistrationError(
+                f"websocket route {path!r}: subprotocols must be a list of tokens (RFC 6455 section 4.1), "
+                f"got {subprotocols!r}"
+            )
 
         def register(fn: Callable[[WebSocket], Awaitable[None]]) -> Callable[[WebSocket], Awaitable[None]]:
             if not inspect.iscoroutinefunction(fn):
                 raise RegistrationError(f"websocket handler {fn.__name__} must be async def")
             if path in self._registry.raw_routes:
                 raise RegistrationError(f"websocket route {path!r} is registered twice")
-            self._registry.raw_routes[path] = _RawRoute(path, fn)
+            self._registry.raw_routes[path] = _RawRoute(path, fn, tuple(subprotocols))
             return fn
 
         return register

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -1030,6 +1031,285 @@ async def test_client_js_has_etag_and_answers_304() -> None:
     assert second.status_code == 304 and empty == b""
 
 
+# ==== End to end: conditional and range requests (RFC 9110) ===================
+
+ETAGGED = ["/_rally/client.js", "/_rally/contract", "/_rally/types.d.ts", "/_rally/docs", "/s/hello.txt"]
+OLD = 1_000_000_000  # an mtime: Sun, 09 Sep 2001 01:46:40 GMT
+OLD_DATE = b"Sun, 09 Sep 2001 01:46:40 GMT"
+
+
+def static_app(directory: Any) -> rally.App:
+    """The Article app, with the files of ``directory`` at /s/."""
+    app = article_app()
+    app.static("/s/", directory)
+    return app
+
+
+def head_lines(*lines: bytes) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+async def fetch(server: rally.Server, path: str, *lines: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """GET ``path`` with header ``lines``, on a connection the server closes after."""
+    request = b"GET %s HTTP/1.1\r\nhost: localhost\r\n%sconnection: close\r\n\r\n" % (path.encode(), head_lines(*lines))
+    [(response, body)] = responses(await exchange(server, request))
+    return response.status_code, dict(response.headers), body
+
+
+@pytest.mark.parametrize("path", ETAGGED)
+@pytest.mark.parametrize(
+    "form",
+    ["exact", "weak", "list", "weak-in-list", "two-lines", "star", "other", "weak-other", "malformed"],
+)
+async def test_if_none_match_compares_weakly_against_a_list_or_star(tmp_path: Any, path: str, form: str) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    async with running(static_app(tmp_path)) as server:
+        status, headers, _ = await fetch(server, path)
+        etag = headers[b"etag"]
+        lines = {
+            "exact": [b"if-none-match: " + etag],
+            "weak": [b"if-none-match: W/" + etag],
+            "list": [b'if-none-match: "nope", ' + etag + b' ,"other"'],
+            "weak-in-list": [b'if-none-match: "nope",W/' + etag],
+            "two-lines": [b"if-none-match: " + etag, b'if-none-match: "nope"'],
+            "star": [b"if-none-match: *"],
+            "other": [b'if-none-match: "nope", W/"other"'],
+            "weak-other": [b"if-none-match: W/" + etag[:-1] + b'x"'],
+            "malformed": [b"if-none-match: " + etag[1:-1]],
+        }[form]
+        again, _, body = await fetch(server, path, *lines)
+    assert status == 200
+    assert again == (200 if form in ("other", "weak-other", "malformed") else 304)
+
+
+@pytest.mark.parametrize("path", ETAGGED)
+async def test_304_has_no_content_length_and_carries_the_200s_validators(tmp_path: Any, path: str) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    async with running(static_app(tmp_path)) as server:
+        _, first, _ = await fetch(server, path)
+        request = b"GET %s HTTP/1.1\r\nhost: localhost\r\nif-none-match: %s\r\n" % (path.encode(), first[b"etag"])
+        # Two on one connection: the first 304 ends where its head does.
+        raw = await exchange(server, request + b"\r\n" + request + b"connection: close\r\n\r\n")
+    (second, body), (third, _) = responses(raw)
+    headers = dict(second.headers)
+    assert (second.status_code, third.status_code, body) == (304, 304, b"")
+    assert b"content-length" not in headers and b"content-type" not in headers
+    kept = [b"etag", b"cache-control"] + ([b"last-modified"] if path.startswith("/s/") else [])
+    assert {k: headers.get(k) for k in kept} == {k: first[k] for k in kept}
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"if-modified-since: " + OLD_DATE, 304),
+        (b"if-modified-since: Sun, 09 Sep 2001 01:46:41 GMT", 304),
+        (b"if-modified-since: Sunday, 09-Sep-01 01:46:40 GMT", 304),  # RFC 850, obsolete but accepted
+        (b"if-modified-since: Sun Sep  9 01:46:40 2001", 304),  # asctime, obsolete but accepted
+        (b"if-modified-since: Sun, 09 Sep 2001 01:46:39 GMT", 200),
+        (b"if-modified-since: yesterday", 200),
+        (b'if-none-match: "nope"\r\nif-modified-since: ' + OLD_DATE, 200),  # If-None-Match decides
+    ],
+)
+async def test_static_last_modified_and_if_modified_since(tmp_path: Any, line: bytes, status: int) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    os.utime(tmp_path / "hello.txt", (OLD, OLD))
+    async with running(static_app(tmp_path)) as server:
+        first, headers, _ = await fetch(server, "/s/hello.txt")
+        again, again_headers, _ = await fetch(server, "/s/hello.txt", line)
+    assert (first, headers[b"last-modified"]) == (200, OLD_DATE)
+    assert again == status and again_headers[b"last-modified"] == OLD_DATE
+
+
+async def test_last_modified_is_never_later_than_date(tmp_path: Any) -> None:
+    (tmp_path / "future.txt").write_text("later")
+    future = time.time() + 86400
+    os.utime(tmp_path / "future.txt", (future, future))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/future.txt")
+    assert headers[b"last-modified"] == headers[b"date"]
+
+
+DATA = bytes(random.Random(5).randrange(256) for _ in range(100_000))  # more than one 64 KiB piece
+SIZE = len(DATA)
+
+
+@pytest.mark.parametrize(
+    ("value", "first", "last"),
+    [
+        (b"bytes=0-9", 0, 9),
+        (b"bytes=70000-", 70000, SIZE - 1),  # from the second piece on: the slice starts mid-file
+        (b"bytes=60000-70000", 60000, 70000),
+        (b"bytes=-100", SIZE - 100, SIZE - 1),
+        (b"bytes=-200000", 0, SIZE - 1),  # longer than the file: all of it
+        (b"bytes=99990-200000", 99990, SIZE - 1),  # past the end: up to it
+        (b"bytes=5-5", 5, 5),
+        (b"Bytes= 7-8 ", 7, 8),
+    ],
+)
+async def test_range_is_answered_206_with_content_range_and_the_slice(
+    tmp_path: Any, value: bytes, first: int, last: int
+) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", b"range: " + value)
+    assert status == 206
+    assert headers[b"content-range"] == b"bytes %d-%d/%d" % (first, last, SIZE)
+    assert int(headers[b"content-length"]) == last - first + 1 and body == DATA[first : last + 1]
+
+
+@pytest.mark.parametrize("value", [b"bytes=100000-", b"bytes=200000-300000", b"bytes=-0"])
+async def test_unsatisfiable_range_is_answered_416_with_the_size(tmp_path: Any, value: bytes) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", b"range: " + value)
+    assert status == 416 and headers[b"content-range"] == b"bytes */%d" % SIZE and DATA[:10] not in body
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [],
+        [b"range: bytes=0-1,5-6"],  # several ranges: served whole, as RFC 9110 section 14.2 allows
+        [b"range: bytes=0-1, 5-6"],
+        [b"range: bytes=5-1"],  # last before first: not a range
+        [b"range: bytes=-"],
+        [b"range: bytes=abc"],
+        [b"range: bytes=1-2-3"],
+        [b"range: items=0-1"],
+        [b"range: bytes=0-1", b"range: bytes=2-3"],  # repeated
+        [b"range: bytes=+1-2"],
+    ],
+    ids=["none", "several", "several-spaced", "backwards", "empty", "letters", "three", "unit", "repeated", "sign"],
+)
+async def test_no_or_ignored_range_is_answered_200_with_accept_ranges(tmp_path: Any, lines: list[bytes]) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        status, headers, body = await fetch(server, "/s/data.bin", *lines)
+    assert (status, body) == (200, DATA)
+    assert headers[b"accept-ranges"] == b"bytes" and b"content-range" not in headers
+
+
+@pytest.mark.parametrize(
+    ("if_range", "status"),
+    [
+        ("etag", 206),
+        ("weak-etag", 200),  # If-Range compares strongly: a weak tag never matches
+        ("other-etag", 200),
+        ("date", 206),
+        ("other-date", 200),
+        ("not-a-date", 200),
+    ],
+)
+async def test_if_range_serves_the_range_only_when_it_matches(tmp_path: Any, if_range: str, status: int) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    os.utime(tmp_path / "data.bin", (OLD, OLD))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        value = {
+            "etag": headers[b"etag"],
+            "weak-etag": b"W/" + headers[b"etag"],
+            "other-etag": b'"other"',
+            "date": OLD_DATE,
+            "other-date": b"Sun, 09 Sep 2001 01:46:41 GMT",
+            "not-a-date": b"soon",
+        }[if_range]
+        got, _, body = await fetch(server, "/s/data.bin", b"range: bytes=10-19", b"if-range: " + value)
+        # The range is unsatisfiable; a failed If-Range makes it a 200 all the same.
+        unsatisfiable, _, _ = await fetch(server, "/s/data.bin", b"range: bytes=900000-", b"if-range: " + value)
+    assert (got, body) == ((206, DATA[10:20]) if status == 206 else (200, DATA))
+    assert unsatisfiable == (416 if status == 206 else 200)
+
+
+async def test_if_range_date_of_a_file_modified_this_second_does_not_match(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    now = int(time.time()) + 1  # the next second: never a second older than the Date
+    os.utime(tmp_path / "data.bin", (now, now))
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        status, _, _ = await fetch(
+            server, "/s/data.bin", b"range: bytes=0-1", b"if-range: " + headers[b"last-modified"]
+        )
+    assert status == 200
+
+
+async def test_range_on_head_and_matching_if_none_match_are_not_206(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    async with running(static_app(tmp_path)) as server:
+        _, headers, _ = await fetch(server, "/s/data.bin")
+        head = await exchange(
+            server, b"HEAD /s/data.bin HTTP/1.1\r\nhost: localhost\r\nrange: bytes=0-9\r\nconnection: close\r\n\r\n"
+        )
+        cached, _, _ = await fetch(server, "/s/data.bin", b"range: bytes=0-9", b"if-none-match: " + headers[b"etag"])
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\ncontent-length: %d\r\n" % SIZE in head
+    assert head.endswith(b"\r\n\r\n") and b"content-range" not in head
+    assert cached == 304
+
+
+@pytest.mark.parametrize(("value", "status", "body"), [(b"bytes=-5", 200, b""), (b"bytes=0-", 416, b"")])
+async def test_range_on_an_empty_file(tmp_path: Any, value: bytes, status: int, body: bytes) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    async with running(static_app(tmp_path)) as server:
+        got, headers, got_body = await fetch(server, "/s/empty.txt", b"range: " + value)
+    assert got == status
+    if status == 200:
+        assert got_body == body
+    else:
+        assert headers[b"content-range"] == b"bytes */0"
+
+
+async def test_ranges_keep_a_keep_alive_connection_framed(tmp_path: Any) -> None:
+    (tmp_path / "data.bin").write_bytes(DATA)
+    get = b"GET /s/data.bin HTTP/1.1\r\nhost: localhost\r\n%s\r\n"
+    requests = [
+        b"range: bytes=70000-70009\r\n",
+        b"range: bytes=900000-\r\n",
+        b"range: bytes=-3\r\n",
+        b"connection: close\r\n",
+    ]
+    async with running(static_app(tmp_path)) as server:
+        raw = await exchange(server, b"".join(get % r for r in requests))
+    got = [(r.status_code, body) for r, body in responses(raw)]
+    assert got == [(206, DATA[70000:70010]), (416, b"range not satisfiable\n"), (206, DATA[-3:]), (200, DATA)]
+
+
+async def test_range_on_generated_documents_is_ignored() -> None:
+    async with running(article_app()) as server:
+        _, _, whole = await fetch(server, "/_rally/client.js")
+        status, headers, body = await fetch(server, "/_rally/client.js", b"range: bytes=0-9")
+    assert (status, body) == (200, whole) and b"accept-ranges" not in headers
+
+
+CURL = shutil.which("curl")
+
+
+async def test_curl_resumes_a_partial_download(tmp_path: Any) -> None:
+    if CURL is None:
+        pytest.skip("curl is not installed: the resumed-download test needs it (apt-get install -y curl)")
+    served = tmp_path / "served"
+    served.mkdir()
+    data = DATA * 3
+    (served / "big.bin").write_bytes(data)
+    out = tmp_path / "big.bin"
+    out.write_bytes(data[:123_457])  # an interrupted download
+    async with running(static_app(served)) as server:
+        curl = await asyncio.create_subprocess_exec(
+            CURL,
+            "-sS",
+            "-C",
+            "-",
+            "-o",
+            str(out),
+            "-w",
+            "%{http_code}",
+            f"{server.url}/s/big.bin",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(curl.communicate(), WAIT)
+    assert curl.returncode == 0, stderr
+    assert stdout == b"206" and out.read_bytes() == data
+
+
 async def test_contract_endpoint_serves_the_contract_with_hash() -> None:
     app = article_app()
     async with running(app) as server:
@@ -1372,6 +1652,133 @@ async def test_websocket_foreign_origin_is_403_and_allowed_origins_admits_it() -
         async with websockets.connect(url, origin="http://evil.test") as ws:  # type: ignore[arg-type]
             await ws.send(json.dumps({"kind": "send", "msg": {"type": "ToggleFavorite", "fields": {}}}))
             assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["kind"] == "push"
+
+
+# ---- Raw WebSocket routes: subprotocols (RFC 6455 section 4.2.2) -------------
+
+
+def subprotocol_app() -> rally.App:
+    """/chat speaks chat.v2 and chat.v1 (in that order); /plain speaks none.
+    Each handler sends what it sees as ``ws.subprotocol``."""
+    app = rally.App()
+
+    @app.websocket("/chat", subprotocols=["chat.v2", "chat.v1"])
+    async def chat(ws: rally.WebSocket) -> None:
+        await ws.send(repr(ws.subprotocol))
+        await ws.receive()
+
+    @app.websocket("/plain")
+    async def plain(ws: rally.WebSocket) -> None:
+        await ws.send(repr(ws.subprotocol))
+        await ws.receive()
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("route", "offers", "agreed"),
+    [
+        ("/chat", ["chat.v1", "chat.v2"], "chat.v1"),  # the client's order of preference decides
+        ("/chat", ["chat.v2", "chat.v1"], "chat.v2"),
+        ("/chat", ["x.unknown", "chat.v1"], "chat.v1"),
+        ("/chat", None, None),  # no offer: no subprotocol
+        ("/plain", ["chat.v1"], None),  # a route without subprotocols agrees on none, as before
+    ],
+)
+async def test_raw_route_agrees_on_the_clients_first_supported_subprotocol(
+    route: str, offers: list[str] | None, agreed: str | None
+) -> None:
+    import websockets
+
+    async with running(subprotocol_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}{route}"
+        async with websockets.connect(url, subprotocols=offers) as ws:  # type: ignore[arg-type]
+            seen = await asyncio.wait_for(ws.recv(), WAIT)
+            assert ws.response is not None
+            answered = ws.response.headers.get("Sec-WebSocket-Protocol")
+    assert (ws.subprotocol, answered, seen) == (agreed, agreed, repr(agreed))
+
+
+async def test_raw_route_refuses_400_a_client_offering_only_unsupported_subprotocols() -> None:
+    import websockets
+
+    async with running(subprotocol_app()) as server:
+        url = f"ws://127.0.0.1:{server.port}/chat"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, subprotocols=["chat.v3", "CHAT.V1"]):  # type: ignore[list-item]
+                pass
+    assert info.value.response.status_code == 400
+    assert b"chat.v2, chat.v1" in info.value.response.body
+
+
+async def test_subprotocol_offers_in_several_lines_and_with_spaces_are_one_list() -> None:
+    offers = b"sec-websocket-protocol: , x.one ,\tchat.v1\r\nsec-websocket-protocol: chat.v2\r\n"
+    handshake = (
+        b"GET /chat HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n%s\r\n" % offers
+    )
+    async with running(subprotocol_app()) as server:
+        raw = await exchange(server, handshake, until_close=False)
+    head = raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert [h for h in head if h.lower().startswith(b"sec-websocket-protocol")] == [b"sec-websocket-protocol: chat.v1"]
+
+
+@pytest.mark.parametrize("subprotocols", ["chat.v1", ["chat v1"], [""], ["chat.v1", 1], ["chat/1"]])
+def test_websocket_subprotocols_must_be_a_list_of_tokens(subprotocols: Any) -> None:
+    app = rally.App()
+    with pytest.raises(rally.RegistrationError, match="subprotocols must be a list of tokens"):
+        app.websocket("/chat", subprotocols=subprotocols)
+
+
+NODE = shutil.which("node")
+NODE_CLIENT = """
+const ws = new WebSocket(process.argv[1], JSON.parse(process.argv[2]));
+ws.onopen = () => console.log("open " + JSON.stringify(ws.protocol));
+ws.onmessage = (event) => { console.log("message " + event.data); ws.close(); };
+ws.onerror = () => { console.log("error"); process.exit(0); };
+ws.onclose = () => process.exit(0);
+"""
+
+
+def node_websocket_flags() -> list[str] | None:
+    """The flags that give Node its built-in WebSocket (none from Node 22, one
+    on Node 20), or None when there is no Node or no WebSocket in it."""
+    if NODE is None:
+        return None
+    for flags in ([], ["--experimental-websocket"]):
+        probe = [NODE, *flags, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]
+        if subprocess.run(probe, capture_output=True, timeout=WAIT).returncode == 0:
+            return flags
+    return None
+
+
+@pytest.mark.parametrize(
+    ("offers", "expected"),
+    [
+        (["x.unknown", "chat.v1"], ['open "chat.v1"', "message 'chat.v1'"]),
+        (["chat.v3"], ["error"]),  # refused 400: the browser's WebSocket fails
+    ],
+)
+async def test_node_websocket_agrees_on_a_subprotocol(offers: list[str], expected: list[str]) -> None:
+    flags = node_websocket_flags()
+    if flags is None:
+        pytest.skip("Node with a built-in WebSocket (Node 20 with --experimental-websocket, or 22+) is not installed")
+    assert NODE is not None
+    async with running(subprotocol_app()) as server:
+        node = await asyncio.create_subprocess_exec(
+            NODE,
+            *flags,
+            "-e",
+            NODE_CLIENT,
+            f"ws://127.0.0.1:{server.port}/chat",
+            json.dumps(offers),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(node.communicate(), WAIT)
+    assert node.returncode == 0, stderr
+    assert stdout.decode().split("\n")[:-1] == expected
 
 
 # ==== Cross-origin RPC (CORS) =================================================
