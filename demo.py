@@ -446,6 +446,8 @@ button { font: inherit; padding: .35rem .9rem; border: 0; border-radius: .3rem; 
 .readers li.me { background: #dfe9ff; }
 .count { background: #2457c5; color: #fff; border-radius: 1rem; padding: 0 .55rem; font-size: .85rem; }
 .count:empty { display: none; }
+.row { display: flex; gap: .6rem; align-items: center; } .row label { white-space: nowrap; }
+.row button { margin-top: 0; }
 .how { color: #667; font-size: .8rem; margin: .4rem 0 0; } .how b { font-weight: 600; color: #445; }
 #notices { display: grid; gap: .5rem; }
 .notice { background: #1d2230; color: #fff; padding: .5rem .9rem; border-radius: .4rem; }
@@ -515,7 +517,8 @@ ARTICLE_HTML = """
 <b>broadcast_to_topic</b> (the home page).</p></article>
 <section class="box"><h2>Reading now <span class="count" id="reading"></span></h2>
 <ul class="readers" id="readers"></ul>
-<form id="name-form"><input name="name" maxlength="40" placeholder="Your name, as others see it">
+<form id="name-form"><div class="row"><label for="your-name">Your name</label>
+<input id="your-name" name="name" maxlength="40" placeholder="as the others see it"><button>Rename</button></div>
 <div class="error" id="name-form-error"></div></form>
 <p class="how"><b>Presence</b>: server_presence(model) → Reader; one entry per tab, grouped by its session's tag.
 Your name: send → server_update → <b>broadcast_to_session</b>(Renamed), a <b>server event</b>: each of your tabs
