@@ -249,8 +249,10 @@ class Home:
         )
 
     def server_event(model: HomeModel, msg: rally.PresenceChanged) -> tuple[HomeModel, rally.Effect[HomeToClient]]:
-        article_id = int(msg.page.removeprefix("/articles/"))
-        readers = model.setdefault(article_id, {})
+        article_id = int(msg.page.rsplit("/", 1)[1])
+        readers = model.get(article_id)
+        if readers is None or msg.page != f"/articles/{article_id}":  # not listed here: /articles/99, /articles/01
+            return model, rally.effect.none()
         readers.update((p.id, p.tag) for p in msg.joins)
         for p in msg.leaves:
             readers.pop(p.id, None)
