@@ -7,13 +7,14 @@ Run ``python demo.py`` and open http://127.0.0.1:8000 in two browsers, or
 Every part of rally.py is in use, and the page says which part each action
 shows: RPC (``LoadArticle``, ``CheckComment`` with field errors), stateful
 pages (``server_init`` keeps the article in the model), the four delivery
-scopes, a custom topic (the home page's live counts), presence (who is
-reading an article, one person's tabs grouped), ``server_terminate`` (a
-reader leaving updates the home page), a lifespan (the database and the
-clock), and ``rally.Response`` (a missing article is a 404).
+scopes, a custom topic (the home page's favourite counts), presence (who is
+reading an article, one person's tabs grouped), server events (a rename
+reaches the model of every tab of the session; the home page counts the
+readers of every article from ``rally.PresenceChanged``), a lifespan (the
+database and the clock), and ``rally.Response`` (a missing article is a 404).
 
-The pages load what they show (the article and its comments, the counts,
-the latest announcements) on every connection that did not resume, and show
+The pages load what they show (the article and its comments, the latest
+announcements) on every connection that did not resume, and show
 each item once by its id, however it arrived; a form keeps what the user
 typed until its send was applied, and says why when it was not.
 """
@@ -45,7 +46,8 @@ SEED = [
     ("One socket, four audiences", "A push reaches this tab, this browser, this page, or everyone."),
     ("Slow readers are not your problem", "Each connection has a bounded buffer; laggards are dropped."),
 ]
-HOME_TOPIC = "home"  # the home page's live counts: a custom topic
+ARTICLE_ROUTE = "/articles/{id}"
+HOME_TOPIC = "home"  # the home page's favourite counts: a custom topic
 ANNOUNCEMENTS_SHOWN = 20  # the latest announcements a page loads
 
 
@@ -112,10 +114,6 @@ class LoadAnnouncements: ...
 
 
 @dataclass
-class LoadStats: ...
-
-
-@dataclass
 class Joined:  # to the new connection, from server_init
     favorites: int
     mine: bool
@@ -154,10 +152,25 @@ class Tick:  # from the clock task, to everyone
 
 
 @dataclass
-class ArticleStats:  # to the home pages, through the "home" topic
+class Favorites:  # to the home pages, through the "home" topic
     article_id: int
-    favorites: int
-    readers: int
+    count: int
+
+
+@dataclass
+class Readers:  # to a home page, from its server_event: how many people have the article open
+    article_id: int
+    count: int
+
+
+@dataclass
+class Renamed:  # a server event, to every tab of a session: never sent by a browser
+    name: str
+
+
+@dataclass
+class YourName:  # to one tab, from its server_event
+    name: str
 
 
 @dataclass
@@ -173,9 +186,13 @@ class ArticleModel:
 
 
 ArticleToServer = ToggleFavorite | AddComment | SetName | Announce
-# ArticleStats is published to the home topic: a page declares every type its handlers push.
-ArticleToClient = Joined | FavoriteCount | FavoriteState | CommentAdded | Notice | Announcement | Tick | ArticleStats
-HomeToClient = ArticleStats | Announcement | Tick
+# Favorites is published to the home topic: a page declares every type its handlers push.
+ArticleToClient = (
+    Joined | YourName | FavoriteCount | FavoriteState | CommentAdded | Notice | Announcement | Tick | Favorites
+)
+HomeToClient = Favorites | Readers | Announcement | Tick
+# The home page's model: for each article, who has it open (connection id -> the session's tag).
+HomeModel = dict[int, dict[int, str]]
 
 
 def comment_errors(author: str, body: str) -> dict[str, str]:
@@ -199,23 +216,18 @@ class Home:
         db: sqlite3.Connection = server_context.state
         items = "".join(
             f'<li><a href="/articles/{id}">{escape(title)}</a> <span class="stats" id="stats-{id}">'
-            f"{stats_html(favorites(db, id, '')[0], len(server_context.presence(f'/articles/{id}')))}</span></li>"
+            f'★ <span id="favorites-{id}">{favorites(db, id, "")[0]}</span> · '
+            f'<span id="readers-{id}">{people(readers_of(server_context, id))}</span> reading now</span></li>'
             for id, title in db.execute("select id, title from article order by id")
         )
         body = (
             f"<section class='box'><h1>Articles</h1><ul class='articles'>{items}</ul>"
-            "<p class='how'>Counts change live: article pages publish to the <b>home</b> topic "
-            "(broadcast_to_topic); a reader leaving is told by server_terminate.</p></section>"
+            "<p class='how'>Counts change live. Favourites: article pages publish to the <b>home</b> topic "
+            "(broadcast_to_topic). Readers: this page <b>watches the presence</b> of every article "
+            "(watch_presence) and counts them in its model from each <b>PresenceChanged</b> "
+            "(server_event).</p></section>"
         )
         return layout("Articles", body, HOME_JS)
-
-    def server_load_stats(msg: LoadStats, server_context: rally.ServerContext) -> list[ArticleStats]:
-        """What the home page shows, loaded again after a fresh connection."""
-        db: sqlite3.Connection = server_context.state
-        return [
-            ArticleStats(id, favorites(db, id, "")[0], len(server_context.presence(f"/articles/{id}")))
-            for (id,) in db.execute("select id from article order by id")
-        ]
 
     def server_load_announcements(msg: LoadAnnouncements, server_context: rally.ServerContext) -> list[Announcement]:
         """The latest announcements, oldest first (every page shows them)."""
@@ -223,12 +235,32 @@ class Home:
         rows = db.execute("select id, text from announcement order by id desc limit ?", (ANNOUNCEMENTS_SHOWN,))
         return [Announcement(id, text) for id, text in reversed(rows.fetchall())]
 
-    def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[HomeToClient]]:
-        return None, rally.effect.subscribe(HOME_TOPIC)
+    def server_init(server_context: rally.ServerContext) -> tuple[HomeModel, rally.Effect[HomeToClient]]:
+        # Who is on each article now, in every process; from here on, each change
+        # comes as a PresenceChanged. Keeping who (not how many) makes a change
+        # that is already in this list harmless when it arrives.
+        db: sqlite3.Connection = server_context.state
+        model = {id: readers_of(server_context, id) for (id,) in db.execute("select id from article")}
+        return model, rally.effect.batch(
+            rally.effect.subscribe(HOME_TOPIC),
+            rally.effect.watch_presence(ARTICLE_ROUTE),
+            *(rally.effect.send_to_client(Favorites(id, favorites(db, id, "")[0])) for id in model),
+            *(rally.effect.send_to_client(Readers(id, people(readers))) for id, readers in model.items()),
+        )
+
+    def server_event(model: HomeModel, msg: rally.PresenceChanged) -> tuple[HomeModel, rally.Effect[HomeToClient]]:
+        article_id = int(msg.page.rsplit("/", 1)[1])
+        readers = model.get(article_id)
+        if readers is None or msg.page != f"/articles/{article_id}":  # not listed here: /articles/99, /articles/01
+            return model, rally.effect.none()
+        readers.update((p.id, p.tag) for p in msg.joins)
+        for p in msg.leaves:
+            readers.pop(p.id, None)
+        return model, rally.effect.send_to_client(Readers(article_id, people(readers)))
 
     def server_update(
-        model: None, msg: Announce, server_context: rally.ServerContext
-    ) -> tuple[None, rally.Effect[HomeToClient]]:
+        model: HomeModel, msg: Announce, server_context: rally.ServerContext
+    ) -> tuple[HomeModel, rally.Effect[HomeToClient]]:
         return model, rally.effect.broadcast_to_app(announcement(server_context.state, msg.text))
 
 
@@ -262,11 +294,7 @@ class ArticlePage:
         name_row = db.execute("select name from reader where session_id = ?", (session,)).fetchone()
         model = ArticleModel(id, row[0] if row else "", name_row[0] if name_row else "")
         count, mine = favorites(db, id, session)
-        readers = len(server_context.presence()) + 1  # this connection joins the presence after server_init
-        return model, rally.effect.batch(
-            rally.effect.send_to_client(Joined(count, mine, model.name)),
-            rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(id, count, readers)),
-        )
+        return model, rally.effect.send_to_client(Joined(count, mine, model.name))
 
     def server_update(
         model: ArticleModel, msg: ArticleToServer, server_context: rally.ServerContext
@@ -282,12 +310,11 @@ class ArticlePage:
                     db.execute("insert into favorite values (?, ?)", key)
                 count, mine = favorites(db, model.article_id, session)
                 verb = "favourited" if mine else "unfavourited"
-                readers = len(server_context.presence())
                 return model, rally.effect.batch(
                     rally.effect.broadcast_to_session(Notice(f"You {verb} “{model.title}”.")),
                     rally.effect.send_to_client(FavoriteState(mine)),
                     rally.effect.broadcast_to_page(FavoriteCount(count)),
-                    rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(model.article_id, count, readers)),
+                    rally.effect.broadcast_to_topic(HOME_TOPIC, Favorites(model.article_id, count)),
                 )
             case AddComment(author, body):
                 if comment_errors(author, body):  # the client checked; the server decides
@@ -299,19 +326,17 @@ class ArticlePage:
             case SetName(name):
                 name = name.strip()[:40]
                 db.execute("insert or replace into reader values (?, ?)", (session, name))
-                return ArticleModel(model.article_id, model.title, name), rally.effect.none()
+                # Every tab of this browser takes the new name into its model (server_event).
+                return model, rally.effect.broadcast_to_session(Renamed(name))
             case Announce(text):
                 return model, rally.effect.broadcast_to_app(announcement(db, text))
 
+    def server_event(model: ArticleModel, msg: Renamed) -> tuple[ArticleModel, rally.Effect[ArticleToClient]]:
+        # The new model's server_presence is what the other readers see now.
+        return ArticleModel(model.article_id, model.title, msg.name), rally.effect.send_to_client(YourName(msg.name))
+
     def server_presence(model: ArticleModel) -> Reader:
         return Reader(model.name)
-
-    def server_terminate(model: ArticleModel, server_context: rally.ServerContext) -> rally.Effect[ArticleToClient]:
-        # This connection has already left the page: the others are who is left.
-        db: sqlite3.Connection = server_context.state
-        count = favorites(db, model.article_id, "")[0]
-        readers = len(server_context.presence())
-        return rally.effect.broadcast_to_topic(HOME_TOPIC, ArticleStats(model.article_id, count, readers))
 
 
 def announcement(db: sqlite3.Connection, text: str) -> Announcement:
@@ -319,6 +344,15 @@ def announcement(db: sqlite3.Connection, text: str) -> Announcement:
     text = text[:200]
     row = db.execute("insert into announcement (text) values (?)", (text,))
     return Announcement(row.lastrowid or 0, text)
+
+
+def readers_of(server_context: rally.ServerContext, article_id: int) -> dict[int, str]:
+    """Who has the article open now, in every process: connection id -> the session's tag."""
+    return {p.id: p.tag for p in server_context.presence(f"/articles/{article_id}")}
+
+
+def people(readers: dict[int, str]) -> int:
+    return len(set(readers.values()))  # one person's tabs share a tag
 
 
 def favorites(db: sqlite3.Connection, article_id: int, session_id: str) -> tuple[int, bool]:
@@ -345,7 +379,7 @@ def make_app(db_path: str, *, clock: bool = True) -> rally.App:
 
     app = rally.App(lifespan=lifespan)
     app.page("/", Home)
-    app.page("/articles/{id}", ArticlePage)
+    app.page(ARTICLE_ROUTE, ArticlePage)
     return app
 
 
@@ -364,10 +398,6 @@ app = make_app(os.environ.get("RALLY_DEMO_DB", "demo.sqlite3"))  # for ``python 
 
 def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def stats_html(favorites: int, readers: int) -> str:
-    return f"★ {favorites} · {readers} reading now"
 
 
 def layout(title: str, body: str, script: str = "", *, live: bool = True) -> str:
@@ -416,6 +446,10 @@ button { font: inherit; padding: .35rem .9rem; border: 0; border-radius: .3rem; 
 .readers { display: flex; flex-wrap: wrap; gap: .4rem; padding: 0; list-style: none; }
 .readers li { background: #eef1f6; border-radius: 1rem; padding: .1rem .7rem; }
 .readers li.me { background: #dfe9ff; }
+.count { background: #2457c5; color: #fff; border-radius: 1rem; padding: 0 .55rem; font-size: .85rem; }
+.count:empty { display: none; }
+.row { display: flex; gap: .6rem; align-items: center; } .row label { white-space: nowrap; }
+.row button { margin-top: 0; }
 .how { color: #667; font-size: .8rem; margin: .4rem 0 0; } .how b { font-weight: 600; color: #445; }
 #notices { display: grid; gap: .5rem; }
 .notice { background: #1d2230; color: #fff; padding: .5rem .9rem; border-radius: .4rem; }
@@ -462,12 +496,6 @@ rally.on('Notice', (m) => {
   const div = element('div', m.text); div.className = 'notice';
   $('#notices').append(div); setTimeout(() => div.remove(), 4000);
 });
-/** @type {(m: Rally.ArticleStats) => void} */
-const stats = (m) => {
-  const span = $('#stats-' + m.article_id);
-  if (span) span.textContent = '★ ' + m.favorites + ' · ' + m.readers + ' reading now';
-};
-rally.on('ArticleStats', stats);
 onSubmit('#announce', async (f) => {
   const text = f.text.value;
   await rally.send('Announce', {text});
@@ -475,10 +503,11 @@ onSubmit('#announce', async (f) => {
 });
 """
 
-# The counts of the home page, loaded again after a fresh connection (pushes
-# that arrive after the answer are newer than it).
+# The counts of the home page: server_init sends them all on every fresh
+# connection, and each change after.
 HOME_JS = """
-onFresh(() => rally.rpc('LoadStats').then((r) => { if (r.ok) r.value.forEach(stats); }));
+rally.on('Favorites', (m) => { $('#favorites-' + m.article_id).textContent = m.count; });
+rally.on('Readers', (m) => { $('#readers-' + m.article_id).textContent = m.count; });
 """
 
 ARTICLE_HTML = """
@@ -488,11 +517,14 @@ ARTICLE_HTML = """
 <p class="how">Loaded by <b>RPC</b>. The button: send → server_update → <b>send_to_client</b> (its star),
 <b>broadcast_to_session</b> (a notice in each of your tabs), <b>broadcast_to_page</b> (the count here) and
 <b>broadcast_to_topic</b> (the home page).</p></article>
-<section class="box"><h2>Reading now</h2><ul class="readers" id="readers"></ul>
-<form id="name-form"><input name="name" maxlength="40" placeholder="Your name, as others see it">
+<section class="box"><h2>Reading now <span class="count" id="reading"></span></h2>
+<ul class="readers" id="readers"></ul>
+<form id="name-form"><div class="row"><label for="your-name">Your name</label>
+<input id="your-name" name="name" maxlength="40" placeholder="as the others see it"><button>Rename</button></div>
 <div class="error" id="name-form-error"></div></form>
 <p class="how"><b>Presence</b>: server_presence(model) → Reader; one entry per tab, grouped by its session's tag.
-Leaving runs <b>server_terminate</b>, which updates the home page.</p></section>
+Your name: send → server_update → <b>broadcast_to_session</b>(Renamed), a <b>server event</b>: each of your tabs
+takes it into its model (server_event), shows it, and the others see its new Reader.</p></section>
 <section class="box"><h2>Comments</h2><ul class="comments" id="comments"></ul>
 <form id="comment-form" novalidate>
 <input name="author" placeholder="Your name"><div class="error" id="author-error"></div>
@@ -528,28 +560,33 @@ const count = (n) => {
 const mine = (m) => {
   $('#fav').classList.toggle('mine', m); $('#fav').textContent = m ? '★ Favourite' : '☆ Favourite';
 };
-const author = $('#comment-form [name=author]');
+const author = $('#comment-form [name=author]'), nameInput = $('#name-form [name=name]');
+let myName = '';  // the name shown in the field, unless the user is editing it there
+/** @type {(name: string) => void} */
+const showName = (name) => {
+  if (nameInput.value === myName) nameInput.value = name;
+  myName = name; author.value = author.value || name;
+};
 // server_init runs on every fresh connection: Joined brings the count, the star and the name again.
 rally.on('Joined', (m) => { $('#connections').textContent = ++connections; count(m.favorites); mine(m.mine);
-  if (m.name) { $('#name-form [name=name]').value = m.name; author.value = author.value || m.name; } });
+  showName(m.name); });
 rally.on('FavoriteCount', (m) => count(m.favorites));
 rally.on('FavoriteState', (m) => mine(m.mine));
 rally.on('CommentAdded', (m) => show(m.comment));
+// A rename in any tab of this browser (this one too) comes to each of them.
+rally.on('YourName', (m) => showName(m.name));
 rally.onPresence((entries) => {
   /** @type {Map<string, {names: string[], tabs: number, me: boolean}>} */
   const people = new Map();  // one person's tabs share a tag
   entries.forEach((e) => { const p = people.get(e.tag) || {names: [], tabs: 0, me: false};
     p.tabs++; p.me = p.me || e.self; if (e.meta.name) p.names.push(e.meta.name); people.set(e.tag, p); });
+  $('#reading').textContent = people.size;
   $('#readers').replaceChildren(...[...people.values()].map((p) => {
     const tabs = p.tabs > 1 ? ' (' + p.tabs + ' tabs)' : '';
     const li = element('li', (p.names[0] || 'Someone') + tabs + (p.me ? ' · you' : ''));
     li.className = p.me ? 'me' : ''; return li; }));
 });
-onSubmit('#name-form', async (f) => {
-  const name = f.name.value;
-  await rally.send('SetName', {name});
-  author.value = author.value || name;
-});
+onSubmit('#name-form', (f) => rally.send('SetName', {name: f.name.value}));
 $('#fav').addEventListener('click', () => rally.send('ToggleFavorite', {}));
 onSubmit('#comment-form', async (f) => {
   const fields = {author: f.author.value, body: f.body.value};

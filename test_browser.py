@@ -15,6 +15,7 @@ import shutil
 import socket
 import sqlite3
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,21 +200,134 @@ def test_readers_are_grouped_by_person_and_the_home_page_counts_them_live(
         home = t.open(bob, "/")
         expect(home.locator("#stats-1")).to_have_text("★ 0 · 0 reading now")
         a1 = t.open(alice, "/articles/1")
-        expect(home.locator("#stats-1")).to_have_text("★ 0 · 1 reading now")  # server_init, home topic
+        expect(home.locator("#stats-1")).to_have_text("★ 0 · 1 reading now")  # a PresenceChanged, watched
         a1.fill("#name-form input", "Alice")
         a1.press("#name-form input", "Enter")
         a2 = t.open(alice, "/articles/1")  # her name comes from the database
         b1 = t.open(bob, "/articles/1")
         expect(b1.locator("#readers li")).to_have_text(["Alice (2 tabs)", "Someone · you"])
         expect(a1.locator("#readers li")).to_have_text(["Alice (2 tabs) · you", "Someone"])
-        expect(home.locator("#stats-1")).to_have_text("★ 0 · 3 reading now")
+        expect(home.locator("#stats-1")).to_have_text("★ 0 · 2 reading now")  # people: Alice's tabs count once
         b1.click("#fav")
-        expect(home.locator("#stats-1")).to_have_text("★ 1 · 3 reading now")
+        expect(home.locator("#stats-1")).to_have_text("★ 1 · 2 reading now")  # the home topic
         expect(a1.locator("#favorites-word")).to_have_text("favourite")
-        a2.close()  # server_terminate tells the home page; presence tells the article
-        expect(home.locator("#stats-1")).to_have_text("★ 1 · 2 reading now")
+        a2.close()  # Alice still reads in a1
         expect(b1.locator("#readers li")).to_have_text(["Alice", "Someone · you"])
         assert [p.meta for p in app.presence("/articles/1")] == [demo.Reader("Alice"), demo.Reader("")]
+        b1.close()
+        expect(home.locator("#stats-1")).to_have_text("★ 1 · 1 reading now")
+        expect(a1.locator("#readers li")).to_have_text(["Alice · you"])
+        # A home page opened now starts from who is there, and follows them.
+        late = t.open(t.session(), "/")
+        expect(late.locator("#stats-1")).to_have_text("★ 1 · 1 reading now")
+        a1.close()
+        for page in (home, late):
+            expect(page.locator("#stats-1")).to_have_text("★ 1 · 0 reading now")
+
+
+def test_a_rename_in_one_tab_shows_in_every_tab_of_the_session_without_reload(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    app, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice, bob = t.session(), t.session()
+        a1, a2 = t.open(alice, "/articles/1"), t.open(alice, "/articles/1")
+        a3 = t.open(alice, "/articles/2")
+        b1 = t.open(bob, "/articles/1")
+        expect(b1.locator("#readers li")).to_have_text(["Someone (2 tabs)", "Someone · you"])
+        a2.fill("#name-form input", "Alice")
+        a2.press("#name-form input", "Enter")
+        for page in (a1, a3):  # broadcast_to_session(Renamed) → each tab's server_event → YourName
+            expect(page.locator("#name-form input")).to_have_value("Alice")
+        # Bob's chip takes the name of Alice's first tab: a1's presence meta changed too.
+        expect(b1.locator("#readers li")).to_have_text(["Alice (2 tabs)", "Someone · you"])
+        a3.fill("#name-form input", "Alicia")  # from a tab on another article
+        a3.press("#name-form input", "Enter")
+        for page in (a1, a2):
+            expect(page.locator("#name-form input")).to_have_value("Alicia")
+        expect(b1.locator("#readers li")).to_have_text(["Alicia (2 tabs)", "Someone · you"])
+        expect(b1.locator("#name-form input")).to_have_value("")  # another browser keeps its own name
+        assert sorted(p.meta.name for p in app.presence("/articles/1")) == ["", "Alicia", "Alicia"]
+        assert [p.meta for p in app.presence("/articles/2")] == [demo.Reader("Alicia")]
+
+
+def test_reading_now_goes_up_when_a_reader_opens_the_article_and_down_when_they_leave(
+    browser: Browser, served: tuple[rally.App, str], tmp_path: Path
+) -> None:
+    _, url = served
+    with tabs(browser, url, tmp_path) as t:
+        alice = t.session()
+        a1 = t.open(alice, "/articles/3")
+        expect(a1.locator("#reading")).to_have_text("1")
+        b1 = t.open(t.session(), "/articles/3")
+        for page in (a1, b1):
+            expect(page.locator("#reading")).to_have_text("2")
+        a2 = t.open(alice, "/articles/3")  # one more tab of a reader: one more chip tab, not one more reader
+        expect(b1.locator("#readers li")).to_have_text(["Someone (2 tabs)", "Someone · you"])
+        expect(b1.locator("#reading")).to_have_text("2")
+        b1.close()
+        for page in (a1, a2):
+            expect(page.locator("#reading")).to_have_text("1")
+            expect(page.locator("#readers li")).to_have_text(["Someone (2 tabs) · you"])
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A redis-server of its own on a free loopback port, for two demo servers to share."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("the two-server demo test needs redis-server (apt-get install -y redis-server)")
+    pytest.importorskip("redis", reason="the two-server demo test needs the redis package")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        bound = threading.Timer(BOUND_MS / 1000, proc.kill)  # a redis-server that never says it is ready
+        bound.start()
+        try:
+            assert proc.stdout is not None
+            while b"Ready to accept connections" not in (line := proc.stdout.readline()):
+                assert line, "redis-server exited before it was ready"
+            bound.cancel()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            bound.cancel()
+            proc.kill()
+
+
+def test_counts_and_renames_cross_two_servers_sharing_a_broker(
+    browser: Browser, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two servers, as two processes behind a load balancer would be: one
+    # database, one Redis, one secret, so one session cookie is good on both.
+    monkeypatch.setenv("RALLY_BROKER", redis_url)
+    monkeypatch.setenv("RALLY_SECRET", "demo test secret")
+    db = str(tmp_path / "demo.sqlite3")
+    with contextlib.ExitStack() as stack:
+        one, two = (stack.enter_context(demo.make_app(db, clock=False).run_in_thread(access_log=False)) for _ in "12")
+        with tabs(browser, one.url, tmp_path) as t:
+            alice, bob = t.session(), t.session()
+            home = t.open(bob, "/")  # on the first server
+            expect(home.locator("#stats-1")).to_have_text("★ 0 · 0 reading now")
+            t.base = two.url
+            a_two = t.open(alice, "/articles/1")  # on the second
+            expect(home.locator("#stats-1")).to_have_text("★ 0 · 1 reading now")
+            t.base = one.url
+            b_one = t.open(bob, "/articles/1")
+            for page in (a_two, b_one):
+                expect(page.locator("#reading")).to_have_text("2")
+            expect(home.locator("#stats-1")).to_have_text("★ 0 · 2 reading now")
+            a_one = t.open(alice, "/articles/1")  # Alice's second tab, on the other server
+            expect(b_one.locator("#readers li")).to_have_text(["Someone (2 tabs)", "Someone · you"])
+            a_two.fill("#name-form input", "Alice")
+            a_two.press("#name-form input", "Enter")
+            expect(a_one.locator("#name-form input")).to_have_value("Alice")
+            expect(b_one.locator("#readers li")).to_have_text(["Alice (2 tabs)", "Someone · you"])
+            a_two.close()
+            a_one.close()
+            expect(home.locator("#stats-1")).to_have_text("★ 0 · 1 reading now")
+            expect(b_one.locator("#reading")).to_have_text("1")
 
 
 def test_a_missing_article_is_a_404_page_without_a_connection(
@@ -342,7 +456,7 @@ def test_pages_load_again_after_a_fresh_reconnect_and_show_each_item_once(browse
                 expect(page.locator("#announce input")).to_have_value("")
                 for p in (page, home):
                     expect(p.locator("#announcements li")).to_have_text(["Back soon", "Lunch is ready"])
-                expect(home.locator("#stats-2")).to_have_text("★ 1 · 0 reading now")  # no push says so
+                expect(home.locator("#stats-2")).to_have_text("★ 1 · 0 reading now")  # server_init's, again
                 comment(page, "Ann", "After")  # a push after the load is shown once too
                 expect(page.locator("#comments li")).to_have_text(
                     ["AnnBefore the restart", "BobWhile away", "AnnAfter"]
