@@ -7653,6 +7653,10 @@ class Client:
                 await self._streams[1].wait_closed()
             self._streams = None
 
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the server, for HTTP or a page (``TestClient``'s is in memory)."""
+        return await asyncio.open_connection(self.host, self.port)
+
     def _headers(self) -> list[tuple[str, str]]:
         hs = [("host", f"{self.host}:{self.port}")]
         if self.origin:
@@ -7688,7 +7692,7 @@ class Client:
         for attempt in (1, 2):
             if self._streams is None or self._h11 is None or self._h11.our_state is not h11.IDLE:
                 await self.close()
-                self._streams = await asyncio.open_connection(self.host, self.port)
+                self._streams = await self._open()
                 self._h11 = h11.Connection(h11.CLIENT)
             reader, writer = self._streams
             conn = self._h11
@@ -7859,7 +7863,7 @@ class PageConnection:
         answer, cancellation) closes the socket before it propagates."""
         c = self.client
         loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.timeout)
+        reader, writer = await asyncio.wait_for(c._open(), c.timeout)
         try:
             trailing = await self._handshake(reader, writer)
         except BaseException:
