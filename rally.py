@@ -99,6 +99,7 @@ __all__ = [
     "WebSocket",
     "Client",
     "PageConnection",
+    "TestClient",
     "RallyError",
     "ProtocolError",
     "ContractError",
@@ -8478,6 +8479,87 @@ class PageConnection:
             self._close_for_good()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+class TestClient(Client):
+    """``rally.Client`` for tests: runs ``app`` in this process, with no socket.
+
+    ``async with rally.TestClient(app) as client:`` does what ``app.start``
+    does (starts the app's broker if it has one, enters its lifespan) but
+    listens nowhere; every connection the client opens (HTTP, and each
+    ``client.page(path)``) is an in-memory pair of transports wired to the
+    server's own HTTP and WebSocket code, so requests, pages, presence,
+    resumes, limits and errors behave as over a socket (``RemoteError``,
+    ``ConnectionClosed``). Leaving the block closes the client and shuts the
+    server down as ``Server.close()`` does: open pages get 1001, the
+    lifespan exits, the broker stops. ``client.server`` is that ``Server``
+    (``client.app`` its App), ``client.client()`` another client of it: a
+    second browser, with a session of its own unless ``session=`` joins one.
+
+    ``url`` is the address the server pretends to listen at (the ``Host``
+    the client sends, and which hosts it allows by default: loopback names
+    for the default). A broker is started as the app would start it, so an
+    app with one still talks to Redis over the network; only the HTTP and
+    WebSocket traffic is in memory.
+    """
+
+    __test__ = False  # a class pytest should not collect, whatever its name says
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        url: str = "http://127.0.0.1",
+        origin: str | None = None,
+        session: str | None = None,
+        timeout: float = 30.0,
+        access_log: bool = False,
+    ) -> None:
+        if not isinstance(app, App):
+            raise UsageError(f"TestClient(app): expected a rally.App, got {type(app).__name__}")
+        super().__init__(url, app, origin=origin, session=session, timeout=timeout)
+        self.app = app
+        self.url = url
+        self.server: Server | None = None
+        self._access_log = access_log
+        self._owner = True  # it started the server, and closes it
+
+    async def __aenter__(self) -> TestClient:
+        if not self._owner:
+            return self
+        if self.server is not None:
+            raise UsageError("this TestClient was entered already: make a new one")
+        server = Server(self.app, self._access_log)
+        self.app._loop = server.loop
+        await server._open(self.host, self.port, None, listen=False)
+        self.server = server
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            if self._owner and self.server is not None:
+                await self.server.close()
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        server = self.server
+        if server is None:
+            raise UsageError("a TestClient serves its app inside async with rally.TestClient(app) as client:")
+        if server.closing:
+            raise ConnectionRefusedError("the TestClient's server is closed")
+        return server._connect_in_memory()
+
+    def client(self, *, origin: str | None = None, session: str | None = None) -> TestClient:
+        """Another client of this server (its own cookie jar: a second
+        browser); closed by ``async with`` or ``close()``, and in any case
+        when this one's block ends and the server shuts down."""
+        if self.server is None:
+            raise UsageError("a TestClient serves its app inside async with rally.TestClient(app) as client:")
+        other = TestClient(self.app, url=self.url, origin=origin, session=session, timeout=self.timeout)
+        other.server = self.server
+        other._owner = False
+        return other
 
 
 # ==== Workers: one listening socket, several processes =======================
