@@ -6761,8 +6761,7 @@ class _MemoryTransport(asyncio.Transport):
         self._protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._protocol is not None
-        return self._protocol
+        return self._protocol  # type: ignore[return-value]  # None once connection_lost was called, as asyncio's
 
     def is_closing(self) -> bool:
         return self._closing
@@ -6897,7 +6896,20 @@ class _MemoryTransport(asyncio.Transport):
             self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
-        self.get_protocol().connection_lost(exc)
+        try:
+            self.get_protocol().connection_lost(exc)
+        finally:
+            # As asyncio's transports do: no cycle outlives the connection,
+            # so its objects go by reference counting, not the collector.
+            self._protocol = None
+            peer = self._peer
+            if peer._lost and peer._protocol is None:
+                self._peer = peer._peer = _UNPAIRED
+
+
+#: The peer of both ends once both are closed (no reference cycle is left).
+_UNPAIRED: Final = _MemoryTransport(None, ("", 0), ("", 0))  # type: ignore[arg-type]
+_UNPAIRED._closing = _UNPAIRED._lost = _UNPAIRED._scheduled = True
 
 
 def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
