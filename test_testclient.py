@@ -211,3 +211,125 @@ async def test_testclient_runs_the_conversation_faster_than_a_socket() -> None:
     ratio = socket_s / memory_s
     print(f"conversation x{n}: socket {socket_s * 1e3:.1f} ms, in memory {memory_s * 1e3:.1f} ms, ratio {ratio:.2f}")
     assert ratio >= MIN_SPEEDUP, f"TestClient only {ratio:.2f}x faster than a socket"
+
+
+# ==== Lifespan, errors, shutdown ==============================================
+
+
+async def test_testclient_lifespan_is_entered_and_exited_and_pages_get_1001() -> None:
+    events: list[str] = []
+    app = room_app(events)
+    client = rally.TestClient(app, timeout=WAIT)
+    with pytest.raises(rally.UsageError, match="async with rally.TestClient"):
+        await client.rpc(Double(1))
+    async with client:
+        assert events == ["enter"]
+        page = await client.page("/room").__aenter__()
+        await page.next_presence()
+        server = client.server
+        assert server is not None and app.connections("/room") == 1
+    assert events == ["enter", "exit"]
+    with pytest.raises(rally.ConnectionClosed) as closed:
+        await page.receive()
+    assert closed.value.code == 1001
+    assert app.connections() == 0
+    with pytest.raises(ConnectionRefusedError):
+        await client.rpc(Double(1))
+
+
+async def test_testclient_errors_surface_as_with_client() -> None:
+    app = room_app()
+    async with rally.TestClient(app, timeout=WAIT) as client:
+        with pytest.raises(rally.RemoteError) as refused:
+            await client.page("/nowhere").connect()
+        assert refused.value.status == 404
+        async with client.page("/room") as page:
+            with pytest.raises(rally.RemoteError) as failed:
+                await page.send(Fail())
+            assert failed.value.code == "internal"
+            await page.send(Say("still here"))  # the page goes on, as over a socket
+            assert await page.receive() == Said("still here", page.connection_id)
+        async with client.page("/room") as page:
+            await page.next_presence()
+            assert client.session_id is not None
+            assert await app.close_session(client.session_id) == 1
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await page.receive()
+            assert closed.value.code == rally.CLOSE_SESSION_CLOSED
+            with pytest.raises(rally.ConnectionClosed):
+                await page.send(Say("too late"))
+
+
+# ==== The in-memory transport ===================================================
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.calls: list[str] = []
+        self.lost: list[Exception | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.calls.append("eof")
+        return True
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause_writing")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume_writing")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+async def settle(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("not reached")
+
+
+async def test_memory_transport_flow_control_eof_and_reset() -> None:
+    loop = asyncio.get_running_loop()
+    a, b = rally._MemoryTransport.pair(loop, ("127.0.0.1", 5000), ("127.0.0.1", 80))
+    pa, pb = Recorder(), Recorder()
+    a.set_protocol(pa)
+    b.set_protocol(pb)
+    assert b.get_extra_info("peername") == ("127.0.0.1", 5000) and b.get_protocol() is pb
+    a.set_write_buffer_limits(high=1000)
+    b.pause_reading()
+    a.write(b"x" * 600)
+    a.writelines([b"y" * 300, b"z" * 200])
+    assert a.get_write_buffer_size() == 1100 and pa.calls == ["pause_writing"]
+    await asyncio.sleep(0)
+    assert pb.data == b""  # a paused reader gets nothing: the bytes wait in the writer's buffer
+    b.resume_reading()
+    await settle(lambda: len(pb.data) == 1100)
+    assert pb.data == b"x" * 600 + b"y" * 300 + b"z" * 200
+    assert a.get_write_buffer_size() == 0 and pa.calls == ["pause_writing", "resume_writing"]
+    # close: the rest, then the end of file, then connection_lost on the closing end
+    a.write(b"last")
+    a.close()
+    assert a.is_closing()
+    await settle(lambda: pa.lost and "eof" in pb.calls)
+    assert pb.data.endswith(b"last") and pa.lost == [None] and pb.lost == []
+    b.write(b"dropped")  # the other end is gone: nothing arrives, nothing piles up
+    await asyncio.sleep(0)
+    assert b.get_write_buffer_size() == 0
+    b.close()
+    await settle(lambda: pb.lost)
+    # abort: the buffer is dropped and the peer sees a reset
+    c, d = rally._MemoryTransport.pair(loop, ("127.0.0.1", 5001), ("127.0.0.1", 80))
+    pc, pd = Recorder(), Recorder()
+    c.set_protocol(pc)
+    d.set_protocol(pd)
+    d.pause_reading()
+    c.write(b"never read")
+    c.abort()
+    await settle(lambda: pc.lost and pd.lost)
+    assert pc.lost == [None] and isinstance(pd.lost[0], ConnectionResetError) and pd.data == b""
