@@ -6931,10 +6931,11 @@ def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
 class Server:
     """A running server: ``url``, ``port``, and ``await close()``.
 
-    Made by ``App.start``. ``close()`` stages shutdown: stop accepting, close
-    idle HTTP connections, let in-flight requests and WebSocket RPCs finish,
-    close WebSockets with 1001, give it all ``shutdown_timeout`` seconds,
-    abort the sockets left, and await every task it started.
+    Made by ``App.start`` (and, listening nowhere, by ``TestClient``).
+    ``close()`` stages shutdown: stop accepting, close idle HTTP connections,
+    let in-flight requests and WebSocket RPCs finish, close WebSockets with
+    1001, give it all ``shutdown_timeout`` seconds, abort the sockets left,
+    and await every task it started.
     """
 
     def __init__(self, app: App, access_log: bool) -> None:
