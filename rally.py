@@ -99,6 +99,7 @@ __all__ = [
     "WebSocket",
     "Client",
     "PageConnection",
+    "TestClient",
     "RallyError",
     "ProtocolError",
     "ContractError",
@@ -7376,6 +7377,212 @@ class WebSocket:
         self._session.peer.close(code, reason)
 
 
+#: What one in-memory delivery hands the receiving protocol at most: a socket read's worth.
+_MEMORY_CHUNK_BYTES: Final = 64 * 1024
+
+
+class _MemoryTransport(asyncio.Transport):
+    """One end of an in-memory connection (``TestClient``): the parts of a
+    socket transport that ``_Conn`` and asyncio's streams use, no socket.
+
+    What one end writes waits in its own buffer (``get_write_buffer_size``)
+    until the other end's protocol takes it: a chunk of at most
+    ``_MEMORY_CHUNK_BYTES`` per turn of the loop, and none while that end's
+    reading is paused. There is no kernel buffer in between, so a writer
+    whose peer stops reading gets ``pause_writing`` as soon as its own buffer
+    passes the high-water mark (64 KiB unless ``set_write_buffer_limits``
+    says otherwise) and ``resume_writing`` once it is back under the low
+    one, as a socket's writer would after the kernel's buffers fill: the
+    bytes held are bounded by what the writer itself lets through.
+
+    ``close()`` hands what is buffered to the peer, then its end of file
+    (``eof_received``; an answer that is not true closes the peer too), then
+    ``connection_lost(None)``; ``abort()`` drops the buffer, and the peer
+    sees ``connection_lost(ConnectionResetError)``, as after a reset. What
+    reaches an end that is closing is dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, peername: tuple[str, int], sockname: tuple[str, int]) -> None:
+        super().__init__({"peername": peername, "sockname": sockname, "socket": None})
+        self._loop = loop
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._peer: _MemoryTransport = self
+        self._out = bytearray()  # written, not yet taken by the peer's protocol
+        self._eof_out = False  # write_eof(): the end of file follows _out
+        self._eof_sent = False
+        self._closing = False
+        self._lost = False
+        self._reading = True
+        self._write_paused = False
+        self._scheduled = False  # a delivery of _out to the peer is due
+        self._high = self._low = 0
+        self.set_write_buffer_limits()
+
+    @staticmethod
+    def pair(
+        loop: asyncio.AbstractEventLoop, client: tuple[str, int], server: tuple[str, int]
+    ) -> tuple[_MemoryTransport, _MemoryTransport]:
+        """The client's end and the server's end of one connection."""
+        a, b = _MemoryTransport(loop, server, client), _MemoryTransport(loop, client, server)
+        a._peer, b._peer = b, a
+        return a, b
+
+    # -- asyncio.Transport ----------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[return-value]  # None once connection_lost was called, as asyncio's
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            self._peer._schedule()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._check_pause()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._out)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_out:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._closing or not data:
+            return  # as a socket transport after close(): nothing more goes out
+        self._out += data
+        self._schedule()
+        self._check_pause()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if not self._closing and not self._eof_out:
+            self._eof_out = True
+            self._schedule()
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._schedule()
+            self._peer._schedule()  # what the peer still holds for this end is dropped
+
+    def abort(self) -> None:
+        if self._lost:
+            return
+        self._closing = True
+        self._out.clear()
+        self._eof_sent = True  # a reset, not an end of file
+        self._gone(None)
+        peer = self._peer
+        if not peer._closing:
+            peer._closing = True
+            peer._out.clear()
+            peer._gone(ConnectionResetError("connection reset by peer (in memory)"))
+        else:
+            peer._schedule()  # closing, maybe waiting for this end to read: it drops its bytes and goes
+
+    # -- moving bytes -----------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand the peer's protocol one chunk of ``_out`` (or the end of file)."""
+        self._scheduled = False
+        peer = self._peer
+        if peer._closing:
+            self._out.clear()  # the peer reads no more: dropped, as after a reset
+        elif peer._reading:
+            protocol = peer._protocol
+            try:
+                if self._out:
+                    if isinstance(protocol, asyncio.BufferedProtocol):
+                        buf = memoryview(protocol.get_buffer(len(self._out)))
+                        n = min(len(buf), len(self._out), _MEMORY_CHUNK_BYTES)
+                        buf[:n] = self._out[:n]
+                        del self._out[:n]
+                        protocol.buffer_updated(n)
+                    else:
+                        assert isinstance(protocol, asyncio.Protocol)
+                        chunk = bytes(self._out[:_MEMORY_CHUNK_BYTES])
+                        del self._out[: len(chunk)]
+                        protocol.data_received(chunk)
+                    if self._out:
+                        self._schedule()
+                elif (self._eof_out or self._closing) and not self._eof_sent:
+                    self._eof_sent = True
+                    assert isinstance(protocol, (asyncio.Protocol, asyncio.BufferedProtocol))
+                    if not protocol.eof_received():
+                        peer.close()
+            except Exception as exc:  # as a socket transport does: say so, and drop the connection
+                self._loop.call_exception_handler(
+                    {"message": "in-memory transport: the protocol failed", "exception": exc, "protocol": protocol}
+                )
+                peer.abort()
+                return
+        if self._write_paused and len(self._out) <= self._low:
+            self._write_paused = False
+            if not self._lost:
+                self.get_protocol().resume_writing()
+        if self._closing and not self._out and not self._lost:
+            if not self._eof_sent and not peer._closing:
+                self._schedule()  # the end of file goes next turn (or when the peer reads again)
+            self._gone(None)
+
+    def _check_pause(self) -> None:
+        if not self._write_paused and len(self._out) > self._high and not self._lost:
+            self._write_paused = True
+            self.get_protocol().pause_writing()
+
+    def _gone(self, exc: Exception | None) -> None:
+        """This end is closed: its protocol hears so on the loop's next step."""
+        if not self._lost:
+            self._lost = True
+            self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.get_protocol().connection_lost(exc)
+        finally:
+            # As asyncio's transports do: no cycle outlives the connection,
+            # so its objects go by reference counting, not the collector.
+            self._protocol = None
+            peer = self._peer
+            if peer._lost and peer._protocol is None:
+                self._peer = peer._peer = _UNPAIRED
+
+
+#: The peer of both ends once both are closed (no reference cycle is left).
+_UNPAIRED: Final = _MemoryTransport(None, ("", 0), ("", 0))  # type: ignore[arg-type]
+_UNPAIRED._closing = _UNPAIRED._lost = _UNPAIRED._scheduled = True
+
+
 def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
     """A socket bound and listening at the first of ``getaddrinfo``'s answers."""
     family, kind, proto, _, address = infos[0]
@@ -7395,10 +7602,11 @@ def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
 class Server:
     """A running server: ``url``, ``port``, and ``await close()``.
 
-    Made by ``App.start``. ``close()`` stages shutdown: stop accepting, close
-    idle HTTP connections, let in-flight requests and WebSocket RPCs finish,
-    close WebSockets with 1001, give it all ``shutdown_timeout`` seconds,
-    abort the sockets left, and await every task it started.
+    Made by ``App.start`` (and, listening nowhere, by ``TestClient``).
+    ``close()`` stages shutdown: stop accepting, close idle HTTP connections,
+    let in-flight requests and WebSocket RPCs finish, close WebSockets with
+    1001, give it all ``shutdown_timeout`` seconds, abort the sockets left,
+    and await every task it started.
     """
 
     def __init__(self, app: App, access_log: bool) -> None:
@@ -7419,6 +7627,7 @@ class Server:
         self._accept_timer: asyncio.TimerHandle | None = None
         self._starved = False
         self._accepting = 0  # sockets accepted, not yet a connection (counted in conns)
+        self._memory_peers = 0  # connections made by _connect_in_memory
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         self._closed = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
@@ -7556,8 +7765,10 @@ class Server:
                 await self.app.broker.stop()
             self._closed.set()
 
-    async def _open(self, host: str, port: int, sock: socket.socket | None) -> None:
-        """Start the broker, enter the app's lifespan, then listen."""
+    async def _open(self, host: str, port: int, sock: socket.socket | None, listen: bool = True) -> None:
+        """Start the broker, enter the app's lifespan, then listen (or,
+        with ``listen=False``, take connections made by ``_connect_in_memory``
+        only, as a server listening on ``host``:``port`` would)."""
         broker = self.app.broker
         if broker is not None:
             await broker.start()
@@ -7568,7 +7779,11 @@ class Server:
                 await manager.__aenter__()
                 self._lifespan = manager
             try:
-                await self._listen(host, port, sock)
+                if listen:
+                    await self._listen(host, port, sock)
+                else:
+                    self.host, self.port = host, port
+                    self.router = _Router(self.app, _is_loopback(host))
             except BaseException:
                 await self._exit_lifespan()
                 raise
@@ -7576,6 +7791,25 @@ class Server:
             if broker is not None:
                 await broker.stop()
             raise
+
+    def _connect_in_memory(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to this server with no socket: the client's
+        streams, wired through a ``_MemoryTransport`` pair to a new
+        ``_HttpConn`` (which answers 503 and closes once the server closes)."""
+        loop = self.loop
+        self._memory_peers += 1
+        client_end, server_end = _MemoryTransport.pair(
+            loop, ("127.0.0.1", 1024 + self._memory_peers % 64512), (self.host, self.port)
+        )
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        client_end.set_protocol(protocol)
+        protocol.connection_made(client_end)
+        writer = asyncio.StreamWriter(client_end, protocol, reader, loop)
+        conn = _HttpConn(self)
+        server_end.set_protocol(conn)
+        conn.connection_made(server_end)
+        return reader, writer
 
     async def _exit_lifespan(self) -> None:
         manager, self._lifespan = self._lifespan, None
@@ -8333,6 +8567,10 @@ class Client:
                 await self._streams[1].wait_closed()
             self._streams = None
 
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the server, for HTTP or a page (``TestClient``'s is in memory)."""
+        return await asyncio.open_connection(self.host, self.port)
+
     def _headers(self) -> list[tuple[str, str]]:
         hs = [("host", f"{self.host}:{self.port}")]
         if self.origin:
@@ -8368,7 +8606,7 @@ class Client:
         for attempt in (1, 2):
             if self._streams is None or self._h11 is None or self._h11.our_state is not h11.IDLE:
                 await self.close()
-                self._streams = await asyncio.open_connection(self.host, self.port)
+                self._streams = await self._open()
                 self._h11 = h11.Connection(h11.CLIENT)
             reader, writer = self._streams
             conn = self._h11
@@ -8539,7 +8777,7 @@ class PageConnection:
         answer, cancellation) closes the socket before it propagates."""
         c = self.client
         loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.timeout)
+        reader, writer = await asyncio.wait_for(c._open(), c.timeout)
         try:
             trailing = await self._handshake(reader, writer)
         except BaseException:
@@ -8934,6 +9172,87 @@ class PageConnection:
             self._close_for_good()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+class TestClient(Client):
+    """``rally.Client`` for tests: runs ``app`` in this process, with no socket.
+
+    ``async with rally.TestClient(app) as client:`` does what ``app.start``
+    does (starts the app's broker if it has one, enters its lifespan) but
+    listens nowhere; every connection the client opens (HTTP, and each
+    ``client.page(path)``) is an in-memory pair of transports wired to the
+    server's own HTTP and WebSocket code, so requests, pages, presence,
+    resumes, limits and errors behave as over a socket (``RemoteError``,
+    ``ConnectionClosed``). Leaving the block closes the client and shuts the
+    server down as ``Server.close()`` does: open pages get 1001, the
+    lifespan exits, the broker stops. ``client.server`` is that ``Server``
+    (``client.app`` its App), ``client.client()`` another client of it: a
+    second browser, with a session of its own unless ``session=`` joins one.
+
+    ``url`` is the address the server pretends to listen at (the ``Host``
+    the client sends, and which hosts it allows by default: loopback names
+    for the default). A broker is started as the app would start it, so an
+    app with one still talks to Redis over the network; only the HTTP and
+    WebSocket traffic is in memory.
+    """
+
+    __test__ = False  # a class pytest should not collect, whatever its name says
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        url: str = "http://127.0.0.1",
+        origin: str | None = None,
+        session: str | None = None,
+        timeout: float = 30.0,
+        access_log: bool = False,
+    ) -> None:
+        if not isinstance(app, App):
+            raise UsageError(f"TestClient(app): expected a rally.App, got {type(app).__name__}")
+        super().__init__(url, app, origin=origin, session=session, timeout=timeout)
+        self.app = app
+        self.url = url
+        self.server: Server | None = None
+        self._access_log = access_log
+        self._owner = True  # it started the server, and closes it
+
+    async def __aenter__(self) -> TestClient:
+        if not self._owner:
+            return self
+        if self.server is not None:
+            raise UsageError("this TestClient was entered already: make a new one")
+        server = Server(self.app, self._access_log)
+        self.app._loop = server.loop
+        await server._open(self.host, self.port, None, listen=False)
+        self.server = server
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            if self._owner and self.server is not None:
+                await self.server.close()
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        server = self.server
+        if server is None:
+            raise UsageError("a TestClient serves its app inside async with rally.TestClient(app) as client:")
+        if server.closing:
+            raise ConnectionRefusedError("the TestClient's server is closed")
+        return server._connect_in_memory()
+
+    def client(self, *, origin: str | None = None, session: str | None = None) -> TestClient:
+        """Another client of this server (its own cookie jar: a second
+        browser); closed by ``async with`` or ``close()``, and in any case
+        when this one's block ends and the server shuts down."""
+        if self.server is None:
+            raise UsageError("a TestClient serves its app inside async with rally.TestClient(app) as client:")
+        other = TestClient(self.app, url=self.url, origin=origin, session=session, timeout=self.timeout)
+        other.server = self.server
+        other._owner = False
+        return other
 
 
 # ==== Workers: one listening socket, several processes =======================
