@@ -4,9 +4,7 @@ wait, no sleeps standing in for synchronisation."""
 
 import asyncio
 import contextlib
-import gc
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +14,6 @@ import pytest
 import rally
 
 WAIT = 5.0  # seconds: the bound on any single wait in these tests
-#: TestClient's conversation against the same over a socket: measured at
-#: 1.5 to 1.7 (the h11, wsproto and JSON work of both ends is the same in
-#: both; what memory saves is the sockets, syscalls and polling), asserted
-#: with a margin for a loaded machine.
-MIN_SPEEDUP = 1.25
 
 
 # ==== A room: pushes, presence, RPCs over the page and over HTTP =============
@@ -164,54 +157,6 @@ async def test_testclient_page_conversation_opens_no_socket(no_sockets: list[str
         assert status == 200 and b'"status":"ok"' in body.replace(b" ", b"")
     assert events == ["enter", "exit"]
     assert no_sockets == []
-
-
-# ==== Speed ===================================================================
-
-
-async def test_testclient_runs_the_conversation_faster_than_a_socket() -> None:
-    """The same conversation, N times over a real port (a server started and
-    closed each time, as a test would) and N times with TestClient; the best
-    of several batches each, so that a slow moment of the machine does not
-    decide."""
-    app = room_app()
-    n, batches = 10, 8
-
-    async def over_a_socket() -> None:
-        server = await app.start("127.0.0.1", 0, access_log=False)
-        try:
-            async with rally.Client(server.url, app, timeout=WAIT) as client:
-                await conversation(client)
-        finally:
-            await asyncio.wait_for(server.close(), WAIT)
-
-    async def in_memory() -> None:
-        async with rally.TestClient(app, timeout=WAIT) as client:
-            await conversation(client)
-
-    async def batch(run: Any) -> float:
-        # The collector's pauses depend on the whole test process's heap and
-        # land on whichever batch they fall on: each batch runs without it.
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            for _ in range(n):
-                await run()
-            return time.perf_counter() - start
-        finally:
-            gc.enable()
-
-    await in_memory()  # warm up both paths (imports, codecs)
-    await over_a_socket()
-    # Batches alternate, so that a busy moment of the machine slows both.
-    socket_s = memory_s = float("inf")
-    for _ in range(batches):
-        socket_s = min(socket_s, await batch(over_a_socket))
-        memory_s = min(memory_s, await batch(in_memory))
-    ratio = socket_s / memory_s
-    print(f"conversation x{n}: socket {socket_s * 1e3:.1f} ms, in memory {memory_s * 1e3:.1f} ms, ratio {ratio:.2f}")
-    assert ratio >= MIN_SPEEDUP, f"TestClient only {ratio:.2f}x faster than a socket"
 
 
 # ==== Lifespan, errors, shutdown ==============================================
