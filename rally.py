@@ -2110,6 +2110,20 @@ class _RawRoute(typing.NamedTuple):
     handler: Callable[[WebSocket], Awaitable[None]]
 
 
+def _check_no_self(fn: Callable[..., Any], where: str, kind: str, plain: str) -> None:
+    """Refuse a method: a function whose first parameter is ``self``."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return
+    if params and params[0] == "self":
+        name = getattr(fn, "__name__", "f")
+        raise RegistrationError(
+            f"{where}: {kind} take no self: write def {name}({', '.join(params[1:])}) as {plain} "
+            "(or mark it @staticmethod); rally never makes an instance to pass as self"
+        )
+
+
 def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
     """The name of the parameter that takes the ServerContext, if any."""
     for name in inspect.signature(fn).parameters:
@@ -2896,6 +2910,8 @@ class _Registry:
 
     def add_rpc(self, fn: Callable[..., Any], owner: str) -> _Handler:
         where = f"{owner}{fn.__name__}"
+        if not owner:
+            _check_no_self(fn, f"@app.rpc {fn.__qualname__}", "RPC functions", "a module-level function")
         hints = self._hints(fn, where)
         params = list(inspect.signature(fn).parameters.values())
         if not params:
@@ -2948,6 +2964,9 @@ class _Registry:
         owner = getattr(namespace, "__name__", type(namespace).__name__)
         param_names = self._check_route(path, namespace, owner)
         members = {k: getattr(namespace, k) for k in dir(namespace) if not k.startswith("__")}
+        for name, fn in members.items():
+            if (name == "view" or name.startswith("server_")) and callable(fn):
+                _check_no_self(fn, f"page {owner}: {name}", "page functions", "a plain function in the class body")
         init, update = members.get("server_init"), members.get("server_update")
         view, html = members.get("view"), members.get("html")
         hooks = {name: members.get(name) for name in ("server_terminate", "server_presence", "server_event")}

@@ -892,6 +892,80 @@ def test_registration_page_from_a_module() -> None:
     assert "ServerLoadTitle" in app.contract["rpc"]
 
 
+# A newcomer's page: the page functions written as methods, one at a time.
+SELF_PAGE = """
+@dataclass
+class Model:
+    n: int
+@dataclass
+class Bump: ...
+@dataclass
+class Bumped:
+    n: int
+@dataclass
+class Meta:
+    name: str
+@dataclass
+class Ping: ...
+
+class Counter:
+    def view(slug: str) -> str:
+        return "<p>counter</p>"
+    def server_init(slug: str) -> tuple[Model, rally.Effect[Bumped]]:
+        return Model(0), rally.effect.none()
+    def server_update(model: Model, msg: Bump) -> tuple[Model, rally.Effect[Bumped]]:
+        return Model(model.n + 1), rally.effect.none()
+    def server_event(model: Model, msg: Bump) -> tuple[Model, rally.Effect[Bumped]]:
+        return model, rally.effect.none()
+    def server_terminate(model: Model) -> rally.Effect[Bumped]:
+        return rally.effect.none()
+    def server_presence(model: Model) -> Meta:
+        return Meta("ann")
+    def server_ping(msg: Ping) -> str:
+        return "pong"
+"""
+SELF_PAGE_FUNCTIONS = ["view", "server_init", "server_update", "server_event", "server_terminate", "server_presence"]
+
+
+def self_page(method: str | None) -> Any:
+    """The page of SELF_PAGE, with ``method`` (if any) taking ``self`` first."""
+    source = SELF_PAGE if method is None else SELF_PAGE.replace(f"def {method}(", f"def {method}(self, ")
+    assert method is None or source != SELF_PAGE
+    scope: dict[str, Any] = {"rally": rally, "dataclass": dataclass}
+    exec(source, scope)
+    return scope["Counter"]
+
+
+def test_registration_self_page_is_fine_without_self() -> None:
+    app = rally.App()
+    app.page("/counter/{slug}", self_page(None))
+    assert "Ping" in app.contract["rpc"]
+
+
+@pytest.mark.parametrize("method", [*SELF_PAGE_FUNCTIONS, "server_ping"])
+def test_registration_page_functions_take_no_self(method: str) -> None:
+    message = registration_error(self_page(method), "/counter/{slug}")
+    assert message.startswith(f"page Counter: {method}: page functions take no self: write def {method}(")
+    assert "as a plain function in the class body (or mark it @staticmethod)" in message
+    assert "not a parameter of route" not in message
+
+
+def test_registration_app_rpc_on_a_method_takes_no_self() -> None:
+    app = rally.App()
+    with pytest.raises(rally.RegistrationError) as info:
+
+        class Handlers:
+            @app.rpc
+            def server_ping(self, msg: Point) -> int:  # type: ignore[no-untyped-def]
+                return msg.x
+
+    assert str(info.value).startswith("@app.rpc ")
+    assert "Handlers.server_ping: RPC functions take no self: write def server_ping(msg) as a module-level" in str(
+        info.value
+    )
+    assert app.contract["rpc"] == {}
+
+
 def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
     doc = article_app().contract
     assert doc["rpc"]["ServerLoadTitle"] == {"result": "str", "error": "list[str]"}
