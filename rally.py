@@ -2124,6 +2124,26 @@ def _check_no_self(fn: Callable[..., Any], where: str, kind: str, plain: str) ->
         )
 
 
+def _quiet_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``fn``'s resolved annotations, or none if they do not resolve."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _dataclasses_in(annotations: Iterable[Any]) -> set[type]:
+    """The dataclasses named anywhere in ``annotations`` (inside unions, tuples, Effect[...])."""
+    found: set[type] = set()
+    todo = list(annotations)
+    while todo:
+        tp = todo.pop()
+        if _is_dataclass_type(tp):
+            found.add(tp)
+        todo.extend(typing.get_args(tp))
+    return found
+
+
 def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
     """The name of the parameter that takes the ServerContext, if any."""
     for name in inspect.signature(fn).parameters:
@@ -3038,6 +3058,7 @@ class _Registry:
             event_types=frozenset(event_types),
             event_codec=event_codec,
         )
+        self._check_unprefixed(namespace, owner, members, page)
         for name, fn in members.items():
             if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
                 self.add_rpc(fn, f"page {owner}: ")
@@ -3050,6 +3071,37 @@ class _Registry:
         self.pages.append(page)
         self._contract = None
         return page
+
+    def _check_unprefixed(self, namespace: Any, owner: str, members: dict[str, Any], page: _Page) -> None:
+        """Refuse a function of the page that looks like an RPC but lacks the
+        ``server_`` prefix: its first parameter (after a ``self``) is
+        annotated with a dataclass that none of the page's hooks use, so its
+        calls would answer ``unknown_type``. Names starting with ``_``, a
+        module's imports and functions already registered with ``@app.rpc``
+        are left alone."""
+        hooks = (page.view, page.init, page.update, page.terminate, page.presence, page.event)
+        own = {t for fn in hooks if fn is not None for t in _dataclasses_in(_quiet_hints(fn).values())}
+        handlers = {h.fn for h in self.rpcs.values()}
+        module = namespace.__name__ if isinstance(namespace, types.ModuleType) else None
+        for name, fn in members.items():
+            if name.startswith(("server_", "_")) or name == "view" or not inspect.isfunction(fn):
+                continue
+            if fn in handlers or (module is not None and fn.__module__ != module):
+                continue
+            params = list(inspect.signature(fn).parameters)
+            has_self = bool(params) and params[0] == "self"
+            params = params[1:] if has_self else params
+            msg_type = _quiet_hints(fn).get(params[0]) if params else None
+            if not isinstance(msg_type, type) or not _is_dataclass_type(msg_type) or msg_type in own:
+                continue
+            rest = ", ".join(params)
+            fix = f"def server_{name}({rest})"
+            no_self = " and drop its self (page functions take no self)" if has_self else ""
+            raise RegistrationError(
+                f"page {owner}: {name}({rest}) takes a {msg_type.__name__} but is not an RPC: only functions "
+                f"named server_... are, so a call of {msg_type.__name__} would answer unknown_type; rename it "
+                f"server_{name}{no_self} to make it an RPC ({fix}), or _{name} if it is a helper"
+            )
 
     def _check_route(self, path: Any, namespace: Any, owner: str) -> list[str]:
         """Check a page's route; returns its parameter names."""

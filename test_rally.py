@@ -966,6 +966,99 @@ def test_registration_app_rpc_on_a_method_takes_no_self() -> None:
     assert app.contract["rpc"] == {}
 
 
+@dataclass
+class LoadTitle:
+    slug: str
+
+
+def test_registration_a_function_taking_a_dataclass_without_the_server_prefix_is_refused() -> None:
+    class P:
+        def load_title(msg: LoadTitle) -> str:
+            return msg.slug
+
+    message = registration_error(P, "/p")
+    assert message.startswith("page P: load_title(msg) takes a LoadTitle but is not an RPC")
+    assert "a call of LoadTitle would answer unknown_type" in message
+    assert "rename it server_load_title to make it an RPC (def server_load_title(msg))" in message
+
+    class Method:
+        def load_title(self, msg: LoadTitle) -> str:  # type: ignore[no-untyped-def]
+            return msg.slug
+
+    message = registration_error(Method, "/p")
+    assert "rename it server_load_title and drop its self (page functions take no self)" in message
+
+
+def test_registration_helpers_and_attributes_of_a_page_stay_allowed() -> None:
+    @dataclass
+    class Model:
+        title: str
+
+    @dataclass
+    class Shown:
+        title: str
+
+    class P:
+        html = "<p>p</p>"
+        LIMIT = 3
+        Card = Shown  # a type in the namespace
+
+        def fmt(title: str) -> str:  # a helper without a dataclass first parameter
+            return title.upper()
+
+        def describe(model: Model) -> Shown:  # a helper of the page's own model
+            return Shown(P.fmt(model.title))
+
+        def _load(msg: LoadTitle) -> str:  # private: a helper by its name
+            return msg.slug
+
+        def server_init() -> tuple[Model, rally.Effect[Shown]]:
+            return Model("t"), rally.effect.none()
+
+        def server_load_title(msg: LoadTitle) -> str:
+            return P._load(msg)
+
+    app = rally.App()
+    app.page("/p", P)
+    assert list(app.contract["rpc"]) == ["LoadTitle"]
+
+    class WithView:
+        def view() -> str:
+            return "<p>v</p>"
+
+        def server_load_title(msg: LoadTitle) -> str:
+            return msg.slug
+
+    rally.App().page("/v", WithView)
+
+
+def test_registration_a_module_page_ignores_imported_functions_and_its_own_rpcs() -> None:
+    import types
+
+    module = types.ModuleType("imports_module")
+    module.__dict__.update(rally=rally, app=rally.App())
+    exec(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass, asdict, replace
+            from test_rally import LoadTitle, Point
+
+            html = "<p>module page</p>"
+
+            @app.rpc
+            def load(msg: LoadTitle) -> str:  # already an RPC
+                return msg.slug
+            """
+        ),
+        module.__dict__,
+    )
+    module.app.page("/m", module)
+    assert set(module.app.contract["rpc"]) == {"LoadTitle"}
+    exec("def move(p: Point) -> int:\n    return p.x\n", module.__dict__)
+    with pytest.raises(rally.RegistrationError, match="rename it server_move"):
+        module.app.page("/m2", module)
+
+
 def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
     doc = article_app().contract
     assert doc["rpc"]["ServerLoadTitle"] == {"result": "str", "error": "list[str]"}
