@@ -8547,13 +8547,34 @@ class _Workers:
 _cli_importing: str | None = None  # the module ``python rally.py`` is importing
 
 
+def _module_of_file(target: str) -> str | None:
+    """``module:app`` for a target that names a Python file (``example.py``,
+    ``src/example.py:app``) instead of a module, else None."""
+    path, colon, attr = target.rpartition(":")
+    if not colon:
+        path, attr = attr, ""
+    if not path.endswith(".py"):
+        return None
+    relative = os.path.relpath(os.path.abspath(path))
+    parts = relative[: -len(".py")].split(os.sep)
+    if relative.startswith(os.pardir) or not all(p.isidentifier() for p in parts):
+        return f"{os.path.basename(path)[: -len('.py')]}:{attr or 'app'} (run from the directory of {path})"
+    return f"{'.'.join(parts)}:{attr or 'app'}"
+
+
 def _load_app(target: str) -> App:
+    """Import ``module:app`` from the current directory; a target that is
+    not one, a module that is not there or an attribute that is not an App
+    ends the program with what to write instead."""
     import importlib
 
     global _cli_importing
     module_name, _, attr = target.partition(":")
     if not module_name:
-        raise SystemExit(f"expected module:app, got {target!r}")
+        raise SystemExit(f"rally.py: expected module:app, got {target!r}")
+    meant = _module_of_file(target)
+    if meant is not None:
+        raise SystemExit(f"rally.py: {target} is a file name, and rally.py takes module:app; did you mean {meant}?")
     sys.path.insert(0, os.getcwd())
     # Run as ``python rally.py``, this module is __main__: the app's
     # ``import rally`` must find it rather than load a second copy.
@@ -8563,12 +8584,29 @@ def _load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except UsageError as exc:
         raise SystemExit(f"rally.py: {exc}") from None
+    except ModuleNotFoundError as exc:
+        # The module itself (or its package) is missing, rather than one it imports.
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise
+        raise SystemExit(
+            f"rally.py: no module named {module_name!r} in {os.getcwd()} or on sys.path; run python rally.py"
+            f" from the directory that holds {module_name.replace('.', os.sep)}.py, and name it without .py"
+        ) from None
     finally:
         _cli_importing = None
-    app = getattr(module, attr or "app", None)
-    if app is None or not hasattr(app, "run"):
-        raise SystemExit(f"{module_name} has no app named {attr or 'app'!r}")
-    return app  # type: ignore[no-any-return]
+
+    def is_app(value: object) -> bool:  # by duck typing: the app may hold another copy of this module's App
+        return hasattr(value, "run") and hasattr(value, "contract") and not isinstance(value, type)
+
+    name = attr or "app"
+    app = getattr(module, name, None)
+    if not is_app(app):
+        apps = sorted(k for k, v in vars(module).items() if is_app(v))
+        hint = f"did you mean {' or '.join(f'{module_name}:{k}' for k in apps)}?" if apps else "it has no rally.App"
+        if not hasattr(module, name):
+            raise SystemExit(f"rally.py: module {module_name} has no attribute {name!r}; {hint}")
+        raise SystemExit(f"rally.py: {module_name}.{name} is not a rally.App (it is {type(app).__name__}); {hint}")
+    return typing.cast(App, app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3962,6 +3962,38 @@ def test_cli_refuses_a_module_that_starts_a_server_when_imported(tmp_path: Any) 
     )
 
 
+def test_cli_given_a_file_name_asks_for_module_colon_app_without_importing_it(tmp_path: Any) -> None:
+    (tmp_path / "example.py").write_text("import rally\nprint('imported')\napp = rally.App()\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "example.py").write_text("import rally\napp = rally.App()\n")
+    for target, meant in [
+        ("example.py", "example:app"),
+        ("example.py:web", "example:web"),
+        (os.path.join("src", "example.py"), "src.example:app"),
+    ]:
+        run = python_in(tmp_path, rally.__file__, target, "--port", "0")
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.endswith(f"did you mean {meant}?\n"), run.stderr
+        assert "Traceback" not in run.stderr and "imported" not in run.stdout
+
+
+def test_cli_says_which_module_or_attribute_is_missing(tmp_path: Any) -> None:
+    (tmp_path / "shop.py").write_text("import rally\nweb = rally.App()\ncount = 3\n")
+    (tmp_path / "broken.py").write_text("import not_installed_anywhere\n")
+    expected = {
+        "nosuch:app": f"rally.py: no module named 'nosuch' in {tmp_path} or on sys.path; run python rally.py from"
+        " the directory that holds nosuch.py, and name it without .py",
+        "shop": "rally.py: module shop has no attribute 'app'; did you mean shop:web?",
+        "shop:count": "rally.py: shop.count is not a rally.App (it is int); did you mean shop:web?",
+    }
+    for target, message in expected.items():
+        run = python_in(tmp_path, rally.__file__, target, "--port", "0")
+        assert (run.returncode, run.stderr) == (1, message + "\n")
+    # A module the app imports that is missing is the app's error: its traceback shows where.
+    run = python_in(tmp_path, rally.__file__, "broken:app", "--port", "0")
+    assert run.returncode == 1 and "Traceback" in run.stderr and "'not_installed_anywhere'" in run.stderr
+
+
 # ==== Pages that react to the server (README "Server events") ================
 
 
