@@ -85,6 +85,9 @@ import wsproto.events
 import wsproto.frame_protocol
 from wsproto.connection import ConnectionState, ConnectionType
 
+if typing.TYPE_CHECKING:
+    import subprocess  # imported where used: only python rally.py --reload starts processes
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -8562,6 +8565,12 @@ def _module_of_file(target: str) -> str | None:
     return f"{'.'.join(parts)}:{attr or 'app'}"
 
 
+def _refuse_file_name(target: str) -> None:
+    meant = _module_of_file(target)
+    if meant is not None:
+        raise SystemExit(f"rally.py: {target} is a file name, and rally.py takes module:app; did you mean {meant}?")
+
+
 def _load_app(target: str) -> App:
     """Import ``module:app`` from the current directory; a target that is
     not one, a module that is not there or an attribute that is not an App
@@ -8572,9 +8581,7 @@ def _load_app(target: str) -> App:
     module_name, _, attr = target.partition(":")
     if not module_name:
         raise SystemExit(f"rally.py: expected module:app, got {target!r}")
-    meant = _module_of_file(target)
-    if meant is not None:
-        raise SystemExit(f"rally.py: {target} is a file name, and rally.py takes module:app; did you mean {meant}?")
+    _refuse_file_name(target)
     sys.path.insert(0, os.getcwd())
     # Run as ``python rally.py``, this module is __main__: the app's
     # ``import rally`` must find it rather than load a second copy.
@@ -8609,8 +8616,171 @@ def _load_app(target: str) -> App:
     return typing.cast(App, app)
 
 
+# ==== --reload: restart the server when a Python file changes ================
+
+#: How often ``--reload`` looks at the modification times of the Python files (s).
+_RELOAD_POLL_S: Final = 0.5
+#: How long ``--reload`` lets a server process shut down gracefully before it kills it (s).
+_RELOAD_STOP_S: Final = 15.0
+#: The environment variable by which ``--reload`` hands a server process the
+#: listening socket's descriptor and the read end of its lifeline pipe.
+_RELOAD_FDS: Final = "_RALLY_RELOAD_FDS"
+#: Directories ``--reload`` does not look into (besides hidden ones and virtual environments).
+_RELOAD_SKIPPED: Final = frozenset(("__pycache__", "node_modules", "site-packages"))
+
+
+def _python_files(root: str) -> dict[str, tuple[int, int]]:
+    """Every ``.py`` file under ``root``, with its modification time (ns)
+    and size; hidden directories, virtual environments and _RELOAD_SKIPPED
+    are left out."""
+    found: dict[str, tuple[int, int]] = {}
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d not in _RELOAD_SKIPPED
+            and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg"))
+        ]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):  # gone since os.walk listed it
+                    st = os.stat(path)
+                    found[path] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+class _Reloader:
+    """``python rally.py module:app --reload``: the parent binds the
+    listening socket once and runs the server in a child process (this
+    file, run again with the socket's descriptor in _RELOAD_FDS), polls the
+    modification times of the Python files under the current directory, and
+    on a change stops the child gracefully and starts another on the same
+    socket: connections made meanwhile wait in its backlog. The parent never
+    imports the app, so an app that fails to import is reported by the child
+    and started again at the next change. Pages reconnect by themselves (a
+    changed contract makes them reload); the children share one session
+    secret (RALLY_SECRET, unless set), so their cookies stay valid. A child
+    watches a pipe whose write end only the parent holds, and shuts down
+    when the parent is gone."""
+
+    def __init__(self, target: str, child_args: list[str], host: str, port: int) -> None:
+        self.command = [sys.executable, os.path.abspath(__file__), target, *child_args]
+        self.host = host
+        self.port = port
+        self.root = os.getcwd()
+        self.stop_signal: int | None = None
+
+    def run(self) -> int:
+        """Serve and restart until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
+        sock = _listening_socket(
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
+        lifeline = os.pipe()  # neither end inheritable: each child gets the read end by pass_fds
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no .pyc older than its edited source
+        env[_RELOAD_FDS] = f"{sock.fileno()},{lifeline[0]}"
+        if not env.get("RALLY_SECRET"):
+            env["RALLY_SECRET"] = secrets.token_hex(32)
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            signals.append(signal.SIGHUP)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+        child: subprocess.Popen[bytes] | None = None
+        try:
+            host, port = sock.getsockname()[:2]
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            print(
+                f"rally.py --reload: serving on {url}; restarting when a .py file under {self.root} changes",
+                file=sys.stderr,
+                flush=True,
+            )
+            files = _python_files(self.root)
+            child = self._start(env, (sock.fileno(), lifeline[0]))
+            told = False
+            while self.stop_signal is None:
+                time.sleep(_RELOAD_POLL_S)
+                now = _python_files(self.root)
+                changed = sorted(p for p in now.keys() | files.keys() if now.get(p) != files.get(p))
+                if changed and self.stop_signal is None:
+                    names = [os.path.relpath(p, self.root) for p in changed]
+                    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                    print(f"rally.py --reload: {', '.join(names[:3])}{more} changed; restarting", file=sys.stderr)
+                    sys.stderr.flush()
+                    self._stop(child)
+                    files = _python_files(self.root)  # with what changed while the child stopped
+                    child, told = self._start(env, (sock.fileno(), lifeline[0])), False
+                elif child.poll() is not None and not told:
+                    print(
+                        f"rally.py --reload: the server exited with code {child.returncode};"
+                        " it starts again when a .py file changes",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    told = True
+        finally:
+            if child is not None:
+                self._stop(child)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(lifeline[0])
+            os.close(lifeline[1])
+            sock.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def _start(self, env: dict[str, str], fds: tuple[int, int]) -> subprocess.Popen[bytes]:
+        import subprocess
+
+        return subprocess.Popen(self.command, env=env, pass_fds=fds)
+
+    @staticmethod
+    def _stop(child: subprocess.Popen[bytes]) -> None:
+        """Stop the child gracefully (SIGTERM), killing it after _RELOAD_STOP_S."""
+        import subprocess
+
+        if child.poll() is None:
+            child.terminate()
+        try:
+            child.wait(_RELOAD_STOP_S)
+        except subprocess.TimeoutExpired:
+            _logger.error("the server process %d did not stop in %.0f s; killing it", child.pid, _RELOAD_STOP_S)
+            child.kill()
+            child.wait()
+
+
+def _serve_reloaded(app: App, fds: str, access_log: bool) -> None:
+    """A ``--reload`` child: serve on the parent's socket until SIGINT,
+    SIGTERM or the parent is gone, then shut down gracefully."""
+    sock_fd, lifeline = (int(fd) for fd in fds.split(","))
+    sock = socket.socket(fileno=sock_fd)
+    if not logging.getLogger().handlers and not _logger.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def serve() -> None:
+        server = await app.start(access_log=access_log, sock=sock)
+        print(f"rally.py serving on {server.url} (Ctrl-C stops; --reload restarts it)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def parent_gone() -> None:  # EOF stays readable: stop watching
+            loop.remove_reader(lifeline)
+            _logger.warning("the --reload parent is gone; shutting down")
+            stop.set()
+
+        loop.add_reader(lifeline, parent_gone)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(serve())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P] [--workers N] [--types FILE]``."""
+    """``python rally.py module:app [--host H] [--port P] [--workers N | --reload] [--types FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -8622,8 +8792,28 @@ def main(argv: list[str] | None = None) -> None:
         "--types", metavar="FILE", help="write the app's TypeScript declarations to FILE (- for stdout) and exit"
     )
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (above 1 needs a broker)")
+    parser.add_argument(
+        "--reload", action="store_true", help="restart the server when a .py file under this directory changes"
+    )
+    reloaded = os.environ.pop(_RELOAD_FDS, None)  # set for a --reload child; not for what it starts
     args = parser.parse_args(argv)
+    if args.reload:
+        if args.workers != 1:
+            parser.error(
+                f"--reload runs the server in one process and restarts it; it cannot be combined with"
+                f" --workers {args.workers} (serve with --workers, without --reload, in production)"
+            )
+        if args.types is not None:
+            parser.error("--reload serves the app, --types writes its declarations and exits: give one of them")
+        if os.name != "posix":
+            parser.error("--reload needs a Unix system (it passes the listening socket to a child process)")
+        _refuse_file_name(args.app)
+        child_args = ["--no-access-log"] if args.no_access_log else []
+        raise SystemExit(_Reloader(args.app, child_args, args.host, args.port).run())
     app = _load_app(args.app)
+    if reloaded is not None:
+        _serve_reloaded(app, reloaded, access_log=not args.no_access_log)
+        return
     if args.types == "-":
         sys.stdout.write(_typescript(app.contract))
     elif args.types is not None:

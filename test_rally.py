@@ -3994,6 +3994,153 @@ def test_cli_says_which_module_or_attribute_is_missing(tmp_path: Any) -> None:
     assert run.returncode == 1 and "Traceback" in run.stderr and "'not_installed_anywhere'" in run.stderr
 
 
+RELOAD_APP = textwrap.dedent(
+    """
+    from dataclasses import dataclass
+
+    import rally
+
+    app = rally.App()
+
+    @dataclass
+    class Which: ...
+
+    @app.rpc
+    def server_which(msg: Which) -> str:
+        return "one"
+    """
+)
+
+
+class Reloading:
+    """``python rally.py appmod:app --reload --port 0`` in ``directory``, in
+    a session of its own, with its standard error read line by line."""
+
+    def __init__(self, directory: Any) -> None:
+        import queue
+
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # --reload sets it for its server processes
+        self.proc = subprocess.Popen(
+            [sys.executable, rally.__file__, "appmod:app", "--reload", "--port", "0", "--no-access-log"],
+            cwd=directory, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        url = self.line("rally.py --reload: serving on ").split("serving on ")[1].split(";")[0]
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def line(self, start: str) -> str:
+        """The next line of standard error that starts with ``start``."""
+        import queue
+
+        deadline = time.monotonic() + 3 * WAIT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting {start!r} in time; saw {self.seen}") from None
+            self.seen.append(line)
+            if line.startswith(start):
+                return line
+
+    def rpc(self) -> str:
+        body = json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "Which", "fields": {}}}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(
+                b"POST /_rally/rpc HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        answer = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        assert answer["kind"] == "ok", answer
+        return str(answer["value"])
+
+    def refused(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=WAIT).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    def end(self) -> None:
+        """Kill what is still running: the parent's session holds its server processes."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(WAIT)
+        self.reader.join(WAIT)  # at EOF once every process of the session is gone
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+def test_cli_reload_restarts_the_server_when_a_python_file_changes(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    server = Reloading(tmp_path)
+    try:
+        server.line("rally.py serving on ")
+        assert server.rpc() == "one"
+        # The same size: within one second, a .pyc of the old text would pass for the new one.
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"two"'))
+        server.line("rally.py --reload: appmod.py changed; restarting")
+        server.line("rally.py serving on ")
+        assert server.rpc() == "two"
+        # A mistake: the server cannot start, and starts again once the file is fixed.
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"three'))
+        server.line("rally.py --reload: appmod.py changed; restarting")
+        server.line("SyntaxError")
+        server.line("rally.py --reload: the server exited with code 1; it starts again when a .py file changes")
+        (tmp_path / "helpers").mkdir()
+        (tmp_path / "helpers" / "util.py").write_text("")  # any Python file under the directory
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"three"'))
+        changed = server.line("rally.py --reload: ")
+        assert changed in (
+            f"rally.py --reload: appmod.py, {os.path.join('helpers', 'util.py')} changed; restarting\n",
+            f"rally.py --reload: {os.path.join('helpers', 'util.py')} changed; restarting\n",
+        )
+        server.line("rally.py serving on ")
+        assert server.rpc() == "three"
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(3 * WAIT) == 0
+        assert server.refused()  # the server process is gone too: nothing holds the socket
+    finally:
+        server.end()
+
+
+def test_cli_reload_server_stops_when_its_parent_is_killed(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    server = Reloading(tmp_path)
+    try:
+        assert server.rpc() == "one"
+        server.proc.kill()
+        server.line("rally.py serving on ")
+        deadline = time.monotonic() + 3 * WAIT
+        while not server.refused():
+            assert time.monotonic() < deadline, "the server process outlived its parent"
+            time.sleep(0.05)
+    finally:
+        server.end()
+
+
+def test_cli_reload_with_workers_is_refused(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    run = python_in(tmp_path, rally.__file__, "appmod:app", "--reload", "--workers", "2", "--port", "0")
+    assert run.returncode == 2 and "serving" not in run.stderr
+    assert "--reload runs the server in one process and restarts it; it cannot be combined with --workers 2" in (
+        run.stderr
+    )
+    run = python_in(tmp_path, rally.__file__, "appmod.py", "--reload", "--port", "0")
+    assert run.returncode == 1 and run.stderr.endswith("; did you mean appmod:app?\n")
+
+
 # ==== Pages that react to the server (README "Server events") ================
 
 
