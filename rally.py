@@ -85,6 +85,9 @@ import wsproto.events
 import wsproto.frame_protocol
 from wsproto.connection import ConnectionState, ConnectionType
 
+if typing.TYPE_CHECKING:
+    import subprocess  # imported where used: only python rally.py --reload starts processes
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -2139,6 +2142,40 @@ class _RawRoute(typing.NamedTuple):
     subprotocols: tuple[str, ...] = ()  # the server's, in its order
 
 
+def _check_no_self(fn: Callable[..., Any], where: str, kind: str, plain: str) -> None:
+    """Refuse a method: a function whose first parameter is ``self``."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return
+    if params and params[0] == "self":
+        name = getattr(fn, "__name__", "f")
+        raise RegistrationError(
+            f"{where}: {kind} take no self: write def {name}({', '.join(params[1:])}) as {plain} "
+            "(or mark it @staticmethod); rally never makes an instance to pass as self"
+        )
+
+
+def _quiet_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``fn``'s resolved annotations, or none if they do not resolve."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _dataclasses_in(annotations: Iterable[Any]) -> set[type]:
+    """The dataclasses named anywhere in ``annotations`` (inside unions, tuples, Effect[...])."""
+    found: set[type] = set()
+    todo = list(annotations)
+    while todo:
+        tp = todo.pop()
+        if _is_dataclass_type(tp):
+            found.add(tp)
+        todo.extend(typing.get_args(tp))
+    return found
+
+
 def _context_param(fn: Callable[..., Any], hints: dict[str, Any]) -> str | None:
     """The name of the parameter that takes the ServerContext, if any."""
     for name in inspect.signature(fn).parameters:
@@ -2925,6 +2962,8 @@ class _Registry:
 
     def add_rpc(self, fn: Callable[..., Any], owner: str) -> _Handler:
         where = f"{owner}{fn.__name__}"
+        if not owner:
+            _check_no_self(fn, f"@app.rpc {fn.__qualname__}", "RPC functions", "a module-level function")
         hints = self._hints(fn, where)
         params = list(inspect.signature(fn).parameters.values())
         if not params:
@@ -2977,6 +3016,9 @@ class _Registry:
         owner = getattr(namespace, "__name__", type(namespace).__name__)
         param_names = self._check_route(path, namespace, owner)
         members = {k: getattr(namespace, k) for k in dir(namespace) if not k.startswith("__")}
+        for name, fn in members.items():
+            if (name == "view" or name.startswith("server_")) and callable(fn):
+                _check_no_self(fn, f"page {owner}: {name}", "page functions", "a plain function in the class body")
         init, update = members.get("server_init"), members.get("server_update")
         view, html = members.get("view"), members.get("html")
         hooks = {name: members.get(name) for name in ("server_terminate", "server_presence", "server_event")}
@@ -3048,6 +3090,7 @@ class _Registry:
             event_types=frozenset(event_types),
             event_codec=event_codec,
         )
+        self._check_unprefixed(namespace, owner, members, page)
         for name, fn in members.items():
             if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
                 self.add_rpc(fn, f"page {owner}: ")
@@ -3060,6 +3103,37 @@ class _Registry:
         self.pages.append(page)
         self._contract = None
         return page
+
+    def _check_unprefixed(self, namespace: Any, owner: str, members: dict[str, Any], page: _Page) -> None:
+        """Refuse a function of the page that looks like an RPC but lacks the
+        ``server_`` prefix: its first parameter (after a ``self``) is
+        annotated with a dataclass that none of the page's hooks use, so its
+        calls would answer ``unknown_type``. Names starting with ``_``, a
+        module's imports and functions already registered with ``@app.rpc``
+        are left alone."""
+        hooks = (page.view, page.init, page.update, page.terminate, page.presence, page.event)
+        own = {t for fn in hooks if fn is not None for t in _dataclasses_in(_quiet_hints(fn).values())}
+        handlers = {h.fn for h in self.rpcs.values()}
+        module = namespace.__name__ if isinstance(namespace, types.ModuleType) else None
+        for name, fn in members.items():
+            if name.startswith(("server_", "_")) or name == "view" or not inspect.isfunction(fn):
+                continue
+            if fn in handlers or (module is not None and fn.__module__ != module):
+                continue
+            params = list(inspect.signature(fn).parameters)
+            has_self = bool(params) and params[0] == "self"
+            params = params[1:] if has_self else params
+            msg_type = _quiet_hints(fn).get(params[0]) if params else None
+            if not isinstance(msg_type, type) or not _is_dataclass_type(msg_type) or msg_type in own:
+                continue
+            rest = ", ".join(params)
+            fix = f"def server_{name}({rest})"
+            no_self = " and drop its self (page functions take no self)" if has_self else ""
+            raise RegistrationError(
+                f"page {owner}: {name}({rest}) takes a {msg_type.__name__} but is not an RPC: only functions "
+                f"named server_... are, so a call of {msg_type.__name__} would answer unknown_type; rename it "
+                f"server_{name}{no_self} to make it an RPC ({fix}), or _{name} if it is a helper"
+            )
 
     def _check_route(self, path: Any, namespace: Any, owner: str) -> list[str]:
         """Check a page's route; returns its parameter names."""
@@ -9475,13 +9549,38 @@ class _Workers:
 _cli_importing: str | None = None  # the module ``python rally.py`` is importing
 
 
+def _module_of_file(target: str) -> str | None:
+    """``module:app`` for a target that names a Python file (``example.py``,
+    ``src/example.py:app``) instead of a module, else None."""
+    path, colon, attr = target.rpartition(":")
+    if not colon:
+        path, attr = attr, ""
+    if not path.endswith(".py"):
+        return None
+    relative = os.path.relpath(os.path.abspath(path))
+    parts = relative[: -len(".py")].split(os.sep)
+    if relative.startswith(os.pardir) or not all(p.isidentifier() for p in parts):
+        return f"{os.path.basename(path)[: -len('.py')]}:{attr or 'app'} (run from the directory of {path})"
+    return f"{'.'.join(parts)}:{attr or 'app'}"
+
+
+def _refuse_file_name(target: str) -> None:
+    meant = _module_of_file(target)
+    if meant is not None:
+        raise SystemExit(f"rally.py: {target} is a file name, and rally.py takes module:app; did you mean {meant}?")
+
+
 def _load_app(target: str) -> App:
+    """Import ``module:app`` from the current directory; a target that is
+    not one, a module that is not there or an attribute that is not an App
+    ends the program with what to write instead."""
     import importlib
 
     global _cli_importing
     module_name, _, attr = target.partition(":")
     if not module_name:
-        raise SystemExit(f"expected module:app, got {target!r}")
+        raise SystemExit(f"rally.py: expected module:app, got {target!r}")
+    _refuse_file_name(target)
     sys.path.insert(0, os.getcwd())
     # Run as ``python rally.py``, this module is __main__: the app's
     # ``import rally`` must find it rather than load a second copy.
@@ -9491,17 +9590,197 @@ def _load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except UsageError as exc:
         raise SystemExit(f"rally.py: {exc}") from None
+    except ModuleNotFoundError as exc:
+        # The module itself (or its package) is missing, rather than one it imports.
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise
+        raise SystemExit(
+            f"rally.py: no module named {module_name!r} in {os.getcwd()} or on sys.path; run python rally.py"
+            f" from the directory that holds {module_name.replace('.', os.sep)}.py, and name it without .py"
+        ) from None
     finally:
         _cli_importing = None
-    app = getattr(module, attr or "app", None)
-    if app is None or not hasattr(app, "run"):
-        raise SystemExit(f"{module_name} has no app named {attr or 'app'!r}")
-    return app  # type: ignore[no-any-return]
+
+    def is_app(value: object) -> bool:  # by duck typing: the app may hold another copy of this module's App
+        return hasattr(value, "run") and hasattr(value, "contract") and not isinstance(value, type)
+
+    name = attr or "app"
+    app = getattr(module, name, None)
+    if not is_app(app):
+        apps = sorted(k for k, v in vars(module).items() if is_app(v))
+        hint = f"did you mean {' or '.join(f'{module_name}:{k}' for k in apps)}?" if apps else "it has no rally.App"
+        if not hasattr(module, name):
+            raise SystemExit(f"rally.py: module {module_name} has no attribute {name!r}; {hint}")
+        raise SystemExit(f"rally.py: {module_name}.{name} is not a rally.App (it is {type(app).__name__}); {hint}")
+    return typing.cast(App, app)
+
+
+# ==== --reload: restart the server when a Python file changes ================
+
+#: How often ``--reload`` looks at the modification times of the Python files (s).
+_RELOAD_POLL_S: Final = 0.5
+#: How long ``--reload`` lets a server process shut down gracefully before it kills it (s).
+_RELOAD_STOP_S: Final = 15.0
+#: The environment variable by which ``--reload`` hands a server process the
+#: listening socket's descriptor and the read end of its lifeline pipe.
+_RELOAD_FDS: Final = "_RALLY_RELOAD_FDS"
+#: Directories ``--reload`` does not look into (besides hidden ones and virtual environments).
+_RELOAD_SKIPPED: Final = frozenset(("__pycache__", "node_modules", "site-packages"))
+
+
+def _python_files(root: str) -> dict[str, tuple[int, int]]:
+    """Every ``.py`` file under ``root``, with its modification time (ns)
+    and size; hidden directories, virtual environments and _RELOAD_SKIPPED
+    are left out."""
+    found: dict[str, tuple[int, int]] = {}
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d not in _RELOAD_SKIPPED
+            and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg"))
+        ]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):  # gone since os.walk listed it
+                    st = os.stat(path)
+                    found[path] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+class _Reloader:
+    """``python rally.py module:app --reload``: the parent binds the
+    listening socket once and runs the server in a child process (this
+    file, run again with the socket's descriptor in _RELOAD_FDS), polls the
+    modification times of the Python files under the current directory, and
+    on a change stops the child gracefully and starts another on the same
+    socket: connections made meanwhile wait in its backlog. The parent never
+    imports the app, so an app that fails to import is reported by the child
+    and started again at the next change. Pages reconnect by themselves (a
+    changed contract makes them reload); the children share one session
+    secret (RALLY_SECRET, unless set), so their cookies stay valid. A child
+    watches a pipe whose write end only the parent holds, and shuts down
+    when the parent is gone."""
+
+    def __init__(self, target: str, child_args: list[str], host: str, port: int) -> None:
+        self.command = [sys.executable, os.path.abspath(__file__), target, *child_args]
+        self.host = host
+        self.port = port
+        self.root = os.getcwd()
+        self.stop_signal: int | None = None
+
+    def run(self) -> int:
+        """Serve and restart until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
+        sock = _listening_socket(
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )
+        lifeline = os.pipe()  # neither end inheritable: each child gets the read end by pass_fds
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no .pyc older than its edited source
+        env[_RELOAD_FDS] = f"{sock.fileno()},{lifeline[0]}"
+        if not env.get("RALLY_SECRET"):
+            env["RALLY_SECRET"] = secrets.token_hex(32)
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            signals.append(signal.SIGHUP)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+        child: subprocess.Popen[bytes] | None = None
+        try:
+            host, port = sock.getsockname()[:2]
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            print(
+                f"rally.py --reload: serving on {url}; restarting when a .py file under {self.root} changes",
+                file=sys.stderr,
+                flush=True,
+            )
+            files = _python_files(self.root)
+            child = self._start(env, (sock.fileno(), lifeline[0]))
+            told = False
+            while self.stop_signal is None:
+                time.sleep(_RELOAD_POLL_S)
+                now = _python_files(self.root)
+                changed = sorted(p for p in now.keys() | files.keys() if now.get(p) != files.get(p))
+                if changed and self.stop_signal is None:
+                    names = [os.path.relpath(p, self.root) for p in changed]
+                    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                    print(f"rally.py --reload: {', '.join(names[:3])}{more} changed; restarting", file=sys.stderr)
+                    sys.stderr.flush()
+                    self._stop(child)
+                    files = _python_files(self.root)  # with what changed while the child stopped
+                    child, told = self._start(env, (sock.fileno(), lifeline[0])), False
+                elif child.poll() is not None and not told:
+                    print(
+                        f"rally.py --reload: the server exited with code {child.returncode};"
+                        " it starts again when a .py file changes",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    told = True
+        finally:
+            if child is not None:
+                self._stop(child)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(lifeline[0])
+            os.close(lifeline[1])
+            sock.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def _start(self, env: dict[str, str], fds: tuple[int, int]) -> subprocess.Popen[bytes]:
+        import subprocess
+
+        return subprocess.Popen(self.command, env=env, pass_fds=fds)
+
+    @staticmethod
+    def _stop(child: subprocess.Popen[bytes]) -> None:
+        """Stop the child gracefully (SIGTERM), killing it after _RELOAD_STOP_S."""
+        import subprocess
+
+        if child.poll() is None:
+            child.terminate()
+        try:
+            child.wait(_RELOAD_STOP_S)
+        except subprocess.TimeoutExpired:
+            _logger.error("the server process %d did not stop in %.0f s; killing it", child.pid, _RELOAD_STOP_S)
+            child.kill()
+            child.wait()
+
+
+def _serve_reloaded(app: App, fds: str, access_log: bool) -> None:
+    """A ``--reload`` child: serve on the parent's socket until SIGINT,
+    SIGTERM or the parent is gone, then shut down gracefully."""
+    sock_fd, lifeline = (int(fd) for fd in fds.split(","))
+    sock = socket.socket(fileno=sock_fd)
+    if not logging.getLogger().handlers and not _logger.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def serve() -> None:
+        server = await app.start(access_log=access_log, sock=sock)
+        print(f"rally.py serving on {server.url} (Ctrl-C stops; --reload restarts it)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def parent_gone() -> None:  # EOF stays readable: stop watching
+            loop.remove_reader(lifeline)
+            _logger.warning("the --reload parent is gone; shutting down")
+            stop.set()
+
+        loop.add_reader(lifeline, parent_gone)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(serve())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python rally.py module:app [--host H] [--port P] [--workers N] [--types FILE] [--openapi FILE]
-    [--asyncapi FILE]``."""
+    """``python rally.py module:app [--host H] [--port P] [--workers N | --reload] [--types FILE]
+    [--openapi FILE] [--asyncapi FILE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rally.py", description="Serve a rally.py app.")
@@ -9519,8 +9798,30 @@ def main(argv: list[str] | None = None) -> None:
         "--asyncapi", metavar="FILE", help="write the app's AsyncAPI 3.0 document to FILE (- for stdout) and exit"
     )
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (above 1 needs a broker)")
+    parser.add_argument(
+        "--reload", action="store_true", help="restart the server when a .py file under this directory changes"
+    )
+    reloaded = os.environ.pop(_RELOAD_FDS, None)  # set for a --reload child; not for what it starts
     args = parser.parse_args(argv)
+    if args.reload:
+        if args.workers != 1:
+            parser.error(
+                f"--reload runs the server in one process and restarts it; it cannot be combined with"
+                f" --workers {args.workers} (serve with --workers, without --reload, in production)"
+            )
+        if args.types is not None or args.openapi is not None or args.asyncapi is not None:
+            parser.error(
+                "--reload serves the app; --types, --openapi and --asyncapi write a document and exit: give one"
+            )
+        if os.name != "posix":
+            parser.error("--reload needs a Unix system (it passes the listening socket to a child process)")
+        _refuse_file_name(args.app)
+        child_args = ["--no-access-log"] if args.no_access_log else []
+        raise SystemExit(_Reloader(args.app, child_args, args.host, args.port).run())
     app = _load_app(args.app)
+    if reloaded is not None:
+        _serve_reloaded(app, reloaded, access_log=not args.no_access_log)
+        return
     views = [(args.types, _typescript), (args.openapi, _openapi), (args.asyncapi, _asyncapi)]
     wanted = [(file, make) for file, make in views if file is not None]
     for file, make in wanted:

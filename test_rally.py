@@ -893,6 +893,173 @@ def test_registration_page_from_a_module() -> None:
     assert "ServerLoadTitle" in app.contract["rpc"]
 
 
+# A newcomer's page: the page functions written as methods, one at a time.
+SELF_PAGE = """
+@dataclass
+class Model:
+    n: int
+@dataclass
+class Bump: ...
+@dataclass
+class Bumped:
+    n: int
+@dataclass
+class Meta:
+    name: str
+@dataclass
+class Ping: ...
+
+class Counter:
+    def view(slug: str) -> str:
+        return "<p>counter</p>"
+    def server_init(slug: str) -> tuple[Model, rally.Effect[Bumped]]:
+        return Model(0), rally.effect.none()
+    def server_update(model: Model, msg: Bump) -> tuple[Model, rally.Effect[Bumped]]:
+        return Model(model.n + 1), rally.effect.none()
+    def server_event(model: Model, msg: Bump) -> tuple[Model, rally.Effect[Bumped]]:
+        return model, rally.effect.none()
+    def server_terminate(model: Model) -> rally.Effect[Bumped]:
+        return rally.effect.none()
+    def server_presence(model: Model) -> Meta:
+        return Meta("ann")
+    def server_ping(msg: Ping) -> str:
+        return "pong"
+"""
+SELF_PAGE_FUNCTIONS = ["view", "server_init", "server_update", "server_event", "server_terminate", "server_presence"]
+
+
+def self_page(method: str | None) -> Any:
+    """The page of SELF_PAGE, with ``method`` (if any) taking ``self`` first."""
+    source = SELF_PAGE if method is None else SELF_PAGE.replace(f"def {method}(", f"def {method}(self, ")
+    assert method is None or source != SELF_PAGE
+    scope: dict[str, Any] = {"rally": rally, "dataclass": dataclass}
+    exec(source, scope)
+    return scope["Counter"]
+
+
+def test_registration_self_page_is_fine_without_self() -> None:
+    app = rally.App()
+    app.page("/counter/{slug}", self_page(None))
+    assert "Ping" in app.contract["rpc"]
+
+
+@pytest.mark.parametrize("method", [*SELF_PAGE_FUNCTIONS, "server_ping"])
+def test_registration_page_functions_take_no_self(method: str) -> None:
+    message = registration_error(self_page(method), "/counter/{slug}")
+    assert message.startswith(f"page Counter: {method}: page functions take no self: write def {method}(")
+    assert "as a plain function in the class body (or mark it @staticmethod)" in message
+    assert "not a parameter of route" not in message
+
+
+def test_registration_app_rpc_on_a_method_takes_no_self() -> None:
+    app = rally.App()
+    with pytest.raises(rally.RegistrationError) as info:
+
+        class Handlers:
+            @app.rpc
+            def server_ping(self, msg: Point) -> int:  # type: ignore[no-untyped-def]
+                return msg.x
+
+    assert str(info.value).startswith("@app.rpc ")
+    assert "Handlers.server_ping: RPC functions take no self: write def server_ping(msg) as a module-level" in str(
+        info.value
+    )
+    assert app.contract["rpc"] == {}
+
+
+@dataclass
+class LoadTitle:
+    slug: str
+
+
+def test_registration_a_function_taking_a_dataclass_without_the_server_prefix_is_refused() -> None:
+    class P:
+        def load_title(msg: LoadTitle) -> str:
+            return msg.slug
+
+    message = registration_error(P, "/p")
+    assert message.startswith("page P: load_title(msg) takes a LoadTitle but is not an RPC")
+    assert "a call of LoadTitle would answer unknown_type" in message
+    assert "rename it server_load_title to make it an RPC (def server_load_title(msg))" in message
+
+    class Method:
+        def load_title(self, msg: LoadTitle) -> str:  # type: ignore[no-untyped-def]
+            return msg.slug
+
+    message = registration_error(Method, "/p")
+    assert "rename it server_load_title and drop its self (page functions take no self)" in message
+
+
+def test_registration_helpers_and_attributes_of_a_page_stay_allowed() -> None:
+    @dataclass
+    class Model:
+        title: str
+
+    @dataclass
+    class Shown:
+        title: str
+
+    class P:
+        html = "<p>p</p>"
+        LIMIT = 3
+        Card = Shown  # a type in the namespace
+
+        def fmt(title: str) -> str:  # a helper without a dataclass first parameter
+            return title.upper()
+
+        def describe(model: Model) -> Shown:  # a helper of the page's own model
+            return Shown(P.fmt(model.title))
+
+        def _load(msg: LoadTitle) -> str:  # private: a helper by its name
+            return msg.slug
+
+        def server_init() -> tuple[Model, rally.Effect[Shown]]:
+            return Model("t"), rally.effect.none()
+
+        def server_load_title(msg: LoadTitle) -> str:
+            return P._load(msg)
+
+    app = rally.App()
+    app.page("/p", P)
+    assert list(app.contract["rpc"]) == ["LoadTitle"]
+
+    class WithView:
+        def view() -> str:
+            return "<p>v</p>"
+
+        def server_load_title(msg: LoadTitle) -> str:
+            return msg.slug
+
+    rally.App().page("/v", WithView)
+
+
+def test_registration_a_module_page_ignores_imported_functions_and_its_own_rpcs() -> None:
+    import types
+
+    module = types.ModuleType("imports_module")
+    module.__dict__.update(rally=rally, app=rally.App())
+    exec(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass, asdict, replace
+            from test_rally import LoadTitle, Point
+
+            html = "<p>module page</p>"
+
+            @app.rpc
+            def load(msg: LoadTitle) -> str:  # already an RPC
+                return msg.slug
+            """
+        ),
+        module.__dict__,
+    )
+    module.app.page("/m", module)
+    assert set(module.app.contract["rpc"]) == {"LoadTitle"}
+    exec("def move(p: Point) -> int:\n    return p.x\n", module.__dict__)
+    with pytest.raises(rally.RegistrationError, match="rename it server_move"):
+        module.app.page("/m2", module)
+
+
 def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
     doc = article_app().contract
     assert doc["rpc"]["ServerLoadTitle"] == {"result": "str", "error": "list[str]"}
@@ -4200,6 +4367,185 @@ def test_cli_refuses_a_module_that_starts_a_server_when_imported(tmp_path: Any) 
         'started a server while python rally.py was importing it; put its app.run() under if __name__ == "__main__"'
         in run.stderr
     )
+
+
+def test_cli_given_a_file_name_asks_for_module_colon_app_without_importing_it(tmp_path: Any) -> None:
+    (tmp_path / "example.py").write_text("import rally\nprint('imported')\napp = rally.App()\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "example.py").write_text("import rally\napp = rally.App()\n")
+    for target, meant in [
+        ("example.py", "example:app"),
+        ("example.py:web", "example:web"),
+        (os.path.join("src", "example.py"), "src.example:app"),
+    ]:
+        run = python_in(tmp_path, rally.__file__, target, "--port", "0")
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.endswith(f"did you mean {meant}?\n"), run.stderr
+        assert "Traceback" not in run.stderr and "imported" not in run.stdout
+
+
+def test_cli_says_which_module_or_attribute_is_missing(tmp_path: Any) -> None:
+    (tmp_path / "shop.py").write_text("import rally\nweb = rally.App()\ncount = 3\n")
+    (tmp_path / "broken.py").write_text("import not_installed_anywhere\n")
+    expected = {
+        "nosuch:app": f"rally.py: no module named 'nosuch' in {tmp_path} or on sys.path; run python rally.py from"
+        " the directory that holds nosuch.py, and name it without .py",
+        "shop": "rally.py: module shop has no attribute 'app'; did you mean shop:web?",
+        "shop:count": "rally.py: shop.count is not a rally.App (it is int); did you mean shop:web?",
+    }
+    for target, message in expected.items():
+        run = python_in(tmp_path, rally.__file__, target, "--port", "0")
+        assert (run.returncode, run.stderr) == (1, message + "\n")
+    # A module the app imports that is missing is the app's error: its traceback shows where.
+    run = python_in(tmp_path, rally.__file__, "broken:app", "--port", "0")
+    assert run.returncode == 1 and "Traceback" in run.stderr and "'not_installed_anywhere'" in run.stderr
+
+
+RELOAD_APP = textwrap.dedent(
+    """
+    from dataclasses import dataclass
+
+    import rally
+
+    app = rally.App()
+
+    @dataclass
+    class Which: ...
+
+    @app.rpc
+    def server_which(msg: Which) -> str:
+        return "one"
+    """
+)
+
+
+class Reloading:
+    """``python rally.py appmod:app --reload --port 0`` in ``directory``, in
+    a session of its own, with its standard error read line by line."""
+
+    def __init__(self, directory: Any) -> None:
+        import queue
+
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rally.__file__))}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # --reload sets it for its server processes
+        self.proc = subprocess.Popen(
+            [sys.executable, rally.__file__, "appmod:app", "--reload", "--port", "0", "--no-access-log"],
+            cwd=directory, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        url = self.line("rally.py --reload: serving on ").split("serving on ")[1].split(";")[0]
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def line(self, start: str) -> str:
+        """The next line of standard error that starts with ``start``."""
+        import queue
+
+        deadline = time.monotonic() + 3 * WAIT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting {start!r} in time; saw {self.seen}") from None
+            self.seen.append(line)
+            if line.startswith(start):
+                return line
+
+    def rpc(self) -> str:
+        body = json.dumps({"kind": "rpc", "id": 1, "msg": {"type": "Which", "fields": {}}}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(
+                b"POST /_rally/rpc HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        answer = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        assert answer["kind"] == "ok", answer
+        return str(answer["value"])
+
+    def refused(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=WAIT).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    def end(self) -> None:
+        """Kill what is still running: the parent's session holds its server processes."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(WAIT)
+        self.reader.join(WAIT)  # at EOF once every process of the session is gone
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+def test_cli_reload_restarts_the_server_when_a_python_file_changes(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    server = Reloading(tmp_path)
+    try:
+        server.line("rally.py serving on ")
+        assert server.rpc() == "one"
+        # The same size: within one second, a .pyc of the old text would pass for the new one.
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"two"'))
+        server.line("rally.py --reload: appmod.py changed; restarting")
+        server.line("rally.py serving on ")
+        assert server.rpc() == "two"
+        # A mistake: the server cannot start, and starts again once the file is fixed.
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"three'))
+        server.line("rally.py --reload: appmod.py changed; restarting")
+        server.line("SyntaxError")
+        server.line("rally.py --reload: the server exited with code 1; it starts again when a .py file changes")
+        (tmp_path / "helpers").mkdir()
+        (tmp_path / "helpers" / "util.py").write_text("")  # any Python file under the directory
+        (tmp_path / "appmod.py").write_text(RELOAD_APP.replace('"one"', '"three"'))
+        changed = server.line("rally.py --reload: ")
+        assert changed in (
+            f"rally.py --reload: appmod.py, {os.path.join('helpers', 'util.py')} changed; restarting\n",
+            f"rally.py --reload: {os.path.join('helpers', 'util.py')} changed; restarting\n",
+        )
+        server.line("rally.py serving on ")
+        assert server.rpc() == "three"
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(3 * WAIT) == 0
+        assert server.refused()  # the server process is gone too: nothing holds the socket
+    finally:
+        server.end()
+
+
+def test_cli_reload_server_stops_when_its_parent_is_killed(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    server = Reloading(tmp_path)
+    try:
+        assert server.rpc() == "one"
+        server.proc.kill()
+        server.line("rally.py serving on ")
+        deadline = time.monotonic() + 3 * WAIT
+        while not server.refused():
+            assert time.monotonic() < deadline, "the server process outlived its parent"
+            time.sleep(0.05)
+    finally:
+        server.end()
+
+
+def test_cli_reload_with_workers_is_refused(tmp_path: Any) -> None:
+    (tmp_path / "appmod.py").write_text(RELOAD_APP)
+    run = python_in(tmp_path, rally.__file__, "appmod:app", "--reload", "--workers", "2", "--port", "0")
+    assert run.returncode == 2 and "serving" not in run.stderr
+    assert "--reload runs the server in one process and restarts it; it cannot be combined with --workers 2" in (
+        run.stderr
+    )
+    run = python_in(tmp_path, rally.__file__, "appmod.py", "--reload", "--port", "0")
+    assert run.returncode == 1 and run.stderr.endswith("; did you mean appmod:app?\n")
 
 
 # ==== Pages that react to the server (README "Server events") ================

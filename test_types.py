@@ -1,10 +1,11 @@
 """Typed browser code: the TypeScript declarations of ``/_rally/types.d.ts``
 checked by the real TypeScript compiler, and the ``/_rally/docs`` page.
 
-The declaration tests run ``tsc`` (npm's ``typescript``: ``npm install -g
-typescript``) on plain JavaScript files under ``// @ts-check``: one of
-correct calls must pass, each file with one mistake must fail with the
-expected diagnostic. The docs page test drives Debian's chromium with
+The declaration tests run ``tsc`` (npm's ``typescript``: ``npm install
+typescript`` in this directory or a parent, found as ``node_modules/.bin/tsc``,
+or ``npm install -g typescript``, found on PATH) on plain JavaScript files
+under ``// @ts-check``: one of correct calls must pass, each file with one
+mistake must fail with the expected diagnostic. The docs page test drives Debian's chromium with
 Playwright, like test_browser.py. Without tsc, or chromium and Playwright,
 those tests are skipped with the reason (``pytest -rs`` prints it); CI
 installs all of them. Loopback only, port 0, a time bound on every wait.
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +36,54 @@ import rally
 from test_rally import article_app
 
 WAIT = 5.0  # seconds: the bound on any single wait in these tests
-TSC = shutil.which("tsc")
+
+
+def find_tsc(start: Path, path: str | None = None) -> str | None:
+    """The TypeScript compiler: ``node_modules/.bin/tsc`` in ``start`` or
+    the nearest of its parents that has one (``npm install typescript``
+    there), else ``tsc`` on ``path`` (the PATH by default)."""
+    for directory in (start, *start.parents):
+        local = directory / "node_modules" / ".bin" / "tsc"
+        if local.is_file() and os.access(local, os.X_OK):
+            return str(local)
+    return shutil.which("tsc", path=path)
+
+
+TSC = find_tsc(Path(__file__).resolve().parent)
 needs_tsc = pytest.mark.skipif(
-    TSC is None, reason="declaration tests need tsc, the TypeScript compiler (npm install -g typescript)"
+    TSC is None,
+    reason="declaration tests need tsc, the TypeScript compiler, and found none: no node_modules/.bin/tsc in "
+    f"{Path(__file__).resolve().parent} or its parents, and no tsc on PATH (npm install typescript, or -g)",
 )
 TSC_ARGS = ["--noEmit", "--checkJs", "--strict", "--target", "es2020", "--pretty", "false"]
+
+
+def fake_tsc(directory: Path) -> Path:
+    """An executable named tsc in ``directory`` that prints a version, as tsc -v does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "tsc"
+    script.write_text(f"#!{sys.executable}\nprint('Version 0.0.0-fake')\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_tsc_is_found_in_node_modules_of_the_project_or_a_parent_before_path(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "sub" / "dir").mkdir(parents=True)
+    on_path = fake_tsc(tmp_path / "bin")
+    assert find_tsc(project / "sub" / "dir", path=str(tmp_path / "bin")) == str(on_path)
+    assert find_tsc(project / "sub" / "dir", path=str(tmp_path / "empty")) is None
+    in_parent = fake_tsc(project / "node_modules" / ".bin")
+    assert find_tsc(project / "sub" / "dir", path=str(tmp_path / "bin")) == str(in_parent)
+    nearest = fake_tsc(project / "sub" / "node_modules" / ".bin")
+    assert find_tsc(project / "sub" / "dir", path=str(tmp_path / "bin")) == str(nearest)
+    assert find_tsc(project, path=str(tmp_path / "bin")) == str(in_parent)
+    nearest.chmod(0o644)  # not executable: passed over
+    assert find_tsc(project / "sub" / "dir", path=str(tmp_path / "empty")) == str(in_parent)
+    found = find_tsc(project / "sub" / "dir")
+    assert found is not None
+    run = subprocess.run([found, "-v"], capture_output=True, text=True, timeout=WAIT)
+    assert run.stdout == "Version 0.0.0-fake\n"
 
 
 def fetch(server: rally.Server, path: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
