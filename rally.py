@@ -656,6 +656,29 @@ def _is_dataclass_type(tp: object) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _doc(obj: Any) -> str | None:
+    """The docstring of a handler, page or type for the contract, cleaned of
+    its indentation; ``None`` when it has none. A class's own docstring only
+    (not one it inherits), and not the one ``dataclasses`` writes for a class
+    without any (its name and signature)."""
+    if isinstance(obj, type):
+        doc = vars(obj).get("__doc__")
+    elif inspect.ismodule(obj) or inspect.isroutine(obj):
+        doc = obj.__doc__
+    else:  # a callable object or a partial: its class's docstring is not about this handler
+        return None
+    if not isinstance(doc, str):
+        return None
+    if _is_dataclass_type(obj):
+        try:
+            generated = obj.__name__ + str(inspect.signature(obj)).replace(" -> None", "")
+        except (TypeError, ValueError):
+            generated = obj.__name__
+        if doc == generated:
+            return None
+    return inspect.cleandoc(doc) or None
+
+
 def _type_name(tp: object) -> str:
     if isinstance(tp, type) and not typing.get_args(tp):
         return tp.__name__
@@ -879,6 +902,8 @@ class _Codecs:
                 raise _Unsupported(f"enum {tp.__name__}: values must be str or int, {member.name} is {value!r}")
             by_value[(type(value), value)] = member
         self.types.setdefault(tp.__name__, {"enum": [m.value for m in tp]})
+        if (doc := _doc(tp)) is not None:
+            self.types[tp.__name__].setdefault("doc", doc)
 
         def dec(v: Any) -> enum.Enum:
             try:
@@ -1091,6 +1116,8 @@ class _Codecs:
         self.types[cls.__name__] = {"fields": {n: c.name for n, c, _ in fields}}
         if cls.__name__ in self.defaults:
             self.types[cls.__name__]["defaults"] = self.defaults[cls.__name__]
+        if (doc := _doc(cls)) is not None:
+            self.types[cls.__name__]["doc"] = doc
         names = frozenset(n for n, _, _ in fields)
         field_list = ", ".join(n for n, _, _ in fields) or "none"
         required = [n for n, _, has_default in fields if not has_default]
@@ -2099,6 +2126,19 @@ class _Page(typing.NamedTuple):
     event_wants_context: bool = False
     event_types: frozenset[type] = frozenset()  # server events the model takes, PresenceChanged included
     event_codec: _Codec | None = None  # of the events that are dataclasses, for the contract
+    doc: str | None = None  # the page class's (or module's) docstring
+
+    def hook_docs(self) -> dict[str, str]:
+        """The docstrings of the page's hooks and view that have one, for the contract."""
+        hooks = {
+            "view": self.view,
+            "server_init": self.init,
+            "server_update": self.update,
+            "server_event": self.event,
+            "server_presence": self.presence,
+            "server_terminate": self.terminate,
+        }
+        return {name: doc for name, fn in hooks.items() if fn is not None and (doc := _doc(fn)) is not None}
 
     @property
     def stateful(self) -> bool:
@@ -3018,6 +3058,7 @@ class _Registry:
             event_wants_context=event_ctx,
             event_types=frozenset(event_types),
             event_codec=event_codec,
+            doc=_doc(namespace if isinstance(namespace, type) or inspect.ismodule(namespace) else type(namespace)),
         )
         for name, fn in members.items():
             if name.startswith("server_") and name not in _PAGE_HOOKS and callable(fn):
@@ -3190,7 +3231,11 @@ class _Registry:
             doc: dict[str, Any] = {
                 "types": dict(sorted(self.codecs.types.items())),
                 "rpc": {
-                    n: {"result": h.ok.name, "error": h.err.name if h.err else None}
+                    n: {
+                        "result": h.ok.name,
+                        "error": h.err.name if h.err else None,
+                        **({"doc": h_doc} if (h_doc := _doc(h.fn)) is not None else {}),
+                    }
                     for n, h in sorted(self.rpcs.items())
                 },
                 "pages": {
@@ -3201,6 +3246,8 @@ class _Registry:
                         "to_client": p.to_client.name if p.to_client else None,
                         "presence": p.presence_codec.name if p.presence_codec else None,
                         **({"events": sorted(t.__name__ for t in p.event_types)} if p.event_types else {}),
+                        **({"doc": p.doc} if p.doc is not None else {}),
+                        **({"hooks": hooks} if (hooks := p.hook_docs()) else {}),
                     }
                     for p in self.pages
                 },
