@@ -3782,7 +3782,7 @@ document.querySelectorAll("[data-console]").forEach(function (box) {
       if (socket === ws) { socket = null; buttons(false, false); }
       state.textContent = "closed " + event.code;
       entry("note", "closed", "closed: " + event.code + (event.reason ? " " + event.reason : "") +
-        (event.code === 1006 ? " (no closing handshake: refused, e.g. a path that matches no page, or cut)" : ""));
+        (event.code === 1006 ? " (no closing handshake: refused before it opened, or cut)" : ""));
     });
   });
   closeButton.addEventListener("click", function () {
