@@ -660,6 +660,29 @@ def _is_dataclass_type(tp: object) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _doc(obj: Any) -> str | None:
+    """The docstring of a handler, page or type for the contract, cleaned of
+    its indentation; ``None`` when it has none. A class's own docstring only
+    (not one it inherits), and not the one ``dataclasses`` writes for a class
+    without any (its name and signature)."""
+    if isinstance(obj, type):
+        doc = vars(obj).get("__doc__")
+    elif inspect.ismodule(obj) or inspect.isroutine(obj):
+        doc = obj.__doc__
+    else:  # a callable object or a partial: its class's docstring is not about this handler
+        return None
+    if not isinstance(doc, str):
+        return None
+    if _is_dataclass_type(obj):
+        try:
+            generated = obj.__name__ + str(inspect.signature(obj)).replace(" -> None", "")
+        except (TypeError, ValueError):
+            generated = obj.__name__
+        if doc == generated:
+            return None
+    return inspect.cleandoc(doc) or None
+
+
 def _type_name(tp: object) -> str:
     if isinstance(tp, type) and not typing.get_args(tp):
         return tp.__name__
@@ -883,6 +906,8 @@ class _Codecs:
                 raise _Unsupported(f"enum {tp.__name__}: values must be str or int, {member.name} is {value!r}")
             by_value[(type(value), value)] = member
         self.types.setdefault(tp.__name__, {"enum": [m.value for m in tp]})
+        if (doc := _doc(tp)) is not None:
+            self.types[tp.__name__].setdefault("doc", doc)
 
         def dec(v: Any) -> enum.Enum:
             try:
@@ -1095,6 +1120,8 @@ class _Codecs:
         self.types[cls.__name__] = {"fields": {n: c.name for n, c, _ in fields}}
         if cls.__name__ in self.defaults:
             self.types[cls.__name__]["defaults"] = self.defaults[cls.__name__]
+        if (doc := _doc(cls)) is not None:
+            self.types[cls.__name__]["doc"] = doc
         names = frozenset(n for n, _, _ in fields)
         field_list = ", ".join(n for n, _, _ in fields) or "none"
         required = [n for n, _, has_default in fields if not has_default]
@@ -2130,6 +2157,19 @@ class _Page(typing.NamedTuple):
     event_wants_context: bool = False
     event_types: frozenset[type] = frozenset()  # server events the model takes, PresenceChanged included
     event_codec: _Codec | None = None  # of the events that are dataclasses, for the contract
+    doc: str | None = None  # the page class's (or module's) docstring
+
+    def hook_docs(self) -> dict[str, str]:
+        """The docstrings of the page's hooks and view that have one, for the contract."""
+        hooks = {
+            "view": self.view,
+            "server_init": self.init,
+            "server_update": self.update,
+            "server_event": self.event,
+            "server_presence": self.presence,
+            "server_terminate": self.terminate,
+        }
+        return {name: doc for name, fn in hooks.items() if fn is not None and (doc := _doc(fn)) is not None}
 
     @property
     def stateful(self) -> bool:
@@ -3089,6 +3129,7 @@ class _Registry:
             event_wants_context=event_ctx,
             event_types=frozenset(event_types),
             event_codec=event_codec,
+            doc=_doc(namespace if isinstance(namespace, type) or inspect.ismodule(namespace) else type(namespace)),
         )
         self._check_unprefixed(namespace, owner, members, page)
         for name, fn in members.items():
@@ -3293,7 +3334,11 @@ class _Registry:
             doc: dict[str, Any] = {
                 "types": dict(sorted(self.codecs.types.items())),
                 "rpc": {
-                    n: {"result": h.ok.name, "error": h.err.name if h.err else None}
+                    n: {
+                        "result": h.ok.name,
+                        "error": h.err.name if h.err else None,
+                        **({"doc": h_doc} if (h_doc := _doc(h.fn)) is not None else {}),
+                    }
                     for n, h in sorted(self.rpcs.items())
                 },
                 "pages": {
@@ -3304,6 +3349,8 @@ class _Registry:
                         "to_client": p.to_client.name if p.to_client else None,
                         "presence": p.presence_codec.name if p.presence_codec else None,
                         **({"events": sorted(t.__name__ for t in p.event_types)} if p.event_types else {}),
+                        **({"doc": p.doc} if p.doc is not None else {}),
+                        **({"hooks": hooks} if (hooks := p.hook_docs()) else {}),
                     }
                     for p in self.pages
                 },
@@ -3765,8 +3812,13 @@ def _sample(node: _TypeNode, types: dict[str, Any], seen: tuple[str, ...] = ()) 
     }
 
 
-#: The docs page's one script: each RPC form POSTs its fields to /_rally/rpc.
+#: The docs page's one script: each RPC form POSTs its fields to /_rally/rpc;
+#: each page's live console opens that page's WebSocket (numbered frames,
+#: each acknowledged as it arrives unless the box is unticked), sends the
+#: ToServer message of its form and logs every frame both ways.
 _DOCS_JS: Final = """
+"use strict";
+var contract = document.body.dataset.contract;
 document.querySelectorAll("form[data-rpc]").forEach(function (form) {
   form.addEventListener("submit", function (event) {
     event.preventDefault();
@@ -3776,32 +3828,129 @@ document.querySelectorAll("form[data-rpc]").forEach(function (form) {
     } catch (error) { out.className = "error"; out.textContent = "fields: " + error.message; return; }
     out.className = ""; out.textContent = "…";
     fetch("/_rally/rpc", {method: "POST", body: body, headers:
-      {"Content-Type": "application/json", "Rally-Contract": document.body.dataset.contract}})
+      {"Content-Type": "application/json", "Rally-Contract": contract}})
       .then(function (response) { return response.json(); })
       .then(function (reply) { out.className = reply.kind; out.textContent = JSON.stringify(reply, null, 2); },
             function (error) { out.className = "error"; out.textContent = String(error); });
   });
 });
+document.querySelectorAll("[data-console]").forEach(function (box) {
+  var route = box.dataset.console, socket = null, nextSeq = 1;
+  var connect = box.querySelector("form.connect"), sender = box.querySelector("form.send");
+  var log = box.querySelector("ol.log"), state = box.querySelector(".state");
+  var openButton = connect.querySelector("button.open"), closeButton = connect.querySelector("button.close");
+  var sendButton = sender && sender.querySelector("button");
+  function entry(way, kind, text) {
+    var item = document.createElement("li"), arrow = document.createElement("span");
+    var body = document.createElement("code");
+    item.className = way;
+    item.dataset.kind = kind;
+    arrow.textContent = way === "in" ? "←" : way === "out" ? "→" : "•";
+    body.textContent = text;
+    item.append(arrow, body);
+    log.append(item);
+    log.scrollTop = log.scrollHeight;
+  }
+  function write(ws, frame) { ws.send(JSON.stringify(frame)); entry("out", frame.kind, JSON.stringify(frame)); }
+  function buttons(open, ready) {
+    openButton.disabled = open; closeButton.disabled = !open;
+    if (sendButton) sendButton.disabled = !ready;
+  }
+  connect.addEventListener("submit", function (event) {
+    event.preventDefault();
+    if (socket) return;
+    var path = route.replace(/\\{([^}]+)\\}/g, function (_, name) {
+      return encodeURIComponent(connect.elements.namedItem("param-" + name).value);
+    });
+    var ws = socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
+      "/_rally/ws?page=" + encodeURIComponent(path) + "&contract=" + encodeURIComponent(contract) + "&last=0");
+    nextSeq = 1;
+    state.textContent = "connecting";
+    entry("note", "connecting", "connecting to " + path);
+    buttons(true, false);
+    ws.addEventListener("open", function () {
+      state.textContent = "open";
+      buttons(true, true);
+    });
+    ws.addEventListener("message", function (event) {
+      var frame;
+      try { frame = JSON.parse(event.data); } catch (error) { entry("in", "text", String(event.data)); return; }
+      entry("in", String(frame.kind), event.data);
+      if (typeof frame.seq === "number" && (frame.kind === "push" || frame.kind === "presence") &&
+          connect.elements.namedItem("ack").checked) {
+        write(ws, {kind: "ack", seq: frame.seq});
+      }
+    });
+    ws.addEventListener("close", function (event) {
+      if (socket === ws) { socket = null; buttons(false, false); }
+      state.textContent = "closed " + event.code;
+      entry("note", "closed", "closed: " + event.code + (event.reason ? " " + event.reason : "") +
+        (event.code === 1006 ? " (no closing handshake: refused before it opened, or cut)" : ""));
+    });
+  });
+  closeButton.addEventListener("click", function () {
+    if (socket) { state.textContent = "closing"; socket.close(1000); }
+  });
+  box.querySelector("button.clear").addEventListener("click", function () { log.textContent = ""; });
+  if (!sender) return;
+  var picker = sender.elements.namedItem("type"), fields = sender.elements.namedItem("fields");
+  picker.addEventListener("change", function () { fields.value = picker.selectedOptions[0].dataset.sample; });
+  sender.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var parsed;
+    try { parsed = JSON.parse(fields.value); }
+    catch (error) { entry("note", "invalid", "fields: " + error.message); return; }
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      write(socket, {kind: "send", seq: nextSeq++, msg: {type: picker.value, fields: parsed}});
+    }
+  });
+});
 """
+#: ``connect-src 'self'`` covers the page's own WebSocket too (``ws:`` for
+#: ``http:``, ``wss:`` for ``https:``, same host and port), and nothing else.
 _DOCS_CSP: Final = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
     "script-src 'sha256-" + base64.b64encode(hashlib.sha256(_DOCS_JS.encode()).digest()).decode() + "'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 ).encode()
 _DOCS_CSS: Final = """
-body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #1d2230; }
-code, textarea, output { font: 13px/1.4 ui-monospace, monospace; }
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #1d2230; }
+code, textarea, output, select, input { font: 13px/1.4 ui-monospace, monospace; }
+a { color: #1f5fbf; } a code { color: inherit; } h2 { margin-top: 2rem; }
+h3 { margin: .4rem 0; scroll-margin-top: 1rem; } h3 code { font-size: 1em; } h4 { margin: .8rem 0 .3rem; }
+:target, section:target > h3, h3:target { background: #fff4c2; }
+nav p { margin: .2rem 0; } nav a { margin-right: .5rem; }
 table { border-collapse: collapse; margin: .4rem 0; } td, th { border: 1px solid #dde1e8; padding: .2rem .6rem; }
-th { background: #f3f4f7; text-align: left; } section { border-top: 1px solid #dde1e8; padding: .4rem 0 .8rem; }
+th { background: #f3f4f7; text-align: left; font-weight: 600; }
+section { border-top: 1px solid #dde1e8; padding: .4rem 0 .8rem; }
+.doc { color: #3b4256; } .doc p { margin: .3rem 0; } .tag { font-size: 12px; color: #5d6478; }
+dl.hooks { margin: .4rem 0; } dl.hooks dt { float: left; clear: left; margin-right: .6rem; }
+dl.hooks dd { margin: 0 0 .2rem; color: #3b4256; }
 textarea { display: block; width: 100%; box-sizing: border-box; min-height: 4rem; }
 output { display: block; white-space: pre-wrap; margin-top: .4rem; } .ok { color: #176b3a; }
 .err, .error { color: #b22; }
+.console { border: 1px solid #dde1e8; border-radius: 6px; padding: .2rem .8rem .8rem; background: #fbfbfd; }
+.console form { margin: .4rem 0; } .console label { margin-right: .8rem; white-space: nowrap; }
+.console .state { margin-left: .6rem; color: #5d6478; } .console select { margin-bottom: .3rem; }
+ol.log { list-style: none; margin: .3rem 0 0; padding: .3rem .5rem; max-height: 18rem; overflow: auto;
+  background: #fff; border: 1px solid #dde1e8; min-height: 2.2rem; }
+ol.log li { white-space: pre-wrap; word-break: break-all; } ol.log li > span { display: inline-block; width: 1.4rem; }
+ol.log .in { color: #1d2230; } ol.log .out { color: #5d6478; } ol.log .note { color: #5d6478; font-style: italic; }
+ol.log [data-kind=push] { color: #176b3a; } ol.log [data-kind=error] { color: #b22; }
+ol.log [data-kind=presence] { color: #7a3fb0; } ol.log .in[data-kind=ack] { color: #1f5fbf; }
+.log-head { display: flex; justify-content: space-between; align-items: baseline; margin-top: .5rem; }
 """
+#: A type expression's tokens: a JSON string (a ``Literal`` value, never a link) or a name.
+_DOCS_TOKEN_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[^\W\d]\w*')
+#: ``code`` or ````code```` in a docstring.
+_DOCS_CODE_RE: Final = re.compile(r"``([^`]+)``|`([^`]+)`")
 
 
 def _docs_html(contract: dict[str, Any]) -> str:
-    """The ``/_rally/docs`` page of a contract document: pages, RPCs (with a
-    form each that calls it) and types. Every name and value is escaped."""
+    """The ``/_rally/docs`` page of a contract document: pages (with a live
+    console each that has a model or pushes), RPCs (with a form each that
+    calls it) and types, with their docstrings; every type name links to
+    its definition (``#type-Name``). Every name and value is escaped."""
     import html  # only an app whose docs page is read pays for its entity table
 
     esc = html.escape
@@ -3810,37 +3959,111 @@ def _docs_html(contract: dict[str, Any]) -> str:
     def code(text: str | None) -> str:
         return "—" if text is None else f"<code>{esc(text)}</code>"
 
+    def typed(text: str | None) -> str:
+        """A type expression, each of the app's type names a link to its definition."""
+        if text is None:
+            return "—"
+        out, pos = [], 0
+        for m in _DOCS_TOKEN_RE.finditer(text):
+            token = m.group()
+            out.append(esc(text[pos : m.start()]))
+            out.append(f'<a href="#type-{esc(token)}">{esc(token)}</a>' if token in types else esc(token))
+            pos = m.end()
+        return "<code>" + "".join(out) + esc(text[pos:]) + "</code>"
+
+    def doc(text: str | None) -> str:
+        if not text:
+            return ""
+        paragraphs = (
+            _DOCS_CODE_RE.sub(lambda m: f"<code>{m.group(1) or m.group(2)}</code>", esc(p)) for p in text.split("\n\n")
+        )
+        return '<div class="doc">' + "".join(f"<p>{p}</p>" for p in paragraphs) + "</div>"
+
     def fields(name: str) -> str:
         t = types[name]
         if "enum" in t:
             return "<p>enum of " + ", ".join(code(json.dumps(v)) for v in t["enum"]) + "</p>"
         defaults = t.get("defaults", {})
         rows = "".join(
-            f"<tr><td>{esc(f)}</td><td>{code(tp)}</td>"
+            f"<tr><td>{esc(f)}</td><td>{typed(tp)}</td>"
             f"<td>{code(json.dumps(defaults[f])) if f in defaults else 'required'}</td></tr>"
             for f, tp in t["fields"].items()
         )
         return f"<table><tr><th>field<th>type<th>default</tr>{rows}</table>" if rows else "<p>no fields</p>"
 
-    page_rows = "".join(
-        f"<tr><td>{code(path)}</td><td>{code(', '.join(f'{k}: {v}' for k, v in p['params'].items()) or None)}</td>"
-        f"<td>{code(p['to_server'])}</td><td>{code(p['to_client'])}</td><td>{code(p['presence'])}</td></tr>"
-        for path, p in contract["pages"].items()
-    )
+    def sample(name: str) -> str:
+        return json.dumps(_sample(("ref", name), types), indent=2)
+
+    def textarea(text: str, label: str) -> str:
+        return (
+            f'<textarea name="fields" rows="{min(text.count(chr(10)) + 1, 16)}" spellcheck="false" '
+            f'aria-label="{esc(label)}">{esc(text)}</textarea>'
+        )
+
+    def console(path: str, p: dict[str, Any]) -> str:
+        numbers = {"int": 'type="number" step="1" value="1"', "float": 'type="number" step="any" value="1"'}
+        inputs = "".join(
+            f'<label>{esc(k)} <input name="param-{esc(k)}" required '
+            + numbers.get(v, f'value="{esc(k)}"')  # a str parameter starts as its own name
+            + "></label>"
+            for k, v in p["params"].items()
+        )
+        sends = _message_names(p["to_server"])
+        send = ""
+        if sends:
+            options = "".join(f'<option data-sample="{esc(sample(n))}">{esc(n)}</option>' for n in sends)
+            send = (
+                f'<form class="send"><select name="type" aria-label="message type">{options}</select>'
+                f"{textarea(sample(sends[0]), 'fields of the message')}<button disabled>Send</button></form>"
+            )
+        return (
+            f'<div class="console" data-console="{esc(path)}"><h4>Live console</h4><form class="connect">{inputs}'
+            '<label><input type="checkbox" name="ack" checked> acknowledge numbered frames</label>'
+            '<button class="open">Open</button> <button type="button" class="close" disabled>Close</button>'
+            f'<span class="state" role="status">closed</span></form>{send}'
+            '<div class="log-head"><strong>Frames</strong><button type="button" class="clear">Clear</button></div>'
+            '<ol class="log" aria-label="frames"></ol></div>'
+        )
+
+    pages = []
+    for path, p in contract["pages"].items():
+        params = ", ".join(f"{k}: {v}" for k, v in p["params"].items()) or None
+        events = ", ".join(
+            typed(e) if e in types else f'<code title="rally.PresenceChanged, built in">{esc(e)}</code>'
+            for e in p.get("events", ())
+        )
+        hooks = "".join(f"<dt>{code(h)}</dt><dd>{doc(d)}</dd>" for h, d in p.get("hooks", {}).items())
+        watch = p["stateful"] or p["to_client"] or p["presence"] or p.get("events")
+        pages.append(
+            f'<section id="page-{esc(path)}"><h3>{code(path)} <span class="tag">'
+            f"{'stateful' if p['stateful'] else 'not stateful'}</span></h3>{doc(p.get('doc'))}"
+            f"<table><tr><th>params</th><td>{code(params)}</td></tr>"
+            f"<tr><th>sends (ToServer)</th><td>{typed(p['to_server'])}</td></tr>"
+            f"<tr><th>pushes (ToClient)</th><td>{typed(p['to_client'])}</td></tr>"
+            f"<tr><th>server events</th><td>{events or '—'}</td></tr>"
+            f"<tr><th>presence</th><td>{typed(p['presence'])}</td></tr></table>"
+            f"{f'<dl class=hooks>{hooks}</dl>' if hooks else ''}{console(path, p) if watch else ''}</section>"
+        )
     rpcs = []
     for name, r in contract["rpc"].items():
         n = esc(name)
-        sample = json.dumps(_sample(("ref", name), types), indent=2)
-        error = ", or the error " + code(r["error"]) if r["error"] else ""
+        error = ", or the error " + typed(r["error"]) if r["error"] else ""
         rpcs.append(
-            f'<section id="rpc-{n}"><h3>{n}</h3><p>answers {code(r["result"])}{error}</p>{fields(name)}'
-            f'<form data-rpc="{n}"><textarea name="fields" rows="{min(sample.count(chr(10)) + 1, 16)}" '
-            f'spellcheck="false" aria-label="fields of {n}">{esc(sample)}</textarea>'
+            f'<section id="rpc-{n}"><h3 id="type-{n}">{n}</h3>{doc(r.get("doc"))}'
+            f"<p>answers {typed(r['result'])}{error}</p>{fields(name)}"
+            f'<form data-rpc="{n}">{textarea(sample(name), f"fields of {name}")}'
             f"<button>Call {n}</button><output></output></form></section>"
         )
-    others = "".join(
-        f'<section id="type-{esc(n)}"><h3>{esc(n)}</h3>{fields(n)}</section>' for n in types if n not in contract["rpc"]
+    others = [n for n in types if n not in contract["rpc"]]
+    type_sections = "".join(
+        f'<section id="type-{esc(n)}"><h3>{esc(n)}</h3>{doc(types[n].get("doc"))}{fields(n)}</section>' for n in others
     )
+    links = (
+        ("Pages", "".join(f'<a href="#page-{esc(p)}">{code(p)}</a>' for p in contract["pages"])),
+        ("RPCs", "".join(f'<a href="#rpc-{esc(n)}">{esc(n)}</a>' for n in contract["rpc"])),
+        ("Types", "".join(f'<a href="#type-{esc(n)}">{esc(n)}</a>' for n in others)),
+    )
+    nav = "<nav>" + "".join(f"<p>{title}: {items or 'none'}</p>" for title, items in links) + "</nav>"
     digest = esc(contract["hash"])
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
@@ -3848,9 +4071,8 @@ def _docs_html(contract: dict[str, Any]) -> str:
         f'<style>{_DOCS_CSS}</style></head><body data-contract="{digest}">'
         f"<h1>API docs</h1><p>Contract <code>{digest}</code>: "
         '<a href="/_rally/contract">JSON</a> · <a href="/_rally/types.d.ts">TypeScript declarations</a></p>'
-        "<h2>Pages</h2><table><tr><th>route<th>params<th>sends<th>receives<th>presence</tr>"
-        f"{page_rows}</table><h2>RPCs</h2>{''.join(rpcs) or '<p>none</p>'}"
-        f"<h2>Other types</h2>{others or '<p>none</p>'}<script>{_DOCS_JS}</script></body></html>"
+        f"{nav}<h2>Pages</h2>{''.join(pages) or '<p>none</p>'}<h2>RPCs</h2>{''.join(rpcs) or '<p>none</p>'}"
+        f"<h2>Other types</h2>{type_sections or '<p>none</p>'}<script>{_DOCS_JS}</script></body></html>"
     )
 
 

@@ -1307,3 +1307,172 @@ def test_a_page_of_an_allowed_origin_calls_rpc_with_credentials_and_others_are_b
         "OPTIONS /_rally/rpc HTTP/1.1 403",
     ]
     assert f"Origin '{foreign}'" in caplog.text
+
+
+# ==== The docs page: docstrings, type links, the live console ================
+
+
+@dataclasses.dataclass
+class Comment:
+    """One comment on a board."""
+
+    author: str
+    body: str
+
+
+@dataclasses.dataclass
+class Post:
+    """Adds a comment to the board."""
+
+    comment: Comment
+
+
+@dataclasses.dataclass
+class Wipe:
+    pass
+
+
+@dataclasses.dataclass
+class BoardShown:
+    """The board as it is now: its comments, or None before the first."""
+
+    comments: list[Comment] | None
+
+
+@dataclasses.dataclass
+class Pinned:
+    """A server event: a moderator pinned a comment."""
+
+    index: int
+
+
+@dataclasses.dataclass
+class Reader:
+    name: str
+
+
+@dataclasses.dataclass
+class BoardTitle:
+    board: str
+
+
+class Board:
+    """A message board: every reader of a board sees each comment as it is posted."""
+
+    @staticmethod
+    def server_init(name: str) -> tuple[list[Comment], rally.Effect[BoardShown]]:
+        """Opens the board ``name``, empty."""
+        return [], rally.effect.none()
+
+    @staticmethod
+    def server_update(model: list[Comment], msg: Post | Wipe) -> tuple[list[Comment], rally.Effect[BoardShown]]:
+        comments = [*model, msg.comment] if isinstance(msg, Post) else []
+        return comments, rally.effect.broadcast_to_page(BoardShown(comments or None))
+
+    @staticmethod
+    def server_event(model: list[Comment], msg: Pinned) -> tuple[list[Comment], rally.Effect[BoardShown]]:
+        return model, rally.effect.none()
+
+    @staticmethod
+    def server_presence(model: list[Comment]) -> Reader:
+        return Reader(f"{len(model)} comments")
+
+    @staticmethod
+    def server_board_title(msg: BoardTitle) -> str:
+        """The title of a board, as its page shows it."""
+        return "Board " + msg.board
+
+
+def board_app(**options: Any) -> rally.App:
+    app = rally.App(**options)
+    app.page("/boards/{name}", Board)
+    return app
+
+
+@pytest.fixture
+def docs_tab(browser: Browser, tmp_path: Path) -> Iterator[Page]:
+    with board_app().run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
+        page = t.session().new_page()
+        page.on("pageerror", lambda exc: t.errors.append(f"docs: {exc}"))
+        page.on("console", lambda msg: t._console("docs", msg))
+        t.pages.append(page)
+        page.goto(server.url + "/_rally/docs")
+        yield page
+
+
+def test_docs_page_shows_docstrings_and_links_every_type_name_to_its_definition(docs_tab: Page) -> None:
+    page = docs_tab
+    board = page.locator('[id="page-/boards/{name}"]')
+    expect(board.locator(".doc").first).to_have_text(
+        "A message board: every reader of a board sees each comment as it is posted."
+    )
+    expect(board.locator("dl.hooks")).to_contain_text("server_initOpens the board name, empty.")
+    expect(board.locator("tr", has_text="server events")).to_have_text("server eventsPinned")
+    expect(page.locator("#rpc-BoardTitle .doc")).to_have_text("The title of a board, as its page shows it.")
+    expect(page.locator("#type-Comment .doc")).to_have_text("One comment on a board.")
+    expect(page.locator("#type-Wipe .doc")).to_have_count(0)  # no docstring written: none made up
+    # Every link to a type lands on that type's heading (or its section's).
+    links = page.evaluate("""() => [...document.querySelectorAll('a[href^="#type-"]')].map((a) => {
+      const target = document.getElementById(a.getAttribute("href").slice(1));
+      const heading = target && (target.matches("h3") ? target : target.querySelector("h3"));
+      return [a.textContent, heading ? heading.textContent : null];
+    })""")
+    assert len(links) > 10 and all(text == heading for text, heading in links), links
+    field = page.locator("#type-BoardShown tr", has_text="comments")
+    expect(field.locator("td").nth(1)).to_have_text("list[Comment] | None")
+    field.locator('a[href="#type-Comment"]').click()
+    expect(page).to_have_url(re.compile(r"#type-Comment$"))
+    expect(page.locator("#type-Comment h3")).to_have_text("Comment")
+    expect(page.locator("#type-Comment h3")).to_be_in_viewport()
+    board.locator("tr", has_text="sends").locator('a[href="#type-Post"]').click()
+    expect(page.locator("#type-Post h3")).to_be_in_viewport()
+
+
+def test_docs_console_opens_a_page_sends_and_logs_pushes_presence_and_acks(docs_tab: Page) -> None:
+    page = docs_tab
+    console = page.locator('[id="page-/boards/{name}"] .console')
+    log = console.locator("ol.log")
+    send = console.locator("form.send button")
+    expect(send).to_be_disabled()
+    console.locator("input[name=param-name]").fill("lobby")
+    console.locator("button.open").click()
+    expect(console.locator(".state")).to_have_text("open")
+    expect(log.locator("li.in[data-kind=hello]")).to_contain_text('"resumed":false')
+    expect(log.locator("li.in[data-kind=presence]")).to_contain_text('"meta":{"name":"0 comments"}')
+    expect(log.locator("li.out[data-kind=ack]")).to_have_text(['→{"kind":"ack","seq":1}'])  # the presence frame's
+    # The type picker fills in each message's sample; Post's is edited and sent.
+    console.locator("select[name=type]").select_option("Wipe")
+    expect(console.locator("form.send textarea")).to_have_value("{}")
+    console.locator("select[name=type]").select_option("Post")
+    sample = json.loads(console.locator("form.send textarea").input_value())
+    assert sample == {"comment": {"author": "", "body": ""}}
+    console.locator("form.send textarea").fill(json.dumps({"comment": {"author": "Ann", "body": "hi there"}}))
+    send.click()
+    expect(log.locator("li.out[data-kind=send]")).to_contain_text('"seq":1,"msg":{"type":"Post"')
+    pushed = '"msg":{"type":"BoardShown","fields":{"comments":[{"author":"Ann","body":"hi there"}]}}'
+    expect(log.locator("li.in[data-kind=push]")).to_contain_text(pushed)
+    expect(log.locator("li.in[data-kind=ack]")).to_have_text(['←{"kind":"ack","seq":1}'])  # the send's
+    expect(log.locator("li.out[data-kind=ack]")).to_have_count(3)  # the push's and the presence update's
+    kinds = log.locator("li").evaluate_all("(items) => items.map((li) => li.className + ' ' + li.dataset.kind)")
+    assert kinds.index("in push") < kinds.index("in ack")  # the push came before the ack of its send
+    # A value the contract refuses comes back as an error on the log; the socket stays open.
+    console.locator("form.send textarea").fill(json.dumps({"comment": {"author": 1, "body": ""}}))
+    send.click()
+    expect(log.locator("li.in[data-kind=error]")).to_contain_text("expected str, got int")
+    console.locator("button.close").click()
+    expect(console.locator(".state")).to_have_text("closed 1000")
+    expect(log.locator("li[data-kind=closed]")).to_have_text("•closed: 1000")
+    expect(send).to_be_disabled()
+    expect(console.locator("button.open")).to_be_enabled()
+
+
+def test_docs_false_answers_404_and_the_pages_still_work(browser: Browser, tmp_path: Path) -> None:
+    with board_app(docs=False).run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
+        page = t.session().new_page()
+        t.pages.append(page)
+        response = page.goto(server.url + "/_rally/docs")
+        assert response is not None and response.status == 404
+        response = page.goto(server.url + "/boards/lobby")
+        assert response is not None and response.status == 200
+        page.evaluate("rally.onStatus((status) => { document.title = status; })")
+        expect(page).to_have_title("open")

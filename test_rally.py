@@ -1082,6 +1082,65 @@ def test_contract_document_lists_types_rpcs_pages_and_hash() -> None:
     assert changed.contract["hash"] != doc["hash"]
 
 
+@dataclass
+class Documented:
+    """A message with a docstring.
+
+    Its second paragraph, indented in the source."""
+
+    text: str
+
+
+@dataclass
+class Undocumented:  # dataclasses writes "Undocumented(n: int = 0)" as its __doc__
+    n: int = 0
+
+
+@dataclass
+class InheritsADocstring(Documented):
+    pass
+
+
+class Shade(enum.Enum):
+    """A shade of grey."""
+
+    LIGHT = "light"
+
+
+class DocumentedPage:
+    """The page's own docstring."""
+
+    def server_init() -> tuple[int, rally.Effect[Undocumented]]:
+        """Starts at zero."""
+        return 0, rally.effect.none()
+
+    def server_update(model: int, msg: Documented | InheritsADocstring) -> tuple[int, rally.Effect[Undocumented]]:
+        return model + 1, rally.effect.send_to_client(Undocumented(model + 1))
+
+    def server_shade(msg: Undocumented) -> Shade:
+        """Answers a shade."""
+        return Shade.LIGHT
+
+    def server_plain(msg: ServerLoadTitle) -> str:
+        return msg.slug
+
+
+def test_contract_carries_written_docstrings_and_skips_generated_ones() -> None:
+    assert Undocumented.__doc__ == "Undocumented(n: int = 0)"  # what the contract must not show
+    app = rally.App()
+    app.page("/documented", DocumentedPage)
+    doc = app.contract
+    written = "A message with a docstring.\n\nIts second paragraph, indented in the source."
+    assert doc["types"]["Documented"]["doc"] == written
+    assert "doc" not in doc["types"]["Undocumented"] and "doc" not in doc["types"]["InheritsADocstring"]
+    assert doc["types"]["Shade"] == {"enum": ["light"], "doc": "A shade of grey."}
+    assert doc["rpc"]["Undocumented"] == {"result": "Shade", "error": None, "doc": "Answers a shade."}
+    assert "doc" not in doc["rpc"]["ServerLoadTitle"]
+    page = doc["pages"]["/documented"]
+    assert (page["doc"], page["hooks"]) == ("The page's own docstring.", {"server_init": "Starts at zero."})
+    assert "doc" not in article_app().contract["pages"]["/articles/{slug}"]
+
+
 # ==== End to end: HTTP ======================================================
 
 
