@@ -240,7 +240,7 @@ _CLIENT_ACK_EVERY: Final = 16
 #: Envelope ids: a safe integer or a string of at most this many characters.
 _MAX_ID_CHARS: Final = 64
 #: RPC answers kept by idempotency key, in number and in bytes: per session,
-#: and for all sessions (README, "Delivery across reconnects").
+#: and for all sessions (docs/delivery.md, "Delivery across reconnects").
 _MAX_SESSION_ANSWERS: Final = 1_000
 _MAX_SESSION_ANSWER_BYTES: Final = 1024 * 1024
 _MAX_ANSWERS: Final = 10_000
@@ -653,7 +653,7 @@ class _Codec:
 
 
 class _Unsupported(Exception):
-    """An annotation outside the contract (README "The contract: types on the wire"), found while building a codec."""
+    """An annotation outside the contract (docs/contract.md), found while building a codec."""
 
 
 def _is_dataclass_type(tp: object) -> bool:
@@ -1322,7 +1322,7 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode("ascii")
 
 
-# Envelopes (README "Wire protocol").
+# Envelopes (docs/protocol.md "Wire protocol").
 
 _ERROR_STATUS: Final = {
     "invalid": 400,
@@ -1357,7 +1357,7 @@ def _ack(seq: int) -> bytes:
 
 
 def _hello(token: str, resumed: bool, ack: int) -> bytes:
-    """The first frame of every page connection (README "Delivery across reconnects")."""
+    """The first frame of every page connection (docs/delivery.md "Delivery across reconnects")."""
     return _ws_frame(_dumps({"kind": "hello", "resume": token, "resumed": resumed, "ack": ack}))
 
 
@@ -1892,7 +1892,7 @@ _REASONS: Final = {
 }
 
 # Sessions: the cookie carries a random id and its HMAC, so the server
-# accepts only ids it issued (README "Sessions, topics and broadcast").
+# accepts only ids it issued (docs/delivery.md "Sessions, topics and broadcast").
 
 _SESSION_RE: Final = re.compile(r"(?:^|;)\s*rally_session=([0-9a-f]{32})\.([0-9a-f]{32})\s*(?:;|$)")
 
@@ -2265,7 +2265,7 @@ _EMPTY: Final[list[Any]] = []
 
 class _Broker(typing.Protocol):
     """What dispatch and the server ask of a broker that carries an app's
-    broadcasts to its other processes (``RedisBroker``, README "Scaling
+    broadcasts to its other processes (``RedisBroker``, docs/scaling.md "Scaling
     out"): the whole interface between them. The broker calls back only
     the registry's public methods and ``_Topics.publish``/``close``."""
 
@@ -2314,7 +2314,7 @@ class _PresenceEntry(typing.NamedTuple):
 
 class _PresenceTable:
     """Every process's presence entries by page path and connection id
-    (README "Presence"), and the frames that tell of them; pure: no
+    (docs/api.md "Presence"), and the frames that tell of them; pure: no
     sockets, no sessions, no loop.
 
     Own entries change by ``put`` and ``drop``; another process's by
@@ -2520,13 +2520,13 @@ class _PresenceTable:
 
 
 class _Topics:
-    """Topic name -> the page sessions in it (README "Broadcast"), and the
+    """Topic name -> the page sessions in it (docs/delivery.md "Sessions, topics and broadcast"), and the
     presence joins of this turn of the event loop.
 
     ``members`` holds only non-empty sets, so an app with no connections
     holds no topics; an ended session is never let in. ``broadcast`` is
     ``publish`` here plus one message to the other processes when the app
-    has a broker (README "Scaling out"); the broker's listener calls
+    has a broker (docs/scaling.md "Scaling out"); the broker's listener calls
     ``publish`` for what the others send.
 
     Presence joins wait in ``joining`` until the end of the event loop's
@@ -2733,7 +2733,7 @@ class _Shelf:
 
 
 class _Answers:
-    """RPC answers by session and idempotency key (README, "Delivery across
+    """RPC answers by session and idempotency key (docs/delivery.md, "Delivery across
     reconnects"): a call retried over HTTP or after a reconnect within
     ``window`` seconds of the first call's answer gets that answer, and the
     handler runs once.
@@ -3454,7 +3454,7 @@ class _Registry:
         before any is delivered: ``(scope, target, frame, type)`` appended to
         ``out`` (a subscription or a watch has no frame). A broadcast may
         carry the page's push types and any page's server event types
-        (README "Server events"). Raises ``_Bad`` for a value that is not an
+        (docs/api.md "Server events"). Raises ``_Bad`` for a value that is not an
         Effect, a type the page may not send, a ``broadcast_to_page(page=...)``
         to a page that declares neither, or a watch of a page that has
         ``server_event`` without ``rally.PresenceChanged``."""
@@ -3594,7 +3594,7 @@ def _parse_type(text: str) -> _TypeNode:
         rest = [t for t in terms if t != ("scalar", "None")]
         if len(terms) == 1 or not rest:
             return terms[0]
-        # Unions are T | None, or of dataclasses, and those are tagged (README "The contract: types on the wire").
+        # Unions are T | None, or of dataclasses, and those are tagged (docs/contract.md).
         node = rest[0] if len(rest) == 1 else ("tagged", tuple(t[1] for t in rest))
         return node if len(rest) == len(terms) else ("optional", node)
 
@@ -4082,8 +4082,8 @@ def _frame_size(payload_bytes: int) -> int:
 
 
 class _Replay:
-    """The numbered frames of one resumable page connection (README
-    "Delivery across reconnects"); pure. Out: the next push ``seq``, the
+    """The numbered frames of one resumable page connection
+    (docs/delivery.md "Delivery across reconnects"); pure. Out: the next push ``seq``, the
     frames written and not yet acknowledged, each counted in the bytes it
     takes on the wire, and the ``floor`` below which the page cannot
     resume.
@@ -4173,7 +4173,7 @@ class _Replay:
 class _HeldPages:
     """Page sessions that may be resumed, by resume token, those of them
     held without a connection with their expiry timers, and the bytes every
-    resumable page holds (README "Delivery across reconnects").
+    resumable page holds (docs/delivery.md "Delivery across reconnects").
 
     ``hold`` keeps a session whose connection was lost for
     ``resume_window`` seconds, at most ``max_connections`` of them;
@@ -4303,7 +4303,7 @@ class _PageSession:
     """One page connection's life, without sockets: its model, its ``send``
     messages handled in order, its in-flight RPCs (at most
     ``max_concurrent_rpcs``), the effects of its handlers, its topics and
-    presence, and its numbered frames (README "Delivery across reconnects").
+    presence, and its numbered frames (docs/delivery.md "Delivery across reconnects").
 
     Its ``state`` moves along ``_PAGE_MOVES`` in ``_move`` only: STARTING
     until ``server_init`` returns, LIVE, DETACHED while held for a resume
@@ -4420,7 +4420,7 @@ class _PageSession:
         self.peer.write_frame(_ws_frame(payload) if replay is None else replay.number(payload))
 
     def event(self, msg: Any) -> None:
-        """A server event for the model (README "Server events"): applied
+        """A server event for the model (docs/api.md "Server events"): applied
         by ``server_event`` in order with the sends, never two at once; it
         waits while ``server_init`` runs. At most ``max_pending_messages``
         events wait: past that the page ends like a slow consumer (1013)."""
@@ -5044,7 +5044,7 @@ _FAILED: Final = object()  # a handler raised
 
 # API descriptions: OpenAPI 3.1 of POST /_rally/rpc and AsyncAPI 3.0 of the
 # page sockets, two more views made from the very dict GET /_rally/contract
-# serves (README "API descriptions"). Their schemas are JSON Schema: 2020-12
+# serves (docs/contract.md "API descriptions"). Their schemas are JSON Schema: 2020-12
 # in OpenAPI 3.1, draft 07 in AsyncAPI 3.0 (its default schema format).
 
 #: The JSON Schema of each contract scalar.
@@ -5180,7 +5180,7 @@ class _Schemas:
                 "errors": {"type": "array", "items": self.ref("rally.ErrorItem")},
             },
             ["seq"],
-            description='An error envelope (README "Wire protocol"): null id for an answer to a send or to '
+            description='An error envelope (docs/protocol.md "Wire protocol"): null id for an answer to a send or to '
             "a frame without an id; seq of a refused numbered send",
         )
         for name, rpc in self.contract["rpc"].items():
@@ -5327,7 +5327,7 @@ def _asyncapi(contract: dict[str, Any]) -> str:
                 "rally.ack",
                 "ack",
                 s.obj({"kind": {"const": "ack"}, "seq": {**seq, "minimum": 0}}),
-                'The page has every numbered frame up to seq (README "Delivery across reconnects")',
+                'The page has every numbered frame up to seq (docs/delivery.md "Delivery across reconnects")',
             )
             if contract["rpc"]:
                 out["rally.rpc"] = message(
@@ -5362,7 +5362,7 @@ def _asyncapi(contract: dict[str, Any]) -> str:
                     "ack": {**seq, "minimum": 0},
                 }
             ),
-            'First frame to a page that said &last= (README "Delivery across reconnects")',
+            'First frame to a page that said &last= (docs/delivery.md "Delivery across reconnects")',
         )
         return out
 
@@ -6074,12 +6074,12 @@ _NO_BROKER: Final = {
 # message, so the sender receives exactly once. Across processes delivery is
 # at most once (as Phoenix.PubSub): while Redis is unreachable local delivery
 # goes on and remote deliveries are dropped and counted. One channel per app,
-# filtered where it arrives, is the simple correct design; README's "Scaling
-# out" weighs it against a channel per topic, measured by bench/channels.py.
+# filtered where it arrives, is the simple correct design; docs/scaling.md
+# "Scaling out" weighs it against a channel per topic, measured by bench/channels.py.
 #
 # Every message is signed: it starts with the HMAC-SHA256 of the rest, keyed
 # with HMAC-SHA256(secret, "rally broker\n" + channel), the app's ``secret``
-# being one that all its processes share (README, "Scaling out"). A message
+# being one that all its processes share (docs/scaling.md, "Scaling out"). A message
 # without the right MAC, whoever PUBLISHed it, is dropped before anything in
 # it is read, so Redis access alone cannot push frames to browsers, close
 # sessions or change presence. A push frame from another process is also
@@ -6256,7 +6256,7 @@ class _Processes:
 
 class RedisBroker:
     """Carries an app's broadcasts to its other processes through Redis
-    pub/sub (README, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
+    pub/sub (docs/scaling.md, "Scaling out"): ``rally.App(broker=rally.RedisBroker(url))``,
     ``rally.App(broker=url)``, or ``RALLY_BROKER`` in the environment when the
     app names none.
 
@@ -6480,7 +6480,7 @@ class RedisBroker:
                 self._queue_state()
 
     def health(self) -> dict[str, Any]:
-        """The ``broker`` part of ``GET /_rally/health`` (README "Scaling
+        """The ``broker`` part of ``GET /_rally/health`` (docs/scaling.md "Scaling
         out"). ``connections`` maps each process of ``processes`` to its page
         connections: this one's now, another's as its last heartbeat,
         ``hello`` or ``state`` said (a process whose count has not come yet

@@ -1,4 +1,4 @@
-"""Tests of rally.py across processes (README, "Scaling out"): three server processes
+"""Tests of rally.py across processes (docs/scaling.md, "Scaling out"): three server processes
 share one real redis-server, which a fixture starts on a free loopback port
 (Debian's redis-server) and a test kills and starts again. Rules as in
 test_rally.py: loopback only, a bound on every wait, no sleep standing in for

@@ -1,5 +1,5 @@
-"""Limits, faults and load: every limit of README "Limits" at N and N+1, the
-failure rules of README "The contract", "Wire protocol" and "Sessions, topics
+"""Limits, faults and load: every limit of docs/limits.md "Limits" at N and N+1, the
+failure rules of docs/contract.md "The contract", "Wire protocol" and "Sessions, topics
 and broadcast", sessions and hosts, shutdown, and the failure
 paths of the Python client, against a running server on 127.0.0.1.
 
@@ -744,7 +744,7 @@ def fragmented(*payloads: str) -> bytes:
     return b"".join(frames) + client.send(wsproto.events.TextMessage(data=last, message_finished=True))
 
 
-FRAGMENT = 64  # the README: each frame of a fragmented message counts at least 64 bytes
+FRAGMENT = 64  # docs/limits.md: each frame of a fragmented message counts at least 64 bytes
 
 
 @pytest.mark.parametrize(

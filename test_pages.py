@@ -8,7 +8,7 @@ transport would do, on the same loop steps. The pure parts (``_Replay``,
 property test drives many page sessions through random interleavings of
 sends, pushes, broadcasts, acks, cuts, resumes, close_session, slow
 consumers, failing ``server_init`` and shutdown, and checks the invariants
-of README "Delivery across reconnects" after every step.
+of docs/delivery.md "Delivery across reconnects" after every step.
 """
 
 import asyncio

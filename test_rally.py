@@ -47,7 +47,7 @@ import rally
 WAIT = 5.0  # seconds: the bound on any single wait in these tests
 
 
-# ==== Shared types and the Article app of README "Example" ====================
+# ==== Shared types and the Article app of README "A page" ====================
 
 
 @dataclass
@@ -2110,7 +2110,7 @@ async def test_a_foreign_origin_is_refused_without_cors_headers_before_and_after
             for status, headers, _ in (preflight, post):
                 assert status == 403, origin
                 assert cors_headers(headers) == {}, origin
-        # Two Origin headers, even both allowed, are refused (README "Threat model").
+        # Two Origin headers, even both allowed, are refused (docs/security.md "Threat model").
         twice = [(b"origin", CORS_ORIGIN.encode()), (b"origin", CORS_ORIGIN.encode())]
         repeated = await rpc_call(server, b"OPTIONS", [*twice, (b"access-control-request-method", b"POST")])
         assert repeated[0] == 403 and cors_headers(repeated[1]) == {}
@@ -3402,7 +3402,7 @@ async def test_send_with_a_bad_seq_is_invalid(seq: Any) -> None:
             assert await next_frame(ws) == {"kind": "ack", "seq": 3}
 
 
-# ==== Delivery across reconnects (README "Delivery across reconnects") ========
+# ==== Delivery across reconnects (docs/delivery.md "Delivery across reconnects") ========
 
 
 class CutProxy:
@@ -4400,9 +4400,37 @@ def python_in(directory: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=directory, env=env, capture_output=True, text=True, timeout=60)
 
 
+def test_readme_is_a_front_door_whose_every_python_block_runs() -> None:
+    """README stays short (the deep material is in docs/), and every Python
+    block in it is marked runnable, so the tests below run it."""
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 400, "README.md is the front door: move detail to docs/"
+    assert text.count("```python") == len(readme_blocks()) == 3
+    for link in re.findall(r"\]\((docs/[a-z]+\.md)", text):
+        assert os.path.exists(os.path.join(os.path.dirname(__file__), link)), link
+
+
+async def test_readme_hello_answers_as_its_curl_line_says(tmp_path: Any) -> None:
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    [(body, answer)] = re.findall(r"curl -s localhost:8000/_rally/rpc .*?-d '(.*?)'\n# (.*?)\n", text, re.S)
+    (tmp_path / "hello.py").write_text(readme_blocks()["hello.py"])
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import hello
+    finally:
+        sys.path.remove(str(tmp_path))
+    async with rally.TestClient(hello.app) as client:
+        status, _, got = await client.request(
+            "POST", "/_rally/rpc", body.encode(), headers=[("content-type", "application/json")]
+        )
+    assert status == 200 and json.loads(got) == json.loads(answer)
+
+
 def test_readme_examples_run_as_pasted(tmp_path: Any) -> None:
     blocks = readme_blocks()
-    assert set(blocks) == {"example.py", "client.py"}
+    assert set(blocks) == {"hello.py", "example.py", "client.py"}
     for name, code in blocks.items():
         (tmp_path / name).write_text(code)
     run = python_in(tmp_path, "client.py")
@@ -4607,7 +4635,7 @@ def test_cli_reload_with_workers_is_refused(tmp_path: Any) -> None:
     assert run.returncode == 1 and run.stderr.endswith("; did you mean appmod:app?\n")
 
 
-# ==== Pages that react to the server (README "Server events") ================
+# ==== Pages that react to the server (docs/api.md "Server events") ================
 
 
 @dataclass
@@ -4914,7 +4942,7 @@ def test_the_wheel_installs_under_its_distribution_name_into_a_fresh_venv(tmp_pa
     assert version == rally.__version__ and str(venv) in where
 
 
-# ==== The broker's messages, without Redis (README "Scaling out") ============
+# ==== The broker's messages, without Redis (docs/scaling.md "Scaling out") ============
 
 
 def test_broker_wire_signs_reads_and_refuses_what_another_secret_or_channel_signed() -> None:

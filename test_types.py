@@ -495,13 +495,13 @@ def test_the_demos_javascript_passes_tsc_against_its_declarations(tmp_path: Path
     assert [d.split(": error ")[1][:6] for d in tsc_demo(tmp_path, declarations, broken)] == ["TS2322"]
 
 
-# README's example, against the Article app of test_rally.py.
+# The typed example of docs/contract.md, against the Article app of test_rally.py.
 
 
 @needs_tsc
 def test_readmes_example_passes_but_for_the_two_mistakes_it_shows(tmp_path: Path) -> None:
-    readme = (Path(__file__).parent / "README.md").read_text()
-    example = re.search(r"## Typed browser code.*?```js\n// @ts-check\n.*?\n(.*?)```", readme, re.S)
+    contract_doc = (Path(__file__).parent / "docs" / "contract.md").read_text()
+    example = re.search(r"## Typed browser code.*?```js\n// @ts-check\n.*?\n(.*?)```", contract_doc, re.S)
     assert example is not None
     article = article_app()
     lines = example.group(1).splitlines()

@@ -6,7 +6,7 @@ processes sharing one redis-server, many pages.
 
 rally.py's broker PUBLISHes every broadcast of an app on one channel that
 every process of the app subscribes to; each process drops what none of its
-connections wants (README, "Scaling out"). The other design is a channel per
+connections wants (docs/scaling.md, "Scaling out"). The other design is a channel per
 topic: a process SUBSCRIBEs to ``<prefix>:t:<topic>`` while the topic has a
 member there (and UNSUBSCRIBEs when its last member leaves), and a broadcast
 goes to its topic's channel, so Redis sends it only to the processes that

@@ -6,7 +6,7 @@ MODE: http (one request in flight per connection), ws (a window of 32
 round trips in flight per connection), broadcast (SECONDS is the number of
 rounds), idle (opens the connections, says "open", waits for stdin to close).
 With ``--resume`` after SERVER_PID, every connection opens with ``&last=0``
-(README "Delivery across reconnects") and, like the browser client, reads the hello first and
+(docs/delivery.md "Delivery across reconnects") and, like the browser client, reads the hello first and
 acknowledges numbered pushes every 32 frames or 5 s after the first it has
 not acknowledged.
 """

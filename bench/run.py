@@ -11,7 +11,7 @@ number is a floor for that server, not its limit. Ratios are to uvicorn
 (h11 + wsproto) + Starlette, measured in the same run.
 
 rally.py's WebSocket measures are taken twice, each on a fresh server: plain,
-and with the resume protocol on (README "Delivery across reconnects": ``&last=0`` on every page
+and with the resume protocol on (docs/delivery.md "Delivery across reconnects": ``&last=0`` on every page
 connection, the load generator acknowledging pushes as the browser client
 does); the table "Resume protocol on/off" gives their ratio.
 """
