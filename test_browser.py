@@ -1227,6 +1227,41 @@ def test_close_4003_refused_is_for_good(browser: Browser, tmp_path: Path) -> Non
         assert doorman.knocks == [] and doorman.calls == []
 
 
+class Bouncer:
+    """The door, refusing every page: its server_init raises rally.Refuse."""
+
+    @staticmethod
+    def view() -> str:
+        return DOOR_HTML
+
+    @staticmethod
+    def server_init(server_context: rally.ServerContext) -> tuple[PadModel, rally.Effect[Note]]:
+        server_context.state.sessions.append(server_context.session_id)
+        raise rally.Refuse("banned from this room")
+
+
+def test_a_page_refused_by_server_init_stops_with_4003_and_its_reason(browser: Browser, tmp_path: Path) -> None:
+    doorman = Doorman()
+    app = rally.App(state=doorman)
+    app.page("/bouncer", Bouncer)
+    with app.run_in_thread(access_log=False) as server, tabs(browser, server.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to",)
+        context = t.session()
+        context.clock.install()  # the page's timers: a reconnection loop would run on them
+        page = context.new_page()
+        page.on("pageerror", lambda exc: t.errors.append(f"/bouncer: {exc}"))
+        page.goto(t.base + "/bouncer")
+        t.pages.append(page)
+        expect(page.locator("#status")).to_have_text("closed")
+        expect(page.locator("#info")).to_have_text('{"code":4003,"reason":"banned from this room"}')
+        page.evaluate("track('send', rally.send('Knock', {text: 'let me in'}))")
+        expect(page.locator("#send")).to_have_text("rejected closed")
+        page.clock.run_for(60_000)
+        expect(page.locator("#status")).to_have_text("closed")
+        assert len(doorman.sessions) == 1  # one server_init: no reconnect loop
+        assert app.connections() == 0
+
+
 # ==== Cross-origin RPC ========================================================
 
 
