@@ -1509,5 +1509,7 @@ def test_docs_false_answers_404_and_the_pages_still_work(browser: Browser, tmp_p
         assert response is not None and response.status == 404
         response = page.goto(server.url + "/boards/lobby")
         assert response is not None and response.status == 200
-        page.evaluate("rally.onStatus((status) => { document.title = status; })")
+        # In a function that returns nothing: Playwright calls a function an expression
+        # evaluates to, and the unsubscribe function onStatus returns would end the watch.
+        page.evaluate("() => { rally.onStatus((status) => { document.title = status; }); }")
         expect(page).to_have_title("open")
