@@ -663,8 +663,8 @@ def _is_dataclass_type(tp: object) -> bool:
 def _doc(obj: Any) -> str | None:
     """The docstring of a handler, page or type for the contract, cleaned of
     its indentation; ``None`` when it has none. A class's own docstring only
-    (not one it inherits), and not the one ``dataclasses`` writes for a class
-    without any (its name and signature)."""
+    (not one it inherits), and not the ones ``dataclasses`` and ``enum`` write
+    for a class without any."""
     if isinstance(obj, type):
         doc = vars(obj).get("__doc__")
     elif inspect.ismodule(obj) or inspect.isroutine(obj):
@@ -672,6 +672,8 @@ def _doc(obj: Any) -> str | None:
     else:  # a callable object or a partial: its class's docstring is not about this handler
         return None
     if not isinstance(doc, str):
+        return None
+    if isinstance(obj, enum.EnumMeta) and doc == "An enumeration.":  # the one Python 3.10 gives every Enum
         return None
     if _is_dataclass_type(obj):
         try:
