@@ -7363,10 +7363,11 @@ class _WsConn(_Conn):
             return
         self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
         up, self.resuming = self.resuming, None
+        session = self.session
         if up is None:
-            self.session.start()
-        elif self.session.attach(self, up.last):  # type: ignore[union-attr]
-            self.ctx = self.session.ctx  # type: ignore[union-attr]
+            session.start()
+        elif isinstance(session, _PageSession) and session.attach(self, up.last):
+            self.ctx = session.ctx
         else:  # it ended, or gave its frames up, since the request was routed: a fresh page
             assert up.page is not None
             srv = self.srv
