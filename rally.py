@@ -4440,7 +4440,8 @@ class _PageSession:
                 self.cid,
                 limit,
             )
-            self.close(1013, "too many server events waiting")
+            # On the next step: this may be the middle of a broadcast to others.
+            asyncio.get_running_loop().call_soon(self.close, 1013, "too many server events waiting")
             return
         self.pending.append((_Event(msg), None))
         if ready and self.worker is None:
