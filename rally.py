@@ -4915,16 +4915,28 @@ class _PageSession:
             if topics.broker is not None:
                 topics.broker.presence(path, _EMPTY, [cid])
 
+    def _call(self, hook: Callable[..., Any] | None, wants_ctx: bool, msg: Any, what: str) -> Any:
+        """Run a plain ``(model, msg[, server_context])`` hook; ``_FAILED`` if it raised (logged)."""
+        assert hook is not None
+        try:
+            return hook(*((self.model, msg, self.ctx) if wants_ctx else (self.model, msg)))
+        except Exception:
+            _logger.exception("%s of page %s raised on %s", what, self.page.name, type(msg).__name__)
+            return _FAILED
+
+    async def _await(self, hook: Callable[..., Any] | None, wants_ctx: bool, msg: Any, what: str) -> Any:
+        """Run an ``async`` hook within ``handler_timeout``; ``_FAILED`` if it failed (logged)."""
+        assert hook is not None
+        try:
+            coro = hook(*((self.model, msg, self.ctx) if wants_ctx else (self.model, msg)))
+            return await asyncio.wait_for(coro, self.reg.limits.handler_timeout)
+        except Exception:
+            _logger.exception("%s of page %s failed on %s", what, self.page.name, type(msg).__name__)
+            return _FAILED
+
     def _update_now(self, value: Any, seq: int | None) -> None:
         page = self.page
-        assert page.update is not None
-        args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
-        try:
-            result = page.update(*args)
-        except Exception:
-            _logger.exception("server_update of page %s raised on %s", page.name, type(value).__name__)
-            result = _FAILED
-        self._updated(result, seq)
+        self._updated(self._call(page.update, page.update_wants_context, value, "server_update"), seq)
 
     def _updated(self, result: Any, seq: int | None) -> None:
         """Apply what ``server_update`` returned, unless the page ended
@@ -4940,18 +4952,11 @@ class _PageSession:
 
     def _event_now(self, msg: Any) -> None:
         page = self.page
-        assert page.event is not None
-        args = (self.model, msg, self.ctx) if page.event_wants_context else (self.model, msg)
-        try:
-            result = page.event(*args)
-        except Exception:
-            _logger.exception("server_event of page %s raised on %s", page.name, type(msg).__name__)
-            return
-        self._evented(result)
+        self._evented(self._call(page.event, page.event_wants_context, msg, "server_event"))
 
     def _evented(self, result: Any) -> None:
-        """Apply what ``server_event`` returned, unless the page ended meanwhile."""
-        if self.state is not _PageState.ENDED:
+        """Apply what ``server_event`` returned, unless it failed or the page ended meanwhile."""
+        if result is not _FAILED and self.state is not _PageState.ENDED:
             self._apply(result, "server_event")
 
     async def _drain(self) -> None:
@@ -4963,29 +4968,17 @@ class _PageSession:
                 value, seq = self.pending.pop(0)
                 self._flow()
                 if type(value) is _Event:
-                    if not page.event_is_async:
+                    if page.event_is_async:
+                        self._evented(
+                            await self._await(page.event, page.event_wants_context, value.msg, "server_event")
+                        )
+                    else:
                         self._event_now(value.msg)
-                        continue
-                    assert page.event is not None
-                    args = (self.model, value.msg, self.ctx) if page.event_wants_context else (self.model, value.msg)
-                    try:
-                        result = await asyncio.wait_for(page.event(*args), self.reg.limits.handler_timeout)
-                    except Exception:
-                        _logger.exception("server_event of page %s failed on %s", page.name, type(value.msg).__name__)
-                        continue
-                    self._evented(result)
-                    continue
-                if not page.update_is_async:
+                elif page.update_is_async:
+                    result = await self._await(page.update, page.update_wants_context, value, "server_update")
+                    self._updated(result, seq)
+                else:
                     self._update_now(value, seq)
-                    continue
-                assert page.update is not None
-                args = (self.model, value, self.ctx) if page.update_wants_context else (self.model, value)
-                try:
-                    result = await asyncio.wait_for(page.update(*args), self.reg.limits.handler_timeout)
-                except Exception:
-                    _logger.exception("server_update of page %s failed on %s", page.name, type(value).__name__)
-                    result = _FAILED
-                self._updated(result, seq)
         finally:
             self.worker = None
 
