@@ -8763,7 +8763,9 @@ _CLIENT_JS: Final = r"""
       var waiting = 0;
       sends.forEach(function (other) { if (!other.sent) waiting++; });
       if (waiting >= MAX_QUEUE) {
-        var oldest = sends.keys().next().value;
+        // The oldest never written: one written already may have been applied.
+        var oldest = null;
+        sends.forEach(function (other, s) { if (oldest === null && !other.sent) oldest = s; });
         var err = new Error("rally: more than " + MAX_QUEUE + " sends while disconnected; dropped the oldest");
         err.code = "queue_full";
         console.warn(err.message);

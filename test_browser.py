@@ -1227,6 +1227,34 @@ def test_close_4003_refused_is_for_good(browser: Browser, tmp_path: Path) -> Non
         assert doorman.knocks == [] and doorman.calls == []
 
 
+def test_a_full_send_queue_drops_its_oldest_unwritten_send_never_one_the_server_may_have(
+    browser: Browser, tmp_path: Path
+) -> None:
+    with door() as (_, doorman, url), tabs(browser, url, tmp_path) as t:
+        context = t.session()
+        routes: list[Any] = []
+
+        def route(ws: Any) -> None:  # the first connection reaches the server; later ones are refused
+            routes.append(ws)
+            if len(routes) == 1:
+                ws.connect_to_server()
+            else:
+                ws.close(code=1012, reason="restart")
+
+        context.route_web_socket(re.compile(r"/_rally/ws\?"), route)
+        page = t.open(context, "/door")
+        page.evaluate("track('written', rally.send('Knock', {text: 'written', wait: true}))")
+        assert doorman.updating.wait(10)  # the server has it, and has not answered yet
+        routes[0].close(code=1012, reason="restart")
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        page.evaluate("track('first', rally.send('Knock', {text: 'first queued'}))")
+        page.evaluate("() => { for (let i = 0; i < 999; i++) rally.send('Knock', {text: 'q' + i}); }")  # 1 000 wait
+        page.evaluate("track('last', rally.send('Knock', {text: 'one too many'}))")
+        expect(page.locator("#first")).to_have_text("rejected queue_full")  # the oldest never written
+        expect(page.locator("#written")).to_have_text("pending")  # may be applied: not given up as unsent
+        expect(page.locator("#last")).to_have_text("pending")
+
+
 class Bouncer:
     """The door, refusing every page: its server_init raises rally.Refuse."""
 
