@@ -5693,23 +5693,21 @@ class _Router:
         return self._view(req, _typescript, b"application/typescript; charset=utf-8")
 
     def _docs(self, req: _Request, client: tuple[str, int] | None) -> _Action:
-        if not self.app.docs:
-            raise ProtocolError("not found", 404)
-        _allow(req, b"GET", b"HEAD")
-        answer = self._view(req, _docs_html, b"text/html; charset=utf-8")
+        answer = self._docs_view(req, _docs_html, b"text/html; charset=utf-8")
         return answer._replace(headers=[*answer.headers, (b"content-security-policy", _DOCS_CSP)])
 
     def _openapi_doc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
-        if not self.app.docs:
-            raise ProtocolError("not found", 404)
-        _allow(req, b"GET", b"HEAD")
-        return self._view(req, _openapi, b"application/json")
+        return self._docs_view(req, _openapi, b"application/json")
 
     def _asyncapi_doc(self, req: _Request, client: tuple[str, int] | None) -> _Action:
+        return self._docs_view(req, _asyncapi, b"application/json")
+
+    def _docs_view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
+        """A document of the ones ``App(docs=False)`` turns off (404)."""
         if not self.app.docs:
             raise ProtocolError("not found", 404)
         _allow(req, b"GET", b"HEAD")
-        return self._view(req, _asyncapi, b"application/json")
+        return self._view(req, make, content_type)
 
     def _view(self, req: _Request, make: Callable[[dict[str, Any]], str], content_type: bytes) -> _Answer:
         """A document made from the contract, with an ETag of its bytes."""
