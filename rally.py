@@ -80,10 +80,31 @@ from concurrent.futures import Future as _ThreadFuture
 from typing import Any, Final, Generic, Literal, TypeVar, Union
 
 import h11
-import wsproto.connection
-import wsproto.events
-import wsproto.frame_protocol
-from wsproto.connection import ConnectionState, ConnectionType
+
+if typing.TYPE_CHECKING:
+    import wsproto
+    import wsproto.connection
+    import wsproto.events
+else:
+
+    def _lazy_module(name: str) -> types.ModuleType:
+        """``name``, imported on its first attribute access: the fast paths
+        read most WebSocket traffic without wsproto, so ``import rally``
+        leaves it for the first connection that needs it (docs/performance.md
+        "Import time")."""
+        if name in sys.modules:
+            return sys.modules[name]
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None, name
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    wsproto = _lazy_module("wsproto")  # its package imports .connection and .events
 
 if typing.TYPE_CHECKING:
     import subprocess  # imported where used: only python rally.py --reload starts processes
@@ -1566,7 +1587,7 @@ class _WsReader:
     __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start")
 
     def __init__(self, max_message_bytes: int) -> None:
-        self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
+        self.ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
         self.max_bytes = max_message_bytes
         self.tracker = _FrameTracker()
         self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
@@ -7509,8 +7530,12 @@ class _WsConn(_Conn):
                 if event_type is str or event_type is bytes:
                     if self.state is _WsState.OPEN:
                         self.session.receive(event)  # type: ignore[arg-type]
-                elif event_type is not _PartialMessage:
-                    _WS_EVENTS[event_type](self, event)
+                elif event_type is wsproto.events.Ping:
+                    self._on_ping(event)  # type: ignore[arg-type]
+                elif event_type is wsproto.events.Pong:
+                    self._on_pong(event)  # type: ignore[arg-type]
+                elif event_type is wsproto.events.CloseConnection:
+                    self._on_close(event)  # type: ignore[arg-type]
         except ProtocolError as exc:
             self.close(exc.close_code, str(exc))
 
@@ -7532,21 +7557,14 @@ class _WsConn(_Conn):
             self._move(_WsState.CLOSING)
             self._end(event.code, event.reason or "")
             ws_state = self.reader.ws.state
-            if ws_state is ConnectionState.REMOTE_CLOSING:
+            if ws_state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                 self._send(event.response())
-            elif ws_state is ConnectionState.OPEN:
+            elif ws_state is wsproto.connection.ConnectionState.OPEN:
                 self._send(event)
         if self.state is not _WsState.CLOSED:
             self._move(_WsState.CLOSED)
         # RFC 6455 section 7.1.1: the server closes the TCP connection first.
         self._close_transport()
-
-
-_WS_EVENTS: Final[dict[type, Callable[[_WsConn, Any], None]]] = {
-    wsproto.events.Ping: _WsConn._on_ping,
-    wsproto.events.Pong: _WsConn._on_pong,
-    wsproto.events.CloseConnection: _WsConn._on_close,
-}
 
 
 class _RawSession:
@@ -9028,7 +9046,7 @@ class PageConnection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._extra = list(headers)
-        self._ws = wsproto.connection.Connection(ConnectionType.CLIENT)
+        self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -9109,7 +9127,7 @@ class PageConnection:
         stale = [item for item in self._drain_inbox() if not isinstance(item, ConnectionClosed)]
         for item in stale:
             self._inbox.put_nowait(item)
-        self._ws = wsproto.connection.Connection(ConnectionType.CLIENT)
+        self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
         self.close_code, self.close_reason = None, ""
         await self.connect()
         assert self._hello is not None and self._reader_task is not None
@@ -9184,12 +9202,15 @@ class PageConnection:
                         if event.message_finished:
                             self._on_text("".join(parts))
                             parts = []
-                    elif isinstance(event, wsproto.events.Ping) and self._ws.state is ConnectionState.OPEN:
+                    elif (
+                        isinstance(event, wsproto.events.Ping)
+                        and self._ws.state is wsproto.connection.ConnectionState.OPEN
+                    ):
                         self._write(self._ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
                         self._ready = False
                         self.close_code, self.close_reason = event.code, event.reason or ""
-                        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                        if self._ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                             self._write(self._ws.send(event.response()))
                 if not data:
                     break
@@ -9345,7 +9366,7 @@ class PageConnection:
         seq = next(self._next_send)
         text = json.dumps({"kind": "send", "seq": seq, "msg": self.client.encode_message(msg)})
         send = _Send(text, asyncio.get_running_loop().create_future())
-        ready = self._ready and self._ws.state is ConnectionState.OPEN
+        ready = self._ready and self._ws.state is wsproto.connection.ConnectionState.OPEN
         if not ready:
             queued = [s for s, other in self._unacked.items() if not other.written]
             if len(queued) >= self.max_queued_sends:
@@ -9375,7 +9396,7 @@ class PageConnection:
                 send = self._unacked.pop(seq)
                 message = "the connection was lost before the server answered; it may or may not have been applied"
                 send.answered.set_exception(RemoteError("connection_lost", [{"path": "", "message": message}]))
-        if self._ws.state is not ConnectionState.OPEN:
+        if self._ws.state is not wsproto.connection.ConnectionState.OPEN:
             return  # close() began meanwhile
         for seq, send in self._unacked.items():
             if not resumed or seq > ack:  # resumed: the server took the rest; their answers follow the hello
@@ -9450,7 +9471,7 @@ class PageConnection:
             self._close_for_good()
             return
         try:
-            if self._ws.state is ConnectionState.OPEN:
+            if self._ws.state is wsproto.connection.ConnectionState.OPEN:
                 self._write(self._ws.send(wsproto.events.CloseConnection(code=code)))
             if self._reader_task is not None:
                 # A time-out, or the reader's own failure, ends the wait; a

@@ -2523,6 +2523,19 @@ def test_import_needs_only_h11_and_wsproto() -> None:
     assert out.stdout.strip() == "['h11', 'rally', 'wsproto']"
 
 
+def test_import_defers_wsproto_to_the_first_use() -> None:
+    """``import rally`` leaves wsproto's modules unloaded (docs/performance.md
+    "Import time"); the first WebSocket connection that needs them loads them."""
+    code = (
+        "import sys, rally; loaded = 'wsproto.events' in sys.modules; "
+        "print(loaded, rally.wsproto.events.Ping.__name__, 'wsproto.events' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
+    )
+    assert out.stdout.split() == ["False", "Ping", "True"]
+
+
 def test_public_names_exist_and_have_docstrings() -> None:
     for name in rally.__all__:
         value = getattr(rally, name)
