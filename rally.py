@@ -247,6 +247,8 @@ _MIN_FRAGMENT_BYTES: Final = 64
 #: Events (messages, requests, control frames) one connection handles before
 #: the others get a turn; the rest of what it sent waits for the next turn.
 _EVENTS_PER_TURN: Final = 64
+#: The most a WebSocket gathers from one batch of messages before it writes (``_WsConn._write``).
+_CORK_BYTES: Final = 64 * 1024
 #: Static files are read and written in pieces of this size, with backpressure.
 _FILE_CHUNK_BYTES: Final = 64 * 1024
 #: Descriptors kept free below RLIMIT_NOFILE (``_default_max_connections``):
@@ -7341,7 +7343,7 @@ class _WsConn(_Conn):
     and ``_Conn``'s abort timer once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resuming", "dropped")
+    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resuming", "dropped", "corked")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
@@ -7360,6 +7362,7 @@ class _WsConn(_Conn):
         self.state = _WsState.OPEN
         self.ping_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
+        self.corked: bytearray | None = None  # what this connection writes while it reads a batch
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -7476,11 +7479,24 @@ class _WsConn(_Conn):
 
     # -- writing --------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         """The one place bytes leave: a slow consumer past the bound is
         dropped. Its socket is aborted at once; its session ends when the
         socket is gone (``connection_lost``, on the loop's next step), never
-        inside this write, which may be in the middle of an effect."""
+        inside this write, which may be in the middle of an effect.
+
+        While the connection handles a batch of messages read at once
+        (``_process``), what it writes is corked: gathered and sent in one
+        system call when the batch is done (or the cork holds
+        ``_CORK_BYTES``), not one per answer. A send costs the server more
+        than the answer it carries (docs/performance.md "Writes")."""
+        corked = self.corked
+        if corked is not None:
+            corked += data
+            if len(corked) < _CORK_BYTES:
+                return
+            self.corked = bytearray()
+            data = corked
         transport = self.transport
         if transport.is_closing():  # reset, aborted or closed: asyncio would log each write
             return
@@ -7513,6 +7529,26 @@ class _WsConn(_Conn):
         return False
 
     def _process(self) -> None:
+        """Handle what the reader holds, with what it writes corked (``_write``)."""
+        if self.corked is not None:
+            self._handle_events()
+            return
+        self.corked = bytearray()
+        try:
+            self._handle_events()
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        corked, self.corked = self.corked, None
+        if corked:
+            self._write(corked)
+
+    def _close_transport(self) -> None:
+        self._uncork()  # a close frame and the answers before it
+        super()._close_transport()
+
+    def _handle_events(self) -> None:
         """Handle what the reader holds, at most ``_EVENTS_PER_TURN`` events
         before the other connections get a turn."""
         budget = _EVENTS_PER_TURN

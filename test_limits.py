@@ -2700,3 +2700,50 @@ async def test_topics_of_a_connection_are_bounded_at_n_and_n_plus_one(caplog: py
         await eventually(lambda: "max_topics_per_connection" in caplog.text, "the third refused")
         assert [await app.broadcast_to_topic(t, Echoed("hi")) for t in ("a", "b", "c")] == [1, 1, 0]
         ws.writer.close()
+
+
+# ==== Corked writes: one system call per batch of answers ====================
+
+
+@dataclass
+class Pad:
+    size: int
+
+
+class Padded:
+    def server_init() -> tuple[None, rally.Effect[Heard]]:
+        return None, rally.effect.none()
+
+    def server_pad(msg: Pad) -> str:
+        return "x" * msg.size
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1], ids=["N-1", "N", "N+1"])
+async def test_answers_to_one_read_go_out_in_one_write_of_at_most_the_cork_bound(extra: int) -> None:
+    """Page RPCs read in one batch are answered in one transport write; the
+    cork holds at most ``_CORK_BYTES``: with N answers filling it exactly,
+    one write; one answer more, a second write."""
+    app = rally.App()
+    app.page("/padded", Padded)
+    frame = 2048  # every answer frame: 4 bytes of header, then {"kind":"ok","id":..,"value":"xx..."}
+    n = rally._CORK_BYTES // frame + extra
+    assert n * frame <= 64 * 1024 * 2 and n < rally._EVENTS_PER_TURN  # one read, one turn
+    async with rally.TestClient(app, timeout=WAIT) as client, client.page("/padded") as page:
+        [conn] = [c for c in client.server.conns if isinstance(c, rally._WsConn)]  # type: ignore[union-attr]
+        writes: list[int] = []
+        write = conn.transport.write
+        conn.transport.write = lambda data: (  # type: ignore[method-assign]
+            writes.append(len(data)) if data[0] == 0x81 else None,  # text frames (the answers), not a close
+            write(data),
+        )[1]
+        ids = range(100, 100 + n)  # three digits each: every answer is the same size
+        value = frame - 4 - len(rally._ok_reply(100, ""))
+        requests = [
+            json.dumps({"kind": "rpc", "id": i, "msg": {"type": "Pad", "fields": {"size": value}}}) for i in ids
+        ]
+        assert page._writer is not None and page._ws is not None
+        page._writer.write(b"".join(page._ws.send(wsproto.events.TextMessage(data=r)) for r in requests))
+        await eventually(lambda: sum(writes) == n * frame, "every answer written")
+    full, rest = divmod(n * frame, rally._CORK_BYTES)
+    assert writes == [rally._CORK_BYTES] * full + ([rest] if rest else [])
+    assert len(writes) == {-1: 1, 0: 1, 1: 2}[extra]
