@@ -79,19 +79,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import Future as _ThreadFuture
 from typing import Any, Final, Generic, Literal, TypeVar, Union
 
-import h11
-
 if typing.TYPE_CHECKING:
+    import h11
     import wsproto
     import wsproto.connection
     import wsproto.events
 else:
 
     def _lazy_module(name: str) -> types.ModuleType:
-        """``name``, imported on its first attribute access: the fast paths
-        read most WebSocket traffic without wsproto, so ``import rally``
-        leaves it for the first connection that needs it (docs/performance.md
-        "Import time")."""
+        """``name``, imported on its first attribute access: ``import rally``
+        leaves h11 and wsproto for the first connection that needs them
+        (docs/performance.md "Import time")."""
         if name in sys.modules:
             return sys.modules[name]
         import importlib.util
@@ -104,6 +102,7 @@ else:
         spec.loader.exec_module(module)
         return module
 
+    h11 = _lazy_module("h11")
     wsproto = _lazy_module("wsproto")  # its package imports .connection and .events
 
 if typing.TYPE_CHECKING:

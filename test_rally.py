@@ -2523,17 +2523,18 @@ def test_import_needs_only_h11_and_wsproto() -> None:
     assert out.stdout.strip() == "['h11', 'rally', 'wsproto']"
 
 
-def test_import_defers_wsproto_to_the_first_use() -> None:
-    """``import rally`` leaves wsproto's modules unloaded (docs/performance.md
-    "Import time"); the first WebSocket connection that needs them loads them."""
+def test_import_defers_h11_and_wsproto_to_the_first_use() -> None:
+    """``import rally`` leaves the modules of h11 and wsproto unloaded
+    (docs/performance.md "Import time"); the first use loads them."""
     code = (
-        "import sys, rally; loaded = 'wsproto.events' in sys.modules; "
-        "print(loaded, rally.wsproto.events.Ping.__name__, 'wsproto.events' in sys.modules)"
+        "import sys, rally; loaded = [m in sys.modules for m in ('h11._connection', 'wsproto.events')]; "
+        "print(*loaded, rally.h11.Request.__name__, rally.wsproto.events.Ping.__name__, "
+        "'h11._connection' in sys.modules, 'wsproto.events' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
     )
-    assert out.stdout.split() == ["False", "Ping", "True"]
+    assert out.stdout.split() == ["False", "False", "Request", "Ping", "True", "True"]
 
 
 def test_public_names_exist_and_have_docstrings() -> None:
