@@ -9,7 +9,9 @@ Each server runs in its own process pinned to CPU 0; the load generator
 the repository) is pinned to CPU 1 and reports its own CPU share beside the
 server's: a load generator near 100% while the server is not means the
 number is a floor for that server, not its limit. Ratios are to uvicorn
-(h11 + wsproto) + Starlette, measured in the same run.
+(h11 + wsproto) + Starlette, measured in the same run. The full run ends
+with bench/fanout.py (S3 from 1 000 to 50 000 connections) and
+bench/presence.py.
 
 rally.py's WebSocket measures are taken twice, each on a fresh server: plain,
 and with the resume protocol on (docs/delivery.md "Delivery across reconnects": ``&last=0`` on every page
@@ -173,6 +175,15 @@ def presence() -> str:
     return out.stdout.rstrip()
 
 
+def fanout(targets: list[str]) -> str:
+    """bench/fanout.py's table: S3 from 1 000 to 50 000 connections (rally.py and aiohttp)."""
+    print("measuring the fan-out curve (bench/fanout.py)", file=sys.stderr, flush=True)
+    path = os.path.join(HERE, "fanout.py")
+    only = ",".join(t for t in targets if t in ("rally", "aiohttp"))
+    out = subprocess.run([PY, path, "--only", only], stdout=subprocess.PIPE, text=True, timeout=1800, check=True)
+    return out.stdout.rstrip()
+
+
 def table(title: str, rows: list[tuple[str, list[str]]], header: list[str]) -> str:
     lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
@@ -299,6 +310,8 @@ def main() -> None:
             f"CPU server / loadgen: S2 {cpu(off['ws'])} off, {cpu(resumed['ws'])} on; "
             f"S3 {cpu(off['broadcast'])} off, {cpu(resumed['broadcast'])} on."
         )
+    if not args.quick and ("rally" in targets or "aiohttp" in targets):
+        out.append(fanout(targets))
     if "rally" in targets and not args.quick:
         out.append(presence())
     print("\n".join(out))
