@@ -96,7 +96,7 @@ def main() -> None:
         )
         loud = f"bench/fanout.py: {why}.\nSizes above {fit:,} connections cannot be measured here; measuring {fit:,}."
         print("\n*** " + loud.replace("\n", "\n*** ") + "\n", file=sys.stderr, flush=True)
-    os.environ["BENCH_MAX_CONNECTIONS"] = str(max(n for _, n in measured) + SPARE_FDS)  # rally's max_connections
+    os.environ["BENCH_MAX_CONNECTIONS"] = str(max(n for _, n in measured))  # rally's max_connections
 
     begun = time.monotonic()
     results: dict[tuple[str, bool], list[tuple[int, int, dict[str, float]]]] = {}
