@@ -1,6 +1,6 @@
 """Benchmark rally.py against its peers, every server speaking the same protocol.
 
-    python bench/run.py            # everything, about 7 minutes (with bench/presence.py)
+    python bench/run.py            # everything, about 6 minutes (with bench/fanout.py and bench/presence.py)
     python bench/run.py --quick    # shorter runs, under 2 minutes
     python bench/run.py --only rally,websockets
 
