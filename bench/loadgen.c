@@ -553,6 +553,7 @@ int main(int argc, char **argv) {
         int rounds = (int)seconds;
         if (rounds < 1) die("broadcast needs at least one round");
         double *lat = malloc(rounds * sizeof *lat);
+        if (!lat) die("out of memory");
         double c0 = cpu(), s0 = server_cpu(), w0 = now();
         for (int r = 0; r < rounds; r++) {
             long long target = pushes + nconns;
@@ -572,6 +573,7 @@ int main(int argc, char **argv) {
                  "\"rounds\": %d, \"acks\": %lld}",
                  p50 * 1000, lat[(int)(rounds * 0.9)] * 1000, p99 * 1000, nconns / p50,
                  gen / wall, srv / wall, gen, srv, rounds, acks);
+        free(lat);
     }
     if (mode != HTTP) close_all();
     puts(result);
