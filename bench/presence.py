@@ -88,7 +88,7 @@ def serve(port: int) -> None:
 
     rally._dumps = counting_dumps  # looked up at call time by _presence and _presence_frame
 
-    app = rally.App(max_connections=20_000)
+    app = rally.App(max_connections=20_000, max_presence_entries=20_000)  # the page holds every connection
 
     @app.rpc
     def server_encodes(msg: Encodes) -> Counts:

@@ -1,14 +1,17 @@
 """Benchmark rally.py against its peers, every server speaking the same protocol.
 
-    python bench/run.py            # everything, about 7 minutes (with bench/presence.py)
+    python bench/run.py            # everything, about 6 minutes (with bench/fanout.py and bench/presence.py)
     python bench/run.py --quick    # shorter runs, under 2 minutes
     python bench/run.py --only rally,websockets
 
 Each server runs in its own process pinned to CPU 0; the load generator
-(bench/load.py) is pinned to CPU 1 and reports its own CPU share beside the
+(bench/loadgen.c, compiled here with gcc -O2 into a cache directory outside
+the repository) is pinned to CPU 1 and reports its own CPU share beside the
 server's: a load generator near 100% while the server is not means the
 number is a floor for that server, not its limit. Ratios are to uvicorn
-(h11 + wsproto) + Starlette, measured in the same run.
+(h11 + wsproto) + Starlette, measured in the same run. The full run ends
+with bench/fanout.py (S3 from 1 000 to 50 000 connections) and
+bench/presence.py.
 
 rally.py's WebSocket measures are taken twice, each on a fresh server: plain,
 and with the resume protocol on (docs/delivery.md "Delivery across reconnects": ``&last=0`` on every page
@@ -17,8 +20,10 @@ does); the table "Resume protocol on/off" gives their ratio.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +47,31 @@ IMPORTS = {
     "raw": "import asyncio",
     "rally": "import rally",
 }
+
+
+CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra"]
+
+
+def loadgen() -> str:
+    """bench/loadgen.c compiled, once per version of its source, under ~/.cache/rally-bench."""
+    source = os.path.join(HERE, "loadgen.c")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rally-bench")
+    binary = os.path.join(cache, f"loadgen-{digest}")
+    if os.path.exists(binary):
+        return binary
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        sys.exit(
+            "\n*** bench/run.py: gcc not found. The load generator is bench/loadgen.c and must be compiled;\n"
+            "*** install gcc (Debian/Ubuntu: apt-get install gcc) and run again. Nothing was measured.\n"
+        )
+    os.makedirs(cache, exist_ok=True)
+    partial = f"{binary}.{os.getpid()}"
+    subprocess.run([gcc, *CFLAGS, "-o", partial, source], check=True)
+    os.replace(partial, binary)  # another run compiling the same source at once gets the same file
+    return binary
 
 
 def free_port() -> int:
@@ -78,7 +108,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def load_args(mode: str, port: int, n: int, seconds: float, pid: int, resume: bool) -> list[str]:
-    args = [PY, os.path.join(HERE, "load.py"), mode, str(port), str(n), str(seconds), str(pid)]
+    args = [loadgen(), mode, str(port), str(n), str(seconds), str(pid)]
     return args + ["--resume"] if resume else args
 
 
@@ -88,9 +118,10 @@ def load(mode: str, port: int, n: int, seconds: float, pid: int, resume: bool = 
         preexec_fn=lambda: os.sched_setaffinity(0, {1}),
         capture_output=True,
         text=True,
-        timeout=300,
-        check=True,
+        timeout=600,
     )
+    if out.returncode:
+        raise RuntimeError(f"load generator: {mode} {n}: {out.stderr.strip() or out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -144,6 +175,15 @@ def presence() -> str:
     return out.stdout.rstrip()
 
 
+def fanout(targets: list[str]) -> str:
+    """bench/fanout.py's table: S3 from 1 000 to 50 000 connections (rally.py and aiohttp)."""
+    print("measuring the fan-out curve (bench/fanout.py)", file=sys.stderr, flush=True)
+    path = os.path.join(HERE, "fanout.py")
+    only = ",".join(t for t in targets if t in ("rally", "aiohttp"))
+    out = subprocess.run([PY, path, "--only", only], stdout=subprocess.PIPE, text=True, timeout=1800, check=True)
+    return out.stdout.rstrip()
+
+
 def table(title: str, rows: list[tuple[str, list[str]]], header: list[str]) -> str:
     lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
@@ -161,6 +201,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (under 2 minutes)")
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     args = parser.parse_args()
+    loadgen()  # compiled first: without gcc, nothing is measured
     targets = [t for t in TARGETS if t in args.only.split(",")]
     seconds, rounds, idle_n = (2.0, 5, 5000) if args.quick else (5.0, 20, 5000)
     results: dict[str, dict[str, dict[str, float]]] = {t: {} for t in targets}
@@ -269,6 +310,8 @@ def main() -> None:
             f"CPU server / loadgen: S2 {cpu(off['ws'])} off, {cpu(resumed['ws'])} on; "
             f"S3 {cpu(off['broadcast'])} off, {cpu(resumed['broadcast'])} on."
         )
+    if not args.quick and ("rally" in targets or "aiohttp" in targets):
+        out.append(fanout(targets))
     if "rally" in targets and not args.quick:
         out.append(presence())
     print("\n".join(out))

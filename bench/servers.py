@@ -4,6 +4,8 @@
 aiohttp or raw. Every target answers ``POST /_rally/rpc`` (where it speaks
 HTTP) and ``/_rally/ws`` with the same envelopes: an ``Echo`` rpc returns its
 text, and a ``Shout`` send pushes ``Shouted`` to every open connection.
+rally's ``max_connections`` is 20 000, or ``$BENCH_MAX_CONNECTIONS``
+(bench/fanout.py raises it); the descriptor limit is raised to fit it.
 """
 
 import asyncio
@@ -13,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MAX_CONNECTIONS = int(os.environ.get("BENCH_MAX_CONNECTIONS", 20_000))
 
 
 def reply(text: str) -> str:
@@ -47,7 +50,7 @@ def run_rally(port: int) -> None:
     class Shouted:
         text: str
 
-    app = rally.App(max_connections=20_000)
+    app = rally.App(max_connections=MAX_CONNECTIONS)
 
     @app.rpc
     def server_echo(msg: Echo) -> rally.Result[str, str]:
@@ -232,6 +235,17 @@ if __name__ == "__main__":
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = MAX_CONNECTIONS + 128  # listening socket, logs, a batch of accepts
+    if "BENCH_MAX_CONNECTIONS" in os.environ and hard != resource.RLIM_INFINITY and hard < need:
+        try:  # root with CAP_SYS_RESOURCE may raise the hard limit (up to /proc/sys/fs/nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            hard = need
+        except (ValueError, OSError) as exc:
+            print(
+                f"servers.py: RLIMIT_NOFILE stays at {hard} ({exc}): fewer than {MAX_CONNECTIONS} connections fit",
+                file=sys.stderr,
+                flush=True,
+            )
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target, port = sys.argv[1], int(sys.argv[2])
     {"rally": run_rally, "uvicorn": run_uvicorn, "websockets": run_websockets, "aiohttp": run_aiohttp, "raw": run_raw}[
