@@ -33,8 +33,13 @@ import time
 import run  # bench/run.py
 
 SIZES = [1_000, 5_000, 10_000, 20_000, 50_000]
-CONFIGS = [("rally", False), ("rally", True), ("aiohttp", False)]
-LABELS = {("rally", False): "rally.py", ("rally", True): "rally.py, resume on", ("aiohttp", False): "aiohttp"}
+CONFIGS = [("rally", False), ("rally", True), ("aiohttp", False), ("raw", False)]
+LABELS = {
+    ("rally", False): "rally.py",
+    ("rally", True): "rally.py, resume on",
+    ("aiohttp", False): "aiohttp",
+    ("raw", False): "raw asyncio ceiling",
+}
 SPARE_FDS = 128  # beyond the connections: listening socket, logs, a batch of accepts
 FLAT = 1.25  # per recipient, the largest size against the smallest: "flat" within this factor either way
 
@@ -78,7 +83,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 rounds a size instead of 50")
     parser.add_argument("--rounds", type=int, help="rounds a size (default 50, 10 with --quick)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated connection counts")
-    parser.add_argument("--only", default="rally,aiohttp", help="comma-separated targets (rally, aiohttp)")
+    parser.add_argument("--only", default="rally,aiohttp", help="comma-separated targets (rally, aiohttp, raw)")
     args = parser.parse_args()
     rounds = args.rounds or (10 if args.quick else 50)
     sizes = sorted(int(n) for n in args.sizes.split(","))
