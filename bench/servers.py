@@ -32,7 +32,8 @@ def push(text: str) -> str | None:
     return None
 
 
-def run_rally(port: int) -> None:
+def run_rally(port: int, **options: float) -> None:
+    """``options``: more ``rally.App`` arguments (bench/memory.py's traced server pings less often)."""
     import rally
 
     @dataclass
@@ -47,7 +48,7 @@ def run_rally(port: int) -> None:
     class Shouted:
         text: str
 
-    app = rally.App(max_connections=20_000)
+    app = rally.App(max_connections=20_000, **options)  # type: ignore[arg-type]
 
     @app.rpc
     def server_echo(msg: Echo) -> rally.Result[str, str]:
