@@ -1977,6 +1977,22 @@ def _html_boot(html: str, boot: dict[str, Any]) -> str:
 # ==== Dispatch: handler table, pages, topics, effects (no sockets) ==========
 
 
+def _pack_headers(lines: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Header lines as one bytes object, ``name:value`` lines joined by a
+    newline: what a WebSocket's ``ServerContext`` keeps of its handshake
+    (docs/performance.md "Where each byte goes"). h11 lets no newline into a
+    name or value, nor a colon into a name, so ``_unpack_headers`` gives the
+    lines back as they were."""
+    return b"\n".join([name + b":" + value for name, value in lines])
+
+
+def _unpack_headers(packed: bytes) -> list[tuple[bytes, bytes]]:
+    """The header lines ``_pack_headers`` packed, in their order."""
+    if not packed:
+        return []
+    return [(name, value) for name, _, value in (line.partition(b":") for line in packed.split(b"\n"))]
+
+
 class ServerContext:
     """What a handler knows of its request.
 
@@ -2005,11 +2021,14 @@ class ServerContext:
         session_id: str,
         page: str | None,
         params: dict[str, Any],
-        raw_headers: Sequence[tuple[bytes, bytes]],
+        raw_headers: Sequence[tuple[bytes, bytes]] | bytes,
         client: tuple[str, int] | None,
         connection_id: int | None,
         registry: _Registry,
     ) -> None:
+        """``raw_headers``: the request's header lines, or for a context that
+        lives as long as a WebSocket the same packed by ``_pack_headers``
+        (one bytes object instead of a tuple and two bytes objects a line)."""
         self.session_id = session_id
         self.page = page
         self.params = params
@@ -2031,8 +2050,10 @@ class ServerContext:
     def headers(self) -> dict[str, str]:
         """Request headers by lower-case name; repeated headers joined by ", "."""
         if self._headers is None:
+            raw = self._raw_headers
+            lines = _unpack_headers(raw) if isinstance(raw, bytes) else raw
             out: dict[str, str] = {}
-            for k, v in self._raw_headers:
+            for k, v in lines:
                 name, value = k.decode("latin-1"), v.decode("latin-1")
                 out[name] = out[name] + ", " + value if name in out else value
             self._headers = out
@@ -5823,7 +5844,7 @@ class _Router:
         key = self._check_handshake(req)
         subprotocol = None if raw is None or not raw.subprotocols else _pick_subprotocol(req, raw.subprotocols)
         sid, cookie = self._session(req)
-        ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg)
+        ctx = ServerContext(sid, page_path, params, _pack_headers(req.raw_headers), client, next(self.ids), self.reg)
         headers = [
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),

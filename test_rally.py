@@ -2748,6 +2748,41 @@ async def test_async_server_terminate_runs_after_leaving_and_broadcasts() -> Non
     assert [call.name for call in terminations.calls] == ["bob", "carol"]
 
 
+class Headed:
+    """A page whose ``server_init`` keeps the headers its connection's context gives (``state``: a future)."""
+
+    def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[Note]]:
+        server_context.state.set_result(server_context.headers)
+        return None, rally.effect.none()
+
+
+async def test_a_page_context_gives_its_handshake_headers_as_they_came() -> None:
+    """A page connection's context keeps its handshake's headers packed
+    (docs/performance.md "Where each byte goes") and gives them back as an
+    HTTP request's context does: by lower-case name, a repeated one joined
+    by ", " in order, colons and spaces inside a value kept, an empty value
+    empty."""
+    lines = [(b"x-tag", b"one"), (b"X-Url", b"http://h:1/p?q=a:b c"), (b"x-tag", b"two"), (b"x-empty", b"")]
+    packed = rally._pack_headers([(name.lower(), value) for name, value in lines])
+    assert rally._unpack_headers(packed) == [(name.lower(), value) for name, value in lines]
+    assert rally._unpack_headers(rally._pack_headers([])) == []
+    seen: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+    app = rally.App(state=seen)
+    app.page("/headed", Headed)
+    async with running(app) as server:
+        sock = await raw_page_socket(server, "/headed", b"".join(b"%s: %s\r\n" % line for line in lines))
+        try:
+            headers = await asyncio.wait_for(seen, WAIT)
+        finally:
+            sock.close()
+    assert {k: v for k, v in headers.items() if k.startswith("x-")} == {
+        "x-tag": "one, two",
+        "x-url": "http://h:1/p?q=a:b c",
+        "x-empty": "",
+    }
+    assert headers["host"] == "localhost" and headers["upgrade"] == "websocket"
+
+
 # -- presence
 
 
