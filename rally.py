@@ -1561,20 +1561,41 @@ class _WsReader:
     text frames are read without wsproto while it holds nothing (the fast
     path); everything else goes through wsproto. ``send(event)`` frames a
     control event (ping, pong, close).
+
+    wsproto's connection (about 1.6 KiB) is made when a frame needs it and let
+    go once a batch of control frames (a pong) leaves it holding nothing, so
+    an idle page, whose frames take the fast path, keeps none
+    (docs/performance.md "Where each byte goes"). A connection that reads
+    messages through wsproto keeps it: making it costs about 2 us.
     """
 
-    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start")
+    __slots__ = ("_ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start", "messages")
 
     def __init__(self, max_message_bytes: int) -> None:
-        self.ws = wsproto.connection.Connection(ConnectionType.SERVER)
+        self._ws: wsproto.connection.Connection | None = None  # made by ``ws`` when a frame needs it
         self.max_bytes = max_message_bytes
         self.tracker = _FrameTracker()
         self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
         self.at = 0
         self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
-        self.parts: list[Any] = []
+        self.parts: list[Any] | None = None  # a fragmented message's parts so far
         self.size = 0  # the message so far, as counted against max_bytes
         self.frame_start = 0  # ``size`` where the current frame began
+        self.messages = False  # wsproto gave a message since it was made: keep it
+
+    @property
+    def ws(self) -> wsproto.connection.Connection:
+        """wsproto's connection, made now if there is none: with none, it
+        holds nothing, so a fresh one is the same."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = wsproto.connection.Connection(ConnectionType.SERVER)
+        return ws
+
+    @property
+    def state(self) -> ConnectionState:
+        """wsproto's state of the closing handshake (``OPEN`` while it has no connection)."""
+        return ConnectionState.OPEN if self._ws is None else self._ws.state
 
     def feed(self, data: bytes) -> None:
         if self.ready is None and self.events is None and self.tracker.clean:
@@ -1583,9 +1604,10 @@ class _WsReader:
                 self.ready, self.at = messages, 0
                 return
         self.tracker.feed(data)
-        self.ws.receive_data(data)
+        ws = self.ws
+        ws.receive_data(data)
         if self.events is None:
-            self.events = self.ws.events()
+            self.events = ws.events()
 
     def next_event(self) -> str | bytes | _PartialMessage | wsproto.events.Event | None:
         ready = self.ready
@@ -1603,9 +1625,12 @@ class _WsReader:
             event = next(self.events)
         except StopIteration:
             self.events = None
+            if not self.messages and self.tracker.clean and self.state is ConnectionState.OPEN:
+                self._ws = None  # it holds no frame, no message and no close: let it go
             return None
         if not isinstance(event, wsproto.events.Message):
             return event
+        self.messages = True
         data = event.data
         size = self.size + (len(data) if not isinstance(data, str) or data.isascii() else len(data.encode()))
         # wsproto reports a frame in pieces as its bytes arrive: the minimum is
@@ -1619,16 +1644,20 @@ class _WsReader:
         if size > self.max_bytes:
             raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
         if not event.message_finished:
+            if self.parts is None:
+                self.parts = []
             self.parts.append(data)
             return _PARTIAL
         if self.parts:
             self.parts.append(data)
             data = data[:0].join(self.parts)
-            self.parts = []
+        self.parts = None
         self.size = self.frame_start = 0
         return data  # type: ignore[no-any-return]
 
     def send(self, event: wsproto.events.Event) -> bytes:
+        if self._ws is None and type(event) is wsproto.events.Ping:  # the keepalive: no connection for it
+            return _ws_frame(bytes(event.payload), 0x9)
         return self.ws.send(event)
 
 
@@ -7552,7 +7581,7 @@ class _WsConn(_Conn):
             # reports that as a CloseConnection with 1002/1007): answer it.
             self._move(_WsState.CLOSING)
             self._end(event.code, event.reason or "")
-            ws_state = self.reader.ws.state
+            ws_state = self.reader.state
             if ws_state is ConnectionState.REMOTE_CLOSING:
                 self._send(event.response())
             elif ws_state is ConnectionState.OPEN:

@@ -553,6 +553,43 @@ def test_ws_reader_reports_protocol_errors_and_the_size_bound_at_any_split() -> 
         assert ws_events([data[i : i + 1] for i in range(len(data))], max_message_bytes=100) == expected
 
 
+def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() -> None:
+    """Fast-path text frames need no wsproto connection; a ping or a pong
+    makes one and lets it go once read, so an idle page keeps none; a frame
+    cut in two and a close keep it while they need it; a message read
+    through wsproto keeps it for good (docs/performance.md "Where each byte
+    goes"). The events are the same as with one connection throughout."""
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    text = client.send(wsproto.events.TextMessage(data="hi"))
+    ping = client.send(wsproto.events.Ping(payload=b"p"))
+    pong = client.send(wsproto.events.Pong(payload=b"rally"))
+    binary = client.send(wsproto.events.BytesMessage(data=b"\x00\x01"))
+    reader = rally._WsReader(1 << 20)
+
+    def read(data: bytes) -> list[Any]:
+        reader.feed(data)
+        return [e if isinstance(e, (str, bytes)) else type(e).__name__ for e in iter(reader.next_event, None)]
+
+    assert read(text) == ["hi"] and reader._ws is None
+    assert read(ping) == ["Ping"] and reader._ws is None
+    assert read(pong[:3]) == [] and reader._ws is not None  # wsproto holds half a frame
+    assert read(pong[3:]) == ["Pong"] and reader._ws is None
+    assert read(text + text) == ["hi", "hi"] and reader._ws is None
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    ping_out = wsproto.events.Ping(payload=b"rally")
+    assert reader.send(ping_out) == server.send(ping_out) and reader._ws is None
+    assert read(binary) == [b"\x00\x01"] and reader._ws is not None
+    assert read(ping) == ["Ping"] and reader._ws is not None and reader.state is wsproto.connection.ConnectionState.OPEN
+    frames = text + ping + text + ping + text  # wsproto made and let go twice, read whole
+    for a in range(1, len(frames)):
+        for b in range(a, len(frames), 3):
+            assert ws_events(splits(frames, [a, b])) == ["hi", ("ping", b"p"), "hi", ("ping", b"p"), "hi"]
+    closing = rally._WsReader(1 << 20)
+    closing.feed(client.send(wsproto.events.CloseConnection(code=1000)))
+    assert isinstance(closing.next_event(), wsproto.events.CloseConnection) and closing.next_event() is None
+    assert closing._ws is not None and closing.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
+
+
 def http_events(chunks: list[bytes], **limits: Any) -> list[Any]:
     """What an ``_HttpReader`` makes of ``chunks``, answering each request at
     once (``next_cycle``): heads as ``(method, path, query, has_body)``, each
