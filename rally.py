@@ -4423,7 +4423,7 @@ class _PageSession:
         self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
-        self.token = secrets.token_urlsafe(16)  # the resume token, told in hello
+        self.token = secrets.token_urlsafe(16) if resumable else ""  # the resume token, told in hello
         self.replay: _Replay | None = _Replay() if resumable else None  # the page said &last=
         self.in_seq = 0  # the highest send seq taken from the page
         self.watching: set[str] | None = None  # pages and patterns whose presence changes it gets
@@ -5882,7 +5882,9 @@ class _Router:
         ]
         if subprotocol is not None:
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-        tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
+        tag = ""  # only a page with presence lists its connections, each with its session's tag
+        if page is not None and page.presence is not None:
+            tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
         return _Upgrade(headers, ctx, page, raw, stale, tag, subprotocol=subprotocol)
 
     def _static(self, req: _Request, rel: str, directory: str) -> _Action:

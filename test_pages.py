@@ -332,6 +332,18 @@ def test_the_default_presence_bounds_keep_a_full_list_below_the_outgoing_bound()
 # ==== Sessions in memory =====================================================
 
 
+def test_only_a_page_that_numbers_frames_has_a_resume_token_and_a_replay(pair: PagePair) -> None:
+    """A page on the plain protocol makes no resume token and no replay
+    (docs/performance.md "Where each byte goes") and, lost, ends at once;
+    a page that numbers frames is found by its token."""
+    plain, plain_peer = pair.open("p", resumable=False)
+    numbered, _ = pair.open("n")
+    assert plain.token == "" and plain.replay is None and "" not in pair.reg.held.tokens
+    assert numbered.token and numbered.replay is not None and pair.reg.held.get(numbered.token) is numbered
+    pair.run(plain_peer.cut)
+    assert plain.state is rally._PageState.ENDED and pair.reg.held.timers == {}
+
+
 def test_a_page_that_only_sends_holds_no_acks_and_can_always_resume(pair: PagePair) -> None:
     session, peer = pair.open()
     for seq in range(1, 2001):
