@@ -7056,7 +7056,8 @@ class _HttpConn(_Conn):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        if isinstance(peer, tuple):  # IPv4's (host, port) as it is; IPv6 adds flow info and scope
+            self.client = peer if len(peer) == 2 else (peer[0], peer[1])
         srv = self.srv
         srv.conns.add(self)
         if len(srv.conns) > srv.limits.max_connections or srv.closing:
@@ -7384,7 +7385,7 @@ class _WsConn(_Conn):
         if up.resume is not None:
             self.session, self.resuming = up.resume, up
         elif up.page is not None:
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawner, up.tag, up.resumable)
         else:
             assert up.raw is not None
             self.session = _RawSession(up.raw, up.ctx, self, srv, up.subprotocol)
@@ -7415,7 +7416,7 @@ class _WsConn(_Conn):
         else:  # it ended, or gave its frames up, since the request was routed: a fresh page
             assert up.page is not None
             srv = self.srv
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, True)
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawner, up.tag, True)
             self.session.start()
         if trailing:
             self.reader.feed(trailing)
@@ -7960,6 +7961,8 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.conns: set[_HttpConn | _WsConn] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: ``spawn`` made a bound method once, for every page session to keep (one each is 64 bytes)
+        self.spawner: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = self.spawn
         self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         self.closing = False
         self.host = ""
