@@ -2591,7 +2591,11 @@ class _Topics:
     __slots__ = ("members", "broker", "joining", "presence", "events", "decode", "watchers", "changes_due")
 
     def __init__(self, presence: _PresenceTable, events: set[type], decode: Callable[[bytes, type], Any]) -> None:
-        self.members: dict[str, set[_PageSession]] = {}
+        #: topic -> its sessions. A topic of one session (a browser session's
+        #: own topic, with one tab open) is a 1-tuple, 56 bytes where a set
+        #: is 216 (docs/performance.md "Where each byte goes"); a second
+        #: member makes it a set.
+        self.members: dict[str, set[_PageSession] | tuple[_PageSession]] = {}
         self.broker: _Broker | None = None
         self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
         self.presence = presence
@@ -2605,12 +2609,24 @@ class _Topics:
         if session.state is _PageState.ENDED:
             return
         for t in topics:
-            self.members.setdefault(t, set()).add(session)
+            members = self.members.get(t)
+            if members is None:
+                self.members[t] = (session,)
+            elif isinstance(members, tuple):
+                if members[0] is not session:
+                    self.members[t] = {members[0], session}
+            else:
+                members.add(session)
 
     def leave(self, session: _PageSession, topics: Iterable[str]) -> None:
         for t in topics:
             members = self.members.get(t)
-            if members is not None:
+            if members is None:
+                continue
+            if isinstance(members, tuple):
+                if members[0] is session:
+                    del self.members[t]
+            else:
                 members.discard(session)
                 if not members:
                     del self.members[t]
