@@ -4166,17 +4166,36 @@ class _Replay:
 
     def __init__(self) -> None:
         self.out_seq = 0  # the last seq given to a frame for the page
-        self.frames: list[tuple[int, bytes, bool, int]] = []
+        # No list while nothing is held: an idle page, every push acknowledged, keeps none.
+        self.frames: list[tuple[int, bytes, bool, int]] | tuple[()] = ()
         self.size = 0  # bytes held, as written on the wire
         self.floor = 0  # frames up to this seq are no longer held: no resume from before it
+
+    def _hold(self, item: tuple[int, bytes, bool, int]) -> None:
+        if self.frames:  # a list, never an empty one
+            self.frames.append(item)
+        else:
+            self.frames = [item]
+        self.size += item[3]
+
+    def _drop(self, n: int) -> None:
+        """Stop holding the ``n`` oldest frames; the list goes with the last."""
+        if n >= len(self.frames):
+            self.frames = ()
+        elif n and isinstance(self.frames, list):
+            del self.frames[:n]
 
     def push(self, payload: bytes, tail: bytes) -> bytes:
         """Number a push, frame it and hold it; returns the frame, whose
         length is what it costs held. ``tail`` is ``payload`` without its ``{``."""
         seq = self.out_seq = self.out_seq + 1
         frame = _seq_frame(seq, tail)
-        self.frames.append((seq, payload, True, len(frame)))
-        self.size += len(frame)
+        cost = len(frame)
+        if self.frames:  # ``_hold`` inline, the hot path of a numbered broadcast
+            self.frames.append((seq, payload, True, cost))
+        else:
+            self.frames = [(seq, payload, True, cost)]
+        self.size += cost
         return frame
 
     def number(self, payload: bytes) -> bytes:
@@ -4187,8 +4206,7 @@ class _Replay:
     def refuse(self, payload: bytes) -> bytes:
         """Frame and hold the refusal of a send, unnumbered, after the last numbered frame."""
         frame = _ws_frame(payload)
-        self.frames.append((self.out_seq, payload, False, len(frame)))
-        self.size += len(frame)
+        self._hold((self.out_seq, payload, False, len(frame)))
         return frame
 
     def ack(self, last: int) -> int:
@@ -4202,7 +4220,7 @@ class _Replay:
                 break
             n += 1
             freed += cost
-        del self.frames[:n]
+        self._drop(n)
         self.size -= freed
         self.floor = last
         return freed
@@ -4218,14 +4236,14 @@ class _Replay:
             freed += cost
             self.floor = pos if numbered else pos + 1
             n += 1
-        del frames[:n]
+        self._drop(n)
         self.size -= freed
         return freed
 
     def forget(self) -> int:
         """Hold nothing more and allow no resume; returns the bytes freed."""
         freed, self.size = self.size, 0
-        self.frames = []
+        self.frames = ()
         self.floor = self.out_seq + 1
         return freed
 
@@ -4395,7 +4413,6 @@ class _PageSession:
         "peer",
         "spawn",
         "tag",
-        "topics",
         "custom",
         "model",
         "state",
@@ -4428,21 +4445,35 @@ class _PageSession:
         self.peer = peer
         self.spawn = spawn
         self.tag = tag  # the session's presence tag
-        self.topics: tuple[str, ...] = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
         self.custom: set[str] | None = None  # topics joined by rally.effect.subscribe
         self.model: Any = None
         self.state = _PageState.STARTING
         self.meta: Any = None  # the encoded presence meta others were told, once listed
         self.listed = False  # the page's presence list was sent: diffs follow
-        # A list, not a deque: at most max_pending_messages items, and an idle
-        # connection keeps 56 bytes instead of 624.
-        self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
+        # A list, not a deque: at most max_pending_messages items; none until
+        # the first message waits, so an idle connection keeps no list.
+        self.pending: list[tuple[Any, int | None]] | tuple[()] = ()  # (message, seq)
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
         self.token = secrets.token_urlsafe(16) if resumable else ""  # the resume token, told in hello
         self.replay: _Replay | None = _Replay() if resumable else None  # the page said &last=
         self.in_seq = 0  # the highest send seq taken from the page
         self.watching: set[str] | None = None  # pages and patterns whose presence changes it gets
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """The three topics every page connection is in: its session's, its
+        page's and the app's. Made when needed, not kept: the topic table
+        holds the names (docs/performance.md "Where each byte goes")."""
+        ctx = self.ctx
+        return (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
+
+    def _queue(self, item: tuple[Any, int | None]) -> None:
+        """Queue a send or a server event behind the one running."""
+        if isinstance(self.pending, list):
+            self.pending.append(item)
+        else:
+            self.pending = [item]
 
     def _move(self, to: _PageState) -> None:
         if to not in _PAGE_MOVES[self.state]:
@@ -4509,7 +4540,7 @@ class _PageSession:
             # On the next step: this may be the middle of a broadcast to others.
             asyncio.get_running_loop().call_soon(self.close, 1013, "too many server events waiting")
             return
-        self.pending.append((_Event(msg), None))
+        self._queue((_Event(msg), None))
         if ready and self.worker is None:
             self.worker = self.spawn(self._drain())
 
@@ -4611,7 +4642,7 @@ class _PageSession:
         if ready and self.worker is None and not page.update_is_async:
             self._update_now(value, seq)
             return
-        self.pending.append((value, seq))
+        self._queue((value, seq))
         self._flow()
         if ready and self.worker is None:
             self.worker = self.spawn(self._drain())
@@ -4665,7 +4696,7 @@ class _PageSession:
             self.watching = None
         if self.meta is not None:
             self._unlist()
-        self.pending.clear()
+        self.pending = ()
         if self.worker is not None:
             self.worker.cancel()
         for task in self.rpcs or ():
@@ -5047,6 +5078,8 @@ class _PageSession:
                     self._update_now(value, seq)
         finally:
             self.worker = None
+            if not self.pending:
+                self.pending = ()  # the list goes with the last message: an idle page keeps none
 
 
 class _Event:
