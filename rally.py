@@ -7413,16 +7413,100 @@ _WS_MOVES: Final = {
 }
 
 
+class _Keepalive:
+    """When each open WebSocket of a server is due a ping, and when the pong
+    of each ping is late: one timer for them all, not one per connection
+    (a timer is about 270 bytes with its context, its time and its bound
+    method; a place in a bucket here about 30: docs/performance.md "Where
+    each byte goes").
+
+    Two wheels, pings and pongs, each a queue of ``(tick, bucket)`` in tick
+    order: a deadline is always now plus the same delay (``ping_interval``
+    or ``pong_timeout``), so each wheel only grows at its end. A connection
+    is in at most one bucket (``_WsConn.keepalive``), which it leaves when
+    it answers, ends or is due. A tick is ``step`` seconds, a sixteenth of
+    the shorter delay: a deadline is rounded up to its tick, never early and
+    at most a step late. When a tick comes, ``_WsConn.ping`` is called for
+    each of its connections: a ping, or a close for the missing pong."""
+
+    __slots__ = ("loop", "limits", "step", "pings", "pongs", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: _Limits) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.step = min(limits.ping_interval, limits.pong_timeout) / 16
+        self.pings: collections.deque[tuple[int, set[_WsConn]]] = collections.deque()
+        self.pongs: collections.deque[tuple[int, set[_WsConn]]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None  # at the first tick of either wheel
+
+    def ping_later(self, conn: _WsConn) -> None:
+        """Ping ``conn`` ``ping_interval`` from now (it opened, or answered a ping)."""
+        self._add(self.pings, conn, self.limits.ping_interval)
+
+    def pong_by(self, conn: _WsConn) -> None:
+        """``conn`` was pinged: its pong is late ``pong_timeout`` from now."""
+        self._add(self.pongs, conn, self.limits.pong_timeout)
+
+    def forget(self, conn: _WsConn) -> None:
+        bucket = conn.keepalive
+        if bucket is not None:
+            bucket.discard(conn)
+            conn.keepalive = None
+
+    def stop(self) -> None:
+        """The server closed: no more ticks."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pings.clear()
+        self.pongs.clear()
+
+    def _add(self, wheel: collections.deque[tuple[int, set[_WsConn]]], conn: _WsConn, delay: float) -> None:
+        self.forget(conn)
+        if delay == math.inf:  # App(ping_interval=math.inf): never
+            return
+        tick = math.ceil((self.loop.time() + delay) / self.step)
+        if wheel and wheel[-1][0] >= tick:
+            bucket = wheel[-1][1]
+        else:
+            bucket = set()
+            wheel.append((tick, bucket))
+        bucket.add(conn)
+        conn.keepalive = bucket
+        self._arm(tick)
+
+    def _arm(self, tick: int) -> None:
+        when = tick * self.step
+        if self.timer is None or self.timer.when() > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        for wheel in (self.pongs, self.pings):
+            while wheel and wheel[0][0] * self.step <= now:
+                _, bucket = wheel.popleft()
+                for conn in tuple(bucket):
+                    if conn.keepalive is bucket:  # not gone meanwhile
+                        conn.keepalive = None
+                        conn.ping()
+        firsts = [wheel[0][0] for wheel in (self.pings, self.pongs) if wheel]
+        if firsts:
+            self._arm(min(firsts))
+
+
 class _WsConn(_Conn):
     """One WebSocket: bytes to a ``_WsReader``, whole messages to the
     session (a ``_PageSession`` or a raw route's ``_RawSession``), frames
     from the session to the socket. It is the session's ``_Peer``.
 
-    Timers, one per purpose: the ping timer (ping, then wait for the pong),
-    and ``_Conn``'s abort timer once a close has started. Every way the
+    Timers: the server's ``_Keepalive`` pings it (then waits for the pong),
+    and ``_Conn``'s abort timer runs once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resuming", "dropped")
+    __slots__ = ("reader", "session", "state", "keepalive", "awaiting_pong", "ctx", "resuming", "dropped")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
@@ -7439,7 +7523,7 @@ class _WsConn(_Conn):
             assert up.raw is not None
             self.session = _RawSession(up.raw, up.ctx, self, srv, up.subprotocol)
         self.state = _WsState.OPEN
-        self.ping_timer: asyncio.TimerHandle | None = None
+        self.keepalive: set[_WsConn] | None = None  # its bucket in the server's _Keepalive
         self.awaiting_pong = False
 
     # -- lifecycle ------------------------------------------------------------
@@ -7455,7 +7539,7 @@ class _WsConn(_Conn):
             self.write_frame(_ws_frame(_error_reply(None, "stale_contract", errors)))
             self.close(CLOSE_STALE_CONTRACT, "stale_contract")
             return
-        self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
+        self.srv.keepalive.ping_later(self)
         up, self.resuming = self.resuming, None
         session = self.session
         if up is None:
@@ -7500,9 +7584,7 @@ class _WsConn(_Conn):
         if self.ended:
             return
         self.ended = True
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
+        self.srv.keepalive.forget(self)
         self._resume(_BY_WORK | _BY_SHUTDOWN)  # the peer's close frame must still be read
         self._wake()
         # A page lost while the server shuts down ends with it: it would
@@ -7512,9 +7594,7 @@ class _WsConn(_Conn):
     def abandon(self) -> None:
         """The page went on over a newer connection: drop this one, leaving the session alone."""
         self.ended = True
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
+        self.srv.keepalive.forget(self)
         self.state = _WsState.CLOSED
         self.transport.abort()
 
@@ -7526,8 +7606,8 @@ class _WsConn(_Conn):
             self._end(1006, "connection lost", lost=True)
         self._lost()
 
-    def _ping(self) -> None:
-        self.ping_timer = None
+    def ping(self) -> None:
+        """Its keepalive deadline came (``_Keepalive``): ping, or close if the last ping got no pong."""
         if self.state is not _WsState.OPEN:
             return
         if self.awaiting_pong:
@@ -7538,7 +7618,7 @@ class _WsConn(_Conn):
             return
         self.awaiting_pong = True
         self._send(wsproto.events.Ping(payload=b"rally"))
-        self.ping_timer = self.srv.loop.call_later(self.srv.limits.pong_timeout, self._ping)
+        self.srv.keepalive.pong_by(self)
 
     # -- the session's peer -----------------------------------------------------
 
@@ -7623,9 +7703,7 @@ class _WsConn(_Conn):
     def _on_pong(self, event: wsproto.events.Pong) -> None:
         if self.awaiting_pong and self.state is _WsState.OPEN:
             self.awaiting_pong = False
-            if self.ping_timer is not None:
-                self.ping_timer.cancel()
-            self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
+            self.srv.keepalive.ping_later(self)
 
     def _on_close(self, event: wsproto.events.CloseConnection) -> None:
         if self.state is _WsState.OPEN:
@@ -8012,6 +8090,7 @@ class Server:
         self.tasks: set[asyncio.Task[Any]] = set()
         #: ``spawn`` made a bound method once, for every page session to keep (one each is 64 bytes)
         self.spawner: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = self.spawn
+        self.keepalive = _Keepalive(self.loop, self.limits)  # every WebSocket's pings
         self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         self.closing = False
         self.host = ""
@@ -8153,6 +8232,7 @@ class Server:
                 _logger.error("%d tasks did not finish after being cancelled at shutdown", len(pending))
         if self._server is not None:
             await self._server.wait_closed()
+        self.keepalive.stop()
         try:
             await self._exit_lifespan()
         finally:

@@ -18,6 +18,7 @@ import datetime
 import enum
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -588,6 +589,95 @@ def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() ->
     closing.feed(client.send(wsproto.events.CloseConnection(code=1000)))
     assert isinstance(closing.next_event(), wsproto.events.CloseConnection) and closing.next_event() is None
     assert closing._ws is not None and closing.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
+
+
+class FakeClock:
+    """An event loop's ``time`` and ``call_at``, with time moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        timer = asyncio.TimerHandle(when, callback, (), self)  # type: ignore[arg-type]
+        self.timers.append(timer)
+        return timer
+
+    def get_debug(self) -> bool:
+        return False
+
+    def _timer_handle_cancelled(self, timer: asyncio.TimerHandle) -> None:
+        pass
+
+    def pending(self) -> list[asyncio.TimerHandle]:
+        return [t for t in self.timers if not t.cancelled()]
+
+    def run_until(self, end: float) -> None:
+        """Run each timer due by ``end`` at its time."""
+        while (due := [t for t in self.pending() if t.when() <= end]) and self.now <= end:
+            timer = min(due, key=lambda t: t.when())
+            self.timers.remove(timer)
+            self.now = max(self.now, timer.when())
+            timer._run()
+        self.now = end
+
+
+class Pinged:
+    """What ``_Keepalive`` needs of a ``_WsConn``: its bucket, and ``ping``,
+    which pings (its pong is then due) or, with the last ping unanswered, closes."""
+
+    def __init__(self, keepalive: Any, clock: FakeClock) -> None:
+        self.keepalive: set[Any] | None = None
+        self.pinger, self.clock = keepalive, clock
+        self.pings: list[float] = []
+        self.awaiting_pong = False
+        self.closed: float | None = None
+
+    def ping(self) -> None:
+        if self.awaiting_pong:
+            self.closed = self.clock.now
+            return
+        self.pings.append(self.clock.now)
+        self.awaiting_pong = True
+        self.pinger.pong_by(self)
+
+    def pong(self) -> None:
+        self.awaiting_pong = False
+        self.pinger.ping_later(self)
+
+
+def test_keepalive_pings_every_connection_on_time_with_one_timer() -> None:
+    """Every connection is pinged ``ping_interval`` after it opened or
+    answered, and closed ``pong_timeout`` after an unanswered ping: never
+    early, at most a sixteenth of the shorter delay late, with one timer
+    for all (docs/performance.md "Where each byte goes")."""
+    clock = FakeClock()
+    keepalive = rally._Keepalive(clock, rally._Limits(ping_interval=20.0, pong_timeout=10.0))  # type: ignore[arg-type]
+    step = 10.0 / 16
+    a, b, c = (Pinged(keepalive, clock) for _ in range(3))
+    keepalive.ping_later(a)  # type: ignore[arg-type]
+    clock.now = 1.0
+    keepalive.ping_later(b)  # type: ignore[arg-type]
+    keepalive.ping_later(c)  # type: ignore[arg-type]
+    clock.run_until(19.99)
+    assert a.pings == b.pings == [] and len(clock.pending()) == 1
+    keepalive.forget(c)  # c ended
+    clock.run_until(21 + step)
+    assert 20 <= a.pings[0] <= 20 + step and 21 <= b.pings[0] <= 21 + step and len(clock.pending()) == 1
+    clock.now = 25.0
+    a.pong()  # a answers; b never does
+    clock.run_until(31 + step)
+    assert b.closed is not None and 31 <= b.closed <= 31 + step and a.closed is None
+    clock.run_until(45 + step)
+    assert 45 <= a.pings[-1] <= 45 + step and a.closed is None and c.pings == []
+    keepalive.stop()
+    assert clock.pending() == [] and not keepalive.pings and not keepalive.pongs
+    never = rally._Keepalive(clock, rally._Limits(ping_interval=math.inf))  # type: ignore[arg-type]
+    never.ping_later(c)  # type: ignore[arg-type]
+    assert c.keepalive is None and not never.pings
 
 
 def http_events(chunks: list[bytes], **limits: Any) -> list[Any]:
