@@ -213,8 +213,11 @@ DEFAULT_MAX_PRESENCE_META_BYTES: Final = 512
 #: Custom topics one connection may be subscribed to (rally.effect.subscribe).
 DEFAULT_MAX_TOPICS_PER_CONNECTION: Final = 100
 
-#: Flow control: a transport pauses our writers above this many buffered bytes.
+#: Flow control: a transport pauses our writers above this many buffered bytes,
+#: and resumes them below the low mark (asyncio's own ratio). Both are given,
+#: so every transport keeps these two ints instead of making its own.
 _WRITE_HIGH_WATER: Final = 64 * 1024
+_WRITE_LOW_WATER: Final = _WRITE_HIGH_WATER // 4
 #: How long a refused request's remaining bytes are read before the socket closes.
 _LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
@@ -7113,7 +7116,7 @@ class _HttpConn(_Conn):
             transport.write(_http_response(503, b"server busy\n", extra=[(b"retry-after", b"1")]))
             self._close()
             return
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         self._arm(srv.limits.keepalive_timeout)
 
     def buffer_updated(self, nbytes: int) -> None:
