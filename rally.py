@@ -1545,6 +1545,10 @@ class _FrameTracker:
                 self.fragmented = not head[0] & 0x80
 
 
+#: The tracker of a ``_WsReader`` without a wsproto connection: fed nothing, always clean.
+_NO_FRAME: Final = _FrameTracker()
+
+
 class _PartialMessage:
     """``_WsReader.next_event``: a fragment of a message arrived (it counts
     as work, so a stream of empty fragments cannot hold the loop)."""
@@ -1565,9 +1569,10 @@ class _WsReader:
     path); everything else goes through wsproto. ``send(event)`` frames a
     control event (ping, pong, close).
 
-    wsproto's connection (about 1.6 KiB) is made when a frame needs it and let
-    go once a batch of control frames (a pong) leaves it holding nothing, so
-    an idle page, whose frames take the fast path, keeps none
+    wsproto's connection (about 1.6 KiB) and its ``_FrameTracker`` are made
+    when a frame needs them and let go once a batch of control frames (a
+    pong) leaves them holding nothing, so an idle page, whose frames take
+    the fast path, keeps neither
     (docs/performance.md "Where each byte goes"). A connection that reads
     messages through wsproto keeps it: making it costs about 2 us.
     """
@@ -1577,7 +1582,7 @@ class _WsReader:
     def __init__(self, max_message_bytes: int) -> None:
         self._ws: wsproto.connection.Connection | None = None  # made by ``ws`` when a frame needs it
         self.max_bytes = max_message_bytes
-        self.tracker = _FrameTracker()
+        self.tracker = _NO_FRAME  # its own with wsproto's connection
         self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
         self.at = 0
         self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
@@ -1593,6 +1598,7 @@ class _WsReader:
         ws = self._ws
         if ws is None:
             ws = self._ws = wsproto.connection.Connection(ConnectionType.SERVER)
+            self.tracker = _FrameTracker()
         return ws
 
     @property
@@ -1606,8 +1612,8 @@ class _WsReader:
             if messages:
                 self.ready, self.at = messages, 0
                 return
-        self.tracker.feed(data)
         ws = self.ws
+        self.tracker.feed(data)
         ws.receive_data(data)
         if self.events is None:
             self.events = ws.events()
@@ -1629,7 +1635,7 @@ class _WsReader:
         except StopIteration:
             self.events = None
             if not self.messages and self.tracker.clean and self.state is ConnectionState.OPEN:
-                self._ws = None  # it holds no frame, no message and no close: let it go
+                self._ws, self.tracker = None, _NO_FRAME  # no frame, no message and no close held: let go
             return None
         if not isinstance(event, wsproto.events.Message):
             return event

@@ -555,8 +555,9 @@ def test_ws_reader_reports_protocol_errors_and_the_size_bound_at_any_split() -> 
 
 
 def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() -> None:
-    """Fast-path text frames need no wsproto connection; a ping or a pong
-    makes one and lets it go once read, so an idle page keeps none; a frame
+    """Fast-path text frames need no wsproto connection (nor a frame
+    tracker); a ping or a pong makes one and lets it go once read, so an
+    idle page keeps none; a frame
     cut in two and a close keep it while they need it; a message read
     through wsproto keeps it for good (docs/performance.md "Where each byte
     goes"). The events are the same as with one connection throughout."""
@@ -574,7 +575,7 @@ def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() ->
     assert read(text) == ["hi"] and reader._ws is None
     assert read(ping) == ["Ping"] and reader._ws is None
     assert read(pong[:3]) == [] and reader._ws is not None  # wsproto holds half a frame
-    assert read(pong[3:]) == ["Pong"] and reader._ws is None
+    assert read(pong[3:]) == ["Pong"] and reader._ws is None and reader.tracker is rally._NO_FRAME
     assert read(text + text) == ["hi", "hi"] and reader._ws is None
     server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
     ping_out = wsproto.events.Ping(payload=b"rally")
@@ -589,6 +590,7 @@ def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() ->
     closing.feed(client.send(wsproto.events.CloseConnection(code=1000)))
     assert isinstance(closing.next_event(), wsproto.events.CloseConnection) and closing.next_event() is None
     assert closing._ws is not None and closing.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
+    assert rally._NO_FRAME.clean and rally._NO_FRAME.head == b""  # the shared tracker was never fed
 
 
 class FakeClock:
