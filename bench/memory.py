@@ -148,8 +148,8 @@ class Classifier:
         below = frames[frames.index(mine[-1]) + 1 :] if mine else frames
         files = {short(f.filename).split("/")[0] for f in below}
         called = {self.function(f) for f in below}
-        if inner == "h11/_headers.py" and q.startswith("_HttpReader"):
-            return "handshake headers", where
+        if "h11" in files and q.startswith(("_HttpReader._head", "_HttpReader.next_event")):
+            return "handshake headers", where  # what h11 made of the request: kept only if the headers are
         if "h11" in files:
             return "h11 (HTTP parser)", where
         if "wsproto" in files:
@@ -300,6 +300,7 @@ def main() -> None:
         return float(results[name][1]["parts"].get(part, [0, 0])[1])  # type: ignore[index]
 
     order = sorted(parts, key=lambda p: -max(size(name, p) for name in results))
+    order = [p for p in order if any(round(size(name, p)) or round(blocks(name, p), 1) for name in results)]
     print(f"\n### Where each byte of an idle page WebSocket goes ({args.n} open)\n")
     header = ["part"] + [f"{labels[name]}: bytes (blocks)" for name in results]
     print("| " + " | ".join(header) + " |")
