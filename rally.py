@@ -233,8 +233,11 @@ DEFAULT_MAX_PRESENCE_META_BYTES: Final = 512
 #: Custom topics one connection may be subscribed to (rally.effect.subscribe).
 DEFAULT_MAX_TOPICS_PER_CONNECTION: Final = 100
 
-#: Flow control: a transport pauses our writers above this many buffered bytes.
+#: Flow control: a transport pauses our writers above this many buffered bytes,
+#: and resumes them below the low mark (asyncio's own ratio). Both are given,
+#: so every transport keeps these two ints instead of making its own.
 _WRITE_HIGH_WATER: Final = 64 * 1024
+_WRITE_LOW_WATER: Final = _WRITE_HIGH_WATER // 4
 #: How long a refused request's remaining bytes are read before the socket closes.
 _LINGER_S: Final = 1.0
 #: One read buffer shared by every connection of a server.
@@ -1564,6 +1567,10 @@ class _FrameTracker:
                 self.fragmented = not head[0] & 0x80
 
 
+#: The tracker of a ``_WsReader`` without a wsproto connection: fed nothing, always clean.
+_NO_FRAME: Final = _FrameTracker()
+
+
 class _PartialMessage:
     """``_WsReader.next_event``: a fragment of a message arrived (it counts
     as work, so a stream of empty fragments cannot hold the loop)."""
@@ -1583,20 +1590,43 @@ class _WsReader:
     text frames are read without wsproto while it holds nothing (the fast
     path); everything else goes through wsproto. ``send(event)`` frames a
     control event (ping, pong, close).
+
+    wsproto's connection (about 1.6 KiB) and its ``_FrameTracker`` are made
+    when a frame needs them and let go once a batch of control frames (a
+    pong) leaves them holding nothing, so an idle page, whose frames take
+    the fast path, keeps neither
+    (docs/performance.md "Where each byte goes"). A connection that reads
+    messages through wsproto keeps it: making it costs about 2 us.
     """
 
-    __slots__ = ("ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start")
+    __slots__ = ("_ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start", "messages")
 
     def __init__(self, max_message_bytes: int) -> None:
-        self.ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+        self._ws: wsproto.connection.Connection | None = None  # made by ``ws`` when a frame needs it
         self.max_bytes = max_message_bytes
-        self.tracker = _FrameTracker()
+        self.tracker = _NO_FRAME  # its own with wsproto's connection
         self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
         self.at = 0
         self.events: Iterator[wsproto.events.Event] | None = None  # wsproto's, while it may hold some
-        self.parts: list[Any] = []
+        self.parts: list[Any] | None = None  # a fragmented message's parts so far
         self.size = 0  # the message so far, as counted against max_bytes
         self.frame_start = 0  # ``size`` where the current frame began
+        self.messages = False  # wsproto gave a message since it was made: keep it
+
+    @property
+    def ws(self) -> wsproto.connection.Connection:
+        """wsproto's connection, made now if there is none: with none, it
+        holds nothing, so a fresh one is the same."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+            self.tracker = _FrameTracker()
+        return ws
+
+    @property
+    def state(self) -> wsproto.connection.ConnectionState:
+        """wsproto's state of the closing handshake (``OPEN`` while it has no connection)."""
+        return wsproto.connection.ConnectionState.OPEN if self._ws is None else self._ws.state
 
     def feed(self, data: bytes) -> None:
         if self.ready is None and self.events is None and self.tracker.clean:
@@ -1604,10 +1634,11 @@ class _WsReader:
             if messages:
                 self.ready, self.at = messages, 0
                 return
+        ws = self.ws
         self.tracker.feed(data)
-        self.ws.receive_data(data)
+        ws.receive_data(data)
         if self.events is None:
-            self.events = self.ws.events()
+            self.events = ws.events()
 
     def next_event(self) -> str | bytes | _PartialMessage | wsproto.events.Event | None:
         ready = self.ready
@@ -1625,9 +1656,12 @@ class _WsReader:
             event = next(self.events)
         except StopIteration:
             self.events = None
+            if not self.messages and self.tracker.clean and self.state is wsproto.connection.ConnectionState.OPEN:
+                self._ws, self.tracker = None, _NO_FRAME  # no frame, no message and no close held: let go
             return None
         if not isinstance(event, wsproto.events.Message):
             return event
+        self.messages = True
         data = event.data
         size = self.size + (len(data) if not isinstance(data, str) or data.isascii() else len(data.encode()))
         # wsproto reports a frame in pieces as its bytes arrive: the minimum is
@@ -1641,16 +1675,20 @@ class _WsReader:
         if size > self.max_bytes:
             raise ProtocolError(f"message larger than {self.max_bytes} bytes", 413, 1009)
         if not event.message_finished:
+            if self.parts is None:
+                self.parts = []
             self.parts.append(data)
             return _PARTIAL
         if self.parts:
             self.parts.append(data)
             data = data[:0].join(self.parts)
-            self.parts = []
+        self.parts = None
         self.size = self.frame_start = 0
         return data  # type: ignore[no-any-return]
 
     def send(self, event: wsproto.events.Event) -> bytes:
+        if self._ws is None and type(event) is wsproto.events.Ping:  # the keepalive: no connection for it
+            return _ws_frame(bytes(event.payload), 0x9)
         return self.ws.send(event)
 
 
@@ -1999,6 +2037,22 @@ def _html_boot(html: str, boot: dict[str, Any]) -> str:
 # ==== Dispatch: handler table, pages, topics, effects (no sockets) ==========
 
 
+def _pack_headers(lines: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Header lines as one bytes object, ``name:value`` lines joined by a
+    newline: what a WebSocket's ``ServerContext`` keeps of its handshake
+    (docs/performance.md "Where each byte goes"). h11 lets no newline into a
+    name or value, nor a colon into a name, so ``_unpack_headers`` gives the
+    lines back as they were."""
+    return b"\n".join([name + b":" + value for name, value in lines])
+
+
+def _unpack_headers(packed: bytes) -> list[tuple[bytes, bytes]]:
+    """The header lines ``_pack_headers`` packed, in their order."""
+    if not packed:
+        return []
+    return [(name, value) for name, _, value in (line.partition(b":") for line in packed.split(b"\n"))]
+
+
 class ServerContext:
     """What a handler knows of its request.
 
@@ -2027,11 +2081,14 @@ class ServerContext:
         session_id: str,
         page: str | None,
         params: dict[str, Any],
-        raw_headers: Sequence[tuple[bytes, bytes]],
+        raw_headers: Sequence[tuple[bytes, bytes]] | bytes,
         client: tuple[str, int] | None,
         connection_id: int | None,
         registry: _Registry,
     ) -> None:
+        """``raw_headers``: the request's header lines, or for a context that
+        lives as long as a WebSocket the same packed by ``_pack_headers``
+        (one bytes object instead of a tuple and two bytes objects a line)."""
         self.session_id = session_id
         self.page = page
         self.params = params
@@ -2053,8 +2110,10 @@ class ServerContext:
     def headers(self) -> dict[str, str]:
         """Request headers by lower-case name; repeated headers joined by ", "."""
         if self._headers is None:
+            raw = self._raw_headers
+            lines = _unpack_headers(raw) if isinstance(raw, bytes) else raw
             out: dict[str, str] = {}
-            for k, v in self._raw_headers:
+            for k, v in lines:
                 name, value = k.decode("latin-1"), v.decode("latin-1")
                 out[name] = out[name] + ", " + value if name in out else value
             self._headers = out
@@ -2563,7 +2622,11 @@ class _Topics:
     __slots__ = ("members", "broker", "joining", "presence", "events", "decode", "watchers", "changes_due")
 
     def __init__(self, presence: _PresenceTable, events: set[type], decode: Callable[[bytes, type], Any]) -> None:
-        self.members: dict[str, set[_PageSession]] = {}
+        #: topic -> its sessions. A topic of one session (a browser session's
+        #: own topic, with one tab open) is a 1-tuple, 56 bytes where a set
+        #: is 216 (docs/performance.md "Where each byte goes"); a second
+        #: member makes it a set.
+        self.members: dict[str, set[_PageSession] | tuple[_PageSession]] = {}
         self.broker: _Broker | None = None
         self.joining: dict[str, list[_PageSession]] = {}  # page path -> sessions to list and announce
         self.presence = presence
@@ -2577,12 +2640,24 @@ class _Topics:
         if session.state is _PageState.ENDED:
             return
         for t in topics:
-            self.members.setdefault(t, set()).add(session)
+            members = self.members.get(t)
+            if members is None:
+                self.members[t] = (session,)
+            elif isinstance(members, tuple):
+                if members[0] is not session:
+                    self.members[t] = {members[0], session}
+            else:
+                members.add(session)
 
     def leave(self, session: _PageSession, topics: Iterable[str]) -> None:
         for t in topics:
             members = self.members.get(t)
-            if members is not None:
+            if members is None:
+                continue
+            if isinstance(members, tuple):
+                if members[0] is session:
+                    del self.members[t]
+            else:
                 members.discard(session)
                 if not members:
                     del self.members[t]
@@ -4122,17 +4197,36 @@ class _Replay:
 
     def __init__(self) -> None:
         self.out_seq = 0  # the last seq given to a frame for the page
-        self.frames: list[tuple[int, bytes, bool, int]] = []
+        # No list while nothing is held: an idle page, every push acknowledged, keeps none.
+        self.frames: list[tuple[int, bytes, bool, int]] | tuple[()] = ()
         self.size = 0  # bytes held, as written on the wire
         self.floor = 0  # frames up to this seq are no longer held: no resume from before it
+
+    def _hold(self, item: tuple[int, bytes, bool, int]) -> None:
+        if self.frames:  # a list, never an empty one
+            self.frames.append(item)
+        else:
+            self.frames = [item]
+        self.size += item[3]
+
+    def _drop(self, n: int) -> None:
+        """Stop holding the ``n`` oldest frames; the list goes with the last."""
+        if n >= len(self.frames):
+            self.frames = ()
+        elif n and isinstance(self.frames, list):
+            del self.frames[:n]
 
     def push(self, payload: bytes, tail: bytes) -> bytes:
         """Number a push, frame it and hold it; returns the frame, whose
         length is what it costs held. ``tail`` is ``payload`` without its ``{``."""
         seq = self.out_seq = self.out_seq + 1
         frame = _seq_frame(seq, tail)
-        self.frames.append((seq, payload, True, len(frame)))
-        self.size += len(frame)
+        cost = len(frame)
+        if self.frames:  # ``_hold`` inline, the hot path of a numbered broadcast
+            self.frames.append((seq, payload, True, cost))
+        else:
+            self.frames = [(seq, payload, True, cost)]
+        self.size += cost
         return frame
 
     def number(self, payload: bytes) -> bytes:
@@ -4143,8 +4237,7 @@ class _Replay:
     def refuse(self, payload: bytes) -> bytes:
         """Frame and hold the refusal of a send, unnumbered, after the last numbered frame."""
         frame = _ws_frame(payload)
-        self.frames.append((self.out_seq, payload, False, len(frame)))
-        self.size += len(frame)
+        self._hold((self.out_seq, payload, False, len(frame)))
         return frame
 
     def ack(self, last: int) -> int:
@@ -4158,7 +4251,7 @@ class _Replay:
                 break
             n += 1
             freed += cost
-        del self.frames[:n]
+        self._drop(n)
         self.size -= freed
         self.floor = last
         return freed
@@ -4174,14 +4267,14 @@ class _Replay:
             freed += cost
             self.floor = pos if numbered else pos + 1
             n += 1
-        del frames[:n]
+        self._drop(n)
         self.size -= freed
         return freed
 
     def forget(self) -> int:
         """Hold nothing more and allow no resume; returns the bytes freed."""
         freed, self.size = self.size, 0
-        self.frames = []
+        self.frames = ()
         self.floor = self.out_seq + 1
         return freed
 
@@ -4351,7 +4444,6 @@ class _PageSession:
         "peer",
         "spawn",
         "tag",
-        "topics",
         "custom",
         "model",
         "state",
@@ -4384,21 +4476,35 @@ class _PageSession:
         self.peer = peer
         self.spawn = spawn
         self.tag = tag  # the session's presence tag
-        self.topics: tuple[str, ...] = (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
         self.custom: set[str] | None = None  # topics joined by rally.effect.subscribe
         self.model: Any = None
         self.state = _PageState.STARTING
         self.meta: Any = None  # the encoded presence meta others were told, once listed
         self.listed = False  # the page's presence list was sent: diffs follow
-        # A list, not a deque: at most max_pending_messages items, and an idle
-        # connection keeps 56 bytes instead of 624.
-        self.pending: list[tuple[Any, int | None]] = []  # (message, seq)
+        # A list, not a deque: at most max_pending_messages items; none until
+        # the first message waits, so an idle connection keeps no list.
+        self.pending: list[tuple[Any, int | None]] | tuple[()] = ()  # (message, seq)
         self.worker: asyncio.Task[None] | None = None  # server_init or the sends, one at a time
         self.rpcs: set[asyncio.Task[Any]] | None = None  # made by the first async RPC
-        self.token = secrets.token_urlsafe(16)  # the resume token, told in hello
+        self.token = secrets.token_urlsafe(16) if resumable else ""  # the resume token, told in hello
         self.replay: _Replay | None = _Replay() if resumable else None  # the page said &last=
         self.in_seq = 0  # the highest send seq taken from the page
         self.watching: set[str] | None = None  # pages and patterns whose presence changes it gets
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """The three topics every page connection is in: its session's, its
+        page's and the app's. Made when needed, not kept: the topic table
+        holds the names (docs/performance.md "Where each byte goes")."""
+        ctx = self.ctx
+        return (f"session:{ctx.session_id}", f"page:{ctx.page}", "app")
+
+    def _queue(self, item: tuple[Any, int | None]) -> None:
+        """Queue a send or a server event behind the one running."""
+        if isinstance(self.pending, list):
+            self.pending.append(item)
+        else:
+            self.pending = [item]
 
     def _move(self, to: _PageState) -> None:
         if to not in _PAGE_MOVES[self.state]:
@@ -4465,7 +4571,7 @@ class _PageSession:
             # On the next step: this may be the middle of a broadcast to others.
             asyncio.get_running_loop().call_soon(self.close, 1013, "too many server events waiting")
             return
-        self.pending.append((_Event(msg), None))
+        self._queue((_Event(msg), None))
         if ready and self.worker is None:
             self.worker = self.spawn(self._drain())
 
@@ -4567,7 +4673,7 @@ class _PageSession:
         if ready and self.worker is None and not page.update_is_async:
             self._update_now(value, seq)
             return
-        self.pending.append((value, seq))
+        self._queue((value, seq))
         self._flow()
         if ready and self.worker is None:
             self.worker = self.spawn(self._drain())
@@ -4621,7 +4727,7 @@ class _PageSession:
             self.watching = None
         if self.meta is not None:
             self._unlist()
-        self.pending.clear()
+        self.pending = ()
         if self.worker is not None:
             self.worker.cancel()
         for task in self.rpcs or ():
@@ -5003,6 +5109,8 @@ class _PageSession:
                     self._update_now(value, seq)
         finally:
             self.worker = None
+            if not self.pending:
+                self.pending = ()  # the list goes with the last message: an idle page keeps none
 
 
 class _Event:
@@ -5845,7 +5953,7 @@ class _Router:
         key = self._check_handshake(req)
         subprotocol = None if raw is None or not raw.subprotocols else _pick_subprotocol(req, raw.subprotocols)
         sid, cookie = self._session(req)
-        ctx = ServerContext(sid, page_path, params, req.raw_headers, client, next(self.ids), self.reg)
+        ctx = ServerContext(sid, page_path, params, _pack_headers(req.raw_headers), client, next(self.ids), self.reg)
         headers = [
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),
@@ -5854,7 +5962,9 @@ class _Router:
         ]
         if subprotocol is not None:
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-        tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
+        tag = ""  # only a page with presence lists its connections, each with its session's tag
+        if page is not None and page.presence is not None:
+            tag = hmac.new(self.secret, b"presence:" + sid.encode(), hashlib.sha256).hexdigest()[:16]
         return _Upgrade(headers, ctx, page, raw, stale, tag, subprotocol=subprotocol)
 
     def _static(self, req: _Request, rel: str, directory: str) -> _Action:
@@ -7026,14 +7136,15 @@ class _HttpConn(_Conn):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        if isinstance(peer, tuple):  # IPv4's (host, port) as it is; IPv6 adds flow info and scope
+            self.client = peer if len(peer) == 2 else (peer[0], peer[1])
         srv = self.srv
         srv.conns.add(self)
         if len(srv.conns) > srv.limits.max_connections or srv.closing:
             transport.write(_http_response(503, b"server busy\n", extra=[(b"retry-after", b"1")]))
             self._close()
             return
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         self._arm(srv.limits.keepalive_timeout)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -7333,16 +7444,100 @@ _WS_MOVES: Final = {
 }
 
 
+class _Keepalive:
+    """When each open WebSocket of a server is due a ping, and when the pong
+    of each ping is late: one timer for them all, not one per connection
+    (a timer is about 270 bytes with its context, its time and its bound
+    method; a place in a bucket here about 30: docs/performance.md "Where
+    each byte goes").
+
+    Two wheels, pings and pongs, each a queue of ``(tick, bucket)`` in tick
+    order: a deadline is always now plus the same delay (``ping_interval``
+    or ``pong_timeout``), so each wheel only grows at its end. A connection
+    is in at most one bucket (``_WsConn.keepalive``), which it leaves when
+    it answers, ends or is due. A tick is ``step`` seconds, a sixteenth of
+    the shorter delay: a deadline is rounded up to its tick, never early and
+    at most a step late. When a tick comes, ``_WsConn.ping`` is called for
+    each of its connections: a ping, or a close for the missing pong."""
+
+    __slots__ = ("loop", "limits", "step", "pings", "pongs", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: _Limits) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.step = min(limits.ping_interval, limits.pong_timeout) / 16
+        self.pings: collections.deque[tuple[int, set[_WsConn]]] = collections.deque()
+        self.pongs: collections.deque[tuple[int, set[_WsConn]]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None  # at the first tick of either wheel
+
+    def ping_later(self, conn: _WsConn) -> None:
+        """Ping ``conn`` ``ping_interval`` from now (it opened, or answered a ping)."""
+        self._add(self.pings, conn, self.limits.ping_interval)
+
+    def pong_by(self, conn: _WsConn) -> None:
+        """``conn`` was pinged: its pong is late ``pong_timeout`` from now."""
+        self._add(self.pongs, conn, self.limits.pong_timeout)
+
+    def forget(self, conn: _WsConn) -> None:
+        bucket = conn.keepalive
+        if bucket is not None:
+            bucket.discard(conn)
+            conn.keepalive = None
+
+    def stop(self) -> None:
+        """The server closed: no more ticks."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pings.clear()
+        self.pongs.clear()
+
+    def _add(self, wheel: collections.deque[tuple[int, set[_WsConn]]], conn: _WsConn, delay: float) -> None:
+        self.forget(conn)
+        if delay == math.inf:  # App(ping_interval=math.inf): never
+            return
+        tick = math.ceil((self.loop.time() + delay) / self.step)
+        if wheel and wheel[-1][0] >= tick:
+            bucket = wheel[-1][1]
+        else:
+            bucket = set()
+            wheel.append((tick, bucket))
+        bucket.add(conn)
+        conn.keepalive = bucket
+        self._arm(tick)
+
+    def _arm(self, tick: int) -> None:
+        when = tick * self.step
+        if self.timer is None or self.timer.when() > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        for wheel in (self.pongs, self.pings):
+            while wheel and wheel[0][0] * self.step <= now:
+                _, bucket = wheel.popleft()
+                for conn in tuple(bucket):
+                    if conn.keepalive is bucket:  # not gone meanwhile
+                        conn.keepalive = None
+                        conn.ping()
+        firsts = [wheel[0][0] for wheel in (self.pings, self.pongs) if wheel]
+        if firsts:
+            self._arm(min(firsts))
+
+
 class _WsConn(_Conn):
     """One WebSocket: bytes to a ``_WsReader``, whole messages to the
     session (a ``_PageSession`` or a raw route's ``_RawSession``), frames
     from the session to the socket. It is the session's ``_Peer``.
 
-    Timers, one per purpose: the ping timer (ping, then wait for the pong),
-    and ``_Conn``'s abort timer once a close has started. Every way the
+    Timers: the server's ``_Keepalive`` pings it (then waits for the pong),
+    and ``_Conn``'s abort timer runs once a close has started. Every way the
     connection ends passes through ``_end``."""
 
-    __slots__ = ("reader", "session", "state", "ping_timer", "awaiting_pong", "ctx", "resuming", "dropped", "corked")
+    __slots__ = ("reader", "session", "state", "keepalive", "awaiting_pong", "ctx", "resuming", "dropped", "corked")
 
     def __init__(self, srv: Server, transport: asyncio.Transport, up: _Upgrade) -> None:
         super().__init__(srv, transport)
@@ -7354,12 +7549,12 @@ class _WsConn(_Conn):
         if up.resume is not None:
             self.session, self.resuming = up.resume, up
         elif up.page is not None:
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, up.resumable)
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawner, up.tag, up.resumable)
         else:
             assert up.raw is not None
             self.session = _RawSession(up.raw, up.ctx, self, srv, up.subprotocol)
         self.state = _WsState.OPEN
-        self.ping_timer: asyncio.TimerHandle | None = None
+        self.keepalive: set[_WsConn] | None = None  # its bucket in the server's _Keepalive
         self.awaiting_pong = False
         self.corked: bytearray | None = None  # what this connection writes while it reads a batch
 
@@ -7376,7 +7571,7 @@ class _WsConn(_Conn):
             self.write_frame(_ws_frame(_error_reply(None, "stale_contract", errors)))
             self.close(CLOSE_STALE_CONTRACT, "stale_contract")
             return
-        self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
+        self.srv.keepalive.ping_later(self)
         up, self.resuming = self.resuming, None
         session = self.session
         if up is None:
@@ -7386,7 +7581,7 @@ class _WsConn(_Conn):
         else:  # it ended, or gave its frames up, since the request was routed: a fresh page
             assert up.page is not None
             srv = self.srv
-            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawn, up.tag, True)
+            self.session = _PageSession(srv.registry, up.page, up.ctx, self, srv.spawner, up.tag, True)
             self.session.start()
         if trailing:
             self.reader.feed(trailing)
@@ -7421,9 +7616,7 @@ class _WsConn(_Conn):
         if self.ended:
             return
         self.ended = True
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
+        self.srv.keepalive.forget(self)
         self._resume(_BY_WORK | _BY_SHUTDOWN)  # the peer's close frame must still be read
         self._wake()
         # A page lost while the server shuts down ends with it: it would
@@ -7433,9 +7626,7 @@ class _WsConn(_Conn):
     def abandon(self) -> None:
         """The page went on over a newer connection: drop this one, leaving the session alone."""
         self.ended = True
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
+        self.srv.keepalive.forget(self)
         self.state = _WsState.CLOSED
         self.transport.abort()
 
@@ -7447,8 +7638,8 @@ class _WsConn(_Conn):
             self._end(1006, "connection lost", lost=True)
         self._lost()
 
-    def _ping(self) -> None:
-        self.ping_timer = None
+    def ping(self) -> None:
+        """Its keepalive deadline came (``_Keepalive``): ping, or close if the last ping got no pong."""
         if self.state is not _WsState.OPEN:
             return
         if self.awaiting_pong:
@@ -7459,7 +7650,7 @@ class _WsConn(_Conn):
             return
         self.awaiting_pong = True
         self._send(wsproto.events.Ping(payload=b"rally"))
-        self.ping_timer = self.srv.loop.call_later(self.srv.limits.pong_timeout, self._ping)
+        self.srv.keepalive.pong_by(self)
 
     # -- the session's peer -----------------------------------------------------
 
@@ -7581,9 +7772,7 @@ class _WsConn(_Conn):
     def _on_pong(self, event: wsproto.events.Pong) -> None:
         if self.awaiting_pong and self.state is _WsState.OPEN:
             self.awaiting_pong = False
-            if self.ping_timer is not None:
-                self.ping_timer.cancel()
-            self.ping_timer = self.srv.loop.call_later(self.srv.limits.ping_interval, self._ping)
+            self.srv.keepalive.ping_later(self)
 
     def _on_close(self, event: wsproto.events.CloseConnection) -> None:
         if self.state is _WsState.OPEN:
@@ -7591,7 +7780,7 @@ class _WsConn(_Conn):
             # reports that as a CloseConnection with 1002/1007): answer it.
             self._move(_WsState.CLOSING)
             self._end(event.code, event.reason or "")
-            ws_state = self.reader.ws.state
+            ws_state = self.reader.state
             if ws_state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                 self._send(event.response())
             elif ws_state is wsproto.connection.ConnectionState.OPEN:
@@ -7961,6 +8150,9 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.conns: set[_HttpConn | _WsConn] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: ``spawn`` made a bound method once, for every page session to keep (one each is 64 bytes)
+        self.spawner: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = self.spawn
+        self.keepalive = _Keepalive(self.loop, self.limits)  # every WebSocket's pings
         self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         self.closing = False
         self.host = ""
@@ -8102,6 +8294,7 @@ class Server:
                 _logger.error("%d tasks did not finish after being cancelled at shutdown", len(pending))
         if self._server is not None:
             await self._server.wait_closed()
+        self.keepalive.stop()
         try:
             await self._exit_lifespan()
         finally:

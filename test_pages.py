@@ -332,6 +332,36 @@ def test_the_default_presence_bounds_keep_a_full_list_below_the_outgoing_bound()
 # ==== Sessions in memory =====================================================
 
 
+def test_only_a_page_that_numbers_frames_has_a_resume_token_and_a_replay(pair: PagePair) -> None:
+    """A page on the plain protocol makes no resume token and no replay
+    (docs/performance.md "Where each byte goes") and, lost, ends at once;
+    a page that numbers frames is found by its token."""
+    plain, plain_peer = pair.open("p", resumable=False)
+    numbered, _ = pair.open("n")
+    assert plain.token == "" and plain.replay is None and "" not in pair.reg.held.tokens
+    assert numbered.token and numbered.replay is not None and pair.reg.held.get(numbered.token) is numbered
+    pair.run(plain_peer.cut)
+    assert plain.state is rally._PageState.ENDED and pair.reg.held.timers == {}
+
+
+def test_an_idle_page_keeps_no_empty_queue_frame_list_or_set_of_its_own(pair: PagePair) -> None:
+    """What an idle page does not need is not made (docs/performance.md
+    "Where each byte goes"): its queue of sends and its list of held frames
+    come with the first item and go with the last, and the topic of a
+    browser session with one tab is a 1-tuple until a second tab joins."""
+    session, peer = pair.open("alone")
+    assert session.pending == () and session.replay is not None and session.replay.frames == ()
+    assert pair.reg.topics.members["session:alone"] == (session,)
+    pair.broadcast()
+    assert len(session.replay.frames) == 1
+    pair.run(lambda: session.receive(json.dumps({"kind": "ack", "seq": peer.frames[-1]["seq"]})))
+    assert session.replay.frames == () and pair.reg.held.size == 0
+    other, _ = pair.open("alone")
+    assert pair.reg.topics.members["session:alone"] == {session, other}
+    pair.run(lambda: other.close(1000, ""))
+    assert pair.reg.topics.members["session:alone"] == {session}
+
+
 def test_a_page_that_only_sends_holds_no_acks_and_can_always_resume(pair: PagePair) -> None:
     session, peer = pair.open()
     for seq in range(1, 2001):
@@ -354,7 +384,7 @@ def test_a_held_page_keeps_no_presence_frames_and_gets_a_fresh_list_on_resume(pa
     for i in range(50):  # others come and go while it is away
         other, other_peer = pair.open(f"s{i}")
         pair.run(lambda p=other_peer: p.close(1000, ""))
-    assert session.replay is not None and session.replay.frames == [] and pair.reg.held.size == 0
+    assert session.replay is not None and not session.replay.frames and pair.reg.held.size == 0
     resumed, again = pair.resume(session.token, "away", last)
     assert resumed is session
     states = [f for f in again.frames if f.get("kind") == "presence"]

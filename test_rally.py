@@ -18,6 +18,7 @@ import datetime
 import enum
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -551,6 +552,134 @@ def test_ws_reader_reports_protocol_errors_and_the_size_bound_at_any_split() -> 
     ]:
         assert ws_events([data], max_message_bytes=100) == expected
         assert ws_events([data[i : i + 1] for i in range(len(data))], max_message_bytes=100) == expected
+
+
+def test_ws_reader_makes_a_wsproto_connection_only_for_frames_that_need_one() -> None:
+    """Fast-path text frames need no wsproto connection (nor a frame
+    tracker); a ping or a pong makes one and lets it go once read, so an
+    idle page keeps none; a frame
+    cut in two and a close keep it while they need it; a message read
+    through wsproto keeps it for good (docs/performance.md "Where each byte
+    goes"). The events are the same as with one connection throughout."""
+    client = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+    text = client.send(wsproto.events.TextMessage(data="hi"))
+    ping = client.send(wsproto.events.Ping(payload=b"p"))
+    pong = client.send(wsproto.events.Pong(payload=b"rally"))
+    binary = client.send(wsproto.events.BytesMessage(data=b"\x00\x01"))
+    reader = rally._WsReader(1 << 20)
+
+    def read(data: bytes) -> list[Any]:
+        reader.feed(data)
+        return [e if isinstance(e, (str, bytes)) else type(e).__name__ for e in iter(reader.next_event, None)]
+
+    assert read(text) == ["hi"] and reader._ws is None
+    assert read(ping) == ["Ping"] and reader._ws is None
+    assert read(pong[:3]) == [] and reader._ws is not None  # wsproto holds half a frame
+    assert read(pong[3:]) == ["Pong"] and reader._ws is None and reader.tracker is rally._NO_FRAME
+    assert read(text + text) == ["hi", "hi"] and reader._ws is None
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    ping_out = wsproto.events.Ping(payload=b"rally")
+    assert reader.send(ping_out) == server.send(ping_out) and reader._ws is None
+    assert read(binary) == [b"\x00\x01"] and reader._ws is not None
+    assert read(ping) == ["Ping"] and reader._ws is not None and reader.state is wsproto.connection.ConnectionState.OPEN
+    frames = text + ping + text + ping + text  # wsproto made and let go twice, read whole
+    for a in range(1, len(frames)):
+        for b in range(a, len(frames), 3):
+            assert ws_events(splits(frames, [a, b])) == ["hi", ("ping", b"p"), "hi", ("ping", b"p"), "hi"]
+    closing = rally._WsReader(1 << 20)
+    closing.feed(client.send(wsproto.events.CloseConnection(code=1000)))
+    assert isinstance(closing.next_event(), wsproto.events.CloseConnection) and closing.next_event() is None
+    assert closing._ws is not None and closing.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
+    assert rally._NO_FRAME.clean and rally._NO_FRAME.head == b""  # the shared tracker was never fed
+
+
+class FakeClock:
+    """An event loop's ``time`` and ``call_at``, with time moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        timer = asyncio.TimerHandle(when, callback, (), self)  # type: ignore[arg-type]
+        self.timers.append(timer)
+        return timer
+
+    def get_debug(self) -> bool:
+        return False
+
+    def _timer_handle_cancelled(self, timer: asyncio.TimerHandle) -> None:
+        pass
+
+    def pending(self) -> list[asyncio.TimerHandle]:
+        return [t for t in self.timers if not t.cancelled()]
+
+    def run_until(self, end: float) -> None:
+        """Run each timer due by ``end`` at its time."""
+        while (due := [t for t in self.pending() if t.when() <= end]) and self.now <= end:
+            timer = min(due, key=lambda t: t.when())
+            self.timers.remove(timer)
+            self.now = max(self.now, timer.when())
+            timer._run()
+        self.now = end
+
+
+class Pinged:
+    """What ``_Keepalive`` needs of a ``_WsConn``: its bucket, and ``ping``,
+    which pings (its pong is then due) or, with the last ping unanswered, closes."""
+
+    def __init__(self, keepalive: Any, clock: FakeClock) -> None:
+        self.keepalive: set[Any] | None = None
+        self.pinger, self.clock = keepalive, clock
+        self.pings: list[float] = []
+        self.awaiting_pong = False
+        self.closed: float | None = None
+
+    def ping(self) -> None:
+        if self.awaiting_pong:
+            self.closed = self.clock.now
+            return
+        self.pings.append(self.clock.now)
+        self.awaiting_pong = True
+        self.pinger.pong_by(self)
+
+    def pong(self) -> None:
+        self.awaiting_pong = False
+        self.pinger.ping_later(self)
+
+
+def test_keepalive_pings_every_connection_on_time_with_one_timer() -> None:
+    """Every connection is pinged ``ping_interval`` after it opened or
+    answered, and closed ``pong_timeout`` after an unanswered ping: never
+    early, at most a sixteenth of the shorter delay late, with one timer
+    for all (docs/performance.md "Where each byte goes")."""
+    clock = FakeClock()
+    keepalive = rally._Keepalive(clock, rally._Limits(ping_interval=20.0, pong_timeout=10.0))  # type: ignore[arg-type]
+    step = 10.0 / 16
+    a, b, c = (Pinged(keepalive, clock) for _ in range(3))
+    keepalive.ping_later(a)  # type: ignore[arg-type]
+    clock.now = 1.0
+    keepalive.ping_later(b)  # type: ignore[arg-type]
+    keepalive.ping_later(c)  # type: ignore[arg-type]
+    clock.run_until(19.99)
+    assert a.pings == b.pings == [] and len(clock.pending()) == 1
+    keepalive.forget(c)  # c ended
+    clock.run_until(21 + step)
+    assert 20 <= a.pings[0] <= 20 + step and 21 <= b.pings[0] <= 21 + step and len(clock.pending()) == 1
+    clock.now = 25.0
+    a.pong()  # a answers; b never does
+    clock.run_until(31 + step)
+    assert b.closed is not None and 31 <= b.closed <= 31 + step and a.closed is None
+    clock.run_until(45 + step)
+    assert 45 <= a.pings[-1] <= 45 + step and a.closed is None and c.pings == []
+    keepalive.stop()
+    assert clock.pending() == [] and not keepalive.pings and not keepalive.pongs
+    never = rally._Keepalive(clock, rally._Limits(ping_interval=math.inf))  # type: ignore[arg-type]
+    never.ping_later(c)  # type: ignore[arg-type]
+    assert c.keepalive is None and not never.pings
 
 
 def http_events(chunks: list[bytes], **limits: Any) -> list[Any]:
@@ -2760,6 +2889,41 @@ async def test_async_server_terminate_runs_after_leaving_and_broadcasts() -> Non
             assert [await carol.receive() for _ in range(2)] == [Left("bob directly"), Left("bob")]
             assert terminations.calls == [Ended("bob", bob.connection_id, [carol.connection_id], reached=1)]
     assert [call.name for call in terminations.calls] == ["bob", "carol"]
+
+
+class Headed:
+    """A page whose ``server_init`` keeps the headers its connection's context gives (``state``: a future)."""
+
+    def server_init(server_context: rally.ServerContext) -> tuple[None, rally.Effect[Note]]:
+        server_context.state.set_result(server_context.headers)
+        return None, rally.effect.none()
+
+
+async def test_a_page_context_gives_its_handshake_headers_as_they_came() -> None:
+    """A page connection's context keeps its handshake's headers packed
+    (docs/performance.md "Where each byte goes") and gives them back as an
+    HTTP request's context does: by lower-case name, a repeated one joined
+    by ", " in order, colons and spaces inside a value kept, an empty value
+    empty."""
+    lines = [(b"x-tag", b"one"), (b"X-Url", b"http://h:1/p?q=a:b c"), (b"x-tag", b"two"), (b"x-empty", b"")]
+    packed = rally._pack_headers([(name.lower(), value) for name, value in lines])
+    assert rally._unpack_headers(packed) == [(name.lower(), value) for name, value in lines]
+    assert rally._unpack_headers(rally._pack_headers([])) == []
+    seen: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+    app = rally.App(state=seen)
+    app.page("/headed", Headed)
+    async with running(app) as server:
+        sock = await raw_page_socket(server, "/headed", b"".join(b"%s: %s\r\n" % line for line in lines))
+        try:
+            headers = await asyncio.wait_for(seen, WAIT)
+        finally:
+            sock.close()
+    assert {k: v for k, v in headers.items() if k.startswith("x-")} == {
+        "x-tag": "one, two",
+        "x-url": "http://h:1/p?q=a:b c",
+        "x-empty": "",
+    }
+    assert headers["host"] == "localhost" and headers["upgrade"] == "websocket"
 
 
 # -- presence

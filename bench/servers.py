@@ -35,7 +35,8 @@ def push(text: str) -> str | None:
     return None
 
 
-def run_rally(port: int) -> None:
+def run_rally(port: int, **options: float) -> None:
+    """``options``: more ``rally.App`` arguments (bench/memory.py's traced server pings less often)."""
     import rally
 
     @dataclass
@@ -50,7 +51,7 @@ def run_rally(port: int) -> None:
     class Shouted:
         text: str
 
-    app = rally.App(max_connections=MAX_CONNECTIONS)
+    app = rally.App(max_connections=MAX_CONNECTIONS, **options)  # type: ignore[arg-type]
 
     @app.rpc
     def server_echo(msg: Echo) -> rally.Result[str, str]:
