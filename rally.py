@@ -1661,8 +1661,33 @@ _END: Final = _EndOfRequest()
 _EOF: Final = _EndOfStream()
 
 
+# The reader's states. A request is read by the fast path unless the fast
+# path hands it to h11 (``_IN_H11``), which then reads it to its end.
+_IN_HEAD: Final = 0  # a request head is arriving
+_IN_BODY: Final = 1  # the head was read; ``remaining`` body bytes follow
+_IN_DONE: Final = 2  # the request is whole and the connection may carry another
+_IN_LAST: Final = 3  # the request is whole and asked to close the connection
+_IN_CLOSED: Final = 4  # the peer closed between requests
+_IN_H11: Final = 5  # h11 reads this request
+
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+#: A header line the fast path takes: a token, a colon, optional spaces or
+#: tabs, a value of visible ASCII with spaces inside, and CRLF. h11 takes
+#: every such line and reads the same name and value out of it (the value
+#: without the whitespace around it). A value starts and ends with a visible
+#: character, so a line that does not match fails in time linear in its length.
+_FIELD_VALUE: Final = rb"[\x21-\x7e](?:[ \x21-\x7e]*[\x21-\x7e])?"
+_FAST_FIELD_RE: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(?:(" + _FIELD_VALUE + rb")[ \t]*)?\r\n")
+_FAST_HEAD_RE: Final = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n"
+    rb"((?:" + _TOKEN + rb":[ \t]*(?:" + _FIELD_VALUE + rb"[ \t]*)?\r\n)*)"
+)
+#: The end of a head as h11 finds it: a bare LF ends a line too.
+_H11_HEAD_END_RE: Final = re.compile(rb"\n\r?\n")
+
+
 class _HttpReader:
-    """One connection's request bytes in, request events out (h11 parses).
+    """One connection's request bytes in, request events out.
 
     ``feed(data)`` (``b""`` for the end of the stream), then ``next_event()``
     until it returns ``None``: a ``_Request`` head, ``bytes`` of its body,
@@ -1671,20 +1696,202 @@ class _HttpReader:
     request with the bytes the peer already pipelined. Head and body limits
     are counted as bytes arrive. Raises only ``ProtocolError``, whose text
     never quotes the request.
+
+    Plain requests are read by a strict fast path (docs/decisions.md): an
+    ``HTTP/1.1`` request line, header lines of a narrow grammar
+    (``_FAST_FIELD_RE``), exactly one Host, at most one Content-Length of
+    digits, no Transfer-Encoding, Expect or Upgrade, not CONNECT, and a
+    body of that length. Any other request goes to h11 from its first byte
+    (the fast path consumes nothing before it knows it takes the request),
+    so its events, refusals, ``done`` and ``trailing`` are h11's; those of a
+    fast one are the same as h11's would be. ``fast=False`` gives every
+    request to h11 (the tests compare the two).
     """
 
-    __slots__ = ("limits", "h11", "body_size", "request")
+    __slots__ = (
+        "limits",
+        "fast",
+        "h11",
+        "state",
+        "buf",
+        "closed",
+        "scanned",
+        "remaining",
+        "keep_alive",
+        "body_size",
+        "request",
+    )
 
-    def __init__(self, limits: _Limits) -> None:
+    def __init__(self, limits: _Limits, fast: bool = True) -> None:
         self.limits = limits
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self.fast = fast
+        self.h11: h11.Connection | None = None  # this request's parser, once it is h11's
+        self.state = _IN_HEAD
+        self.buf: bytes | bytearray = b""  # what the fast path has not read yet
+        self.closed = False  # the peer closed (``feed(b"")``)
+        self.scanned = 0  # a partial head has no CRLFCRLF before this offset of ``buf``
+        self.remaining = 0  # body bytes still to come
+        self.keep_alive = True  # the fast request did not say "Connection: close"
         self.body_size = 0
         self.request: _Request | None = None  # this cycle's head, once parsed (also when refused)
+        if not fast:
+            self._give_to_h11()
 
     def feed(self, data: bytes) -> None:
-        self.h11.receive_data(data)
+        if self.h11 is not None:
+            self.h11.receive_data(data)
+        elif not data:
+            self.closed = True
+        elif not self.buf:
+            self.buf = data
+        else:
+            if type(self.buf) is bytes:
+                self.buf = bytearray(self.buf)
+            self.buf += data
 
     def next_event(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        state = self.state
+        if state == _IN_HEAD:
+            return self._fast_head()
+        if state == _IN_BODY:
+            return self._fast_body()
+        if state == _IN_H11:
+            return self._h11_event()
+        # A fast request is whole: what h11 does after one. It waits for
+        # next_cycle, takes the end of the stream, and refuses bytes after a
+        # request that asked to close.
+        if self.buf:
+            if state == _IN_DONE:
+                return None
+            raise ProtocolError("bad request", 400)
+        if self.closed:
+            self.state = _IN_CLOSED
+            return _EOF
+        return None
+
+    @property
+    def done(self) -> bool:
+        """The whole request was read: the connection may carry another."""
+        if self.h11 is not None:
+            return self.h11.their_state is h11.DONE
+        return self.state == _IN_DONE
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes the peer sent after the request (a WebSocket's first frames)."""
+        if self.h11 is not None:
+            return bytes(self.h11.trailing_data[0])
+        return bytes(self.buf)
+
+    def next_cycle(self) -> bool:
+        """Start the next request; True if the peer already sent some of it, or closed."""
+        if self.h11 is not None:
+            pipelined, closed = self.h11.trailing_data
+            self.h11 = None
+        else:
+            pipelined, closed = bytes(self.buf), self.closed
+        self.state = _IN_HEAD
+        self.buf = pipelined
+        self.closed = closed
+        self.scanned = 0
+        self.body_size = 0
+        self.request = None
+        if not self.fast:
+            self._give_to_h11()
+        return bool(pipelined) or closed
+
+    # -- the fast path ------------------------------------------------------------
+
+    def _fast_head(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n", self.scanned)
+        if end < 0:
+            if not buf:
+                if self.closed:
+                    self.state = _IN_CLOSED
+                    return _EOF
+                return None
+            # A partial head. h11 would decide now on a head that a bare LF
+            # ends, an invalid first byte or the end of the stream: let it.
+            # Otherwise both wait, and both refuse to wait past the limit.
+            if self.closed or buf[0] < 0x21 or _H11_HEAD_END_RE.search(buf, max(0, self.scanned - 2)):
+                return self._to_h11()
+            if len(buf) > self.limits.max_head_bytes:
+                raise ProtocolError("request head too large", 431)
+            self.scanned = max(0, len(buf) - 3)
+            return None
+        if type(buf) is not bytes:
+            buf = bytes(buf)
+        head = _FAST_HEAD_RE.fullmatch(buf, 0, end + 2)
+        if head is None:
+            return self._to_h11()
+        method, target = head.group(1, 2)
+        headers: dict[bytes, bytes] = {}
+        raw = []
+        repeated = []
+        size = len(method) + len(target) + 14  # as _head_size counts it
+        for name, value in _FAST_FIELD_RE.findall(buf, head.start(3), end + 2):
+            name = name.lower()
+            if name in headers:
+                repeated.append(name)
+            headers[name] = value
+            raw.append((name, value))
+            size += len(name) + len(value) + 4
+        length = headers.get(b"content-length")
+        if (
+            b"host" not in headers
+            or b"transfer-encoding" in headers
+            or b"expect" in headers
+            or b"upgrade" in headers
+            or method == b"CONNECT"
+            or (repeated and (b"host" in repeated or b"content-length" in repeated or b"connection" in repeated))
+            or (length is not None and not (length.isdigit() and len(length) <= 18))
+        ):
+            return self._to_h11()
+        connection = headers.get(b"connection")
+        # h11's rule: "close" among the comma-separated tokens ends the connection.
+        self.keep_alive = connection is None or b"close" not in [t.strip() for t in connection.lower().split(b",")]
+        self.buf = buf[end + 4 :]
+        self.remaining = int(length) if length is not None else 0
+        self.state = _IN_BODY
+        return self._checked(method, target, b"1.1", headers, raw, repeated, size, length, False)
+
+    def _fast_body(self) -> bytes | _EndOfRequest | None:
+        remaining = self.remaining
+        if not remaining:
+            self.state = _IN_DONE if self.keep_alive else _IN_LAST
+            return _END
+        buf = self.buf
+        if buf:
+            if len(buf) > remaining:
+                data, self.buf = buf[:remaining], buf[remaining:]
+            else:
+                data, self.buf = buf, b""
+            self.remaining = remaining - len(data)
+            return data if type(data) is bytes else bytes(data)
+        if self.closed:  # as h11: the stream ended inside the body
+            raise ProtocolError("bad request", 400)
+        return None
+
+    def _to_h11(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        """Give this request to h11, and return its first event."""
+        self._give_to_h11()
+        return self._h11_event()
+
+    def _give_to_h11(self) -> None:
+        """Give this request, from its first byte, to h11."""
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        self.state = _IN_H11
+        if self.buf:
+            self.h11.receive_data(bytes(self.buf))
+            self.buf = b""
+        if self.closed:
+            self.h11.receive_data(b"")
+
+    # -- h11 ----------------------------------------------------------------------
+
+    def _h11_event(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        assert self.h11 is not None
         try:
             event = self.h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -1706,7 +1913,6 @@ class _HttpReader:
         return _EOF if event_type is h11.ConnectionClosed else None
 
     def _head(self, req: h11.Request) -> _Request:
-        lim = self.limits
         raw = req.headers.raw_items()  # a list: iterating h11's Headers costs a call per item
         headers: dict[bytes, bytes] = {}
         repeated = []
@@ -1715,18 +1921,38 @@ class _HttpReader:
             if name in headers:
                 repeated.append(name)
             headers[name] = value
-        length = headers.get(b"content-length")
         chunked = b"transfer-encoding" in headers
-        target = req.target.decode("latin-1")
-        raw_path, _, query = target.partition("?")
+        size = _head_size(req, raw)
+        length = headers.get(b"content-length")
+        return self._checked(
+            req.method, req.target, req.http_version, headers, req.headers, repeated, size, length, chunked
+        )
+
+    def _checked(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        headers: dict[bytes, bytes],
+        raw: Sequence[tuple[bytes, bytes]],
+        repeated: list[bytes],
+        size: int,
+        length: bytes | None,
+        chunked: bool,
+    ) -> _Request:
+        """The ``_Request`` of a parsed head, kept as ``self.request`` even
+        when the head limits refuse it (``ProtocolError``)."""
+        lim = self.limits
+        text = target.decode("latin-1")
+        raw_path, _, query = text.partition("?")
         self.request = request = _Request(
-            method=req.method,
-            target=req.target,
+            method=method,
+            target=target,
             path=urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path,
             query=query,
-            http_version=req.http_version,
+            http_version=http_version,
             headers=headers,
-            raw_headers=req.headers,
+            raw_headers=raw,
             repeated=tuple(repeated),
             has_body=chunked or (length is not None and int(length) > 0),
         )
@@ -1734,7 +1960,7 @@ class _HttpReader:
             raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
         if repeated and b"host" in repeated:
             raise ProtocolError("more than one Host header", 400)
-        if _head_size(req, raw) > lim.max_head_bytes:
+        if size > lim.max_head_bytes:
             raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
         if length is not None and int(length) > lim.max_body_bytes:
             raise ProtocolError(f"body larger than {lim.max_body_bytes} bytes", 413)
@@ -1743,29 +1969,6 @@ class _HttpReader:
             # an error"; answering and closing defeats request smuggling.
             raise ProtocolError("both Transfer-Encoding and Content-Length", 400)
         return request
-
-    @property
-    def done(self) -> bool:
-        """The whole request was read: the connection may carry another."""
-        return self.h11.their_state is h11.DONE
-
-    @property
-    def trailing(self) -> bytes:
-        """Bytes the peer sent after the request (a WebSocket's first frames)."""
-        return bytes(self.h11.trailing_data[0])
-
-    def next_cycle(self) -> bool:
-        """A fresh parser for the next request (it costs less than a
-        microsecond); True if the peer already sent some of it, or closed."""
-        pipelined, closed = self.h11.trailing_data
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
-        self.body_size = 0
-        self.request = None
-        if pipelined:
-            self.h11.receive_data(pipelined)
-        if closed:
-            self.h11.receive_data(b"")
-        return bool(pipelined) or closed
 
 
 def _head_size(req: h11.Request, headers: Sequence[tuple[bytes, bytes]]) -> int:
