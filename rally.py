@@ -2016,15 +2016,26 @@ def _http_response(
     if status == 204 or status == 304:
         # RFC 9110 sections 8.6 and 15.4.5: neither has content, so no Content-Length (a
         # 304's could only repeat the 200's) and no Content-Type describing none.
-        out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())]
+        start = b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())
+    elif not extra and keep_alive and not head and length is None:  # an RPC's answer: one format
+        return b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+            status,
+            _REASONS.get(status, b"Status"),
+            _http_date(),
+            content_type,
+            len(body),
+            body,
+        )
     else:
         size = len(body) if length is None else length
-        out = [
-            b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-            % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, size)
-        ]
-    if extra:
-        out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
+        start = b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
+            status,
+            _REASONS.get(status, b"Status"),
+            _http_date(),
+            content_type,
+            size,
+        )
+    out = [start, *[b"%s: %s\r\n" % (k, v) for k, v in extra]] if extra else [start]
     out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
     if not head:
         out.append(body)
@@ -2123,8 +2134,9 @@ def _session_from_cookie(cookie: str | None, secret: bytes) -> str | None:
 
 
 def _new_session_id() -> str:
-    """128 random bits from ``secrets``, as 32 hex characters."""
-    return secrets.token_hex(16)
+    """128 random bits, as 32 hex characters (``secrets.token_hex(16)``
+    without its two wrapper calls: an RPC without a cookie makes one)."""
+    return os.urandom(16).hex()
 
 
 def _session_cookie(session_id: str, secret: bytes, secure: bool) -> bytes:
@@ -5842,10 +5854,11 @@ class _Router:
         except ContractError as exc:
             status, body = _ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors)
             return _Answer(status, body, b"application/json", self._cors(req))
-        page = _header(req, b"rally-page")
+        headers = req.headers
+        page = _header(req, b"rally-page") if b"rally-page" in headers else None
         found = reg.match_page(page) if page else None
-        sid = _session_from_cookie(_header(req, b"cookie"), self.secret)  # pages set cookies
-        if sid is None:  # a one-shot session: no retry can be in it, so nothing is kept for one
+        sid = _session_from_cookie(_header(req, b"cookie"), self.secret) if b"cookie" in headers else None
+        if sid is None:  # a one-shot session (pages set cookies): no retry can be in it, so nothing is kept for one
             sid, key = _new_session_id(), None
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx, key)
@@ -7194,9 +7207,12 @@ class _HttpConn(_Conn):
     Bytes go to an ``_HttpReader``; each request head goes to the router
     as soon as it is whole, so a refusal never waits for a body and only a
     request that will be read gets ``100 Continue``. One deadline timer
-    covers the request cycle (head, body, keep-alive, linger)."""
+    covers the request cycle (head, body, keep-alive, linger); the head's
+    and the body's deadlines are set only when the connection has to wait
+    for their bytes, so a request that arrives whole costs no timer work
+    until its answer sets the keep-alive deadline."""
 
-    __slots__ = ("reader", "state", "timer", "deadline", "request", "action", "body", "client")
+    __slots__ = ("reader", "state", "timer", "deadline", "timed", "request", "action", "body", "client")
 
     def __init__(self, srv: Server) -> None:
         super().__init__(srv)
@@ -7204,6 +7220,7 @@ class _HttpConn(_Conn):
         self.state = _HttpState.IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = math.inf
+        self.timed: _HttpState | None = None  # HEAD or BODY: that phase's deadline is set
         self.request: _Request | None = None
         self.action: _Action | None = None
         self.body: list[bytes] = []
@@ -7229,8 +7246,7 @@ class _HttpConn(_Conn):
         if self.state is _HttpState.DRAINING:
             return
         if self.state is _HttpState.IDLE:
-            self.state = _HttpState.HEAD
-            self._arm(self.srv.limits.header_timeout)
+            self.state = _HttpState.HEAD  # its deadline counts from this read (see _process)
         self.reader.feed(bytes(self.srv.read_buffer[:nbytes]))
         self._process()
 
@@ -7304,7 +7320,7 @@ class _HttpConn(_Conn):
                 self._respond(self.srv.router.refusal(exc, self.request))
                 continue
             if event is None:
-                return
+                break
             event_type = type(event)
             if event_type is bytes:
                 self.body.append(event)  # type: ignore[arg-type]
@@ -7314,6 +7330,13 @@ class _HttpConn(_Conn):
                 self._on_end()
             else:
                 self._close()
+        state = self.state
+        if (state is _HttpState.HEAD or state is _HttpState.BODY) and self.timed is not state:
+            # The request waits for more bytes (or reading is paused): the
+            # deadline of its head or body starts now, and once.
+            self.timed = state
+            limits = self.srv.limits
+            self._arm(limits.header_timeout if state is _HttpState.HEAD else limits.body_timeout)
 
     def _on_head(self, req: _Request) -> None:
         self.request = req
@@ -7326,15 +7349,15 @@ class _HttpConn(_Conn):
             action = _Answer(500, b"internal server error\n")
         self.action = action
         if type(action) is _ReadBody:
-            if req.headers.get(b"expect", b"").lower() == b"100-continue" and not self.transport.is_closing():
+            expect = req.headers.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and not self.transport.is_closing():
                 # RFC 9110 section 10.1.1: the client waits for this before the body.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif req.has_body:
             self._act(action)  # the body is not wanted: answer now, then close
             return
         self.body = []
-        self.state = _HttpState.BODY
-        self._arm(self.srv.limits.body_timeout)
+        self.state = _HttpState.BODY  # its deadline counts from here (see _process)
 
     def _on_end(self) -> None:
         action = self.action
@@ -7431,25 +7454,23 @@ class _HttpConn(_Conn):
                 head=req is not None and req.method == b"HEAD",
             )
         )
-        self._log(answer.status)
+        if self.srv.access_log:
+            self._log(answer.status)
         self._finish_cycle(keep_alive)
 
     def _keep_alive(self) -> bool:
         """Whether this connection may carry another request after the answer."""
         req = self.request
-        return (
-            req is not None
-            and req.http_version == b"1.1"
-            and self.reader.done
-            and b"close" not in req.headers.get(b"connection", b"").lower()
-            and not self.srv.closing
-        )
+        if req is None or req.http_version != b"1.1" or self.srv.closing or not self.reader.done:
+            return False
+        connection = req.headers.get(b"connection")
+        return connection is None or b"close" not in connection.lower()
 
     def _finish_cycle(self, keep_alive: bool) -> None:
         """After our answer: the next request, or the end of the connection."""
         if self.state is _HttpState.CLOSED:
             return
-        self.request = self.action = None
+        self.request = self.action = self.timed = None
         if not keep_alive:
             if self.reader.done or not self.transport.can_write_eof():
                 self._close()
@@ -7463,10 +7484,10 @@ class _HttpConn(_Conn):
             self.transport.resume_reading()
             self._arm(_LINGER_S)
             return
-        self._resume(_BY_WORK)
+        if self.pausing:
+            self._resume(_BY_WORK)
         if self.reader.next_cycle():
-            self.state = _HttpState.HEAD
-            self._arm(self.srv.limits.header_timeout)
+            self.state = _HttpState.HEAD  # its deadline is set if it has to wait (see _process)
         else:
             self.state = _HttpState.IDLE
             self._arm(self.srv.limits.keepalive_timeout)
