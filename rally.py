@@ -1903,6 +1903,10 @@ class _HttpReader:
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             raise ProtocolError("request head too large" if status == 431 else "bad request", status) from None
+        except ValueError:
+            # h11 0.14 turns a Content-Length of more digits than int() takes
+            # (4300) into a ValueError; later versions refuse it, as here.
+            raise ProtocolError("bad request", 400) from None
         if event is h11.NEED_DATA or event is h11.PAUSED:  # PAUSED: until next_cycle
             return None
         event_type = type(event)

@@ -638,8 +638,9 @@ def test_http_reader_gives_the_same_events_for_any_split(cuts: list[int]) -> Non
         (b"POST / HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n65\r\n" + b"x" * 101, 413),
         (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", 400),
         (b"GET /SECRET HTTP/1.1 junk\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\n", 400),
     ],
-    ids=["headers", "content-length", "chunked-body", "both-lengths", "bad-request-line"],
+    ids=["headers", "content-length", "chunked-body", "both-lengths", "bad-request-line", "content-length-digits"],
 )
 def test_http_reader_refuses_with_the_same_status_at_any_split(data: bytes, status: int) -> None:
     limits = {"max_headers": 3, "max_body_bytes": 100}
