@@ -1721,8 +1721,32 @@ _END: Final = _EndOfRequest()
 _EOF: Final = _EndOfStream()
 
 
+# The reader's states. A request is read by the fast path unless the fast
+# path hands it to h11 (``_IN_H11``), which then reads it to its end.
+_IN_HEAD: Final = 0  # a request head is arriving
+_IN_BODY: Final = 1  # the head was read; ``remaining`` body bytes follow
+_IN_DONE: Final = 2  # the request is whole and the connection may carry another
+_IN_LAST: Final = 3  # the request is whole and asked to close the connection
+_IN_CLOSED: Final = 4  # the peer closed between requests
+_IN_H11: Final = 5  # h11 reads this request
+
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+#: A header line the fast path takes: a token, a colon, optional spaces or
+#: tabs, a value of visible ASCII with spaces inside, and CRLF. h11 takes
+#: every such line and reads the same name and value out of it (the value
+#: without the whitespace around it). A value starts and ends with a visible
+#: character, so a line that does not match fails in time linear in its length.
+#: Groups: the whole line (``findall`` skips what does not match: the lengths
+#: of the lines found must add up to the head's), its name and its value.
+_FIELD_VALUE: Final = rb"[\x21-\x7e](?:[ \x21-\x7e]*[\x21-\x7e])?"
+_FAST_FIELD_RE: Final = re.compile(rb"((" + _TOKEN + rb"):[ \t]*(?:(" + _FIELD_VALUE + rb")[ \t]*)?\r\n)")
+_FAST_REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n")
+#: The end of a head as h11 finds it: a bare LF ends a line too.
+_H11_HEAD_END_RE: Final = re.compile(rb"\n\r?\n")
+
+
 class _HttpReader:
-    """One connection's request bytes in, request events out (h11 parses).
+    """One connection's request bytes in, request events out.
 
     ``feed(data)`` (``b""`` for the end of the stream), then ``next_event()``
     until it returns ``None``: a ``_Request`` head, ``bytes`` of its body,
@@ -1731,25 +1755,218 @@ class _HttpReader:
     request with the bytes the peer already pipelined. Head and body limits
     are counted as bytes arrive. Raises only ``ProtocolError``, whose text
     never quotes the request.
+
+    Plain requests are read by a strict fast path (docs/decisions.md): an
+    ``HTTP/1.1`` request line, header lines of a narrow grammar
+    (``_FAST_FIELD_RE``), exactly one Host, at most one Content-Length of
+    digits, no Transfer-Encoding, Expect or Upgrade, not CONNECT, and a
+    body of that length. Any other request goes to h11 from its first byte
+    (the fast path consumes nothing before it knows it takes the request),
+    so its events, refusals, ``done`` and ``trailing`` are h11's; those of a
+    fast one are the same as h11's would be. ``fast=False`` gives every
+    request to h11 (the tests compare the two).
     """
 
-    __slots__ = ("limits", "h11", "body_size", "request")
+    __slots__ = (
+        "limits",
+        "fast",
+        "h11",
+        "state",
+        "buf",
+        "closed",
+        "scanned",
+        "remaining",
+        "keep_alive",
+        "body_size",
+        "request",
+    )
 
-    def __init__(self, limits: _Limits) -> None:
+    def __init__(self, limits: _Limits, fast: bool = True) -> None:
         self.limits = limits
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self.fast = fast
+        self.h11: h11.Connection | None = None  # this request's parser, once it is h11's
+        self.state = _IN_HEAD
+        self.buf: bytes | bytearray = b""  # what the fast path has not read yet
+        self.closed = False  # the peer closed (``feed(b"")``)
+        self.scanned = 0  # a partial head has no CRLFCRLF before this offset of ``buf``
+        self.remaining = 0  # body bytes still to come
+        self.keep_alive = True  # the fast request did not say "Connection: close"
         self.body_size = 0
         self.request: _Request | None = None  # this cycle's head, once parsed (also when refused)
+        if not fast:
+            self._give_to_h11()
 
     def feed(self, data: bytes) -> None:
-        self.h11.receive_data(data)
+        if self.h11 is not None:
+            self.h11.receive_data(data)
+        elif not data:
+            self.closed = True
+        elif not self.buf:
+            self.buf = data
+        else:
+            if type(self.buf) is bytes:
+                self.buf = bytearray(self.buf)
+            self.buf += data
 
     def next_event(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        state = self.state
+        if state == _IN_HEAD:
+            return self._fast_head()
+        if state == _IN_BODY:
+            return self._fast_body()
+        if state == _IN_H11:
+            return self._h11_event()
+        # A fast request is whole: what h11 does after one. It waits for
+        # next_cycle, takes the end of the stream, and refuses bytes after a
+        # request that asked to close.
+        if self.buf:
+            if state == _IN_DONE:
+                return None
+            raise ProtocolError("bad request", 400)
+        if self.closed:
+            self.state = _IN_CLOSED
+            return _EOF
+        return None
+
+    @property
+    def done(self) -> bool:
+        """The whole request was read: the connection may carry another."""
+        if self.h11 is not None:
+            return self.h11.their_state is h11.DONE
+        return self.state == _IN_DONE
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes the peer sent after the request (a WebSocket's first frames)."""
+        if self.h11 is not None:
+            return bytes(self.h11.trailing_data[0])
+        return bytes(self.buf)
+
+    def next_cycle(self) -> bool:
+        """Start the next request; True if the peer already sent some of it, or closed."""
+        if self.h11 is not None:
+            pipelined, closed = self.h11.trailing_data
+            self.h11 = None
+        else:
+            pipelined, closed = bytes(self.buf), self.closed
+        self.state = _IN_HEAD
+        self.buf = pipelined
+        self.closed = closed
+        self.scanned = 0
+        self.body_size = 0
+        self.request = None
+        if not self.fast:
+            self._give_to_h11()
+        return bool(pipelined) or closed
+
+    # -- the fast path ------------------------------------------------------------
+
+    def _fast_head(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n", self.scanned)
+        if end < 0:
+            if not buf:
+                if self.closed:
+                    self.state = _IN_CLOSED
+                    return _EOF
+                return None
+            # A partial head. h11 would decide now on a head that a bare LF
+            # ends, an invalid first byte or the end of the stream: let it.
+            # Otherwise both wait, and both refuse to wait past the limit.
+            if self.closed or buf[0] < 0x21 or _H11_HEAD_END_RE.search(buf, max(0, self.scanned - 2)):
+                return self._to_h11()
+            if len(buf) > self.limits.max_head_bytes:
+                raise ProtocolError("request head too large", 431)
+            self.scanned = max(0, len(buf) - 3)
+            return None
+        if type(buf) is not bytes:
+            buf = bytes(buf)
+        line = _FAST_REQUEST_LINE_RE.match(buf, 0, end + 2)
+        if line is None:
+            return self._to_h11()
+        method, target = line.group(1, 2)
+        at = line.end()
+        headers: dict[bytes, bytes] = {}
+        raw = []
+        repeated = []
+        for whole, name, value in _FAST_FIELD_RE.findall(buf, at, end + 2):
+            at += len(whole)
+            name = name.lower()
+            if name in headers:
+                repeated.append(name)
+            headers[name] = value
+            raw.append((name, value))
+        length = headers.get(b"content-length")
+        if (
+            at != end + 2  # a line the grammar does not take was skipped
+            or b"host" not in headers
+            or b"transfer-encoding" in headers
+            or b"expect" in headers
+            or b"upgrade" in headers
+            or method == b"CONNECT"
+            or (repeated and (b"host" in repeated or b"content-length" in repeated or b"connection" in repeated))
+            or (length is not None and not (length.isdigit() and len(length) <= 18))
+        ):
+            return self._to_h11()
+        connection = headers.get(b"connection")
+        # h11's rule: "close" among the comma-separated tokens ends the connection.
+        self.keep_alive = connection is None or b"close" not in [t.strip() for t in connection.lower().split(b",")]
+        self.buf = buf[end + 4 :]
+        self.remaining = int(length) if length is not None else 0
+        self.state = _IN_BODY
+        # The head's canonical size (_head_size) is at most its size here plus
+        # a byte a line (": " where the line may have had ":"); only a head
+        # near the limit is measured.
+        size = end + 4 + len(raw)
+        if size > self.limits.max_head_bytes:
+            size = len(method) + len(target) + 14 + sum([len(name) + len(value) + 4 for name, value in raw])
+        return self._checked(method, target, b"1.1", headers, raw, repeated, size, length, False)
+
+    def _fast_body(self) -> bytes | _EndOfRequest | None:
+        remaining = self.remaining
+        if not remaining:
+            self.state = _IN_DONE if self.keep_alive else _IN_LAST
+            return _END
+        buf = self.buf
+        if buf:
+            if len(buf) > remaining:
+                data, self.buf = buf[:remaining], buf[remaining:]
+            else:
+                data, self.buf = buf, b""
+            self.remaining = remaining - len(data)
+            return data if type(data) is bytes else bytes(data)
+        if self.closed:  # as h11: the stream ended inside the body
+            raise ProtocolError("bad request", 400)
+        return None
+
+    def _to_h11(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        """Give this request to h11, and return its first event."""
+        self._give_to_h11()
+        return self._h11_event()
+
+    def _give_to_h11(self) -> None:
+        """Give this request, from its first byte, to h11."""
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        self.state = _IN_H11
+        if self.buf:
+            self.h11.receive_data(bytes(self.buf))
+            self.buf = b""
+        if self.closed:
+            self.h11.receive_data(b"")
+
+    # -- h11 ----------------------------------------------------------------------
+
+    def _h11_event(self) -> _Request | bytes | _EndOfRequest | _EndOfStream | None:
+        assert self.h11 is not None
         try:
             event = self.h11.next_event()
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             raise ProtocolError("request head too large" if status == 431 else "bad request", status) from None
+        except ValueError:
+            # h11 0.14 turns a Content-Length of more digits than int() takes
+            # (4300) into a ValueError; later versions refuse it, as here.
+            raise ProtocolError("bad request", 400) from None
         if event is h11.NEED_DATA or event is h11.PAUSED:  # PAUSED: until next_cycle
             return None
         event_type = type(event)
@@ -1766,7 +1983,6 @@ class _HttpReader:
         return _EOF if event_type is h11.ConnectionClosed else None
 
     def _head(self, req: h11.Request) -> _Request:
-        lim = self.limits
         raw = req.headers.raw_items()  # a list: iterating h11's Headers costs a call per item
         headers: dict[bytes, bytes] = {}
         repeated = []
@@ -1775,26 +1991,46 @@ class _HttpReader:
             if name in headers:
                 repeated.append(name)
             headers[name] = value
-        length = headers.get(b"content-length")
         chunked = b"transfer-encoding" in headers
-        target = req.target.decode("latin-1")
-        raw_path, _, query = target.partition("?")
-        self.request = request = _Request(
-            method=req.method,
-            target=req.target,
-            path=urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path,
-            query=query,
-            http_version=req.http_version,
-            headers=headers,
-            raw_headers=req.headers,
-            repeated=tuple(repeated),
-            has_body=chunked or (length is not None and int(length) > 0),
+        size = _head_size(req, raw)
+        length = headers.get(b"content-length")
+        return self._checked(
+            req.method, req.target, req.http_version, headers, req.headers, repeated, size, length, chunked
+        )
+
+    def _checked(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        headers: dict[bytes, bytes],
+        raw: Sequence[tuple[bytes, bytes]],
+        repeated: list[bytes],
+        size: int,
+        length: bytes | None,
+        chunked: bool,
+    ) -> _Request:
+        """The ``_Request`` of a parsed head, kept as ``self.request`` even
+        when the head limits refuse it (``ProtocolError``)."""
+        lim = self.limits
+        text = target.decode("latin-1")
+        raw_path, _, query = text.partition("?")
+        self.request = request = _Request(  # by position: a third of the cost of keywords
+            method,
+            target,
+            urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path,
+            query,
+            http_version,
+            headers,
+            raw,
+            tuple(repeated),
+            chunked or (length is not None and int(length) > 0),
         )
         if len(raw) > lim.max_headers:
             raise ProtocolError(f"more than {lim.max_headers} header lines", 431)
         if repeated and b"host" in repeated:
             raise ProtocolError("more than one Host header", 400)
-        if _head_size(req, raw) > lim.max_head_bytes:
+        if size > lim.max_head_bytes:
             raise ProtocolError(f"request head larger than {lim.max_head_bytes} bytes", 431)
         if length is not None and int(length) > lim.max_body_bytes:
             raise ProtocolError(f"body larger than {lim.max_body_bytes} bytes", 413)
@@ -1803,29 +2039,6 @@ class _HttpReader:
             # an error"; answering and closing defeats request smuggling.
             raise ProtocolError("both Transfer-Encoding and Content-Length", 400)
         return request
-
-    @property
-    def done(self) -> bool:
-        """The whole request was read: the connection may carry another."""
-        return self.h11.their_state is h11.DONE
-
-    @property
-    def trailing(self) -> bytes:
-        """Bytes the peer sent after the request (a WebSocket's first frames)."""
-        return bytes(self.h11.trailing_data[0])
-
-    def next_cycle(self) -> bool:
-        """A fresh parser for the next request (it costs less than a
-        microsecond); True if the peer already sent some of it, or closed."""
-        pipelined, closed = self.h11.trailing_data
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
-        self.body_size = 0
-        self.request = None
-        if pipelined:
-            self.h11.receive_data(pipelined)
-        if closed:
-            self.h11.receive_data(b"")
-        return bool(pipelined) or closed
 
 
 def _head_size(req: h11.Request, headers: Sequence[tuple[bytes, bytes]]) -> int:
@@ -1867,15 +2080,26 @@ def _http_response(
     if status == 204 or status == 304:
         # RFC 9110 sections 8.6 and 15.4.5: neither has content, so no Content-Length (a
         # 304's could only repeat the 200's) and no Content-Type describing none.
-        out = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())]
+        start = b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, _REASONS[status], _http_date())
+    elif not extra and keep_alive and not head and length is None:  # an RPC's answer: one format
+        return b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+            status,
+            _REASONS.get(status, b"Status"),
+            _http_date(),
+            content_type,
+            len(body),
+            body,
+        )
     else:
         size = len(body) if length is None else length
-        out = [
-            b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-            % (status, _REASONS.get(status, b"Status"), _http_date(), content_type, size)
-        ]
-    if extra:
-        out += [b"%s: %s\r\n" % (k, v) for k, v in extra]
+        start = b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
+            status,
+            _REASONS.get(status, b"Status"),
+            _http_date(),
+            content_type,
+            size,
+        )
+    out = [start, *[b"%s: %s\r\n" % (k, v) for k, v in extra]] if extra else [start]
     out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
     if not head:
         out.append(body)
@@ -1974,8 +2198,9 @@ def _session_from_cookie(cookie: str | None, secret: bytes) -> str | None:
 
 
 def _new_session_id() -> str:
-    """128 random bits from ``secrets``, as 32 hex characters."""
-    return secrets.token_hex(16)
+    """128 random bits, as 32 hex characters (``secrets.token_hex(16)``
+    without its two wrapper calls: an RPC without a cookie makes one)."""
+    return os.urandom(16).hex()
 
 
 def _session_cookie(session_id: str, secret: bytes, secure: bool) -> bytes:
@@ -5724,10 +5949,11 @@ class _Router:
                 return self._preflight(req, client)
             _allow(req, *_RPC_METHODS)
         self._check_origin(req, client)
-        ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ProtocolError("RPC requires Content-Type: application/json", 415)
-        expected = _header(req, b"rally-contract")
+        if req.headers.get(b"content-type") != b"application/json":  # what the clients send; else parse it
+            ctype = (_header(req, b"content-type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise ProtocolError("RPC requires Content-Type: application/json", 415)
+        expected = _header(req, b"rally-contract") if b"rally-contract" in req.headers else None
         if expected is not None and expected != self.reg.contract()[1]:
             errors = [{"path": "", "message": "the server's contract changed; reload"}]
             return _Answer(409, _error_reply(None, "stale_contract", errors), b"application/json", self._cors(req))
@@ -5763,10 +5989,11 @@ class _Router:
         except ContractError as exc:
             status, body = _ERROR_STATUS[exc.code], _error_reply(None, exc.code, exc.errors)
             return _Answer(status, body, b"application/json", self._cors(req))
-        page = _header(req, b"rally-page")
+        headers = req.headers
+        page = _header(req, b"rally-page") if b"rally-page" in headers else None
         found = reg.match_page(page) if page else None
-        sid = _session_from_cookie(_header(req, b"cookie"), self.secret)  # pages set cookies
-        if sid is None:  # a one-shot session: no retry can be in it, so nothing is kept for one
+        sid = _session_from_cookie(_header(req, b"cookie"), self.secret) if b"cookie" in headers else None
+        if sid is None:  # a one-shot session (pages set cookies): no retry can be in it, so nothing is kept for one
             sid, key = _new_session_id(), None
         ctx = ServerContext(sid, page if found else None, found[1] if found else {}, req.raw_headers, client, None, reg)
         reply = reg.rpc(msg_id, msg, ctx, key)
@@ -7106,7 +7333,9 @@ class _HttpState(enum.Enum):
     CLOSED = "closed"
 
 
-_READING: Final = frozenset((_HttpState.IDLE, _HttpState.HEAD, _HttpState.BODY))
+#: The states in which the reader may hold an event (IDLE: it holds nothing).
+#: A tuple: ``in`` compares by identity, where a set would hash the Enum in Python.
+_READING: Final = (_HttpState.HEAD, _HttpState.BODY)
 
 
 class _HttpConn(_Conn):
@@ -7115,9 +7344,12 @@ class _HttpConn(_Conn):
     Bytes go to an ``_HttpReader``; each request head goes to the router
     as soon as it is whole, so a refusal never waits for a body and only a
     request that will be read gets ``100 Continue``. One deadline timer
-    covers the request cycle (head, body, keep-alive, linger)."""
+    covers the request cycle (head, body, keep-alive, linger); the head's
+    and the body's deadlines are set only when the connection has to wait
+    for their bytes, so a request that arrives whole costs no timer work
+    until its answer sets the keep-alive deadline."""
 
-    __slots__ = ("reader", "state", "timer", "deadline", "request", "action", "body", "client")
+    __slots__ = ("reader", "state", "timer", "deadline", "timed", "request", "action", "body", "client")
 
     def __init__(self, srv: Server) -> None:
         super().__init__(srv)
@@ -7125,6 +7357,7 @@ class _HttpConn(_Conn):
         self.state = _HttpState.IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = math.inf
+        self.timed: _HttpState | None = None  # HEAD or BODY: that phase's deadline is set
         self.request: _Request | None = None
         self.action: _Action | None = None
         self.body: list[bytes] = []
@@ -7151,8 +7384,7 @@ class _HttpConn(_Conn):
         if self.state is _HttpState.DRAINING:
             return
         if self.state is _HttpState.IDLE:
-            self.state = _HttpState.HEAD
-            self._arm(self.srv.limits.header_timeout)
+            self.state = _HttpState.HEAD  # its deadline counts from this read (see _process)
         self.reader.feed(bytes(self.srv.read_buffer[:nbytes]))
         self._process()
 
@@ -7160,6 +7392,8 @@ class _HttpConn(_Conn):
         if self.state is _HttpState.DRAINING:
             self._close()
         else:
+            if self.state is _HttpState.IDLE:
+                self.state = _HttpState.HEAD  # the reader has the end of the stream to tell
             self.reader.feed(b"")  # seen once the answer in progress is written
             self._process()
         return True
@@ -7224,7 +7458,7 @@ class _HttpConn(_Conn):
                 self._respond(self.srv.router.refusal(exc, self.request))
                 continue
             if event is None:
-                return
+                break
             event_type = type(event)
             if event_type is bytes:
                 self.body.append(event)  # type: ignore[arg-type]
@@ -7234,6 +7468,13 @@ class _HttpConn(_Conn):
                 self._on_end()
             else:
                 self._close()
+        state = self.state
+        if (state is _HttpState.HEAD or state is _HttpState.BODY) and self.timed is not state:
+            # The request waits for more bytes (or reading is paused): the
+            # deadline of its head or body starts now, and once.
+            self.timed = state
+            limits = self.srv.limits
+            self._arm(limits.header_timeout if state is _HttpState.HEAD else limits.body_timeout)
 
     def _on_head(self, req: _Request) -> None:
         self.request = req
@@ -7246,15 +7487,15 @@ class _HttpConn(_Conn):
             action = _Answer(500, b"internal server error\n")
         self.action = action
         if type(action) is _ReadBody:
-            if req.headers.get(b"expect", b"").lower() == b"100-continue" and not self.transport.is_closing():
+            expect = req.headers.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and not self.transport.is_closing():
                 # RFC 9110 section 10.1.1: the client waits for this before the body.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif req.has_body:
             self._act(action)  # the body is not wanted: answer now, then close
             return
         self.body = []
-        self.state = _HttpState.BODY
-        self._arm(self.srv.limits.body_timeout)
+        self.state = _HttpState.BODY  # its deadline counts from here (see _process)
 
     def _on_end(self) -> None:
         action = self.action
@@ -7351,25 +7592,23 @@ class _HttpConn(_Conn):
                 head=req is not None and req.method == b"HEAD",
             )
         )
-        self._log(answer.status)
+        if self.srv.access_log:
+            self._log(answer.status)
         self._finish_cycle(keep_alive)
 
     def _keep_alive(self) -> bool:
         """Whether this connection may carry another request after the answer."""
         req = self.request
-        return (
-            req is not None
-            and req.http_version == b"1.1"
-            and self.reader.done
-            and b"close" not in req.headers.get(b"connection", b"").lower()
-            and not self.srv.closing
-        )
+        if req is None or req.http_version != b"1.1" or self.srv.closing or not self.reader.done:
+            return False
+        connection = req.headers.get(b"connection")
+        return connection is None or b"close" not in connection.lower()
 
     def _finish_cycle(self, keep_alive: bool) -> None:
         """After our answer: the next request, or the end of the connection."""
         if self.state is _HttpState.CLOSED:
             return
-        self.request = self.action = None
+        self.request = self.action = self.timed = None
         if not keep_alive:
             if self.reader.done or not self.transport.can_write_eof():
                 self._close()
@@ -7383,10 +7622,10 @@ class _HttpConn(_Conn):
             self.transport.resume_reading()
             self._arm(_LINGER_S)
             return
-        self._resume(_BY_WORK)
+        if self.pausing:
+            self._resume(_BY_WORK)
         if self.reader.next_cycle():
-            self.state = _HttpState.HEAD
-            self._arm(self.srv.limits.header_timeout)
+            self.state = _HttpState.HEAD  # its deadline is set if it has to wait (see _process)
         else:
             self.state = _HttpState.IDLE
             self._arm(self.srv.limits.keepalive_timeout)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import itertools
 import json
 import logging
 import math
@@ -766,8 +767,9 @@ def test_http_reader_gives_the_same_events_for_any_split(cuts: list[int]) -> Non
         (b"POST / HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n65\r\n" + b"x" * 101, 413),
         (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", 400),
         (b"GET /SECRET HTTP/1.1 junk\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\n", 400),
     ],
-    ids=["headers", "content-length", "chunked-body", "both-lengths", "bad-request-line"],
+    ids=["headers", "content-length", "chunked-body", "both-lengths", "bad-request-line", "content-length-digits"],
 )
 def test_http_reader_refuses_with_the_same_status_at_any_split(data: bytes, status: int) -> None:
     limits = {"max_headers": 3, "max_body_bytes": 100}
@@ -780,6 +782,269 @@ def test_http_reader_refuses_with_the_same_status_at_any_split(data: bytes, stat
         while reader.next_event() is not None:
             pass
     assert b"SECRET" not in str(info.value).encode()
+
+
+# The fast path of _HttpReader against h11 (as the WebSocket fast path is
+# checked against wsproto above): on any input, split anywhere, it gives what
+# a reader that hands every request to h11 gives, or hands the input to h11.
+
+
+def reader_trace(chunks: list[bytes], fast: bool, later: bool = False, **limits: Any) -> tuple[list[Any], list[bool]]:
+    """Everything an ``_HttpReader`` shows of ``chunks``, driven as
+    ``_HttpConn`` drives it: each event with ``done`` after it, ``trailing``
+    and ``next_cycle()``'s answer once a request is whole (the next cycle
+    starts only when ``done``), a refusal with its status, text and the
+    request it refused. With ``later``, each answer comes after the next
+    chunk was fed, and one more ``next_event`` before it shows what the
+    reader does with a whole request and bytes after it. Second: per
+    request whole or refused, whether h11 read it."""
+    reader = rally._HttpReader(rally._Limits(**limits), fast=fast)
+    out: list[Any] = []
+    h11_used: list[bool] = []
+    answering = False
+    try:
+        for chunk in chunks:
+            reader.feed(chunk)
+            if answering:  # as h11 before next_cycle: nothing yet (PAUSED), or the end of the stream
+                out.append(("later", reader.next_event() is rally._EOF, reader.done))
+                out.append(("next", reader.next_cycle()))
+                answering = False
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, rally._Request):
+                    out.append(("head", request_fields(event), reader.done))
+                elif isinstance(event, bytes):
+                    out.append(("data", event, reader.done))
+                elif event is rally._END:
+                    out.append(("end", reader.done, reader.trailing))
+                    h11_used.append(reader.h11 is not None)
+                    if reader.done:
+                        if later:
+                            answering = True
+                            break
+                        out.append(("next", reader.next_cycle()))
+                else:
+                    assert event is rally._EOF
+                    out.append(("eof", reader.done))
+                    return out, h11_used
+            out.append(("wait", reader.done, reader.trailing))
+    except rally.ProtocolError as exc:
+        h11_used.append(reader.h11 is not None)
+        out.append(("error", exc.status, str(exc), request_fields(reader.request), reader.done, reader.trailing))
+    return out, h11_used
+
+
+def request_fields(req: rally._Request | None) -> tuple[Any, ...] | None:
+    """A ``_Request`` as plain values (h11's ``Headers`` as a list)."""
+    return None if req is None else (*req[:6], list(req.raw_headers), *req[7:])
+
+
+_TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VCHARS = bytes(range(0x21, 0x7F)).decode()
+_METHODS = ["GET", "POST", "HEAD", "PUT", "OPTIONS", "DELETE", "get", "M-SEARCH", "X!#$%&'*+.^_`|~"]
+_TARGETS = ["/", "/_rally/rpc", "/articles/a%20b?x=1", "/%zz", "*", "http://a.test/x?y", "/?" + _VCHARS]
+_NAMES = ["content-type", "Cookie", "origin", "rally-page", "accept", "x-a", "X-A", "via", "A!#$%&'*+-.^_`|~z"]
+_CONNECTION = ["keep-alive", "close", "Close", "keep-alive, close", "upgrade", "closed", "a,close ,b", ""]
+_OWS = ["", " ", "  ", "\t", " \t "]
+
+
+T = typing.TypeVar("T")
+
+
+class Choices:
+    """Choices made by bytes that hypothesis draws: each choice reads the
+    next byte, 0 once they run out, and 0 picks the simplest option. One
+    drawn byte string makes a whole example (thousands of examples run in
+    seconds, where a draw per choice takes minutes), and hypothesis still
+    shrinks a failure, toward fewer and smaller bytes: simpler requests."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def below(self, n: int) -> int:
+        """A number from 0 to ``n - 1`` (``n`` at most 256)."""
+        byte = self.data[self.at] if self.at < len(self.data) else 0
+        self.at += 1
+        return byte % n
+
+    def pick(self, options: typing.Sequence[T]) -> T:
+        return options[self.below(len(options))]
+
+    def text(self, alphabet: str, max_size: int) -> str:
+        return "".join(self.pick(alphabet) for _ in range(self.below(max_size + 1)))
+
+
+#: Ways to make a request that may not be plain, each changing its lines
+#: (the request line, then header lines) or its body.
+_MUTATIONS = [
+    "version",
+    "request_line_space",
+    "obs_fold",
+    "transfer_encoding",
+    "expect",
+    "upgrade",
+    "content_length",
+    "second_content_length",
+    "no_host",
+    "second_host",
+    "bad_byte",
+    "lf_line_ends",
+    "space_before_colon",
+    "value_bytes",
+    "leading_blank_line",
+    "body_length",
+    "connect",
+    "name_case",
+    "lf_head_end",
+]
+
+
+def http_request(c: Choices) -> tuple[bytes, bool]:
+    """One request's bytes, and whether it is plain (the fast path must read it)."""
+    target = c.pick(_TARGETS) + c.text(_VCHARS, 6)
+    body = c.text(_VCHARS, 24).encode()
+    lines = [f"{c.pick(_METHODS)} {target} HTTP/1.1".encode()]
+    fields = [("Host", c.pick(["localhost", "a.test:8000", "", "x y"]))]
+    fields += [(c.pick(_NAMES), c.text(_VCHARS + "   ", 12).strip()) for _ in range(c.below(5))]
+    if not c.below(4):
+        fields.append(("connection", c.pick(_CONNECTION)))
+    if body or c.below(2):
+        fields.insert(c.below(len(fields) + 1), ("Content-Length", str(len(body))))
+    before, after = c.pick(_OWS), c.pick(_OWS)
+    lines += [f"{name}:{before}{value}{after if value else ''}".encode() for name, value in fields]
+    mutations = [c.pick(_MUTATIONS) for _ in range(c.pick([0, 0, 0, 1, 2]))]
+    for mutation in mutations:
+        lines, body = mutate(c, mutation, lines, body)
+    return b"\r\n".join([*lines, b"", b""]) + body, not mutations
+
+
+def mutate(c: Choices, mutation: str, lines: list[bytes], body: bytes) -> tuple[list[bytes], bytes]:
+    """``lines`` and ``body`` changed by one of ``_MUTATIONS``."""
+    lines = list(lines)
+    at = 1 + c.below(len(lines))  # where a header line goes
+    line = c.below(len(lines))  # which line changes
+    if mutation == "version":
+        version = c.pick([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"http/1.1", b"HTTP/1.1 ", b"HTTP/11", b"HTTP/1.1\t"])
+        lines[0] = lines[0].replace(b"HTTP/1.1", version)
+    elif mutation == "request_line_space":
+        old, new = c.pick([(b" ", b"  "), (b" ", b"\t"), (b" /", b" "), (b"/", b" /"), (b"", b" ")])
+        lines[0] = lines[0].replace(old, new, 1)
+    elif mutation == "obs_fold":
+        lines.insert(at, c.pick([b" folded", b"\tfolded", b"  "]))
+    elif mutation == "transfer_encoding":
+        lines.insert(at, b"Transfer-Encoding: " + c.pick([b"chunked", b"Chunked", b"gzip", b"chunked, gzip", b""]))
+        if c.below(2):
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    elif mutation == "expect":
+        lines.insert(at, b"Expect: " + c.pick([b"100-continue", b"100-Continue", b"x"]))
+    elif mutation == "upgrade":
+        lines.insert(at, b"Upgrade: " + c.pick([b"websocket", b"h2c", b""]))
+    elif mutation == "content_length":
+        lines = [line for line in lines if not line.lower().startswith(b"content-length")]
+        value = c.pick([b"+5", b"5, 5", b"5,6", b"0x10", b"", b"-1", b"007", b"1" * 18, b"1" * 19, b"9" * 25, b" 3 "])
+        lines.insert(min(at, len(lines)), b"Content-Length:" + value)
+    elif mutation == "second_content_length":
+        lines.insert(at, b"content-length: %d" % (len(body) + c.below(2)))
+    elif mutation == "no_host":
+        lines = [line for line in lines if not line.lower().startswith(b"host")]
+    elif mutation == "second_host":
+        lines.insert(at, b"HOST: " + c.pick([b"localhost", b"other"]))
+    elif mutation == "bad_byte":
+        pos = c.below(min(len(lines[line]) + 1, 256))
+        byte = bytes([c.pick(b"\x00\x01\t\n\r \x7f\x80\xff:,") if c.below(2) else c.below(256)])
+        lines[line] = lines[line][:pos] + byte + lines[line][pos + c.below(2) :]
+    elif mutation == "lf_line_ends":
+        joined = b"\r\n".join(lines)
+        lines = [joined.replace(b"\r\n", b"\n", c.pick([-1, 1, 2]))]  # and the CRLFCRLF after: a bare LF before it
+    elif mutation == "space_before_colon":
+        lines[line] = lines[line].replace(b":", c.pick([b" :", b"\t:"]), 1)
+    elif mutation == "value_bytes":
+        inside = c.pick([b"\x00", b"\x01", b"\x7f", b"\x80", b"\xe9", b"\r", b"\t", b"\x0b", b"\x0c", b"\t\t"])
+        lines.insert(at, b"x-v: a" + inside + b"b")
+    elif mutation == "leading_blank_line":
+        lines.insert(0, c.pick([b"", b"\n", b" "]))
+    elif mutation == "body_length":
+        body = body + b"xyz"[: 1 + c.below(3)] if c.below(2) else body[: len(body) // 2]
+    elif mutation == "connect":
+        lines[0] = b"CONNECT " + lines[0].partition(b" ")[2]
+    elif mutation == "lf_head_end":  # h11 ends the head at the first "\n\n" or "\n\r\n"
+        lines[-1] += c.pick([b"\n", b"\n\n", b"\r\n\n"])
+    elif mutation == "name_case":
+        lines = [lines[0]] + [line.swapcase() if b":" in line else line for line in lines[1:]]
+    return lines, body
+
+
+@settings(max_examples=10_000, deadline=None)
+@given(
+    choices=st.binary(min_size=400, max_size=400),
+    eof=st.booleans(),
+    limits=st.sampled_from(
+        [{}, {}, {}, {"max_headers": 3}, {"max_head_bytes": 80}, {"max_head_bytes": 150, "max_body_bytes": 10}]
+    ),
+)
+def test_http_fast_path_matches_h11_or_hands_the_request_to_it(
+    choices: bytes, eof: bool, limits: dict[str, int]
+) -> None:
+    """One to three requests, plain or mutated, pipelined, then maybe the
+    start of another or bytes that are none, cut anywhere into feeds."""
+    c = Choices(choices)
+    count, tail = 1 + c.below(3), c.pick([b"", b"GET / HT", b"\r\n", b"x", b"\n"])
+    cuts = [c.below(256) + 256 * c.below(3) for _ in range(c.below(6))]
+    requests = [http_request(c) for _ in range(count)]
+    chunks = splits(b"".join(request for request, _ in requests) + tail, cuts) + ([b""] if eof else [])
+    later = not c.below(4)
+    fast, h11_used = reader_trace(chunks, fast=True, later=later, **limits)
+    assert fast == reader_trace(chunks, fast=False, later=later, **limits)[0]
+    if all(plain for _, plain in requests):  # plain requests never reach h11
+        assert not any(h11_used[: len(requests)]), fast
+
+
+def test_http_reader_reads_plain_requests_without_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    browser = (
+        b"GET /articles/a%20b?x=1 HTTP/1.1\r\nHost: localhost:8000\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n"
+        b"Accept: text/html,application/xhtml+xml;q=0.9,*/*;q=0.8\r\nCookie: rally_session=abc.def\r\n"
+        b"Connection: keep-alive\r\n\r\n"
+    )
+    rpc = (
+        b"POST /_rally/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    last = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    chunks = [browser + rpc[:30], rpc[30:] + last, b""]
+    expected = reader_trace(chunks, fast=False)[0]
+    assert [e[0] for e in expected] == [
+        *("head", "end", "next", "wait"),
+        *("head", "data", "end", "next", "head", "end", "wait"),
+        "eof",
+    ]
+
+    def no_h11(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a plain request reached h11")
+
+    monkeypatch.setattr(h11, "Connection", no_h11)
+    assert reader_trace(chunks, fast=True) == (expected, [False, False, False])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST /r HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabcGET",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\nGET / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x80",
+    ],
+    ids=["close-then-more", "fold-after-plain", "bare-lf", "chunked-then-plain", "upgrade"],
+)
+def test_http_fast_path_matches_h11_at_every_split(data: bytes) -> None:
+    for eof, later in itertools.product(([], [b""]), (False, True)):
+        whole = reader_trace([data, *eof], fast=False, later=later)[0]
+        assert reader_trace([data, *eof], fast=True, later=later)[0] == whole
+        for cut in range(1, len(data)):
+            chunks = [data[:cut], data[cut:], *eof]
+            assert reader_trace(chunks, fast=True, later=later)[0] == reader_trace(chunks, fast=False, later=later)[0]
+        one_byte = [data[i : i + 1] for i in range(len(data))] + eof
+        assert reader_trace(one_byte, fast=True, later=later)[0] == reader_trace(one_byte, fast=False, later=later)[0]
 
 
 async def test_websocket_messages_survive_any_split_of_the_byte_stream() -> None:
