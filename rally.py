@@ -1593,10 +1593,10 @@ class _WsReader:
 
     wsproto's connection (about 1.6 KiB) and its ``_FrameTracker`` are made
     when a frame needs them and let go once a batch of control frames (a
-    pong) leaves them holding nothing, so an idle page, whose frames take
-    the fast path, keeps neither
-    (docs/performance.md "Where each byte goes"). A connection that reads
-    messages through wsproto keeps it: making it costs about 2 us.
+    pong) leaves them holding nothing, so an idle page, whose frames take the
+    fast path, keeps neither (docs/performance.md "Where each byte goes"). A
+    connection that reads a message through wsproto keeps them for good:
+    making them costs about 2 us.
     """
 
     __slots__ = ("_ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start", "messages")
@@ -1611,7 +1611,7 @@ class _WsReader:
         self.parts: list[Any] | None = None  # a fragmented message's parts so far
         self.size = 0  # the message so far, as counted against max_bytes
         self.frame_start = 0  # ``size`` where the current frame began
-        self.messages = False  # wsproto gave a message since it was made: keep it
+        self.messages = False  # wsproto gave a message: keep its connection for good
 
     @property
     def ws(self) -> wsproto.connection.Connection:
@@ -7687,8 +7687,8 @@ class _Keepalive:
     """When each open WebSocket of a server is due a ping, and when the pong
     of each ping is late: one timer for them all, not one per connection
     (a timer is about 270 bytes with its context, its time and its bound
-    method; a place in a bucket here about 30: docs/performance.md "Where
-    each byte goes").
+    method; a place in a bucket here a few dozen: docs/performance.md
+    "Where each byte goes"). Each wheel holds at most 17 buckets.
 
     Two wheels, pings and pongs, each a queue of ``(tick, bucket)`` in tick
     order: a deadline is always now plus the same delay (``ping_interval``
