@@ -5425,3 +5425,17 @@ def test_broker_wire_signs_reads_and_refuses_what_another_secret_or_channel_sign
 )
 def test_broker_wire_checks_a_push_frame_of_another_process(frame: bytes, fits: bool) -> None:
     assert rally._BrokerWire(b"s", "c", "p", 1000).fits(frame, "Heard") is fits
+
+
+def test_every_docs_section_rally_py_cites_exists() -> None:
+    """A comment or message citing ``docs/x.md "Heading"`` names a heading of that document."""
+    root = os.path.dirname(rally.__file__)
+    with open(os.path.join(root, "rally.py"), encoding="utf-8") as f:
+        source = f.read()
+    cited = {(doc, " ".join(heading.split())) for doc, heading in re.findall(r'(docs/[a-z]+\.md) "([^"]+)"', source)}
+    assert len(cited) >= 8
+    for doc, heading in sorted(cited):
+        with open(os.path.join(root, doc), encoding="utf-8") as f:
+            text = f.read()
+        headings = {line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")}
+        assert heading in headings, f'{doc} has no heading "{heading}"'
