@@ -838,7 +838,6 @@ def request_fields(req: rally._Request | None) -> tuple[Any, ...] | None:
     return None if req is None else (*req[:6], list(req.raw_headers), *req[7:])
 
 
-_TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _VCHARS = bytes(range(0x21, 0x7F)).decode()
 _METHODS = ["GET", "POST", "HEAD", "PUT", "OPTIONS", "DELETE", "get", "M-SEARCH", "X!#$%&'*+.^_`|~"]
 _TARGETS = ["/", "/_rally/rpc", "/articles/a%20b?x=1", "/%zz", "*", "http://a.test/x?y", "/?" + _VCHARS]
