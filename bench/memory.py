@@ -5,7 +5,7 @@
 
 For each protocol (plain, and the resume protocol of docs/delivery.md
 "Delivery across reconnects", ``&last=0``, which every browser page uses) it
-opens N idle page connections with bench/load.py's ``idle`` mode to the
+opens N idle page connections with bench/loadgen.c's ``idle`` mode to the
 server bench/run.py measures (bench/servers.py's rally app), twice:
 
 - on a fresh server, with bench/run.py's own function, for the server's RSS
