@@ -234,17 +234,8 @@ def traced(n: int, resume: bool) -> dict[str, object]:
         proc.stdin.write("mark\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "ok"
-        load = subprocess.Popen(
-            run.load_args("idle", port, n, 0, proc.pid, resume),
-            preexec_fn=lambda: os.sched_setaffinity(0, {1}),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert load.stdin is not None and load.stdout is not None
-        if load.stdout.readline().strip() != "open":
-            raise RuntimeError("idle connections did not open")
-        time.sleep(1.0)  # as bench/run.py: let the server finish allocating after the last handshake
+        load = run.open_idle(port, proc.pid, n, resume)
+        assert load.stdin is not None
         proc.stdin.write(f"report {n}\n")
         proc.stdin.flush()
         result: dict[str, object] = json.loads(proc.stdout.readline())

@@ -132,8 +132,9 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def idle_memory(port: int, pid: int, n: int, resume: bool = False) -> float:
-    before = rss_kib(pid)
+def open_idle(port: int, pid: int, n: int, resume: bool = False) -> subprocess.Popen[str]:
+    """The load generator with ``n`` idle page connections open (closing its stdin closes them),
+    a second after the last handshake, so that the server has finished allocating."""
     proc = subprocess.Popen(
         load_args("idle", port, n, 0, pid, resume),
         preexec_fn=lambda: os.sched_setaffinity(0, {1}),
@@ -141,10 +142,17 @@ def idle_memory(port: int, pid: int, n: int, resume: bool = False) -> float:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None
     if proc.stdout.readline().strip() != "open":
         raise RuntimeError("idle connections did not open")
-    time.sleep(1.0)  # let the server finish allocating after the last handshake
+    time.sleep(1.0)
+    return proc
+
+
+def idle_memory(port: int, pid: int, n: int, resume: bool = False) -> float:
+    before = rss_kib(pid)
+    proc = open_idle(port, pid, n, resume)
+    assert proc.stdin is not None
     after = rss_kib(pid)
     proc.stdin.close()
     proc.wait(60)
