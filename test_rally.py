@@ -2904,16 +2904,21 @@ def rally_slow(seconds: float) -> Any:
 # ==== The module itself ======================================================
 
 
+def fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter, beside rally.py."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
+    )
+    return out.stdout
+
+
 def test_import_needs_only_h11_and_wsproto() -> None:
     code = (
         "import sys; before = set(sys.modules); import rally; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
         "print(sorted(m for m in new if m not in sys.stdlib_module_names and not m.startswith('_')))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
-    )
-    assert out.stdout.strip() == "['h11', 'rally', 'wsproto']"
+    assert fresh_python(code).strip() == "['h11', 'rally', 'wsproto']"
 
 
 def test_import_defers_h11_and_wsproto_to_the_first_use() -> None:
@@ -2924,10 +2929,7 @@ def test_import_defers_h11_and_wsproto_to_the_first_use() -> None:
         "print(*loaded, rally.h11.Request.__name__, rally.wsproto.events.Ping.__name__, "
         "'h11._connection' in sys.modules, 'wsproto.events' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(rally.__file__)
-    )
-    assert out.stdout.split() == ["False", "False", "Request", "Ping", "True", "True"]
+    assert fresh_python(code).split() == ["False", "False", "Request", "Ping", "True", "True"]
 
 
 def test_public_names_exist_and_have_docstrings() -> None:
