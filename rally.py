@@ -1483,24 +1483,42 @@ def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
+def _ws_client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked, final client frame ("A client MUST mask all frames that it
+    sends to the server", RFC 6455 section 5.1), with a fresh random key."""
+    n = len(payload)
+    mask = os.urandom(4)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+    return head + mask + _unmask(mask, payload)
+
+
 def _unmask(mask: bytes, payload: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte key (RFC 6455 section 5.3)."""
+    """XOR a frame's payload with its 4-byte key (RFC 6455 section 5.3): it
+    masks and unmasks alike."""
     n = len(payload)
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
-def _read_text_frames(data: bytes) -> list[tuple[str, int]] | None:
+def _read_text_frames(data: bytes, masked: bool = True) -> list[tuple[str, int]] | None:
     """The messages of ``data`` if it is nothing but whole, final, masked text
     frames of up to 64 KiB with no extension bits: what a browser sends for
     every typed message. ``None`` for anything else, which wsproto then parses
     (and judges, for a protocol error). Returns ``(text, payload bytes)``.
+    ``masked=False`` reads a server's frames (unmasked) for a ``Client``.
 
     wsproto spends about 6 us on a small frame; this takes under one."""
     out = []
     i, n = 0, len(data)
+    key = 4 if masked else 0
     while i < n:
-        if n - i < 6 or data[i] != 0x81 or data[i + 1] < 0x80:  # FIN + text, RSV 0; MASK set
+        # FIN + text, RSV 0; MASK set from a client, clear from a server
+        if n - i < 2 + key or data[i] != 0x81 or (data[i + 1] >= 0x80) is not masked:
             return None
         length = data[i + 1] & 0x7F
         i += 2
@@ -1511,11 +1529,12 @@ def _read_text_frames(data: bytes) -> list[tuple[str, int]] | None:
                 return None
         elif length == 127:
             return None
-        end = i + 4 + length
+        end = i + key + length
         if end > n:
             return None
         try:
-            text = _unmask(data[i : i + 4], data[i + 4 : end]).decode("utf-8")
+            payload = _unmask(data[i : i + 4], data[i + 4 : end]) if masked else data[i:end]
+            text = payload.decode("utf-8")
         except UnicodeDecodeError:
             return None  # wsproto closes with 1007
         out.append((text, length))
@@ -1597,12 +1616,29 @@ class _WsReader:
     fast path, keeps neither (docs/performance.md "Where each byte goes"). A
     connection that reads a message through wsproto keeps them for good:
     making them costs about 2 us.
+
+    ``client=True`` reads a server's frames, for ``PageConnection``, and
+    ``send`` then frames a text or binary message itself (masked) while
+    wsproto's state is open, as wsproto would.
     """
 
-    __slots__ = ("_ws", "max_bytes", "tracker", "ready", "at", "events", "parts", "size", "frame_start", "messages")
+    __slots__ = (
+        "_ws",
+        "client",
+        "max_bytes",
+        "tracker",
+        "ready",
+        "at",
+        "events",
+        "parts",
+        "size",
+        "frame_start",
+        "messages",
+    )
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, *, client: bool = False) -> None:
         self._ws: wsproto.connection.Connection | None = None  # made by ``ws`` when a frame needs it
+        self.client = client
         self.max_bytes = max_message_bytes
         self.tracker = _NO_FRAME  # its own with wsproto's connection
         self.ready: list[tuple[str, int]] | None = None  # messages of the fast path, from ``at``
@@ -1619,7 +1655,8 @@ class _WsReader:
         holds nothing, so a fresh one is the same."""
         ws = self._ws
         if ws is None:
-            ws = self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+            kind = wsproto.connection.ConnectionType.CLIENT if self.client else wsproto.connection.ConnectionType.SERVER
+            ws = self._ws = wsproto.connection.Connection(kind)
             self.tracker = _FrameTracker()
         return ws
 
@@ -1630,7 +1667,7 @@ class _WsReader:
 
     def feed(self, data: bytes) -> None:
         if self.ready is None and self.events is None and self.tracker.clean:
-            messages = _read_text_frames(data)
+            messages = _read_text_frames(data, not self.client)
             if messages:
                 self.ready, self.at = messages, 0
                 return
@@ -1687,8 +1724,18 @@ class _WsReader:
         return data  # type: ignore[no-any-return]
 
     def send(self, event: wsproto.events.Event) -> bytes:
-        if self._ws is None and type(event) is wsproto.events.Ping:  # the keepalive: no connection for it
-            return _ws_frame(bytes(event.payload), 0x9)
+        kind = type(event)
+        if self.client:
+            if (
+                (kind is wsproto.events.TextMessage or kind is wsproto.events.BytesMessage)
+                and event.message_finished  # type: ignore[attr-defined]
+                and (self._ws is None or self._ws.state is wsproto.connection.ConnectionState.OPEN)
+            ):
+                if kind is wsproto.events.TextMessage:
+                    return _ws_client_frame(event.data.encode("utf-8"))  # type: ignore[attr-defined]
+                return _ws_client_frame(bytes(event.data), 0x2)  # type: ignore[attr-defined]
+        elif self._ws is None and kind is wsproto.events.Ping:  # the keepalive: no connection for it
+            return _ws_frame(bytes(event.payload), 0x9)  # type: ignore[attr-defined]
         return self.ws.send(event)
 
 
@@ -1729,6 +1776,9 @@ _IN_DONE: Final = 2  # the request is whole and the connection may carry another
 _IN_LAST: Final = 3  # the request is whole and asked to close the connection
 _IN_CLOSED: Final = 4  # the peer closed between requests
 _IN_H11: Final = 5  # h11 reads this request
+#: The request is whole and proposed another protocol (Upgrade): as h11, the
+#: reader pauses; what follows is ``trailing`` (a WebSocket's first frames).
+_IN_UPGRADE: Final = 6
 
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 #: A header line the fast path takes: a token, a colon, optional spaces or
@@ -1759,8 +1809,9 @@ class _HttpReader:
     Plain requests are read by a strict fast path (docs/decisions.md): an
     ``HTTP/1.1`` request line, header lines of a narrow grammar
     (``_FAST_FIELD_RE``), exactly one Host, at most one Content-Length of
-    digits, no Transfer-Encoding, Expect or Upgrade, not CONNECT, and a
-    body of that length. Any other request goes to h11 from its first byte
+    digits, no Transfer-Encoding or Expect, not CONNECT, and a body of that
+    length; one that proposes another protocol (Upgrade: a WebSocket
+    handshake) then pauses the reader, as h11 does. Any other request goes to h11 from its first byte
     (the fast path consumes nothing before it knows it takes the request),
     so its events, refusals, ``done`` and ``trailing`` are h11's; those of a
     fast one are the same as h11's would be. ``fast=False`` gives every
@@ -1777,6 +1828,7 @@ class _HttpReader:
         "scanned",
         "remaining",
         "keep_alive",
+        "upgrade",
         "body_size",
         "request",
     )
@@ -1791,6 +1843,7 @@ class _HttpReader:
         self.scanned = 0  # a partial head has no CRLFCRLF before this offset of ``buf``
         self.remaining = 0  # body bytes still to come
         self.keep_alive = True  # the fast request did not say "Connection: close"
+        self.upgrade = False  # the fast request proposed another protocol
         self.body_size = 0
         self.request: _Request | None = None  # this cycle's head, once parsed (also when refused)
         if not fast:
@@ -1816,6 +1869,8 @@ class _HttpReader:
             return self._fast_body()
         if state == _IN_H11:
             return self._h11_event()
+        if state == _IN_UPGRADE:
+            return None
         # A fast request is whole: what h11 does after one. It waits for
         # next_cycle, takes the end of the stream, and refuses bytes after a
         # request that asked to close.
@@ -1902,15 +1957,25 @@ class _HttpReader:
             or b"host" not in headers
             or b"transfer-encoding" in headers
             or b"expect" in headers
-            or b"upgrade" in headers
             or method == b"CONNECT"
-            or (repeated and (b"host" in repeated or b"content-length" in repeated or b"connection" in repeated))
+            or (
+                repeated
+                and (
+                    b"host" in repeated
+                    or b"content-length" in repeated
+                    or b"connection" in repeated
+                    or b"upgrade" in repeated
+                )
+            )
             or (length is not None and not (length.isdigit() and len(length) <= 18))
         ):
             return self._to_h11()
         connection = headers.get(b"connection")
         # h11's rule: "close" among the comma-separated tokens ends the connection.
         self.keep_alive = connection is None or b"close" not in [t.strip() for t in connection.lower().split(b",")]
+        # h11's rule: an Upgrade header with a token proposes a switch.
+        upgrade = headers.get(b"upgrade")
+        self.upgrade = upgrade is not None and any(t.strip() for t in upgrade.split(b","))
         self.buf = buf[end + 4 :]
         self.remaining = int(length) if length is not None else 0
         self.state = _IN_BODY
@@ -1925,7 +1990,7 @@ class _HttpReader:
     def _fast_body(self) -> bytes | _EndOfRequest | None:
         remaining = self.remaining
         if not remaining:
-            self.state = _IN_DONE if self.keep_alive else _IN_LAST
+            self.state = _IN_UPGRADE if self.upgrade else _IN_DONE if self.keep_alive else _IN_LAST
             return _END
         buf = self.buf
         if buf:
@@ -9287,6 +9352,244 @@ _CLIENT_JS_BYTES: Final = _CLIENT_JS.encode("utf-8")
 _CLIENT_JS_ETAG: Final = b'"' + hashlib.sha256(_CLIENT_JS_BYTES).hexdigest()[:16].encode() + b'"'
 
 
+# ==== The client's HTTP: one request and its response ========================
+
+if sys.version_info >= (3, 11):
+
+    async def _within(aw: Awaitable[_T], seconds: float | None) -> _T:
+        """``await aw``, or ``TimeoutError`` after ``seconds``: ``asyncio.wait_for``
+        without the task (and the turns of the loop) it makes of a coroutine."""
+        async with asyncio.timeout(seconds):
+            return await aw
+
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
+
+
+#: A status line the client's fast path takes: HTTP/1.1, three digits, and a
+#: reason of visible ASCII and spaces. h11 reads every such line the same way.
+_FAST_STATUS_LINE_RE: Final = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [ \x21-\x7e]*\r\n")
+_TOKEN_STR_RE: Final = re.compile(_TOKEN.decode())
+_FIELD_VALUE_STR_RE: Final = re.compile("(?:" + _FIELD_VALUE.decode() + ")?")
+_TARGET_STR_RE: Final = re.compile(r"[\x21-\x7e]+")
+#: A response head longer than this goes to h11, which refuses it (its own bound).
+_MAX_RESPONSE_HEAD_BYTES: Final = 16 * 1024
+
+
+class _Response(typing.NamedTuple):
+    status: int
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, in the order sent
+    body: bytes
+
+
+class _HttpExchange:
+    """One HTTP/1.1 request of a ``Client`` and its response, with no I/O.
+
+    ``request`` holds the request's bytes to write. ``feed(data)`` takes
+    the bytes read (``b""`` for the end of the stream), and ``response()``
+    returns the response once it is whole, ``None`` until then (for a 101,
+    its head). ``reusable`` then says whether the connection may carry
+    another request, and ``trailing`` holds what the server sent after the
+    response (a WebSocket's first frames after a 101).
+
+    The client's mirror of ``_HttpReader``: a plain response (an HTTP/1.1
+    status line, header lines of ``_FAST_FIELD_RE``'s grammar, at most one
+    Content-Length of digits and no Transfer-Encoding; no body after HEAD,
+    a 101, 204 or 304) is read by a strict fast path, which consumes
+    nothing before it has the whole response. Any other goes to h11 from
+    its first byte, which reads it, or refuses it with
+    ``h11.RemoteProtocolError``, as it would have without the fast path.
+    Likewise a request whose every part the fast writer cannot show valid
+    is written by h11, which refuses what is invalid. ``fast=False`` gives
+    everything to h11 (the tests compare the two).
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "headers",
+        "body",
+        "request",
+        "h11",
+        "buf",
+        "closed",
+        "upgrade",
+        "head",
+        "chunks",
+        "reusable",
+        "trailing",
+    )
+
+    def __init__(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"", *, fast: bool = True
+    ) -> None:
+        self.method, self.target, self.headers, self.body = method, target, headers, body
+        self.h11: h11.Connection | None = None  # h11's connection, once the exchange is its
+        self.buf = bytearray()  # the response so far, from its first byte (fast path)
+        self.closed = False  # the server closed (``feed(b"")``)
+        self.head: h11.Response | None = None  # h11's response head, once read
+        self.chunks: list[bytes] = []  # h11's body so far
+        self.reusable = False
+        self.trailing = b""
+        self.upgrade = False  # the fast path's request proposed a switch (h11 keeps its own)
+        request = _request_bytes(method, target, headers, body) if fast else None
+        if request is None:
+            self._give_to_h11()
+            assert self.h11 is not None
+            request = self.h11.send(h11.Request(method=method, target=target, headers=headers))
+            if body:
+                request += self.h11.send(h11.Data(data=body))
+            request += self.h11.send(h11.EndOfMessage())
+        else:
+            # h11's rule: an Upgrade header with a token proposes a switch, which a 101 accepts.
+            self.upgrade = any(name.lower() == "upgrade" and value.strip(" ,\t") for name, value in headers)
+        self.request: bytes = request
+
+    def feed(self, data: bytes) -> None:
+        if self.h11 is not None:
+            self.h11.receive_data(data)
+        elif not data:
+            self.closed = True
+        else:
+            self.buf += data
+
+    @property
+    def started(self) -> bool:
+        """A response head has arrived (``feed(b"")`` before one: the server
+        closed a keep-alive connection without answering)."""
+        if self.h11 is not None:
+            return self.head is not None
+        return b"\r\n\r\n" in self.buf
+
+    def response(self) -> _Response | None:
+        if self.h11 is not None:
+            return self._h11_response()
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            # A partial head: h11 decides at once on a head a bare LF ends, on
+            # a first byte no status line has, on the end of the stream, and
+            # past its own bound on a head's size.
+            if self.closed or (
+                buf and (buf[0] != 0x48 or len(buf) > _MAX_RESPONSE_HEAD_BYTES or _H11_HEAD_END_RE.search(buf))
+            ):
+                return self._to_h11()
+            return None
+        head = bytes(buf[: end + 2])
+        line = _FAST_STATUS_LINE_RE.match(head)
+        if line is None:
+            return self._to_h11()
+        status = int(line.group(1))
+        at = line.end()
+        headers = []
+        for whole, name, value in _FAST_FIELD_RE.findall(head, at):
+            at += len(whole)
+            headers.append((name.lower(), value))
+        lengths = [value for name, value in headers if name == b"content-length"]
+        if (
+            at != end + 2  # a line the grammar does not take was skipped
+            or any(name == b"transfer-encoding" for name, _ in headers)
+            or len(lengths) > 1
+            or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 18))
+        ):
+            return self._to_h11()
+        start = end + 4
+        if status == 101 and self.upgrade:
+            self.trailing = bytes(buf[start:])
+            return _Response(101, headers, b"")
+        if status < 200:
+            return self._to_h11()  # 100 Continue and the like: h11 passes over them
+        if status in (204, 304) or self.method == "HEAD":
+            length = 0
+        elif lengths:
+            length = int(lengths[0])
+        else:
+            return self._to_h11()  # a body up to the end of the stream
+        if len(buf) < start + length:
+            return self._to_h11() if self.closed else None
+        tokens = [_connection_tokens(value) for name, value in headers if name == b"connection"]
+        self.reusable = not any(b"close" in t for t in tokens) and not self._asked_to_close()
+        self.trailing = bytes(buf[start + length :]) if self.reusable else b""
+        return _Response(status, headers, bytes(buf[start : start + length]))
+
+    def _asked_to_close(self) -> bool:
+        return any(
+            name.lower() == "connection" and b"close" in _connection_tokens(value.encode("ascii"))
+            for name, value in self.headers
+        )
+
+    def _to_h11(self) -> _Response | None:
+        self._give_to_h11()
+        assert self.h11 is not None
+        self.h11.send(h11.Request(method=self.method, target=self.target, headers=self.headers))
+        if self.body:
+            self.h11.send(h11.Data(data=self.body))
+        self.h11.send(h11.EndOfMessage())
+        if self.buf:
+            self.h11.receive_data(bytes(self.buf))
+        if self.closed:
+            self.h11.receive_data(b"")
+        self.buf = bytearray()
+        return self._h11_response()
+
+    def _give_to_h11(self) -> None:
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def _h11_response(self) -> _Response | None:
+        conn = self.h11
+        assert conn is not None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if type(event) is h11.InformationalResponse:
+                if event.status_code == 101:
+                    self.trailing = bytes(conn.trailing_data[0])
+                    return _Response(101, list(event.headers), b"")
+            elif type(event) is h11.Response:
+                self.head = event
+            elif type(event) is h11.Data:
+                self.chunks.append(bytes(event.data))
+            elif type(event) in (h11.EndOfMessage, h11.ConnectionClosed) or event is h11.PAUSED:
+                if self.head is None:  # paused with no response: a switch h11 took for done (CONNECT)
+                    return None
+                # PAUSED: a 2xx to CONNECT switched protocols after its head.
+                self.reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                self.trailing = bytes(conn.trailing_data[0]) if self.reusable or event is h11.PAUSED else b""
+                return _Response(self.head.status_code, list(self.head.headers), b"".join(self.chunks))
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    """The comma-separated tokens of a Connection header, lower-cased."""
+    return [token.strip() for token in value.lower().split(b",")]
+
+
+def _request_bytes(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes | None:
+    """The bytes of a request whose every part is plainly valid (as h11 would
+    write it), or ``None``: then h11 writes it, or refuses it."""
+    if method == "CONNECT" or not (_TOKEN_STR_RE.fullmatch(method) and _TARGET_STR_RE.fullmatch(target)):
+        return None
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    host = length = 0
+    for name, value in headers:
+        if not (_TOKEN_STR_RE.fullmatch(name) and _FIELD_VALUE_STR_RE.fullmatch(value)):
+            return None
+        lower = name.lower()
+        if lower == "host":
+            host += 1
+        elif lower == "content-length":
+            if length or value != str(len(body)):
+                return None
+            length = 1
+        elif lower == "transfer-encoding":
+            return None
+        lines.append(f"{name}: {value}\r\n")
+    if host != 1 or (body and not length):
+        return None
+    lines.append("\r\n")
+    return "".join(lines).encode("ascii") + body
+
+
 class Client:
     """A Python client of a rally.py app: one browser session, in a script.
 
@@ -9322,7 +9625,7 @@ class Client:
         self._codecs = self._registry.codecs if self._registry else _Codecs(_Limits())
         self._json = _Json(_Limits())
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._h11: h11.Connection | None = None
+        self._pipelined = b""  # what the server sent after the last response, on that connection
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
 
@@ -9376,57 +9679,45 @@ class Client:
     ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request on the keep-alive connection: ``(status, headers, body)``."""
         async with self._lock:
-            return await asyncio.wait_for(self._request(method, path, body, list(headers)), self.timeout)
+            return await _within(self._request(method, path, body, list(headers)), self.timeout)
 
     async def _request(
         self, method: str, path: str, body: bytes, headers: list[tuple[str, str]]
     ) -> tuple[int, dict[str, str], bytes]:
+        hs = self._headers() + headers + [("content-length", str(len(body)))]
         for attempt in (1, 2):
-            if self._streams is None or self._h11 is None or self._h11.our_state is not h11.IDLE:
-                await self.close()
-                self._streams = await self._open()
-                self._h11 = h11.Connection(h11.CLIENT)
+            if self._streams is None:
+                self._streams, self._pipelined = await self._open(), b""
             reader, writer = self._streams
-            conn = self._h11
-            hs = self._headers() + headers + [("content-length", str(len(body)))]
-            writer.write(conn.send(h11.Request(method=method, target=path, headers=hs)))
-            if body:
-                writer.write(conn.send(h11.Data(data=body)))
-            writer.write(conn.send(h11.EndOfMessage()))
+            exchange = _HttpExchange(method, path, hs, body)
+            writer.write(exchange.request)
             try:
                 await writer.drain()
-                response: h11.Response | None = None
-                chunks: list[bytes] = []
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await reader.read(65536)
-                        conn.receive_data(data)
-                        if not data and response is None and attempt == 1:
-                            raise ConnectionResetError
-                        continue
-                    if isinstance(event, h11.Response):
-                        response = event
-                    elif isinstance(event, h11.Data):
-                        chunks.append(bytes(event.data))
-                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                        break
-            except (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError):
-                # A keep-alive connection the server closed meanwhile: retry once.
+                if self._pipelined:
+                    exchange.feed(self._pipelined)
+                while (response := exchange.response()) is None:
+                    data = await reader.read(65536)
+                    if not data and not exchange.started and attempt == 1:
+                        raise ConnectionResetError
+                    exchange.feed(data)
+            except Exception as exc:
+                # A keep-alive connection the server closed meanwhile (reset,
+                # or ended in a way h11 refuses): retry once.
+                if not isinstance(exc, (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)):
+                    raise
                 await self.close()
                 if attempt == 2:
                     raise
                 continue
-            assert response is not None
             self._take_cookie(response.headers)
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
+            if exchange.reusable:
+                self._pipelined = exchange.trailing
             else:
                 await self.close()
             return (
-                response.status_code,
+                response.status,
                 {k.decode(): v.decode("latin-1") for k, v in response.headers},
-                b"".join(chunks),
+                response.body,
             )
         raise AssertionError("unreachable")
 
@@ -9513,7 +9804,7 @@ class PageConnection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._extra = list(headers)
-        self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+        self._ws = _WsReader(sys.maxsize, client=True)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -9555,7 +9846,7 @@ class PageConnection:
         answer, cancellation) closes the socket before it propagates."""
         c = self.client
         loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.wait_for(c._open(), c.timeout)
+        reader, writer = await _within(c._open(), c.timeout)
         try:
             trailing = await self._handshake(reader, writer)
         except BaseException:
@@ -9594,13 +9885,13 @@ class PageConnection:
         stale = [item for item in self._drain_inbox() if not isinstance(item, ConnectionClosed)]
         for item in stale:
             self._inbox.put_nowait(item)
-        self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+        self._ws = _WsReader(sys.maxsize, client=True)
         self.close_code, self.close_reason = None, ""
         await self.connect()
         assert self._hello is not None and self._reader_task is not None
         # The page's hello comes first, unless the server refused the page and closed.
         waits = (self._hello, self._reader_task)
-        await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), self.client.timeout)
+        await _within(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), self.client.timeout)
         if not self._hello.done():
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         return self.resumed
@@ -9628,59 +9919,39 @@ class PageConnection:
                 ("sec-websocket-version", "13"),
             ]
         )
-        http = h11.Connection(h11.CLIENT)
-        writer.write(http.send(h11.Request(method="GET", target=target, headers=hs)))
-        writer.write(http.send(h11.EndOfMessage()))
-        while True:
-            event = http.next_event()
-            if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(65536), c.timeout)
-                http.receive_data(data)
-                continue
-            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                c._take_cookie(event.headers)
-                accept = dict(event.headers).get(b"sec-websocket-accept")
-                if accept != _ws_accept(key):
-                    raise RemoteError("invalid", [{"path": "", "message": "bad Sec-WebSocket-Accept"}], 101)
-                return bytes(http.trailing_data[0])
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                body = b""
-                while not isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    if event is h11.NEED_DATA:
-                        http.receive_data(await asyncio.wait_for(reader.read(65536), c.timeout))
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    event = http.next_event()
-                raise RemoteError("refused", [{"path": "", "message": body.decode("utf-8", "replace").strip()}], status)
-            raise RemoteError("refused", [{"path": "", "message": f"unexpected {type(event).__name__}"}])
+        exchange = _HttpExchange("GET", target, hs)
+        writer.write(exchange.request)
+        while (response := exchange.response()) is None:
+            exchange.feed(await _within(reader.read(65536), c.timeout))
+        if response.status == 101:
+            c._take_cookie(response.headers)
+            accept = dict(response.headers).get(b"sec-websocket-accept")
+            if accept != _ws_accept(key):
+                raise RemoteError("invalid", [{"path": "", "message": "bad Sec-WebSocket-Accept"}], 101)
+            return exchange.trailing
+        message = response.body.decode("utf-8", "replace").strip()
+        raise RemoteError("refused", [{"path": "", "message": message}], response.status)
 
     async def _read(self, reader: asyncio.StreamReader, data: bytes) -> None:
-        parts: list[str] = []
+        ws = self._ws
         try:
             if not data:
                 data = await reader.read(65536)
             while self.close_code is None:
-                # b"" is the end of the stream, which wsproto reads as None.
-                self._ws.receive_data(data if data else None)
-                for event in self._ws.events():
-                    if isinstance(event, wsproto.events.TextMessage):
-                        parts.append(event.data)
-                        if event.message_finished:
-                            self._on_text("".join(parts))
-                            parts = []
-                    elif (
-                        isinstance(event, wsproto.events.Ping)
-                        and self._ws.state is wsproto.connection.ConnectionState.OPEN
-                    ):
-                        self._write(self._ws.send(event.response()))
+                if not data:
+                    ws.ws.receive_data(None)  # the end of the stream: wsproto's state is CLOSED
+                    break
+                ws.feed(data)
+                while (event := ws.next_event()) is not None:
+                    if type(event) is str:
+                        self._on_text(event)
+                    elif isinstance(event, wsproto.events.Ping) and ws.state is wsproto.connection.ConnectionState.OPEN:
+                        self._write(ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
                         self._ready = False
                         self.close_code, self.close_reason = event.code, event.reason or ""
-                        if self._ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
-                            self._write(self._ws.send(event.response()))
-                if not data:
-                    break
+                        if ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
+                            self._write(ws.send(event.response()))
                 data = await reader.read(65536)
         except (ConnectionError, OSError):
             pass
@@ -9799,7 +10070,9 @@ class PageConnection:
 
     async def next_presence(self, timeout: float | None = None) -> list[Presence]:
         """The presence list as the next presence frame leaves it (one call per frame, in order)."""
-        return await asyncio.wait_for(self._presence_updates.get(), timeout or self.client.timeout)
+        if not self._presence_updates.empty():
+            return self._presence_updates.get_nowait()
+        return await _within(self._presence_updates.get(), timeout or self.client.timeout)
 
     async def send_raw(self, text: str | bytes) -> None:
         """Send one text (``str``) or binary (``bytes``) message as it is."""
@@ -9848,7 +10121,7 @@ class PageConnection:
                 assert self._writer is not None
                 with contextlib.suppress(ConnectionError, OSError):
                     await self._writer.drain()  # a lost connection: the answer comes after reconnect()
-            await asyncio.wait_for(send.answered, self.client.timeout if timeout is None else timeout)
+            await _within(send.answered, self.client.timeout if timeout is None else timeout)
         finally:
             if self._unacked.get(seq) is send:
                 del self._unacked[seq]  # given up: not written again
@@ -9893,7 +10166,7 @@ class PageConnection:
         self._waiting[msg_id] = fut
         try:
             await self.send_raw(text)
-            reply = await asyncio.wait_for(fut, self.client.timeout)
+            reply = await _within(fut, self.client.timeout)
         finally:
             # Answered, timed out, cancelled or closed: a late reply finds no one.
             self._waiting.pop(msg_id, None)
@@ -9901,7 +10174,8 @@ class PageConnection:
 
     async def receive(self, timeout: float | None = None) -> Any:
         """The next push; raises ``RemoteError`` or ``ConnectionClosed``."""
-        item = await asyncio.wait_for(self._inbox.get(), timeout or self.client.timeout)
+        inbox = self._inbox
+        item = inbox.get_nowait() if not inbox.empty() else await _within(inbox.get(), timeout or self.client.timeout)
         if isinstance(item, ConnectionClosed):
             self._inbox.put_nowait(item)  # every later receive() sees it too
             raise item
@@ -9944,7 +10218,7 @@ class PageConnection:
                 # A time-out, or the reader's own failure, ends the wait; a
                 # cancellation of this task is not caught.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._reader_task), self.client.timeout)
+                    await _within(asyncio.shield(self._reader_task), self.client.timeout)
         finally:
             if self._reader_task is not None:
                 self._reader_task.cancel()

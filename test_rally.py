@@ -1023,6 +1023,24 @@ def test_http_reader_reads_plain_requests_without_h11(monkeypatch: pytest.Monkey
     assert reader_trace(chunks, fast=True) == (expected, [False, False, False])
 
 
+def test_http_reader_reads_a_websocket_handshake_without_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade pauses the reader as h11 does: not done, the frames behind it ``trailing``."""
+    handshake = (
+        b"GET /_rally/ws?page=/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    chunks = [handshake[:50], handshake[50:] + b"\x81\x82", b"abcdef", b""]
+    expected = reader_trace(chunks, fast=False)[0]
+    assert [e[0] for e in expected] == ["wait", "head", "end", "wait", "wait", "wait"]
+    assert expected[2][1:] == (False, b"\x81\x82") and expected[-1][2] == b"\x81\x82abcdef"
+
+    def no_h11(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a WebSocket handshake reached h11")
+
+    monkeypatch.setattr(h11, "Connection", no_h11)
+    assert reader_trace(chunks, fast=True) == (expected, [False])
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -1044,6 +1062,191 @@ def test_http_fast_path_matches_h11_at_every_split(data: bytes) -> None:
             assert reader_trace(chunks, fast=True, later=later)[0] == reader_trace(chunks, fast=False, later=later)[0]
         one_byte = [data[i : i + 1] for i in range(len(data))] + eof
         assert reader_trace(one_byte, fast=True, later=later)[0] == reader_trace(one_byte, fast=False, later=later)[0]
+
+
+# ==== The client's HTTP: the fast path against h11 ===========================
+
+_RESPONSE_MUTATIONS = [
+    "version",
+    "status_line",
+    "obs_fold",
+    "transfer_encoding",
+    "content_length",
+    "second_content_length",
+    "no_content_length",
+    "bad_byte",
+    "lf_line_ends",
+    "space_before_colon",
+    "value_bytes",
+    "body_length",
+    "informational",
+    "switch",
+    "no_body_status",
+]
+
+
+def client_request(c: Choices) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """A request as ``Client`` makes one (sometimes one h11 refuses or writes itself)."""
+    method = c.pick(["GET", "POST", "HEAD", "POST", "CONNECT", "G T"])
+    target = c.pick(["/_rally/rpc", "/_rally/ws?page=/room&last=0", "/x y", "/é"])
+    body = c.text(_VCHARS, 8).encode() if method == "POST" else b""
+    headers = [("host", c.pick(["127.0.0.1:8000", "a b", "h\r\nx: y"]))]
+    headers += [(c.pick(_NAMES + ["bad name", "é"]), c.text(_VCHARS + "  ", 8).strip()) for _ in range(c.below(3))]
+    if not c.below(4):
+        headers.append(("upgrade", c.pick(["websocket", "", " , "])))
+    if not c.below(6):
+        headers.append(("connection", c.pick(_CONNECTION)))
+    if body or c.below(2):
+        headers.append(("content-length", c.pick([str(len(body))] * 5 + ["9", "x"])))
+    if not c.below(8):
+        headers.insert(0, c.pick([("Host", "other"), ("transfer-encoding", "chunked"), ("x", " padded ")]))
+    return method, target, headers, body
+
+
+def http_response(c: Choices) -> tuple[bytes, int, bool]:
+    """One response's bytes, its status, and whether it is plain (not
+    changed by one of ``_RESPONSE_MUTATIONS``)."""
+    body = c.text(_VCHARS, 24).encode()
+    status = c.pick([200, 200, 404, 500, 101, 204, 304, 302])
+    lines = [f"HTTP/1.1 {status} {c.pick(['OK', '', 'Not Found', 'a  b'])}".encode()]
+    fields = [(c.pick(_NAMES + ["set-cookie", "sec-websocket-accept"]), c.text(_VCHARS + "   ", 12).strip())]
+    fields += [(c.pick(_NAMES), c.text(_VCHARS, 6)) for _ in range(c.below(3))]
+    if not c.below(4):
+        fields.append(("connection", c.pick(_CONNECTION)))
+    fields.insert(c.below(len(fields) + 1), ("Content-Length", str(len(body))))
+    before, after = c.pick(_OWS), c.pick(_OWS)
+    lines += [f"{name}:{before}{value}{after if value else ''}".encode() for name, value in fields]
+    mutations = [c.pick(_RESPONSE_MUTATIONS) for _ in range(c.pick([0, 0, 1, 2]))]
+    for mutation in mutations:
+        lines, body = mutate_response(c, mutation, lines, body)
+    return b"\r\n".join([*lines, b"", b""]) + body, status, not mutations
+
+
+def mutate_response(c: Choices, mutation: str, lines: list[bytes], body: bytes) -> tuple[list[bytes], bytes]:
+    lines = list(lines)
+    at = 1 + c.below(len(lines))
+    line = c.below(len(lines))
+    if mutation == "version":
+        lines[0] = lines[0].replace(b"HTTP/1.1", c.pick([b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 "]))
+    elif mutation == "status_line":
+        lines[0] = c.pick([b"HTTP/1.1 200", b"HTTP/1.1 20 OK", b"HTTP/1.1 600 X", b"HTTP/1.1 099 X", b"HTTP/1.1  2 OK"])
+    elif mutation == "obs_fold":
+        lines.insert(at, c.pick([b" folded", b"\tfolded"]))
+    elif mutation == "transfer_encoding":
+        lines.insert(at, b"Transfer-Encoding: " + c.pick([b"chunked", b"gzip", b""]))
+        if c.below(2):
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    elif mutation == "content_length":
+        lines = [x for x in lines if not x.lower().startswith(b"content-length")]
+        value = c.pick([b"+5", b"5, 5", b"0x10", b"", b"-1", b"007", b"1" * 19, b" 3 "])
+        lines.insert(min(at, len(lines)), b"Content-Length:" + value)
+    elif mutation == "second_content_length":
+        lines.insert(at, b"content-length: %d" % (len(body) + c.below(2)))
+    elif mutation == "no_content_length":
+        lines = [x for x in lines if not x.lower().startswith(b"content-length")]
+    elif mutation == "bad_byte":
+        pos = c.below(min(len(lines[line]) + 1, 256))
+        byte = bytes([c.pick(b"\x00\x01\t\n\r \x7f\x80\xff:,") if c.below(2) else c.below(256)])
+        lines[line] = lines[line][:pos] + byte + lines[line][pos + c.below(2) :]
+    elif mutation == "lf_line_ends":
+        lines = [b"\r\n".join(lines).replace(b"\r\n", b"\n", c.pick([-1, 1, 2]))]
+    elif mutation == "space_before_colon":
+        lines[line] = lines[line].replace(b":", b" :", 1)
+    elif mutation == "value_bytes":
+        lines.insert(at, b"x-v: a" + c.pick([b"\x00", b"\x7f", b"\x80", b"\xe9", b"\t", b"\x0b"]) + b"b")
+    elif mutation == "body_length":
+        body = body + b"xyz"[: 1 + c.below(3)] if c.below(2) else body[: len(body) // 2]
+    elif mutation == "informational":
+        lines.insert(0, c.pick([b"HTTP/1.1 100 Continue\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n"]))
+    elif mutation == "switch":
+        lines[0] = b"HTTP/1.1 101 Switching Protocols"
+        body = c.pick([b"", b"\x81\x02hi", body])
+    elif mutation == "no_body_status":
+        lines[0] = c.pick([b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 199 X"])
+    return lines, body
+
+
+def exchange_trace(request: tuple[str, str, list[tuple[str, str]], bytes], chunks: list[bytes], fast: bool) -> Any:
+    """What an ``_HttpExchange`` makes of ``chunks``: its request bytes as h11
+    reads them, and after each feed the response (with ``reusable`` and
+    ``trailing``), or the refusal. Second: h11 wrote the request, h11 read
+    the response."""
+    try:
+        exchange = rally._HttpExchange(*request, fast=fast)
+    except (h11.LocalProtocolError, UnicodeError) as exc:
+        return [("refused request", type(exc), str(exc))], (True, True)
+    wrote = exchange.h11 is not None
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(exchange.request)
+    head = server.next_event()
+    sent = (head.method, head.target, list(head.headers), server.next_event())  # type: ignore[union-attr]
+    out: list[Any] = [sent]
+    try:
+        for chunk in chunks:
+            exchange.feed(chunk)
+            response = exchange.response()
+            if response is not None:
+                out.append(("response", response, exchange.reusable, exchange.trailing))
+                break
+            out.append("wait")
+    except h11.RemoteProtocolError as exc:
+        out.append(("error", str(exc), exc.error_status_hint))
+    return out, (wrote, exchange.h11 is not None)
+
+
+@settings(max_examples=3_000, deadline=None)
+@given(choices=st.binary(min_size=300, max_size=300), eof=st.booleans())
+def test_client_http_fast_path_matches_h11_or_hands_the_response_to_it(choices: bytes, eof: bool) -> None:
+    """A request, a response (plain or mutated) and maybe more bytes, cut
+    anywhere: the fast path answers as h11, and reads plain ones itself."""
+    c = Choices(choices)
+    request = client_request(c)
+    response, status, plain = http_response(c)
+    tail = c.pick([b"", b"HTTP/1.1 200 OK\r\n", b"\x81\x00"])
+    cuts = [c.below(256) for _ in range(c.below(5))]
+    chunks = splits(response + tail, cuts) + ([b""] if eof else [])
+    fast, (h11_wrote, h11_read) = exchange_trace(request, chunks, fast=True)
+    assert fast == exchange_trace(request, chunks, fast=False)[0]
+    upgrade = any(n == "upgrade" and v.strip(" ,") for n, v in request[2])
+    if plain and not h11_wrote and (status != 101 or upgrade) and fast[-1][0] == "response":
+        assert not h11_read, fast  # plain responses never reach h11
+
+
+def test_client_reads_plain_responses_and_frames_without_h11_or_wsproto(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = ("POST", "/_rally/rpc", [("host", "127.0.0.1:80"), ("content-length", "2")], b"{}")
+    response = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n{"kind":"ok"}\n'
+    upgrade = ("GET", "/_rally/ws?page=/", [("host", "a"), ("upgrade", "websocket"), ("connection", "Upgrade")], b"")
+    switched = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n\x81\x02hi"
+    expected = [exchange_trace(request, [response], fast=False), exchange_trace(upgrade, [switched], fast=False)]
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("h11 or wsproto was used")
+
+    monkeypatch.setattr(h11.Connection, "receive_data", refused)
+    monkeypatch.setattr(h11.Connection, "send", refused)
+    exchange = rally._HttpExchange(*request)
+    exchange.feed(response[:30])
+    assert exchange.response() is None and not exchange.started
+    exchange.feed(response[30:])
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"14")]
+    assert exchange.response() == (200, headers, b'{"kind":"ok"}\n')
+    assert exchange.reusable and exchange.trailing == b""
+    monkeypatch.undo()
+    assert [exchange_trace(request, [response], fast=True), exchange_trace(upgrade, [switched], fast=True)] == [
+        (expected[0][0], (False, False)),
+        (expected[1][0], (False, False)),
+    ]
+    # A page's frames from the server: read and written without wsproto, as wsproto would.
+    monkeypatch.setattr(wsproto.connection.Connection, "receive_data", refused)
+    monkeypatch.setattr(wsproto.connection.Connection, "send", refused)
+    reader = rally._WsReader(sys.maxsize, client=True)
+    reader.feed(rally._ws_frame(b"hello") + rally._ws_frame("é".encode() * 200))
+    assert [reader.next_event(), reader.next_event(), reader.next_event()] == ["hello", "é" * 200, None]
+    frame = reader.send(wsproto.events.TextMessage(data="x" * 300))
+    monkeypatch.undo()
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    server.receive_data(frame)
+    assert [(type(e), e.data) for e in server.events()] == [(wsproto.events.TextMessage, "x" * 300)]
 
 
 async def test_websocket_messages_survive_any_split_of_the_byte_stream() -> None:
