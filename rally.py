@@ -1795,6 +1795,12 @@ _FAST_REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) H
 _H11_HEAD_END_RE: Final = re.compile(rb"\n\r?\n")
 
 
+def _connection_tokens(value: bytes) -> list[bytes]:
+    """The comma-separated tokens of a Connection header, lower-cased: h11
+    closes after a message whose Connection has the token "close"."""
+    return [token.strip() for token in value.lower().split(b",")]
+
+
 class _HttpReader:
     """One connection's request bytes in, request events out.
 
@@ -1971,8 +1977,7 @@ class _HttpReader:
         ):
             return self._to_h11()
         connection = headers.get(b"connection")
-        # h11's rule: "close" among the comma-separated tokens ends the connection.
-        self.keep_alive = connection is None or b"close" not in [t.strip() for t in connection.lower().split(b",")]
+        self.keep_alive = connection is None or b"close" not in _connection_tokens(connection)
         # h11's rule: an Upgrade header with a token proposes a switch.
         upgrade = headers.get(b"upgrade")
         self.upgrade = upgrade is not None and any(t.strip() for t in upgrade.split(b","))
@@ -7667,7 +7672,7 @@ class _HttpConn(_Conn):
         if req is None or req.http_version != b"1.1" or self.srv.closing or not self.reader.done:
             return False
         connection = req.headers.get(b"connection")
-        return connection is None or b"close" not in connection.lower()
+        return connection is None or b"close" not in _connection_tokens(connection)
 
     def _finish_cycle(self, keep_alive: bool) -> None:
         """After our answer: the next request, or the end of the connection."""
@@ -9557,11 +9562,6 @@ class _HttpExchange:
                 self.reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
                 self.trailing = bytes(conn.trailing_data[0]) if self.reusable or event is h11.PAUSED else b""
                 return _Response(self.head.status_code, list(self.head.headers), b"".join(self.chunks))
-
-
-def _connection_tokens(value: bytes) -> list[bytes]:
-    """The comma-separated tokens of a Connection header, lower-cased."""
-    return [token.strip() for token in value.lower().split(b",")]
 
 
 def _request_bytes(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes | None:

@@ -2185,6 +2185,17 @@ async def test_keep_alive_pipelined_requests_are_answered_in_order() -> None:
     assert replies == [{"kind": "ok", "id": i, "value": f"Article: s{i}"} for i in range(10)]
 
 
+async def test_connection_close_is_a_token_of_the_connection_header() -> None:
+    """As h11 reads it: "closed" is another token and keeps the connection; "a, Close" closes it."""
+
+    def request(connection: bytes) -> bytes:
+        return b"GET /_rally/health HTTP/1.1\r\nhost: localhost\r\nconnection: " + connection + b"\r\n\r\n"
+
+    async with running(article_app()) as server:
+        raw = await exchange(server, request(b"closed") + request(b"keep-alive, closedown") + request(b"a, Close"))
+    assert [response.status_code for response, _ in responses(raw)] == [200, 200, 200]
+
+
 async def test_chunked_request_body_is_read() -> None:
     body = envelope("ServerLoadTitle", {"slug": "chunky"})
     request = (
