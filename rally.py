@@ -1817,8 +1817,9 @@ class _HttpReader:
     (``_FAST_FIELD_RE``), exactly one Host, at most one Content-Length of
     digits, no Transfer-Encoding or Expect, not CONNECT, and a body of that
     length; one that proposes another protocol (Upgrade: a WebSocket
-    handshake) then pauses the reader, as h11 does. Any other request goes to h11 from its first byte
-    (the fast path consumes nothing before it knows it takes the request),
+    handshake) then pauses the reader, as h11 does. Any other request goes
+    to h11 from its first byte (the fast path consumes nothing before it
+    knows it takes the request),
     so its events, refusals, ``done`` and ``trailing`` are h11's; those of a
     fast one are the same as h11's would be. ``fast=False`` gives every
     request to h11 (the tests compare the two).
@@ -9357,7 +9358,7 @@ _CLIENT_JS_BYTES: Final = _CLIENT_JS.encode("utf-8")
 _CLIENT_JS_ETAG: Final = b'"' + hashlib.sha256(_CLIENT_JS_BYTES).hexdigest()[:16].encode() + b'"'
 
 
-# ==== The client's HTTP: one request and its response ========================
+# ==== The Python client: Client, PageConnection, TestClient ==================
 
 if sys.version_info >= (3, 11):
 
@@ -9439,12 +9440,7 @@ class _HttpExchange:
         self.upgrade = False  # the fast path's request proposed a switch (h11 keeps its own)
         request = _request_bytes(method, target, headers, body) if fast else None
         if request is None:
-            self._give_to_h11()
-            assert self.h11 is not None
-            request = self.h11.send(h11.Request(method=method, target=target, headers=headers))
-            if body:
-                request += self.h11.send(h11.Data(data=body))
-            request += self.h11.send(h11.EndOfMessage())
+            request = self._give_to_h11()
         else:
             # h11's rule: an Upgrade header with a token proposes a switch, which a 101 accepts.
             self.upgrade = any(name.lower() == "upgrade" and value.strip(" ,\t") for name, value in headers)
@@ -9524,21 +9520,24 @@ class _HttpExchange:
         )
 
     def _to_h11(self) -> _Response | None:
-        self._give_to_h11()
-        assert self.h11 is not None
-        self.h11.send(h11.Request(method=self.method, target=self.target, headers=self.headers))
-        if self.body:
-            self.h11.send(h11.Data(data=self.body))
-        self.h11.send(h11.EndOfMessage())
+        """Give the response, from its first byte, to h11, and return what it makes of it."""
+        self._give_to_h11()  # h11 writes the request again, for its state: the bytes are not sent
+        conn = self.h11
+        assert conn is not None
         if self.buf:
-            self.h11.receive_data(bytes(self.buf))
+            conn.receive_data(bytes(self.buf))
         if self.closed:
-            self.h11.receive_data(b"")
+            conn.receive_data(b"")
         self.buf = bytearray()
         return self._h11_response()
 
-    def _give_to_h11(self) -> None:
-        self.h11 = h11.Connection(h11.CLIENT)
+    def _give_to_h11(self) -> bytes:
+        """Make the exchange h11's: it writes the request (its bytes are returned)."""
+        conn = self.h11 = h11.Connection(h11.CLIENT)
+        request = conn.send(h11.Request(method=self.method, target=self.target, headers=self.headers))
+        if self.body:
+            request += conn.send(h11.Data(data=self.body))
+        return request + conn.send(h11.EndOfMessage())
 
     def _h11_response(self) -> _Response | None:
         conn = self.h11
