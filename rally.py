@@ -6540,6 +6540,10 @@ _BROKER_FIRST_BACKOFF_S: Final = 0.1
 #: Every message on the channel starts with its HMAC-SHA256, keyed from the
 #: app's ``secret`` (see ``RedisBroker._start``).
 _BROKER_MAC_BYTES: Final = 32
+#: The senders whose last message number the broker remembers, to refuse a
+#: replay of their messages: a process's id is new each time it starts, so
+#: this is the last this many processes of the app heard from.
+_BROKER_MAX_SENDERS: Final = 4096
 
 #: How a remote push frame starts, as ``_Registry.push_payload`` makes it.
 _BROKER_PUSH_START: Final = b'{"kind":"push","msg":{"type":'
@@ -6562,30 +6566,41 @@ class _BrokerWire:
     """The broker's messages, sans-IO: what ``RedisBroker`` PUBLISHes and
     what it makes of what it receives. Each message is an HMAC-SHA256 of the
     rest (keyed from the app's secret and the channel: a message signed for
-    another app's channel is refused), a one-line JSON header (sender
-    ``o``, kind ``k``, then the kind's fields) and, for a push, the frame.
-    ``read`` returns a ``_BrokerMessage`` or why it refused the bytes:
-    ``"unsigned"`` (no MAC of this app) or ``"foreign"`` (a header rally.py
-    does not send). ``fits`` checks a push frame of another process before
-    it goes to any connection."""
+    another app's channel is refused), a one-line JSON header (its number
+    ``q``, sender ``o``, kind ``k``, then the kind's fields) and, for a
+    push, the frame. ``read`` returns a ``_BrokerMessage`` or why it refused
+    the bytes: ``"unsigned"`` (no MAC of this app), ``"foreign"`` (a header
+    rally.py does not send) or ``"replayed"``. ``fits`` checks a push frame
+    of another process before it goes to any connection.
 
-    __slots__ = ("process_id", "key", "max_frame")
+    Replays: ``sign`` numbers this process's messages 1, 2, 3, ... in the
+    order they are published, and one publisher's messages reach every
+    subscriber in that order, so ``read`` takes from each sender only a
+    number above the last it took from it (``heard``, for the last
+    ``_BROKER_MAX_SENDERS`` senders): a message published again by whoever
+    can read the channel is refused, unless its sender is one this process
+    has not heard since it started (docs/security.md)."""
+
+    __slots__ = ("process_id", "key", "max_frame", "sent", "heard")
 
     def __init__(self, secret: bytes, channel: str, process_id: str, max_frame: int) -> None:
         self.process_id = process_id
         # Not the cookie key itself, and bound to the channel.
         self.key = hmac.new(secret, b"rally broker\n" + channel.encode(), hashlib.sha256).digest()
         self.max_frame = max_frame
+        self.sent = 0  # the number of the last message signed
+        self.heard: dict[str, int] = {}  # sender -> the number of its last message taken; the last heard last
 
     def message(self, kind: str, frame: bytes = b"", **fields: Any) -> bytes:
-        """One message of this process, unsigned (``signed`` adds the MAC)."""
+        """One message of this process, unsigned and unnumbered (``sign`` does both)."""
         return _dumps({"o": self.process_id, "k": kind, **fields}) + b"\n" + frame
 
-    def mac(self, message: bytes) -> bytes:
-        return hmac.digest(self.key, message, "sha256")
-
-    def signed(self, message: bytes) -> bytes:
-        return self.mac(message) + message
+    def sign(self, message: bytes) -> tuple[bytes, bytes]:
+        """The MAC and the bytes of ``message`` numbered: call it as the
+        message is published, so that the numbers go out in order."""
+        self.sent += 1
+        numbered = b'{"q":%d,' % self.sent + message[1:]
+        return hmac.digest(self.key, numbered, "sha256"), numbered
 
     def read(self, data: bytes) -> _BrokerMessage | str:
         mac = hmac.digest(self.key, memoryview(data)[_BROKER_MAC_BYTES:], "sha256")
@@ -6597,11 +6612,21 @@ class _BrokerWire:
         head, frame = data[_BROKER_MAC_BYTES:end], data[end + 1 :]
         try:
             header = json.loads(head)
-            origin, kind = header["o"], header["k"]
+            number, origin, kind = header["q"], header["o"], header["k"]
             if type(origin) is not str or not origin or type(kind) is not str:  # "" marks our own entries
                 raise TypeError(origin, kind)
+            if type(number) is not int or number < 1:
+                raise TypeError(number)
         except (ValueError, KeyError, TypeError, RecursionError):
             return "foreign"
+        heard = self.heard
+        last = heard.pop(origin, 0)  # put back below, as heard last
+        if number <= last:
+            heard[origin] = last
+            return "replayed"
+        heard[origin] = number
+        if len(heard) > _BROKER_MAX_SENDERS:
+            del heard[next(iter(heard))]  # the sender heard from longest ago
         return _BrokerMessage(origin, kind, header, frame)
 
     def fits(self, frame: bytes, name: str) -> bool:
@@ -6704,8 +6729,9 @@ class RedisBroker:
     Redis), ``unconfirmed`` (broadcasts written to Redis whose reply never
     came: the connection failed first, so Redis may or may not have
     delivered them) and ``rejected`` (messages from the channel refused: without the app's MAC,
-    so not sent by a process with its ``secret``, or a push frame that is
-    not one or is over ``max_message_bytes``).
+    so not sent by a process with its ``secret``; repeating one already
+    taken (a replay); or a push frame that is not one or is over
+    ``max_message_bytes``).
     """
 
     def __init__(
@@ -6795,6 +6821,7 @@ class RedisBroker:
         self._foreign_said = False
         self._wire: _BrokerWire | None = None  # made when the broker starts: this process's name and key
         self._unsigned_said = False  # a message without the right MAC
+        self._replayed_said = False  # a message that repeats one already taken
         self._misfit_said = False  # a push frame from another process that was refused
         self._oversize_said = False  # a push of this process too large to send the others
         self._max_frame = DEFAULT_MAX_MESSAGE_BYTES  # the app's max_message_bytes, once bound
@@ -6955,7 +6982,7 @@ class RedisBroker:
         if writer is None or wire is None or writer.transport.is_closing() or len(self._waiting) >= self.max_queued:
             self.dropped += broadcast
             return False
-        mac = wire.mac(message)
+        mac, message = wire.sign(message)
         command = (self._head, b"$%d\r\n" % (_BROKER_MAC_BYTES + len(message)), mac, message, b"\r\n")
         if self._batch is None:
             writer.writelines(command)
@@ -7179,7 +7206,8 @@ class RedisBroker:
         process for the connections here, a change of its presence, its whole
         presence (``hello``, ``state``), a request for ours (``want``), a page
         held here for resume that came back there (``release``), a
-        heartbeat, or a goodbye. Dropped unread without the right MAC."""
+        heartbeat, or a goodbye. Dropped unread without the right MAC, or
+        when it repeats a message already taken (``_BrokerWire``)."""
         assert self._wire is not None
         read = self._wire.read(data)
         if read == "unsigned":
@@ -7191,6 +7219,17 @@ class RedisBroker:
                     "secret, or not by rally.py): %r; said once per process, counted in 'rejected'",
                     self.channel,
                     data[:80],
+                )
+            return
+        if read == "replayed":
+            self.rejected += 1
+            if not self._replayed_said:
+                self._replayed_said = True
+                _logger.warning(
+                    "broker: dropping a message on %r that repeats one already received (published again by "
+                    "someone who can read the channel?): %r; said once per process, counted in 'rejected'",
+                    self.channel,
+                    data[_BROKER_MAC_BYTES : _BROKER_MAC_BYTES + 80],
                 )
             return
         if isinstance(read, str):

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -1134,8 +1135,16 @@ async def test_heartbeats_carry_each_processs_connections_as_they_change(
 # ==== What the channel carries is checked ====================================
 
 
+#: Numbers for the messages these tests publish as other processes would:
+#: each above the last, as a process numbers its own.
+_NUMBERS = itertools.count(1)
+
+
 def signed(message: bytes, secret: str = SECRET, channel: str = "rally:broadcast") -> bytes:
-    """``message`` after its MAC, as a process of the app with ``secret`` sends it."""
+    """``message`` numbered (a JSON header gets its ``q``) and after its MAC,
+    as a process of the app with ``secret`` sends it."""
+    if message.startswith(b"{"):
+        message = b'{"q":%d,' % next(_NUMBERS) + message[1:]
     key = hmac.new(secret.encode(), b"rally broker\n" + channel.encode(), hashlib.sha256).digest()
     return hmac.digest(key, message, "sha256") + message
 
@@ -1236,6 +1245,54 @@ async def test_messages_without_the_apps_mac_reach_no_browser_and_change_nothing
         assert n1.count("without this app's MAC") == 1
         for node in running.nodes:
             await node.stop()
+
+
+async def test_a_message_published_again_reaches_no_browser_and_closes_nothing(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Whoever can read the channel can publish a signed message again (a
+    replay): each process takes a message of another once and in order, so
+    a push published again reaches no browser a second time and a session
+    close published again does not close the session's new connections;
+    both are counted in ``rejected`` and warned about once."""
+    listener = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    channel = listener.pubsub()
+    await channel.subscribe("rally:broadcast")
+
+    async def captured(part: bytes) -> bytes:
+        """The next message on the channel that holds ``part``, as Redis delivered it."""
+        while True:
+            reply = await asyncio.wait_for(channel.get_message(ignore_subscribe_messages=True, timeout=WAIT), WAIT)
+            if reply is not None and part in reply["data"]:
+                return bytes(reply["data"])
+
+    try:
+        async with running_cluster(redis_server, tmp_path, processes=2) as running:
+            n1, n2 = running.nodes
+            cookie = await cookie_of(n1)
+            session_id = cookie.split(".")[0]
+            async with session(n1, cookie) as client, session(n2) as other:
+                async with client.page("/room/a") as page:
+                    assert await other.rpc(Shout("page", "/room/a", "once")) == rally.Ok(0)
+                    push = await captured(b'"once"')
+                    assert await page.receive(timeout=WAIT) == heard("once")
+                    assert await other.rpc(Ban(session_id, "banned")) == rally.Ok(0)
+                    close = await captured(b'"banned"')
+                    await page.wait_closed()
+                    assert (page.close_code, page.close_reason) == (4001, "banned")
+                async with client.page("/room/a") as again:
+                    await publish_on_channel(redis_server, push, close, sign=False)
+                    assert await other.rpc(Shout("page", "/room/a", "marker")) == rally.Ok(0)
+                    assert await again.receive(timeout=WAIT) == heard("marker")  # nothing before it
+                    assert again.close_code is None
+            broker = (await n1.health())["broker"]
+            assert broker["rejected"] == 2 and broker["state"] == "up"
+            assert n1.count("repeats one already received") == 1
+            for node in running.nodes:
+                await node.stop()
+    finally:
+        await channel.aclose()
+        await listener.aclose()
 
 
 # ==== One process: how a broker is named ======================================

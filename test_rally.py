@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import hmac
 import itertools
 import json
 import logging
@@ -5574,12 +5575,18 @@ def test_the_wheel_installs_under_its_distribution_name_into_a_fresh_venv(tmp_pa
 # ==== The broker's messages, without Redis (docs/scaling.md "Scaling out") ============
 
 
+def signed(wire: rally._BrokerWire, message: bytes) -> bytes:
+    """``message`` numbered and after its MAC, as ``wire``'s process publishes it."""
+    mac, numbered = wire.sign(message)
+    return mac + numbered
+
+
 def test_broker_wire_signs_reads_and_refuses_what_another_secret_or_channel_signed() -> None:
     wire = rally._BrokerWire(b"secret", "rally:broadcast", "p1", 1024)
     frame = b'{"kind":"push","msg":{"type":"Heard","fields":{"text":"hi"}}}'
-    data = wire.signed(wire.message("push", frame, t="app", m="Heard"))
-    assert wire.read(data) == rally._BrokerMessage(
-        "p1", "push", {"o": "p1", "k": "push", "t": "app", "m": "Heard"}, frame
+    data = signed(wire, wire.message("push", frame, t="app", m="Heard"))
+    assert rally._BrokerWire(b"secret", "rally:broadcast", "p2", 1024).read(data) == rally._BrokerMessage(
+        "p1", "push", {"q": 1, "o": "p1", "k": "push", "t": "app", "m": "Heard"}, frame
     )
     for other in (
         rally._BrokerWire(b"another secret", "rally:broadcast", "p2", 1024),
@@ -5588,8 +5595,48 @@ def test_broker_wire_signs_reads_and_refuses_what_another_secret_or_channel_sign
         assert other.read(data) == "unsigned"
     assert wire.read(data[:-1]) == "unsigned"  # cut short
     assert wire.read(b"x" * 10) == "unsigned"
-    assert wire.read(wire.signed(b'{"k":"push"}\n')) == "foreign"  # no sender
-    assert wire.read(wire.signed(b"not json\n")) == "foreign"
+    assert wire.read(signed(wire, b'{"k":"push"}\n')) == "foreign"  # no sender
+    assert wire.read(signed(wire, b"not json\n")) == "foreign"
+    key = wire.key
+    unnumbered = b'{"o":"p1","k":"beat"}\n'
+    assert wire.read(hmac.digest(key, unnumbered, "sha256") + unnumbered) == "foreign"  # no number
+    for number in (b"0", b"-1", b"1.5", b'"2"', b"true"):
+        message = b'{"q":' + number + b',"o":"p1","k":"beat"}\n'
+        assert wire.read(hmac.digest(key, message, "sha256") + message) == "foreign"
+
+
+def test_broker_wire_takes_each_message_of_a_sender_once_and_in_order() -> None:
+    """Numbered as published, read once: a message published again (a
+    replay), or one older than the last taken from its sender, is refused,
+    whatever it is; the other senders' numbers are their own."""
+    a, b = (rally._BrokerWire(b"secret", "rally:broadcast", name, 1024) for name in ("a", "b"))
+    reader = rally._BrokerWire(b"secret", "rally:broadcast", "r", 1024)
+    a1, a2, a3 = (signed(a, a.message("beat", n=i)) for i in range(3))
+    b1 = signed(b, b.message("close", t="session:x", r=""))
+    assert [type(reader.read(m)).__name__ for m in (a1, b1, a2)] == ["_BrokerMessage"] * 3
+    assert [reader.read(m) for m in (a1, a2, b1)] == ["replayed"] * 3
+    assert type(reader.read(a3)).__name__ == "_BrokerMessage"
+    assert reader.read(a2) == "replayed"  # older than the last taken, not only the same
+    assert reader.heard == {"b": 1, "a": 3}
+    # A sender's own messages come back to it: they are read the same way.
+    assert type(a.read(a1)).__name__ == "_BrokerMessage" and a.read(a1) == "replayed"
+
+
+def test_broker_wire_remembers_the_last_senders_up_to_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most _BROKER_MAX_SENDERS senders (N) are remembered; the N+1st
+    makes it forget the one heard from longest ago, whose old messages it
+    then takes again (a process started that many processes ago)."""
+    monkeypatch.setattr(rally, "_BROKER_MAX_SENDERS", 3)
+    reader = rally._BrokerWire(b"secret", "rally:broadcast", "r", 1024)
+    senders = [rally._BrokerWire(b"secret", "rally:broadcast", f"p{i}", 1024) for i in range(4)]
+    firsts = [signed(s, s.message("beat")) for s in senders]
+    for first in firsts[:3]:
+        assert type(reader.read(first)).__name__ == "_BrokerMessage"
+    assert [reader.read(first) for first in firsts[:3]] == ["replayed"] * 3  # N remembered
+    assert list(reader.heard) == ["p0", "p1", "p2"]
+    assert type(reader.read(firsts[3])).__name__ == "_BrokerMessage"  # N + 1
+    assert list(reader.heard) == ["p1", "p2", "p3"]
+    assert type(reader.read(firsts[0])).__name__ == "_BrokerMessage"  # p0 was forgotten
 
 
 @pytest.mark.parametrize(
