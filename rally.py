@@ -6540,6 +6540,16 @@ _BROKER_FIRST_BACKOFF_S: Final = 0.1
 #: Every message on the channel starts with its HMAC-SHA256, keyed from the
 #: app's ``secret`` (see ``RedisBroker._start``).
 _BROKER_MAC_BYTES: Final = 32
+#: What the broker says, once per process, of each kind of message it refuses.
+_BROKER_REFUSALS: Final = {
+    "unsigned": "broker: dropping messages on %r without this app's MAC (sent by a process with another secret, "
+    "or not by rally.py): %r",
+    "foreign": "broker: ignoring messages on %r that rally.py did not send: %r",
+    "replayed": "broker: dropping a message on %r that repeats one already received (published again by someone "
+    "who can read the channel?): %r",
+    "misfit": "broker: dropping a push from process %s on %r that is not a push frame or is over "
+    "max_message_bytes (%d bytes): %r",
+}
 #: The senders whose last message number the broker remembers, to refuse a
 #: replay of their messages: a process's id is new each time it starts, so
 #: this is the last this many processes of the app heard from.
@@ -6818,11 +6828,8 @@ class RedisBroker:
         self._own_beat = 0.0  # when this process last heard its own message back
         self._processes = _Processes(3 * self.heartbeat_interval, self._gone)
         self._state_owed = False  # a presence snapshot is to be sent
-        self._foreign_said = False
         self._wire: _BrokerWire | None = None  # made when the broker starts: this process's name and key
-        self._unsigned_said = False  # a message without the right MAC
-        self._replayed_said = False  # a message that repeats one already taken
-        self._misfit_said = False  # a push frame from another process that was refused
+        self._refusals_said: set[str] = set()  # the kinds of refused messages warned about
         self._oversize_said = False  # a push of this process too large to send the others
         self._max_frame = DEFAULT_MAX_MESSAGE_BYTES  # the app's max_message_bytes, once bound
 
@@ -7210,35 +7217,8 @@ class RedisBroker:
         when it repeats a message already taken (``_BrokerWire``)."""
         assert self._wire is not None
         read = self._wire.read(data)
-        if read == "unsigned":
-            self.rejected += 1
-            if not self._unsigned_said:
-                self._unsigned_said = True
-                _logger.warning(
-                    "broker: dropping messages on %r without this app's MAC (sent by a process with another "
-                    "secret, or not by rally.py): %r; said once per process, counted in 'rejected'",
-                    self.channel,
-                    data[:80],
-                )
-            return
-        if read == "replayed":
-            self.rejected += 1
-            if not self._replayed_said:
-                self._replayed_said = True
-                _logger.warning(
-                    "broker: dropping a message on %r that repeats one already received (published again by "
-                    "someone who can read the channel?): %r; said once per process, counted in 'rejected'",
-                    self.channel,
-                    data[_BROKER_MAC_BYTES : _BROKER_MAC_BYTES + 80],
-                )
-            return
         if isinstance(read, str):
-            self.rejected += 1
-            if not self._foreign_said:
-                self._foreign_said = True
-                _logger.warning(
-                    "broker: ignoring messages on %r that rally.py did not send: %r", self.channel, data[:80]
-                )
+            self._refuse(read, _BROKER_REFUSALS[read], self.channel, data[:80])
             return
         origin, kind, header, frame = read
         assert self._loop is not None and self._topics is not None
@@ -7261,7 +7241,7 @@ class RedisBroker:
                 and self._topics.members.get(topic)
                 and not self._wire.fits(frame, msg_type.__name__)
             ):
-                self._refused_push(origin, frame)
+                self._refuse("misfit", _BROKER_REFUSALS["misfit"], origin, self.channel, len(frame), frame[:80])
                 return
             self.received += 1
             if msg_type is not None:  # a type no page here declares reaches no one
@@ -7290,18 +7270,12 @@ class RedisBroker:
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
             self._enqueue(self._wire.message("want", t=origin), False)
 
-    def _refused_push(self, origin: str, frame: bytes) -> None:
+    def _refuse(self, kind: str, message: str, *args: Any) -> None:
+        """Count a message from the channel in ``rejected``, and say so once per process and kind."""
         self.rejected += 1
-        if not self._misfit_said:
-            self._misfit_said = True
-            _logger.warning(
-                "broker: dropping a push from process %s on %r that is not a push frame or is over "
-                "max_message_bytes (%d bytes): %r; said once per process, counted in 'rejected'",
-                origin,
-                self.channel,
-                len(frame),
-                frame[:80],
-            )
+        if kind not in self._refusals_said:
+            self._refusals_said.add(kind)
+            _logger.warning(message + "; said once per process, counted in 'rejected'", *args)
 
 
 def _redacted(url: str) -> str:
