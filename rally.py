@@ -6588,8 +6588,9 @@ class _BrokerWire:
     subscriber in that order, so ``read`` takes from each sender only a
     number above the last it took from it (``heard``, for the last
     ``_BROKER_MAX_SENDERS`` senders): a message published again by whoever
-    can read the channel is refused, unless its sender is one this process
-    has not heard since it started (docs/security.md)."""
+    can read the channel is refused, unless this process has taken no later
+    message of its sender yet (it has just started, say: docs/scaling.md,
+    "Scaling out", under Replays)."""
 
     __slots__ = ("process_id", "key", "max_frame", "sent", "heard")
 
@@ -7218,7 +7219,7 @@ class RedisBroker:
         assert self._wire is not None
         read = self._wire.read(data)
         if isinstance(read, str):
-            self._refuse(read, _BROKER_REFUSALS[read], self.channel, data[:80])
+            self._refuse(read, self.channel, data[:80])
             return
         origin, kind, header, frame = read
         assert self._loop is not None and self._topics is not None
@@ -7241,7 +7242,7 @@ class RedisBroker:
                 and self._topics.members.get(topic)
                 and not self._wire.fits(frame, msg_type.__name__)
             ):
-                self._refuse("misfit", _BROKER_REFUSALS["misfit"], origin, self.channel, len(frame), frame[:80])
+                self._refuse("misfit", origin, self.channel, len(frame), frame[:80])
                 return
             self.received += 1
             if msg_type is not None:  # a type no page here declares reaches no one
@@ -7270,12 +7271,13 @@ class RedisBroker:
         if not known:  # heard again after it was forgotten, or first by a beat: its presence may be missing
             self._enqueue(self._wire.message("want", t=origin), False)
 
-    def _refuse(self, kind: str, message: str, *args: Any) -> None:
-        """Count a message from the channel in ``rejected``, and say so once per process and kind."""
+    def _refuse(self, kind: str, *args: Any) -> None:
+        """Count a message from the channel in ``rejected``, and say so
+        (``_BROKER_REFUSALS[kind]`` with ``args``) once per process and kind."""
         self.rejected += 1
         if kind not in self._refusals_said:
             self._refusals_said.add(kind)
-            _logger.warning(message + "; said once per process, counted in 'rejected'", *args)
+            _logger.warning(_BROKER_REFUSALS[kind] + "; said once per process, counted in 'rejected'", *args)
 
 
 def _redacted(url: str) -> str:
