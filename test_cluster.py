@@ -1278,7 +1278,7 @@ async def test_a_message_published_again_reaches_no_browser_and_closes_nothing(
                     assert await page.receive(timeout=WAIT) == heard("once")
                     assert await other.rpc(Ban(session_id, "banned")) == rally.Ok(0)
                     close = await captured(b'"banned"')
-                    await page.wait_closed()
+                    await asyncio.wait_for(page.wait_closed(), WAIT)
                     assert (page.close_code, page.close_reason) == (4001, "banned")
                 async with client.page("/room/a") as again:
                     await publish_on_channel(redis_server, push, close, sign=False)
