@@ -9437,6 +9437,7 @@ class _HttpExchange:
         "upgrade",
         "head",
         "chunks",
+        "parsed",
         "reusable",
         "trailing",
     )
@@ -9450,6 +9451,8 @@ class _HttpExchange:
         self.closed = False  # the server closed (``feed(b"")``)
         self.head: h11.Response | None = None  # h11's response head, once read
         self.chunks: list[bytes] = []  # h11's body so far
+        #: the fast path's head, once whole: status, headers, where the body starts, its length
+        self.parsed: tuple[int, list[tuple[bytes, bytes]], int, int] | None = None
         self.reusable = False
         self.trailing = b""
         self.upgrade = False  # the fast path's request proposed a switch (h11 keeps its own)
@@ -9475,11 +9478,34 @@ class _HttpExchange:
         closed a keep-alive connection without answering)."""
         if self.h11 is not None:
             return self.head is not None
-        return b"\r\n\r\n" in self.buf
+        return self.parsed is not None
 
     def response(self) -> _Response | None:
         if self.h11 is not None:
             return self._h11_response()
+        if self.parsed is None:
+            parsed = self._fast_head()
+            if parsed is None:
+                if self.h11 is not None:
+                    return self._h11_response()
+                return None
+            self.parsed = parsed
+        status, headers, start, length = self.parsed
+        buf = self.buf
+        if status == 101:
+            self.trailing = bytes(buf[start:])
+            return _Response(101, headers, b"")
+        if len(buf) < start + length:
+            return self._to_h11() if self.closed else None
+        tokens = [_connection_tokens(value) for name, value in headers if name == b"connection"]
+        self.reusable = not any(b"close" in t for t in tokens) and not self._asked_to_close()
+        self.trailing = bytes(buf[start + length :]) if self.reusable else b""
+        return _Response(status, headers, bytes(buf[start : start + length]))
+
+    def _fast_head(self) -> tuple[int, list[tuple[bytes, bytes]], int, int] | None:
+        """The response's status, headers, where its body starts and its
+        length, once its whole head is here and plain; ``None`` while it is
+        not, or once it was given to h11 (then ``self.h11`` is set)."""
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -9489,12 +9515,13 @@ class _HttpExchange:
             if self.closed or (
                 buf and (buf[0] != 0x48 or len(buf) > _MAX_RESPONSE_HEAD_BYTES or _H11_HEAD_END_RE.search(buf))
             ):
-                return self._to_h11()
+                self._hand_to_h11()
             return None
         head = bytes(buf[: end + 2])
         line = _FAST_STATUS_LINE_RE.match(head)
         if line is None:
-            return self._to_h11()
+            self._hand_to_h11()
+            return None
         status = int(line.group(1))
         at = line.end()
         headers = []
@@ -9508,25 +9535,19 @@ class _HttpExchange:
             or len(lengths) > 1
             or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 18))
         ):
-            return self._to_h11()
-        start = end + 4
+            self._hand_to_h11()
+            return None
         if status == 101 and self.upgrade:
-            self.trailing = bytes(buf[start:])
-            return _Response(101, headers, b"")
+            return status, headers, end + 4, 0
         if status < 200:
-            return self._to_h11()  # 100 Continue and the like: h11 passes over them
+            self._hand_to_h11()  # 100 Continue and the like: h11 passes over them
+            return None
         if status in (204, 304) or self.method == "HEAD":
-            length = 0
-        elif lengths:
-            length = int(lengths[0])
-        else:
-            return self._to_h11()  # a body up to the end of the stream
-        if len(buf) < start + length:
-            return self._to_h11() if self.closed else None
-        tokens = [_connection_tokens(value) for name, value in headers if name == b"connection"]
-        self.reusable = not any(b"close" in t for t in tokens) and not self._asked_to_close()
-        self.trailing = bytes(buf[start + length :]) if self.reusable else b""
-        return _Response(status, headers, bytes(buf[start : start + length]))
+            return status, headers, end + 4, 0
+        if lengths:
+            return status, headers, end + 4, int(lengths[0])
+        self._hand_to_h11()  # a body up to the end of the stream
+        return None
 
     def _asked_to_close(self) -> bool:
         return any(
@@ -9536,6 +9557,11 @@ class _HttpExchange:
 
     def _to_h11(self) -> _Response | None:
         """Give the response, from its first byte, to h11, and return what it makes of it."""
+        self._hand_to_h11()
+        return self._h11_response()
+
+    def _hand_to_h11(self) -> None:
+        """Give the response, from its first byte, to h11."""
         self._give_to_h11()  # h11 writes the request again, for its state: the bytes are not sent
         conn = self.h11
         assert conn is not None
@@ -9544,7 +9570,7 @@ class _HttpExchange:
         if self.closed:
             conn.receive_data(b"")
         self.buf = bytearray()
-        return self._h11_response()
+        self.parsed = None
 
     def _give_to_h11(self) -> bytes:
         """Make the exchange h11's: it writes the request (its bytes are returned)."""
