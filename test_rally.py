@@ -1180,6 +1180,25 @@ def test_client_http_fast_path_matches_h11_or_hands_the_response_to_it(choices: 
         assert not h11_read, fast  # plain responses never reach h11
 
 
+def test_client_hands_a_response_head_past_its_bound_to_h11_which_refuses_it() -> None:
+    """A partial response head of _MAX_RESPONSE_HEAD_BYTES (N) waits for the
+    rest; one byte more (N + 1) goes to h11, which refuses it as it would
+    have without the fast path."""
+    request = ("GET", "/", [("host", "a")], b"")
+    n = rally._MAX_RESPONSE_HEAD_BYTES
+    head = b"HTTP/1.1 200 OK\r\nx: " + b"a" * (n - 22) + b"\r\n"
+    assert len(head) == n
+    waiting = rally._HttpExchange(*request)
+    waiting.feed(head)
+    assert waiting.response() is None and waiting.h11 is None
+    waiting.feed(b"content-length: 0\r\n\r\n")  # the head is whole: read, however long
+    assert waiting.response() == (200, [(b"x", b"a" * (n - 22)), (b"content-length", b"0")], b"")
+    for exchange in (rally._HttpExchange(*request), rally._HttpExchange(*request, fast=False)):
+        exchange.feed(head + b"b")
+        with pytest.raises(h11.RemoteProtocolError):
+            exchange.response()
+
+
 def test_client_reads_plain_responses_and_frames_without_h11_or_wsproto(monkeypatch: pytest.MonkeyPatch) -> None:
     request = ("POST", "/_rally/rpc", [("host", "127.0.0.1:80"), ("content-length", "2")], b"{}")
     response = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n{"kind":"ok"}\n'
