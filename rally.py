@@ -9683,9 +9683,15 @@ class Client:
     async def close(self) -> None:
         """Close the keep-alive HTTP connection, if any."""
         if self._streams is not None:
-            self._streams[1].close()
+            writer = self._streams[1]
+            self._drop()
             with contextlib.suppress(OSError):
-                await self._streams[1].wait_closed()
+                await writer.wait_closed()
+
+    def _drop(self) -> None:
+        """Close the keep-alive HTTP connection, if any, without waiting."""
+        if self._streams is not None:
+            self._streams[1].close()
             self._streams = None
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -9740,13 +9746,14 @@ class Client:
                     if not data and not exchange.started and attempt == 1:
                         raise ConnectionResetError
                     exchange.feed(data)
-            except Exception as exc:
-                # A keep-alive connection the server closed meanwhile (reset,
-                # or ended in a way h11 refuses): retry once.
-                if not isinstance(exc, (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)):
-                    raise
-                await self.close()
-                if attempt == 2:
+            except BaseException as exc:
+                # Whatever ended the exchange early (a time-out, a cancellation,
+                # a refusal) leaves the connection mid-response: it is never used
+                # again, or a late answer would be read as the next call's. A
+                # keep-alive connection the server closed meanwhile (reset, or
+                # ended in a way h11 refuses) gets one retry.
+                self._drop()
+                if attempt == 2 or not isinstance(exc, (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)):
                     raise
                 continue
             self._take_cookie(response.headers)

@@ -2374,6 +2374,28 @@ async def test_client_page_rpc_that_times_out_or_is_cancelled_forgets_its_id() -
             assert page._waiting == {}
 
 
+async def test_client_http_rpc_that_times_out_leaves_its_late_answer_to_no_other_call() -> None:
+    """An HTTP call given up mid-response drops its connection: the next
+    call, on a new one, gets its own answer, not the late one."""
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    app = article_app()
+
+    @app.rpc
+    async def server_hang(msg: Hang) -> str:
+        started.set()
+        await gate.wait()
+        return "late"
+
+    async with running(app) as server, rally.Client(server.url, app, timeout=0.5) as client:
+        assert await client.rpc(ServerLoadTitle("warm")) == rally.Ok("Article: warm")  # a keep-alive connection
+        with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            await client.rpc(Hang())
+        assert started.is_set()
+        gate.set()
+        assert await client.rpc(ServerLoadTitle("mine")) == rally.Ok("Article: mine")
+
+
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
 async def test_client_page_connect_closes_its_socket_when_the_handshake_fails(failure: str) -> None:
     got_request = asyncio.Event()
