@@ -262,6 +262,9 @@ _RESERVED_FDS: Final = 32 + _EVENTS_PER_TURN
 _ACCEPT_BACKOFF_S: Final = 0.5
 #: rally.Client acknowledges numbered frames after this many, so the server forgets them.
 _CLIENT_ACK_EVERY: Final = 16
+#: The largest HTTP response body and WebSocket message a ``rally.Client``
+#: takes from a server by default (``max_message_bytes=``).
+_CLIENT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 #: Envelope ids: a safe integer or a string of at most this many characters.
 _MAX_ID_CHARS: Final = 64
 #: RPC answers kept by idempotency key, in number and in bytes: per session,
@@ -394,7 +397,9 @@ class UnwrapError(RallyError):
 
 
 class RemoteError(RallyError):
-    """The server answered a ``Client`` with an ``error`` envelope."""
+    """The server answered a ``Client`` with an ``error`` envelope, refused a
+    page's handshake (``refused``), or sent a response body larger than the
+    Client takes (``too_large``)."""
 
     def __init__(self, code: str, errors: list[dict[str, str]], status: int | None = None) -> None:
         described = (f"{e.get('path')}: {e.get('message')}" if e.get("path") else f"{e.get('message')}" for e in errors)
@@ -9423,6 +9428,10 @@ class _HttpExchange:
     Likewise a request whose every part the fast writer cannot show valid
     is written by h11, which refuses what is invalid. ``fast=False`` gives
     everything to h11 (the tests compare the two).
+
+    A body longer than ``max_body`` bytes raises ``RemoteError("too_large")``
+    as soon as its length is known (from Content-Length, or as chunks
+    arrive), before it is held.
     """
 
     __slots__ = (
@@ -9440,12 +9449,23 @@ class _HttpExchange:
         "parsed",
         "reusable",
         "trailing",
+        "max_body",
+        "size",
     )
 
     def __init__(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"", *, fast: bool = True
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes = b"",
+        *,
+        fast: bool = True,
+        max_body: int = sys.maxsize,
     ) -> None:
         self.method, self.target, self.headers, self.body = method, target, headers, body
+        self.max_body = max_body
+        self.size = 0  # h11's body so far, in bytes
         self.h11: h11.Connection | None = None  # h11's connection, once the exchange is its
         self.buf = bytearray()  # the response so far, from its first byte (fast path)
         self.closed = False  # the server closed (``feed(b"")``)
@@ -9545,9 +9565,15 @@ class _HttpExchange:
         if status in (204, 304) or self.method == "HEAD":
             return status, headers, end + 4, 0
         if lengths:
+            self._check_size(status, int(lengths[0]))
             return status, headers, end + 4, int(lengths[0])
         self._hand_to_h11()  # a body up to the end of the stream
         return None
+
+    def _check_size(self, status: int, size: int) -> None:
+        if size > self.max_body:
+            message = f"the response body is larger than max_message_bytes ({self.max_body} bytes)"
+            raise RemoteError("too_large", [{"path": "", "message": message}], status)
 
     def _asked_to_close(self) -> bool:
         return any(
@@ -9593,7 +9619,14 @@ class _HttpExchange:
                     return _Response(101, list(event.headers), b"")
             elif type(event) is h11.Response:
                 self.head = event
+                if self.method != "HEAD" and event.status_code not in (204, 304):
+                    for name, value in event.headers:
+                        if name == b"content-length":
+                            self._check_size(event.status_code, int(value))
             elif type(event) is h11.Data:
+                self.size += len(event.data)
+                assert self.head is not None
+                self._check_size(self.head.status_code, self.size)
                 self.chunks.append(bytes(event.data))
             elif type(event) in (h11.EndOfMessage, h11.ConnectionClosed) or event is h11.PAUSED:
                 if self.head is None:  # paused with no response: a switch h11 took for done (CONNECT)
@@ -9642,6 +9675,10 @@ class Client:
     ``session_cookie`` is its value (pass it as ``session=`` to another
     Client to join the same session) and ``session_id`` the id handlers see.
     An ``error`` envelope raises ``RemoteError``.
+
+    ``max_message_bytes`` bounds what the client holds of one answer: an
+    HTTP response body over it raises ``RemoteError("too_large")`` and
+    drops the connection, a page message over it closes the page with 1009.
     """
 
     def __init__(
@@ -9652,10 +9689,14 @@ class Client:
         origin: str | None = None,
         session: str | None = None,
         timeout: float = 30.0,
+        max_message_bytes: int = _CLIENT_MAX_MESSAGE_BYTES,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise UsageError(f"expected an http:// URL, got {url!r}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
+            raise UsageError(f"max_message_bytes={max_message_bytes!r}: expected a positive int")
+        self.max_message_bytes = max_message_bytes
         self.host = parts.hostname
         self.port = parts.port or 80
         self.origin = origin
@@ -9735,7 +9776,7 @@ class Client:
             if self._streams is None:
                 self._streams, self._pipelined = await self._open(), b""
             reader, writer = self._streams
-            exchange = _HttpExchange(method, path, hs, body)
+            exchange = _HttpExchange(method, path, hs, body, max_body=self.max_message_bytes)
             writer.write(exchange.request)
             try:
                 await writer.drain()
@@ -9851,7 +9892,7 @@ class PageConnection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._extra = list(headers)
-        self._ws = _WsReader(sys.maxsize, client=True)
+        self._ws = _WsReader(self.client.max_message_bytes, client=True)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -9932,7 +9973,7 @@ class PageConnection:
         stale = [item for item in self._drain_inbox() if not isinstance(item, ConnectionClosed)]
         for item in stale:
             self._inbox.put_nowait(item)
-        self._ws = _WsReader(sys.maxsize, client=True)
+        self._ws = _WsReader(self.client.max_message_bytes, client=True)
         self.close_code, self.close_reason = None, ""
         await self.connect()
         assert self._hello is not None and self._reader_task is not None
@@ -9966,7 +10007,7 @@ class PageConnection:
                 ("sec-websocket-version", "13"),
             ]
         )
-        exchange = _HttpExchange("GET", target, hs)
+        exchange = _HttpExchange("GET", target, hs, max_body=c.max_message_bytes)
         writer.write(exchange.request)
         while (response := exchange.response()) is None:
             exchange.feed(await _within(reader.read(65536), c.timeout))
@@ -10000,6 +10041,10 @@ class PageConnection:
                         if ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                             self._write(ws.send(event.response()))
                 data = await reader.read(65536)
+        except ProtocolError as exc:  # a message over max_message_bytes: closed as the server closes a browser
+            self.close_code, self.close_reason = exc.close_code, str(exc)
+            if ws.state is wsproto.connection.ConnectionState.OPEN:
+                self._write(ws.send(wsproto.events.CloseConnection(code=exc.close_code, reason=str(exc))))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -10309,10 +10354,13 @@ class TestClient(Client):
         session: str | None = None,
         timeout: float = 30.0,
         access_log: bool = False,
+        max_message_bytes: int = _CLIENT_MAX_MESSAGE_BYTES,
     ) -> None:
         if not isinstance(app, App):
             raise UsageError(f"TestClient(app): expected a rally.App, got {type(app).__name__}")
-        super().__init__(url, app, origin=origin, session=session, timeout=timeout)
+        super().__init__(
+            url, app, origin=origin, session=session, timeout=timeout, max_message_bytes=max_message_bytes
+        )
         self.app = app
         self.url = url
         self.server: Server | None = None
@@ -10351,7 +10399,14 @@ class TestClient(Client):
         when this one's block ends and the server shuts down."""
         if self.server is None:
             raise UsageError("a TestClient serves its app inside async with rally.TestClient(app) as client:")
-        other = TestClient(self.app, url=self.url, origin=origin, session=session, timeout=self.timeout)
+        other = TestClient(
+            self.app,
+            url=self.url,
+            origin=origin,
+            session=session,
+            timeout=self.timeout,
+            max_message_bytes=self.max_message_bytes,
+        )
         other.server = self.server
         other._owner = False
         return other

@@ -2396,6 +2396,101 @@ async def test_client_http_rpc_that_times_out_leaves_its_late_answer_to_no_other
         assert await client.rpc(ServerLoadTitle("mine")) == rally.Ok("Article: mine")
 
 
+def test_client_max_message_bytes_must_be_a_positive_int() -> None:
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(rally.UsageError, match="max_message_bytes"):
+            rally.Client("http://127.0.0.1", max_message_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("extra", [0, 1], ids=["N", "N+1"])
+async def test_client_http_response_body_at_max_message_bytes_and_over(chunked: bool, extra: int) -> None:
+    """A body of max_message_bytes is read; one byte more raises too_large
+    before the body is held, and the connection is not used again."""
+    limit = 100_000
+    body = b"x" * (limit + extra)
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            if b" /small " in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            elif chunked:
+                pieces = [body[i : i + 30_000] for i in range(0, len(body), 30_000)]
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                writer.write(b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_message_bytes=limit) as client:
+        if extra:
+            with pytest.raises(rally.RemoteError) as refused:
+                await client.request("GET", "/big")
+            assert refused.value.code == "too_large" and refused.value.status == 200
+            assert f"max_message_bytes ({limit} bytes)" in str(refused.value)
+            assert client._streams is None
+        else:
+            status, _, got = await client.request("GET", "/big")
+            assert (status, got) == (200, body)
+        assert (await client.request("GET", "/small"))[2] == b"ok"
+        assert len(connections) == 1 + extra
+
+
+@pytest.mark.parametrize("reason", [b"OK", b"O\tK"], ids=["fast-path", "h11"])
+async def test_client_head_response_announcing_a_body_over_max_message_bytes_is_read(reason: bytes) -> None:
+    """A HEAD's Content-Length announces a body that never comes: no refusal."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 %s\r\ncontent-length: 1000000\r\n\r\n" % reason)
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_message_bytes=100) as client:
+        for _ in range(2):  # and the connection goes on
+            status, headers, body = await client.request("HEAD", "/big")
+            assert (status, headers["content-length"], body) == (200, "1000000", b"")
+
+
+@pytest.mark.parametrize("limit", [100, 200_000], ids=["one-read", "in-pieces"])
+async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> None:
+    """A page message of max_message_bytes arrives; one byte more closes the
+    page with 1009, as the server closes a browser's."""
+    close_codes: list[int] = []
+
+    def push(size: int) -> str:
+        text = '{"kind":"push","msg":{"type":"Blob","fields":{}}}'
+        return text + " " * (size - len(text))  # JSON allows the padding: exactly ``size`` bytes
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        writer.write(ws.send(wsproto.events.TextMessage(data='{"kind":"hello"}')))
+        writer.write(ws.send(wsproto.events.TextMessage(data=push(limit))))
+        writer.write(ws.send(wsproto.events.TextMessage(data=push(limit + 1))))
+        while data := await reader.read(65536):
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, wsproto.events.CloseConnection):
+                    close_codes.append(event.code)
+                    return
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_message_bytes=limit) as client:
+        async with client.page("/x") as page:
+            assert await page.receive() == {"type": "Blob", "fields": {}}
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await page.receive()
+            assert closed.value.code == 1009 and f"larger than {limit} bytes" in closed.value.reason
+            await asyncio.wait_for(page.wait_closed(), WAIT)
+    assert close_codes == [1009]
+
+
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
 async def test_client_page_connect_closes_its_socket_when_the_handshake_fails(failure: str) -> None:
     got_request = asyncio.Event()
