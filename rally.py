@@ -9885,6 +9885,13 @@ class PageConnection:
     #: and its ``send()`` raises ``RemoteError("queue_full")``. As the
     #: browser client's bound; settable per page.
     max_queued_sends = 1000
+    #: At most this many pushes (and reported errors) wait unread in
+    #: ``receive()``: at the bound the page stops reading its connection
+    #: until ``receive()`` takes one, so the server sees a slow consumer
+    #: (nothing is lost, unless it drops the connection). Presence lists
+    #: unread by ``next_presence()`` are bounded alike, the oldest dropped
+    #: (``presence`` always has the newest). Settable per page.
+    max_unread_messages = 10_000
 
     def __init__(self, client: Client, path: str, *, headers: Iterable[tuple[str, str]] = ()) -> None:
         self.client = client
@@ -9918,6 +9925,7 @@ class PageConnection:
         # ones, then (while no connection is ready) the queued ones.
         self._unacked: dict[int, _Send] = {}
         self._ready = False  # this connection's hello arrived: sends go straight out
+        self._unread_paused = False  # reading paused: max_unread_messages wait in receive()
         self._closed_for_good: ConnectionClosed | None = None  # by close(), or code 4000/4001/4003
 
     async def __aenter__(self) -> PageConnection:
@@ -9941,6 +9949,7 @@ class PageConnection:
             writer.close()
             raise
         self._writer = writer
+        self._unread_paused = False
         self._closed_for_good = None
         self._hello = loop.create_future()
         self._reader_task = loop.create_task(self._read(reader, trailing))
@@ -10033,6 +10042,8 @@ class PageConnection:
                 while (event := ws.next_event()) is not None:
                     if type(event) is str:
                         self._on_text(event)
+                        if self._inbox.qsize() >= self.max_unread_messages:
+                            self._pause()
                     elif isinstance(event, wsproto.events.Ping) and ws.state is wsproto.connection.ConnectionState.OPEN:
                         self._write(ws.send(event.response()))
                     elif isinstance(event, wsproto.events.CloseConnection):
@@ -10133,6 +10144,12 @@ class PageConnection:
         elif kind == "error":
             self._inbox.put_nowait(Client._remote_error(reply))
 
+    def _pause(self) -> None:
+        """Stop reading: ``max_unread_messages`` wait in ``receive()``."""
+        if not self._unread_paused and self._writer is not None:
+            self._unread_paused = True
+            self._writer.transport.pause_reading()
+
     def _invalid(self, path: str, message: str) -> None:
         self._inbox.put_nowait(RemoteError("invalid", [{"path": path, "message": message}]))
 
@@ -10153,6 +10170,8 @@ class PageConnection:
         except (KeyError, TypeError, _Bad) as exc:
             self._invalid("", f"bad presence frame: {exc!r}"[:200])
             return
+        if self._presence_updates.qsize() >= self.max_unread_messages:
+            self._presence_updates.get_nowait()  # the oldest unread list goes: ``presence`` has the newest
         self._presence_updates.put_nowait(self.presence)
 
     @property
@@ -10213,10 +10232,23 @@ class PageConnection:
                 assert self._writer is not None
                 with contextlib.suppress(ConnectionError, OSError):
                     await self._writer.drain()  # a lost connection: the answer comes after reconnect()
-            await _within(send.answered, self.client.timeout if timeout is None else timeout)
+            await self._answer(send.answered, self.client.timeout if timeout is None else timeout)
         finally:
             if self._unacked.get(seq) is send:
                 del self._unacked[seq]  # given up: not written again
+
+    async def _answer(self, answer: asyncio.Future[_T], seconds: float) -> _T:
+        """``await answer`` for at most ``seconds``; a time-out while reading
+        is paused says why the answer could not be read."""
+        try:
+            return await _within(answer, seconds)
+        except asyncio.TimeoutError:
+            if not self._unread_paused:
+                raise
+            raise asyncio.TimeoutError(
+                f"no answer within {seconds} s: {self._inbox.qsize()} messages wait unread in receive() "
+                f"(max_unread_messages), so the page stopped reading its connection"
+            ) from None
 
     def _flush_sends(self, resumed: bool, ack: int) -> None:
         """At a connection's hello: settle what the page had sent, write what
@@ -10258,7 +10290,7 @@ class PageConnection:
         self._waiting[msg_id] = fut
         try:
             await self.send_raw(text)
-            reply = await _within(fut, self.client.timeout)
+            reply = await self._answer(fut, self.client.timeout)
         finally:
             # Answered, timed out, cancelled or closed: a late reply finds no one.
             self._waiting.pop(msg_id, None)
@@ -10268,6 +10300,10 @@ class PageConnection:
         """The next push; raises ``RemoteError`` or ``ConnectionClosed``."""
         inbox = self._inbox
         item = inbox.get_nowait() if not inbox.empty() else await _within(inbox.get(), timeout or self.client.timeout)
+        if self._unread_paused and inbox.qsize() < self.max_unread_messages:
+            self._unread_paused = False
+            if self._writer is not None:
+                self._writer.transport.resume_reading()  # room again (a no-op once closed)
         if isinstance(item, ConnectionClosed):
             self._inbox.put_nowait(item)  # every later receive() sees it too
             raise item

@@ -2333,6 +2333,17 @@ async def read_until_eof(reader: asyncio.StreamReader) -> None:
         pass
 
 
+async def answer_close(ws: wsproto.WSConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Read until the client's close frame, answer it, and return its code."""
+    while data := await reader.read(65536):
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, wsproto.events.CloseConnection):
+                writer.write(ws.send(event.response()))
+                return event.code
+    raise AssertionError("the client closed without a close frame")
+
+
 async def accept_ws(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> wsproto.WSConnection:
     """Answer the client's handshake with a wsproto server connection."""
     ws = wsproto.WSConnection(wsproto.connection.ConnectionType.SERVER)
@@ -2474,12 +2485,7 @@ async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> 
         writer.write(ws.send(wsproto.events.TextMessage(data='{"kind":"hello"}')))
         writer.write(ws.send(wsproto.events.TextMessage(data=push(limit))))
         writer.write(ws.send(wsproto.events.TextMessage(data=push(limit + 1))))
-        while data := await reader.read(65536):
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, wsproto.events.CloseConnection):
-                    close_codes.append(event.code)
-                    return
+        close_codes.append(await answer_close(ws, reader, writer))
 
     async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_message_bytes=limit) as client:
         async with client.page("/x") as page:
@@ -2489,6 +2495,70 @@ async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> 
             assert closed.value.code == 1009 and f"larger than {limit} bytes" in closed.value.reason
             await asyncio.wait_for(page.wait_closed(), WAIT)
     assert close_codes == [1009]
+
+
+def push_frame(n: int) -> str:
+    return json.dumps({"kind": "push", "msg": {"type": "Numbered", "fields": {"n": n}}})
+
+
+@pytest.mark.parametrize("count", [3, 4], ids=["N-1", "N"])
+async def test_client_page_stops_reading_at_max_unread_messages_and_loses_nothing(count: int) -> None:
+    """With max_unread_messages pushes unread the page stops reading its
+    connection; receive() makes room, and every push arrives once, in order."""
+    limit = 4
+    more = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        frames = [ws.send(wsproto.events.TextMessage(data=push_frame(n))) for n in range(1, count + 1)]
+        writer.write(ws.send(wsproto.events.TextMessage(data='{"kind":"hello"}')) + b"".join(frames))
+        await more.wait()
+        writer.write(ws.send(wsproto.events.TextMessage(data=push_frame(count + 1))))
+        await answer_close(ws, reader, writer)
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
+        page = client.page("/x")
+        page.max_unread_messages = limit
+        async with page:
+            assert page._writer is not None
+            transport = page._writer.transport
+            await eventually(lambda: page._inbox.qsize() == count, f"{count} pushes read")
+            assert transport.is_reading() is (count < limit)
+            if count == limit:  # an answer cannot be read now, and the time-out says why
+                with pytest.raises(asyncio.TimeoutError, match=r"4 messages wait unread .*max_unread_messages"):
+                    await page.send(Hang(), timeout=0.2)
+            more.set()
+            if count < limit:
+                await eventually(lambda: page._inbox.qsize() == limit, "the last push read")
+                assert not transport.is_reading()  # the bound reached with the last push
+            got = [await page.receive()]  # room for one: reading goes on
+            await eventually(lambda: page._inbox.qsize() == count, "the push after the pause read")
+            got += [await page.receive() for _ in range(count)]
+            assert [msg["fields"]["n"] for msg in got] == list(range(1, count + 2))
+            assert transport.is_reading()
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["N", "N+1"])
+async def test_client_page_keeps_at_most_max_unread_messages_presence_lists(extra: int) -> None:
+    limit = 3
+
+    def presence(n: int) -> str:
+        return json.dumps({"kind": "presence", "state": [{"id": n, "tag": "t", "meta": n, "self": False}]})
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        texts = ['{"kind":"hello"}'] + [presence(n) for n in range(1, limit + extra + 1)] + [push_frame(0)]
+        writer.write(b"".join(ws.send(wsproto.events.TextMessage(data=text)) for text in texts))
+        await answer_close(ws, reader, writer)
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
+        page = client.page("/x")
+        page.max_unread_messages = limit
+        async with page:
+            assert (await page.receive())["fields"] == {"n": 0}  # every presence frame before it was read
+            assert [p.id for p in page.presence] == [limit + extra]
+            lists = [await page.next_presence() for _ in range(limit)]
+            assert [p.id for [p] in lists] == list(range(1 + extra, limit + extra + 1))  # past N, the oldest went
 
 
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
