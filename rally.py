@@ -265,6 +265,10 @@ _CLIENT_ACK_EVERY: Final = 16
 #: The largest HTTP response body and WebSocket message a ``rally.Client``
 #: takes from a server by default (``max_message_bytes=``).
 _CLIENT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+#: A page's sends waiting for a connection (``max_queued_sends=``): the browser client's bound.
+_CLIENT_MAX_QUEUED_SENDS: Final = 1000
+#: A page's pushes unread by ``receive()`` before it stops reading (``max_unread_messages=``).
+_CLIENT_MAX_UNREAD_MESSAGES: Final = 10_000
 #: Envelope ids: a safe integer or a string of at most this many characters.
 _MAX_ID_CHARS: Final = 64
 #: RPC answers kept by idempotency key, in number and in bytes: per session,
@@ -9663,6 +9667,10 @@ def _request_bytes(method: str, target: str, headers: list[tuple[str, str]], bod
     return "".join(lines).encode("ascii") + body
 
 
+#: What a request on a keep-alive connection the server closed meanwhile raises.
+_STALE_CONNECTION_ERRORS: Final = (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)
+
+
 class Client:
     """A Python client of a rally.py app: one browser session, in a script.
 
@@ -9679,6 +9687,9 @@ class Client:
     ``max_message_bytes`` bounds what the client holds of one answer: an
     HTTP response body over it raises ``RemoteError("too_large")`` and
     drops the connection, a page message over it closes the page with 1009.
+    ``max_queued_sends`` and ``max_unread_messages`` bound each page's sends
+    waiting for a connection and pushes waiting for ``receive()`` (see
+    ``PageConnection``).
     """
 
     def __init__(
@@ -9690,13 +9701,23 @@ class Client:
         session: str | None = None,
         timeout: float = 30.0,
         max_message_bytes: int = _CLIENT_MAX_MESSAGE_BYTES,
+        max_queued_sends: int = _CLIENT_MAX_QUEUED_SENDS,
+        max_unread_messages: int = _CLIENT_MAX_UNREAD_MESSAGES,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise UsageError(f"expected an http:// URL, got {url!r}")
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
-            raise UsageError(f"max_message_bytes={max_message_bytes!r}: expected a positive int")
+        bounds = {
+            "max_message_bytes": max_message_bytes,
+            "max_queued_sends": max_queued_sends,
+            "max_unread_messages": max_unread_messages,
+        }
+        for name, value in bounds.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name}={value!r}: expected a positive int")
         self.max_message_bytes = max_message_bytes
+        self.max_queued_sends = max_queued_sends
+        self.max_unread_messages = max_unread_messages
         self.host = parts.hostname
         self.port = parts.port or 80
         self.origin = origin
@@ -9794,7 +9815,7 @@ class Client:
                 # keep-alive connection the server closed meanwhile (reset, or
                 # ended in a way h11 refuses) gets one retry.
                 self._drop()
-                if attempt == 2 or not isinstance(exc, (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)):
+                if attempt == 2 or not isinstance(exc, _STALE_CONNECTION_ERRORS):
                     raise
                 continue
             self._take_cookie(response.headers)
@@ -9878,20 +9899,18 @@ class PageConnection:
     ``receive()`` returns the next push (a dataclass when the Client knows
     the app); ``ConnectionClosed`` once closed. ``async for msg in page``
     iterates pushes until the connection closes.
-    """
 
-    #: At most this many sends wait for a connection (sent while it is lost,
-    #: or before the first hello); past that the oldest of them is dropped
-    #: and its ``send()`` raises ``RemoteError("queue_full")``. As the
-    #: browser client's bound; settable per page.
-    max_queued_sends = 1000
-    #: At most this many pushes (and reported errors) wait unread in
-    #: ``receive()``: at the bound the page stops reading its connection
-    #: until ``receive()`` takes one, so the server sees a slow consumer
-    #: (nothing is lost, unless it drops the connection). Presence lists
-    #: unread by ``next_presence()`` are bounded alike, the oldest dropped
-    #: (``presence`` always has the newest). Settable per page.
-    max_unread_messages = 10_000
+    Bounds, from the Client: at most ``max_queued_sends`` sends wait for a
+    connection (sent while it is lost, or before the first hello); past
+    that the oldest of them is dropped and its ``send()`` raises
+    ``RemoteError("queue_full")``, as in the browser client. At most
+    ``max_unread_messages`` pushes (and reported errors) wait unread in
+    ``receive()``: at the bound the page stops reading its connection until
+    ``receive()`` takes one, so the server sees a slow consumer (nothing is
+    lost, unless it drops the connection). Presence lists unread by
+    ``next_presence()`` are bounded alike, the oldest dropped (``presence``
+    always has the newest).
+    """
 
     def __init__(self, client: Client, path: str, *, headers: Iterable[tuple[str, str]] = ()) -> None:
         self.client = client
@@ -10042,7 +10061,7 @@ class PageConnection:
                 while (event := ws.next_event()) is not None:
                     if type(event) is str:
                         self._on_text(event)
-                        if self._inbox.qsize() >= self.max_unread_messages:
+                        if self._inbox.qsize() >= self.client.max_unread_messages:
                             self._pause()
                     elif isinstance(event, wsproto.events.Ping) and ws.state is wsproto.connection.ConnectionState.OPEN:
                         self._write(ws.send(event.response()))
@@ -10148,7 +10167,7 @@ class PageConnection:
         """Stop reading: ``max_unread_messages`` wait in ``receive()``."""
         if not self._unread_paused and self._writer is not None:
             self._unread_paused = True
-            self._writer.transport.pause_reading()
+            typing.cast(asyncio.ReadTransport, self._writer.transport).pause_reading()
 
     def _invalid(self, path: str, message: str) -> None:
         self._inbox.put_nowait(RemoteError("invalid", [{"path": path, "message": message}]))
@@ -10170,7 +10189,7 @@ class PageConnection:
         except (KeyError, TypeError, _Bad) as exc:
             self._invalid("", f"bad presence frame: {exc!r}"[:200])
             return
-        if self._presence_updates.qsize() >= self.max_unread_messages:
+        if self._presence_updates.qsize() >= self.client.max_unread_messages:
             self._presence_updates.get_nowait()  # the oldest unread list goes: ``presence`` has the newest
         self._presence_updates.put_nowait(self.presence)
 
@@ -10220,9 +10239,9 @@ class PageConnection:
         ready = self._ready and self._ws.state is wsproto.connection.ConnectionState.OPEN
         if not ready:
             queued = [s for s, other in self._unacked.items() if not other.written]
-            if len(queued) >= self.max_queued_sends:
+            if len(queued) >= self.client.max_queued_sends:
                 oldest = self._unacked.pop(queued[0])
-                message = f"more than {self.max_queued_sends} sends waiting for a connection: dropped the oldest"
+                message = f"more than {self.client.max_queued_sends} sends waiting for a connection: dropped the oldest"
                 oldest.answered.set_exception(RemoteError("queue_full", [{"path": "", "message": message}]))
         self._unacked[seq] = send
         try:
@@ -10300,10 +10319,10 @@ class PageConnection:
         """The next push; raises ``RemoteError`` or ``ConnectionClosed``."""
         inbox = self._inbox
         item = inbox.get_nowait() if not inbox.empty() else await _within(inbox.get(), timeout or self.client.timeout)
-        if self._unread_paused and inbox.qsize() < self.max_unread_messages:
+        if self._unread_paused and inbox.qsize() < self.client.max_unread_messages:
             self._unread_paused = False
-            if self._writer is not None:
-                self._writer.transport.resume_reading()  # room again (a no-op once closed)
+            if self._writer is not None:  # room again (a no-op once closed)
+                typing.cast(asyncio.ReadTransport, self._writer.transport).resume_reading()
         if isinstance(item, ConnectionClosed):
             self._inbox.put_nowait(item)  # every later receive() sees it too
             raise item
@@ -10391,11 +10410,20 @@ class TestClient(Client):
         timeout: float = 30.0,
         access_log: bool = False,
         max_message_bytes: int = _CLIENT_MAX_MESSAGE_BYTES,
+        max_queued_sends: int = _CLIENT_MAX_QUEUED_SENDS,
+        max_unread_messages: int = _CLIENT_MAX_UNREAD_MESSAGES,
     ) -> None:
         if not isinstance(app, App):
             raise UsageError(f"TestClient(app): expected a rally.App, got {type(app).__name__}")
         super().__init__(
-            url, app, origin=origin, session=session, timeout=timeout, max_message_bytes=max_message_bytes
+            url,
+            app,
+            origin=origin,
+            session=session,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            max_queued_sends=max_queued_sends,
+            max_unread_messages=max_unread_messages,
         )
         self.app = app
         self.url = url
@@ -10442,6 +10470,8 @@ class TestClient(Client):
             session=session,
             timeout=self.timeout,
             max_message_bytes=self.max_message_bytes,
+            max_queued_sends=self.max_queued_sends,
+            max_unread_messages=self.max_unread_messages,
         )
         other.server = self.server
         other._owner = False

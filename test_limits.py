@@ -2407,10 +2407,12 @@ async def test_client_http_rpc_that_times_out_leaves_its_late_answer_to_no_other
         assert await client.rpc(ServerLoadTitle("mine")) == rally.Ok("Article: mine")
 
 
-def test_client_max_message_bytes_must_be_a_positive_int() -> None:
+@pytest.mark.parametrize("name", ["max_message_bytes", "max_queued_sends", "max_unread_messages"])
+def test_client_bounds_must_be_positive_ints(name: str) -> None:
     for bad in (0, -1, 1.5, True, "1"):
-        with pytest.raises(rally.UsageError, match="max_message_bytes"):
-            rally.Client("http://127.0.0.1", max_message_bytes=bad)  # type: ignore[arg-type]
+        with pytest.raises(rally.UsageError, match=f"{name}="):
+            rally.Client("http://127.0.0.1", **{name: bad})
+    assert getattr(rally.Client("http://127.0.0.1", **{name: 1}), name) == 1
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -2516,10 +2518,8 @@ async def test_client_page_stops_reading_at_max_unread_messages_and_loses_nothin
         writer.write(ws.send(wsproto.events.TextMessage(data=push_frame(count + 1))))
         await answer_close(ws, reader, writer)
 
-    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
-        page = client.page("/x")
-        page.max_unread_messages = limit
-        async with page:
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_unread_messages=limit) as client:
+        async with client.page("/x") as page:
             assert page._writer is not None
             transport = page._writer.transport
             await eventually(lambda: page._inbox.qsize() == count, f"{count} pushes read")
@@ -2551,10 +2551,8 @@ async def test_client_page_keeps_at_most_max_unread_messages_presence_lists(extr
         writer.write(b"".join(ws.send(wsproto.events.TextMessage(data=text)) for text in texts))
         await answer_close(ws, reader, writer)
 
-    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
-        page = client.page("/x")
-        page.max_unread_messages = limit
-        async with page:
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_unread_messages=limit) as client:
+        async with client.page("/x") as page:
             assert (await page.receive())["fields"] == {"n": 0}  # every presence frame before it was read
             assert [p.id for p in page.presence] == [limit + extra]
             lists = [await page.next_presence() for _ in range(limit)]

@@ -4425,10 +4425,9 @@ async def test_client_sends_when_the_page_starts_afresh() -> None:
 async def test_client_queued_sends_are_bounded_and_a_send_given_up_is_not_applied() -> None:
     app, journal = journal_app()
     async with running(app) as server, CutProxy(server.port) as proxy:
-        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT)
+        client = rally.Client(f"http://127.0.0.1:{proxy.port}", app, timeout=WAIT, max_queued_sends=2)
         async with client, client.page("/journal") as page:
             await eventually(lambda: page.resume_token, "hello")
-            page.max_queued_sends = 2
             proxy.cut()
             await asyncio.wait_for(page.wait_closed(), WAIT)
             with pytest.raises(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11 on
