@@ -9960,6 +9960,8 @@ class PageConnection:
         Whatever ends the handshake early (a refusal, a time-out, a bad
         answer, cancellation) closes the socket before it propagates."""
         c = self.client
+        if self._reader_task is not None and not self._reader_task.done():
+            raise UsageError(f"page {self.path!r} is connected already: reconnect() opens it again")
         loop = asyncio.get_running_loop()
         reader, writer = await _within(c._open(), c.timeout)
         try:
@@ -10208,6 +10210,8 @@ class PageConnection:
         """Send one text (``str``) or binary (``bytes``) message as it is."""
         if self.close_code is not None:
             raise ConnectionClosed(self.close_code, self.close_reason)
+        if self._writer is None:
+            raise UsageError(f"page {self.path!r} is not connected: async with client.page(path) as page:")
         event: wsproto.events.Event = (
             wsproto.events.TextMessage(data=text) if isinstance(text, str) else wsproto.events.BytesMessage(data=text)
         )

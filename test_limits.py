@@ -2559,6 +2559,21 @@ async def test_client_page_keeps_at_most_max_unread_messages_presence_lists(extr
             assert [p.id for [p] in lists] == list(range(1 + extra, limit + extra + 1))  # past N, the oldest went
 
 
+async def test_client_page_misuse_raises_usage_error_and_leaves_the_page_working() -> None:
+    app = article_app()
+    async with running(app) as server, rally.Client(server.url, app, timeout=WAIT) as client:
+        page = client.page("/articles/a")
+        with pytest.raises(rally.UsageError, match="not connected"):
+            await page.rpc(ServerLoadTitle("x"))
+        with pytest.raises(rally.UsageError, match="not connected"):
+            await page.send_raw("{}")
+        async with page:
+            with pytest.raises(rally.UsageError, match="connected already"):
+                await page.connect()
+            assert await page.rpc(ServerLoadTitle("x")) == rally.Ok("Article: x")
+            assert app.connections("/articles/a") == 1  # the second connect opened nothing
+
+
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
 async def test_client_page_connect_closes_its_socket_when_the_handshake_fails(failure: str) -> None:
     got_request = asyncio.Event()
