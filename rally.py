@@ -9667,10 +9667,6 @@ def _request_bytes(method: str, target: str, headers: list[tuple[str, str]], bod
     return "".join(lines).encode("ascii") + body
 
 
-#: What a request on a keep-alive connection the server closed meanwhile raises.
-_STALE_CONNECTION_ERRORS: Final = (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError)
-
-
 class Client:
     """A Python client of a rally.py app: one browser session, in a script.
 
@@ -9815,7 +9811,8 @@ class Client:
                 # keep-alive connection the server closed meanwhile (reset, or
                 # ended in a way h11 refuses) gets one retry.
                 self._drop()
-                if attempt == 2 or not isinstance(exc, _STALE_CONNECTION_ERRORS):
+                stale = isinstance(exc, (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError))
+                if attempt == 2 or not stale:
                     raise
                 continue
             self._take_cookie(response.headers)
