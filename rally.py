@@ -9757,7 +9757,8 @@ class Client:
         return await asyncio.open_connection(self.host, self.port)
 
     def _headers(self) -> list[tuple[str, str]]:
-        hs = [("host", f"{self.host}:{self.port}")]
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address (RFC 3986)
+        hs = [("host", f"{host}:{self.port}")]
         if self.origin:
             hs.append(("origin", self.origin))
         if self.session_cookie:

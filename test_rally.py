@@ -3843,6 +3843,31 @@ def lifespan_app(events: list[str], port: int, *, fail: bool = False) -> rally.A
     return app
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+async def test_start_listens_at_a_numeric_address_or_a_name(host: str) -> None:
+    """A numeric address is bound as it is; a name goes through the resolver.
+    The Client names an IPv6 address in brackets in its Host header."""
+    if host == "::1" and not ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1) to bind")
+    server = await rally.App().start(host, 0, access_log=False)
+    try:
+        assert server.host in ("127.0.0.1", "::1")
+        async with rally.Client(server.url, timeout=WAIT) as client:
+            status, _, body = await client.request("GET", "/_rally/health")
+        assert status == 200 and b'"ok"' in body
+    finally:
+        await asyncio.wait_for(server.close(), WAIT)
+
+
 async def test_lifespan_is_entered_before_start_accepts_and_exited_after_close_drained() -> None:
     events: list[str] = []
     port = free_port()
