@@ -9842,7 +9842,12 @@ class Client:
         status, _, body = await self.request(
             "POST", "/_rally/rpc", _dumps(envelope), [("content-type", "application/json")]
         )
-        return self._decode_reply(type(msg).__name__, self._json.loads(body), status)
+        try:
+            reply = self._json.loads(body)
+        except ContractError as exc:  # not an answer of rally.py's (a proxy's 502 page, say)
+            errors = [{"path": e["path"], "message": f"{e['message']} (HTTP {status})"} for e in exc.errors]
+            raise RemoteError(exc.code, errors, status) from None
+        return self._decode_reply(type(msg).__name__, reply, status)
 
     def _decode_reply(self, name: str, reply: Any, status: int | None = None) -> Ok[Any] | Error[Any]:
         if type(reply) is not dict:

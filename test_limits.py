@@ -2574,6 +2574,26 @@ async def test_client_page_misuse_raises_usage_error_and_leaves_the_page_working
             assert app.connections("/articles/a") == 1  # the second connect opened nothing
 
 
+async def test_client_rpc_answered_by_something_else_raises_remote_error_with_the_status() -> None:
+    """A proxy's error page instead of an answer is a RemoteError that says so, not a ContractError."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.I)
+        assert length is not None
+        await reader.readexactly(int(length.group(1)))
+        writer.write(
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 14\r\n\r\n<h1>down</h1>\n"
+        )
+        await read_until_eof(reader)
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
+        with pytest.raises(rally.RemoteError) as failed:
+            await client.rpc(Hang())
+    assert failed.value.code == "invalid" and failed.value.status == 502
+    assert "bad JSON" in str(failed.value) and "(HTTP 502)" in str(failed.value)
+
+
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
 async def test_client_page_connect_closes_its_socket_when_the_handshake_fails(failure: str) -> None:
     got_request = asyncio.Event()
