@@ -9706,6 +9706,10 @@ class Client:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise UsageError(f"expected an http:// URL, got {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise UsageError(
+                f"expected the server's own URL (http://host:port), got {url!r}: paths go to page() and request()"
+            )
         bounds = {
             "max_message_bytes": max_message_bytes,
             "max_queued_sends": max_queued_sends,

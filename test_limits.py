@@ -2288,9 +2288,14 @@ def test_threadsafe_broadcast_on_an_app_that_is_not_serving_raises_usage_error()
         room_app().broadcast_to_app_threadsafe(Heard("nobody listens"))
 
 
-def test_client_of_a_url_that_is_not_http_raises_usage_error() -> None:
-    with pytest.raises(rally.UsageError):
-        rally.Client("ftp://x")
+@pytest.mark.parametrize("url", ["ftp://x", "http://", "http://x/app", "http://x:1/?a=1", "http://x#top"])
+def test_client_of_a_url_that_is_not_a_servers_raises_usage_error(url: str) -> None:
+    with pytest.raises(rally.UsageError, match="expected"):
+        rally.Client(url)
+
+
+def test_client_takes_a_servers_url_with_or_without_its_slash() -> None:
+    assert rally.Client("http://x:1/").port == rally.Client("http://x:1").port == 1
 
 
 # ==== Python client ==========================================================
