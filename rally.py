@@ -8450,8 +8450,20 @@ _UNPAIRED: Final = _MemoryTransport(None, ("", 0), ("", 0))  # type: ignore[arg-
 _UNPAIRED._closing = _UNPAIRED._lost = _UNPAIRED._scheduled = True
 
 
+class _CannotListen(OSError):
+    """Binding the listening socket failed; the message names the address
+    (``app.run`` and the command line say it and exit, without a traceback)."""
+
+
+def _check_port(port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UsageError(f"port={port!r}: expected an int from 0 to 65535 (0 picks a free one)")
+
+
 def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
-    """A socket bound and listening at the first of ``getaddrinfo``'s answers."""
+    """A socket bound and listening at the first of ``getaddrinfo``'s
+    answers; ``_CannotListen`` (an ``OSError`` with the same ``errno``) if
+    it cannot be."""
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -8460,6 +8472,15 @@ def _listening_socket(infos: list[tuple[Any, ...]]) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
         sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        where = f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6 else f"{address[0]}:{address[1]}"
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another program listens there: stop it, or choose another port)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = " (no network interface of this machine has that address)"
+        raise _CannotListen(exc.errno, f"cannot listen on {where}: {exc.strerror}{hint}") from None
     except BaseException:
         sock.close()
         raise
@@ -8903,7 +8924,11 @@ class App:
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True, sock: socket.socket | None = None
     ) -> Server:
-        """Start serving in the running loop and return at once; port 0 picks a free one."""
+        """Start serving in the running loop and return at once; port 0 picks
+        a free one. An address it cannot listen on raises ``OSError``, whose
+        message names it (``errno`` as the system said)."""
+        if sock is None:
+            _check_port(port)
         if _cli_importing is not None:
             raise UsageError(
                 f"module {_cli_importing} started a server while python rally.py was importing it;"
@@ -8929,28 +8954,33 @@ class App:
         ``workers`` above 1 forks that many processes sharing one listening
         socket, and starts another when one dies (Unix). Each holds its own
         connections, so the app needs a broker: without one ``UsageError``
-        says so before anything starts."""
+        says so before anything starts. An address it cannot listen on (a
+        port in use, say) exits with a one-line message, as on the command
+        line."""
+        _check_port(port)
         supervisor = _Workers(self, host, port, workers, access_log) if workers != 1 else None
         if not logging.getLogger().handlers and not _logger.handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        if supervisor is not None:
-            code = supervisor.run()
-            if code:
-                raise SystemExit(code)
-            return
+        try:
+            if supervisor is not None:
+                code = supervisor.run()
+                if code:
+                    raise SystemExit(code)
+                return
+            asyncio.run(self._run(host, port, access_log))
+        except _CannotListen as exc:
+            raise SystemExit(f"rally.py: {exc.strerror}") from None
 
-        async def main() -> None:
-            server = await self.start(host, port, access_log=access_log)
-            print(f"rally.py serving on {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            _logger.info("shutting down")
-            await server.close()
-
-        asyncio.run(main())
+    async def _run(self, host: str, port: int, access_log: bool) -> None:
+        server = await self.start(host, port, access_log=access_log)
+        print(f"rally.py serving on {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        _logger.info("shutting down")
+        await server.close()
 
     @contextlib.contextmanager
     def run_in_thread(self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = True) -> Iterator[Server]:
@@ -10979,8 +11009,16 @@ def main(argv: list[str] | None = None) -> None:
         if os.name != "posix":
             parser.error("--reload needs a Unix system (it passes the listening socket to a child process)")
         _refuse_file_name(args.app)
+        try:
+            _check_port(args.port)
+        except UsageError as exc:
+            parser.error(str(exc))
         child_args = ["--no-access-log"] if args.no_access_log else []
-        raise SystemExit(_Reloader(args.app, child_args, args.host, args.port).run())
+        try:
+            code = _Reloader(args.app, child_args, args.host, args.port).run()
+        except _CannotListen as exc:
+            raise SystemExit(f"rally.py: {exc.strerror}") from None
+        raise SystemExit(code)
     app = _load_app(args.app)
     if reloaded is not None:
         _serve_reloaded(app, reloaded, access_log=not args.no_access_log)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import errno
 import hmac
 import itertools
 import json
@@ -5159,6 +5160,47 @@ def test_cli_says_which_module_or_attribute_is_missing(tmp_path: Any) -> None:
     # A module the app imports that is missing is the app's error: its traceback shows where.
     run = python_in(tmp_path, rally.__file__, "broken:app", "--port", "0")
     assert run.returncode == 1 and "Traceback" in run.stderr and "'not_installed_anywhere'" in run.stderr
+
+
+def test_cli_and_app_run_say_in_one_line_that_the_port_is_taken(tmp_path: Any) -> None:
+    (tmp_path / "shop.py").write_text(
+        'import sys\nimport rally\napp = rally.App()\nif __name__ == "__main__":\n    app.run(port=int(sys.argv[1]))\n'
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = (
+            f"rally.py: cannot listen on 127.0.0.1:{port}: Address already in use"
+            " (another program listens there: stop it, or choose another port)\n"
+        )
+        for command in (["shop.py", str(port)], [rally.__file__, "shop:app", "--port", str(port)]):
+            for extra in ([], ["--reload"]) if command[0] == rally.__file__ else ([],):
+                run = python_in(tmp_path, *command, *extra)
+                assert (run.returncode, run.stderr.splitlines()[-1:]) == (1, message.splitlines()), run.stderr
+                assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("port", ["65536", "-1"])
+def test_cli_refuses_a_port_out_of_range(tmp_path: Any, port: str) -> None:
+    (tmp_path / "shop.py").write_text("import rally\napp = rally.App()\n")
+    for extra in ([], ["--reload"]):
+        run = python_in(tmp_path, rally.__file__, "shop:app", "--port", port, *extra)
+        assert run.returncode == 2 and f"port={port}: expected an int from 0 to 65535" in run.stderr, run.stderr
+
+
+async def test_start_on_a_port_taken_raises_oserror_naming_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as failed:
+            await rally.App().start("127.0.0.1", port, access_log=False)
+    assert failed.value.errno == errno.EADDRINUSE
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in str(failed.value)
+    for bad in (65536, -1, True, "80"):
+        with pytest.raises(rally.UsageError, match="expected an int from 0 to 65535"):
+            await rally.App().start("127.0.0.1", bad, access_log=False)  # type: ignore[arg-type]
 
 
 RELOAD_APP = textwrap.dedent(
