@@ -2482,6 +2482,7 @@ async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> 
     """A page message of max_message_bytes arrives; one byte more closes the
     page with 1009, as the server closes a browser's."""
     close_codes: list[int] = []
+    closed_seen = asyncio.Event()
 
     def push(size: int) -> str:
         text = '{"kind":"push","msg":{"type":"Blob","fields":{}}}'
@@ -2493,6 +2494,7 @@ async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> 
         writer.write(ws.send(wsproto.events.TextMessage(data=push(limit))))
         writer.write(ws.send(wsproto.events.TextMessage(data=push(limit + 1))))
         close_codes.append(await answer_close(ws, reader, writer))
+        closed_seen.set()
 
     async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT, max_message_bytes=limit) as client:
         async with client.page("/x") as page:
@@ -2501,7 +2503,8 @@ async def test_client_page_message_at_max_message_bytes_and_over(limit: int) -> 
                 await page.receive()
             assert closed.value.code == 1009 and f"larger than {limit} bytes" in closed.value.reason
             await asyncio.wait_for(page.wait_closed(), WAIT)
-    assert close_codes == [1009]
+        await asyncio.wait_for(closed_seen.wait(), WAIT)  # the server read the close frame
+        assert close_codes == [1009]
 
 
 def push_frame(n: int) -> str:
