@@ -10093,13 +10093,18 @@ class PageConnection:
     async def _read(self, reader: asyncio.StreamReader, data: bytes) -> None:
         ws = self._ws
         try:
-            if not data:
-                data = await reader.read(65536)
+            # Until a close frame, either side's: then the closing handshake
+            # is done (the answer to the server's is written), and the socket
+            # is closed in ``finally`` without waiting for the server to
+            # close it first (RFC 6455 section 7.1.1: a client MAY).
             while self.close_code is None:
                 if not data:
-                    ws.ws.receive_data(None)  # the end of the stream: wsproto's state is CLOSED
-                    break
+                    data = await reader.read(65536)
+                    if not data:
+                        ws.ws.receive_data(None)  # the end of the stream: wsproto's state is CLOSED
+                        break
                 ws.feed(data)
+                data = b""
                 while (event := ws.next_event()) is not None:
                     if type(event) is str:
                         self._on_text(event)
@@ -10112,7 +10117,6 @@ class PageConnection:
                         self.close_code, self.close_reason = event.code, event.reason or ""
                         if ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                             self._write(ws.send(event.response()))
-                data = await reader.read(65536)
         except ProtocolError as exc:  # a message over max_message_bytes: closed as the server closes a browser
             self.close_code, self.close_reason = exc.close_code, str(exc)
             if ws.state is wsproto.connection.ConnectionState.OPEN:

@@ -40,7 +40,9 @@ import rally
 from test_rally import (
     EVERYTHING_JSON,
     WAIT,
+    CommentSaved,
     Everything,
+    FavoriteToggled,
     Heard,
     Node,
     Room,
@@ -2600,6 +2602,35 @@ async def test_client_rpc_answered_by_something_else_raises_remote_error_with_th
             await client.rpc(Hang())
     assert failed.value.code == "invalid" and failed.value.status == 502
     assert "bad JSON" in str(failed.value) and "(HTTP 502)" in str(failed.value)
+
+
+async def test_client_page_reports_frames_that_break_the_contract_and_goes_on() -> None:
+    """A push whose fields do not decode and a presence frame that is not
+    one are each reported once by receive(); a frame numbered again is
+    dropped; ``async for`` then iterates the rest until the close."""
+    texts = [
+        '{"kind":"hello"}',
+        '{"kind":"push","seq":1,"msg":{"type":"CommentSaved","fields":{"body":7}}}',
+        '{"kind":"presence","seq":2,"state":[{"id":1}]}',
+        '{"kind":"push","seq":3,"msg":{"type":"CommentSaved","fields":{"body":"kept"}}}',
+        '{"kind":"push","seq":3,"msg":{"type":"CommentSaved","fields":{"body":"numbered again"}}}',
+        '{"kind":"push","seq":4,"msg":{"type":"FavoriteToggled","fields":{"article_id":2}}}',
+    ]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ws = await accept_ws(reader, writer)
+        writer.write(b"".join(ws.send(wsproto.events.TextMessage(data=text)) for text in texts))
+        writer.write(ws.send(wsproto.events.CloseConnection(code=1000)))
+        await read_until_eof(reader)
+
+    async with FakeServer(serve) as url, rally.Client(url, article_app(), timeout=WAIT) as client:
+        async with client.page("/articles/a") as page:
+            with pytest.raises(rally.RemoteError, match=r"msg\.fields\.body: expected str, got int"):
+                await page.receive()
+            with pytest.raises(rally.RemoteError, match="bad presence frame"):
+                await page.receive()
+            assert [msg async for msg in page] == [CommentSaved("kept"), FavoriteToggled(2)]
+            assert page.close_code == 1000
 
 
 @pytest.mark.parametrize("failure", ["time-out", "garbage", "cancelled"])
