@@ -2604,6 +2604,73 @@ async def test_client_rpc_answered_by_something_else_raises_remote_error_with_th
     assert "bad JSON" in str(failed.value) and "(HTTP 502)" in str(failed.value)
 
 
+async def test_client_http_call_after_the_server_closed_its_idle_connection_goes_on_a_new_one() -> None:
+    app = article_app(keepalive_timeout=0.1)
+    async with running(app) as server, rally.Client(server.url, app, timeout=WAIT) as client:
+        assert await client.rpc(ServerLoadTitle("first")) == rally.Ok("Article: first")
+        assert client._streams is not None
+        idle = client._streams[0]
+        assert await asyncio.wait_for(idle.read(1), WAIT) == b""  # the server closed it
+        assert await client.rpc(ServerLoadTitle("again")) == rally.Ok("Article: again")
+        assert client._streams is not None and client._streams[0] is not idle
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        (b"[]", "expected a reply object, got array"),
+        (b'{"kind":"ok","id":1,"value":5}', "value: expected str, got int"),
+        (b'{"kind":"maybe","id":1}', "kind: unexpected reply"),
+    ],
+    ids=["not-an-object", "wrong-type", "unknown-kind"],
+)
+async def test_client_rpc_answer_that_breaks_the_contract_is_a_remote_error(body: bytes, where: str) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.I)
+        assert length is not None
+        await reader.readexactly(int(length.group(1)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await read_until_eof(reader)
+
+    async with FakeServer(serve) as url, rally.Client(url, article_app(), timeout=WAIT) as client:
+        with pytest.raises(rally.RemoteError) as failed:
+            await client.rpc(ServerLoadTitle("x"))
+    assert failed.value.code == "invalid" and failed.value.status == 200
+    assert where in str(failed.value)
+
+
+async def test_client_page_answers_pings_and_refuses_a_handshake_with_a_wrong_accept() -> None:
+    pongs: list[bytes] = []
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        if len(connections) == 2:  # a 101 whose accept answers another key
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+            )
+            await read_until_eof(reader)
+            return
+        ws = await accept_ws(reader, writer)
+        writer.write(ws.send(wsproto.events.Ping(payload=b"are you there")))
+        while not pongs and (data := await reader.read(65536)):
+            ws.receive_data(data)
+            pongs.extend(bytes(e.payload) for e in ws.events() if isinstance(e, wsproto.events.Pong))
+        writer.write(ws.send(wsproto.events.TextMessage(data=push_frame(1))))
+        await answer_close(ws, reader, writer)
+
+    async with FakeServer(serve) as url, rally.Client(url, timeout=WAIT) as client:
+        async with client.page("/x") as page:
+            assert (await page.receive())["fields"] == {"n": 1}  # sent once the pong arrived
+        assert pongs == [b"are you there"]
+        with pytest.raises(rally.RemoteError, match="bad Sec-WebSocket-Accept") as refused:
+            await client.page("/x").connect()
+        assert refused.value.status == 101
+
+
 async def test_client_page_reports_frames_that_break_the_contract_and_goes_on() -> None:
     """A push whose fields do not decode and a presence frame that is not
     one are each reported once by receive(); a frame numbered again is
