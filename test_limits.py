@@ -722,6 +722,43 @@ async def test_websocket_query_with_too_many_fields_is_400_and_logs_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+HANDSHAKE_HEAD = b"GET /_rally/ws?page=/articles/a HTTP/1.1\r\nhost: localhost\r\n"
+UPGRADE = b"upgrade: websocket\r\nconnection: Upgrade\r\n"
+V13 = b"sec-websocket-version: 13\r\n"
+KEY = b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+@pytest.mark.parametrize(
+    "lines, status, header",
+    [
+        pytest.param(b"connection: close\r\n", 426, (b"upgrade", b"websocket"), id="no-upgrade"),
+        pytest.param(b"upgrade: websocket\r\nconnection: keep-alive\r\n" + V13 + KEY, 426, None, id="no-token"),
+        pytest.param(b"upgrade: h2c\r\nconnection: Upgrade\r\n" + V13 + KEY, 426, None, id="other-protocol"),
+        pytest.param(
+            UPGRADE + b"sec-websocket-version: 8\r\n" + KEY, 426, (b"sec-websocket-version", b"13"), id="version-8"
+        ),
+        pytest.param(UPGRADE + V13, 400, None, id="no-key"),
+        pytest.param(UPGRADE + V13 + b"sec-websocket-key: not base64!\r\n", 400, None, id="key-not-base64"),
+        pytest.param(UPGRADE + V13 + b"sec-websocket-key: AAAAAAAAAAAAAAAAAAAA\r\n", 400, None, id="key-of-15-bytes"),
+        pytest.param(
+            b"upgrade: WebSocket\r\nconnection: keep-alive, Upgrade\r\n" + V13 + KEY, 101, None, id="lists-and-case"
+        ),
+    ],
+)
+async def test_websocket_handshake_headers_are_checked_as_rfc_6455_says(
+    lines: bytes, status: int, header: tuple[bytes, bytes] | None
+) -> None:
+    """RFC 6455 section 4.2.1: Upgrade websocket and Connection upgrade (any
+    case, in a token list), version 13 (else 426 naming it), and a key of 16
+    bytes in base64 (else 400)."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, HANDSHAKE_HEAD + lines + b"\r\n", until_close=False)
+    assert status_of(raw) == status, raw[:200]
+    if header is not None:
+        [(response, _)] = responses(raw)
+        assert header in response.headers
+
+
 async def test_websocket_message_limit_at_n_and_over_n_across_fragments() -> None:
     async with running(article_app(max_message_bytes=1000)) as server:
         ws = await RawWs.open(server)
