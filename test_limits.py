@@ -759,6 +759,21 @@ async def test_websocket_handshake_headers_are_checked_as_rfc_6455_says(
         assert header in response.headers
 
 
+async def test_websocket_frames_written_with_the_handshake_are_read_after_it() -> None:
+    """A client that writes its first frame in the same packet as its
+    handshake, before the 101 (RFC 6455 asks it to wait), is served."""
+    async with running(article_app()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        ws = RawWs(reader, writer)
+        try:
+            writer.write(upgrade_request() + ws.rpc_frame("ServerLoadTitle", {"slug": "early"}, 1))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert [json.loads(t) for t in await ws.texts(1)] == [{"kind": "ok", "id": 1, "value": "Article: early"}]
+        finally:
+            ws.close()
+
+
 async def test_websocket_message_limit_at_n_and_over_n_across_fragments() -> None:
     async with running(article_app(max_message_bytes=1000)) as server:
         ws = await RawWs.open(server)
