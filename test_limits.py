@@ -368,6 +368,22 @@ async def test_malformed_request_line_is_400(line: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET /_rally/health HTTP/1.1\r\nhost: localhost\r\nhost: localhost\r\n", id="two-hosts"),
+        pytest.param(b"GET /_rally/health HTTP/1.1\r\nhost: localhost\r\nHost: evil.example\r\n", id="two-hosts-cased"),
+        pytest.param(b"GET /_rally/health HTTP/1.1\r\nx-a: 1\r\n", id="no-host"),
+        pytest.param(b"GET /_rally/health HTTP/1.1\r\nhost: localhost\r\nhost: a\r\nx: \x80\r\n", id="two-hosts-h11"),
+    ],
+)
+async def test_request_without_exactly_one_host_is_400_and_closed(head: bytes) -> None:
+    """RFC 9112 section 3.2: a request with no Host, or more than one, gets 400."""
+    async with running(article_app()) as server:
+        raw = await exchange(server, head + b"\r\n")
+    assert status_of(raw) == 400 and b"connection: close" in raw
+
+
+@pytest.mark.parametrize(
     "request_bytes",
     [
         b"GET /SECRET-MARKER HTTP/1.1 garbage\r\nhost: localhost\r\n\r\n",
