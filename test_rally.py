@@ -3335,6 +3335,56 @@ async def test_server_terminate_runs_once_per_connection_at_shutdown() -> None:
     assert all(call.connection_id not in call.present for call in terminations.calls)
 
 
+@dataclass
+class DoorOpen:
+    by: str
+
+
+class SlowDoor:
+    """A page whose async server_init refuses, fails or hangs as the x-how header says."""
+
+    async def server_init(server_context: rally.ServerContext) -> tuple[DoorOpen, rally.Effect[DoorOpen]]:
+        how = server_context.headers.get("x-how", "")
+        await asyncio.sleep(0)  # a real await: the page waits in STARTING meanwhile
+        if how == "refuse":
+            raise rally.Refuse("not today")
+        if how == "fail":
+            raise RuntimeError("the door is stuck")
+        if how == "hang":
+            await asyncio.Event().wait()
+        return DoorOpen(how), rally.effect.send_to_client(DoorOpen(how))
+
+
+@pytest.mark.parametrize(
+    "how, error, code",
+    [("refuse", None, rally.CLOSE_REFUSED), ("fail", "internal", 1011), ("hang", "internal", 1011), ("open", "", 0)],
+)
+async def test_async_server_init_that_refuses_fails_or_times_out_ends_the_page(
+    how: str, error: str | None, code: int, caplog: Any
+) -> None:
+    """The async server_init's ends, as the sync one's: Refuse closes with
+    4003 and its reason; an exception, or running past handler_timeout, is
+    an internal error and 1011; otherwise the page opens."""
+    app = rally.App(handler_timeout=0.2)  # the hanging init's bound: time is the input
+    app.page("/door", SlowDoor)
+    async with running(app) as server, rally.Client(server.url, app, timeout=WAIT) as client:
+        async with rally.PageConnection(client, "/door", headers=[("x-how", how)]) as page:
+            if how == "open":
+                assert await page.receive() == DoorOpen("open")
+                return
+            if error is not None:
+                with pytest.raises(rally.RemoteError) as failed:
+                    await page.receive()
+                assert failed.value.code == error
+            with pytest.raises(rally.ConnectionClosed) as closed:
+                await page.receive()
+    assert closed.value.code == code
+    if how == "refuse":
+        assert closed.value.reason == "not today"
+    else:
+        assert any("server_init of page SlowDoor failed" in r.getMessage() for r in caplog.records)
+
+
 async def test_no_server_terminate_when_server_init_raised(caplog: Any) -> None:
     app, terminations = lounge_app()
     async with running(app) as server, bounded_client(server, app) as client:
