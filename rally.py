@@ -6283,16 +6283,19 @@ class _Router:
         if not full.startswith(root + os.sep):
             raise ProtocolError("not found", 404)
         try:
-            f = open(full, "rb")  # noqa: SIM115 - the _SendFile closes it
+            # Non-blocking: opening a FIFO for reading would otherwise wait for
+            # a writer, with the event loop. A regular file's reads ignore it.
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             raise ProtocolError("not found", 404) from None
-        st = os.fstat(f.fileno())
         import mimetypes  # only apps that serve files pay for its tables
         import stat
 
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, a device
+            os.close(fd)
             raise ProtocolError("not found", 404)
+        f = os.fdopen(fd, "rb")  # the _SendFile closes it
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'.encode()
         # RFC 9110 section 8.8.2.1: never a Last-Modified later than the Date.

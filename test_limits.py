@@ -1935,6 +1935,21 @@ async def test_static_serves_files_with_type_and_etag(tmp_path: Any) -> None:
     assert second.status_code == 304
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes (os.mkfifo) are Unix only")
+async def test_static_directory_or_named_pipe_is_404_and_does_not_block_the_server(tmp_path: Any) -> None:
+    """Opening a FIFO for reading waits for a writer: the server must not
+    wait with it (its event loop would serve no one)."""
+    (tmp_path / "hello.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    app = article_app()
+    app.static("/static/", tmp_path)
+    async with running(app) as server:
+        for path in ("/static/pipe", "/static/sub", "/static/hello.txt"):
+            response, body = await get(server, path)
+            assert (response.status_code, body) == ((200, b"hello") if path.endswith(".txt") else (404, b"not found\n"))
+
+
 @pytest.mark.parametrize("foreign_first", [False, True], ids=["both-same-origin", "foreign-then-same"])
 @pytest.mark.parametrize("target", ["websocket", "rpc"])
 async def test_two_origin_headers_are_refused_403(target: str, foreign_first: bool) -> None:
