@@ -9154,10 +9154,19 @@ _CLIENT_JS: Final = r"""
     return undefined;
   }
 
+  function safely(fn, args) {
+    // As the DOM does for event listeners: a handler that throws is reported
+    // (window.onerror, the console), and the other handlers, and the client
+    // (its acks, its reconnecting), go on.
+    try { fn.apply(null, args); } catch (e) {
+      if (typeof window.reportError === "function") window.reportError(e); else console.error(e);
+    }
+  }
+
   function setStatus(next, info) {
     if (next === status) return;
     status = next;
-    statusHandlers.forEach(function (fn) { fn(status, info); });
+    statusHandlers.forEach(function (fn) { safely(fn, [status, info]); });
   }
 
   function protocolError(reply) {
@@ -9184,7 +9193,7 @@ _CLIENT_JS: Final = r"""
 
   function reportError(err) {
     // An error that no Promise took: the page's handlers, else the console.
-    if (errorHandlers.size) errorHandlers.forEach(function (fn) { fn(err); });
+    if (errorHandlers.size) errorHandlers.forEach(function (fn) { safely(fn, [err]); });
     else console.error(err);
   }
 
@@ -9234,7 +9243,7 @@ _CLIENT_JS: Final = r"""
       reply.leaves.forEach(function (id) { presence.delete(id); });
     }
     var list = Array.from(presence.values());
-    presenceHandlers.forEach(function (fn) { fn(list); });
+    presenceHandlers.forEach(function (fn) { safely(fn, [list]); });
   }
 
   function sendAck() {
@@ -9288,7 +9297,7 @@ _CLIENT_JS: Final = r"""
     }
     if (reply.kind === "push") {
       var fns = handlers.get(reply.msg.type);
-      if (fns) fns.forEach(function (fn) { fn(reply.msg.fields, reply.msg.type); });
+      if (fns) fns.forEach(function (fn) { safely(fn, [reply.msg.fields, reply.msg.type]); });
     } else if (reply.kind === "presence") {
       onPresence(reply);
     } else if (reply.kind === "ack") {

@@ -981,6 +981,35 @@ def test_page_resumes_after_a_network_loss_without_losing_or_repeating_anything(
         expect(page.locator("#notes li")).to_have_text(["n0", "n1", "n2", "n3", "n4"])
 
 
+def test_handlers_that_throw_are_reported_and_the_page_goes_on(browser: Browser, tmp_path: Path) -> None:
+    """A push, status or presence handler that throws is reported, as the
+    DOM reports a listener's error; the handlers after it still run, and the
+    client still acknowledges and reconnects."""
+    with pad_behind_proxy() as (app, _, proxy), tabs(browser, proxy.url, tmp_path) as t:
+        t.allowed_console = ("WebSocket connection to", "on purpose")
+        page = t.open(t.session(), "/pad")
+        page.evaluate("""() => {
+          window.after = [];
+          rally.onStatus((s) => { if (s !== 'open') throw new Error('status handler fails on purpose'); });
+          rally.on('Note', () => { throw new Error('push handler fails on purpose'); });
+          rally.on('Note', (m) => { after.push(m.text); });
+        }""")
+        assert app.broadcast_to_page_threadsafe("/pad", Note("n0")).result(5) == 1
+        expect(page.locator("#notes li")).to_have_text(["n0"])
+        page.wait_for_function("window.after.length === 1")
+        proxy.cut()  # "reconnecting": the throwing status handler must not stop the reconnect
+        expect(page.locator("#status")).to_have_text("reconnecting")
+        proxy.restore()
+        expect(page.locator("#status")).to_have_text("open", timeout=20_000)
+        assert app.broadcast_to_page_threadsafe("/pad", Note("n1")).result(5) == 1
+        expect(page.locator("#notes li")).to_have_text(["n0", "n1"])
+        page.wait_for_function("window.after.length === 2")
+        reported = [e for e in t.errors if "on purpose" in e]
+        assert any("push handler fails on purpose" in e for e in reported)
+        assert any("status handler fails on purpose" in e for e in reported)
+        t.errors[:] = [e for e in t.errors if e not in reported]
+
+
 def test_rpc_whose_answer_was_lost_is_retried_and_runs_once(browser: Browser, tmp_path: Path) -> None:
     with pad_behind_proxy(hold=True) as (_, journal, proxy), tabs(browser, proxy.url, tmp_path) as t:
         page = t.open(t.session(), "/pad")
