@@ -9478,9 +9478,9 @@ class _HttpExchange:
     is written by h11, which refuses what is invalid. ``fast=False`` gives
     everything to h11 (the tests compare the two).
 
-    A body longer than ``max_body`` bytes raises ``RemoteError("too_large")``
-    as soon as its length is known (from Content-Length, or as chunks
-    arrive), before it is held.
+    A body longer than ``max_body`` bytes (if given) raises
+    ``RemoteError("too_large")`` as soon as its length is known (from
+    Content-Length, or as chunks arrive), before it is held.
     """
 
     __slots__ = (
@@ -9510,7 +9510,7 @@ class _HttpExchange:
         body: bytes = b"",
         *,
         fast: bool = True,
-        max_body: int = sys.maxsize,
+        max_body: int | None = None,
     ) -> None:
         self.method, self.target, self.headers, self.body = method, target, headers, body
         self.max_body = max_body
@@ -9620,7 +9620,7 @@ class _HttpExchange:
         return None
 
     def _check_size(self, status: int, size: int) -> None:
-        if size > self.max_body:
+        if self.max_body is not None and size > self.max_body:
             message = f"the response body is larger than max_message_bytes ({self.max_body} bytes)"
             raise RemoteError("too_large", [{"path": "", "message": message}], status)
 
