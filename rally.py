@@ -9659,7 +9659,12 @@ class _HttpExchange:
         conn = self.h11
         assert conn is not None
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except ValueError:
+                # h11 0.14 turns a Content-Length of more digits than int()
+                # takes (4300) into a ValueError; later versions refuse it so.
+                raise h11.RemoteProtocolError("bad Content-Length", 400) from None
             if event is h11.NEED_DATA:
                 return None
             if type(event) is h11.InformationalResponse:

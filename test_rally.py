@@ -1200,6 +1200,15 @@ def test_client_hands_a_response_head_past_its_bound_to_h11_which_refuses_it() -
             exchange.response()
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "h11"])
+def test_client_refuses_a_content_length_of_more_digits_than_int_takes(fast: bool) -> None:
+    """h11 0.14 raised a ValueError for it, later versions RemoteProtocolError: the client raises the latter."""
+    exchange = rally._HttpExchange("GET", "/", [("host", "x")], fast=fast)
+    exchange.feed(b"HTTP/1.1 200 OK\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\nabc")
+    with pytest.raises(h11.RemoteProtocolError):
+        exchange.response()
+
+
 def test_client_reads_plain_responses_and_frames_without_h11_or_wsproto(monkeypatch: pytest.MonkeyPatch) -> None:
     request = ("POST", "/_rally/rpc", [("host", "127.0.0.1:80"), ("content-length", "2")], b"{}")
     response = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n{"kind":"ok"}\n'
