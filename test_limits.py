@@ -2434,6 +2434,15 @@ async def answer_close(ws: wsproto.WSConnection, reader: asyncio.StreamReader, w
     raise AssertionError("the client closed without a close frame")
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """Read one request with a Content-Length (as the Client writes them); its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"content-length: (\d+)", head, re.I)
+    assert length is not None
+    await reader.readexactly(int(length.group(1)))
+    return head
+
+
 async def accept_ws(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> wsproto.WSConnection:
     """Answer the client's handshake with a wsproto server connection."""
     ws = wsproto.WSConnection(wsproto.connection.ConnectionType.SERVER)
@@ -2671,10 +2680,7 @@ async def test_client_rpc_answered_by_something_else_raises_remote_error_with_th
     """A proxy's error page instead of an answer is a RemoteError that says so, not a ContractError."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"content-length: (\d+)", head, re.I)
-        assert length is not None
-        await reader.readexactly(int(length.group(1)))
+        await read_request(reader)
         writer.write(
             b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 14\r\n\r\n<h1>down</h1>\n"
         )
@@ -2709,10 +2715,7 @@ async def test_client_http_call_after_the_server_closed_its_idle_connection_goes
 )
 async def test_client_rpc_answer_that_breaks_the_contract_is_a_remote_error(body: bytes, where: str) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"content-length: (\d+)", head, re.I)
-        assert length is not None
-        await reader.readexactly(int(length.group(1)))
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         await read_until_eof(reader)
 
